@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up of an xdpfw host (Debian 12): system packages, kernel headers for BCC,
+# bpffs, and a venv at .venv that sees Debian's BCC bindings. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and BPF need CAP_SYS_ADMIN/CAP_NET_ADMIN)" >&2; exit 1; }
+
+pkgs=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iproute2 iputils-ping bpftool
+      python3-venv xdp-tools netsniff-ng nftables iperf3 systemd)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+# BCC compiles C at run time against /lib/modules/$(uname -r)/{build,source}. Link Debian's
+# headers there only when this kernel has none of its own.
+K=$(uname -r)
+if [ ! -e "/lib/modules/$K/build/include" ]; then
+    H=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1)
+    mkdir -p "/lib/modules/$K"
+    ln -sfn "$H" "/lib/modules/$K/build"
+    ln -sfn "${H%-amd64}-common" "/lib/modules/$K/source"
+    echo "setup: kernel $K ships no headers; linked $H for BCC"
+fi
+
+mountpoint -q /sys/fs/bpf || { mount -t bpf bpf /sys/fs/bpf && echo "setup: mounted bpffs at /sys/fs/bpf"; }
+
+# Debian's python, so that the venv sees python3-bpfcc.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -c "import bcc, pyroute2, fastapi" || { echo "setup: imports failed" >&2; exit 1; }
+echo "setup: ready (.venv/bin/xdpfw)"

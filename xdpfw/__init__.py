@@ -1,0 +1,1 @@
+"""xdpfw: an XDP firewall and load-balancer appliance."""

@@ -1,0 +1,115 @@
+"""Network namespaces and veth links, through pyroute2.
+
+Used by the demo topology and by the tests. Everything here stays in the root *mount*
+namespace: only the network namespace is entered (pyroute2's NetNS), so pins under
+/sys/fs/bpf remain visible, unlike with `ip netns exec`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+ENOENT = 2
+
+
+@contextlib.contextmanager
+def rtnl(ns: str | None) -> Iterator[IPRoute]:
+    """An rtnetlink socket in namespace `ns` (None: the namespace this process is in)."""
+    sock = IPRoute() if ns is None else NetNS(ns)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def ifindex(ns: str | None, ifname: str) -> int:
+    with rtnl(ns) as ip:
+        found = ip.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no interface {ifname!r} in netns {ns or '<host>'}")
+    return found[0]
+
+
+def create_netns(name: str) -> None:
+    netns.create(name)
+    with rtnl(name) as ip:
+        ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+
+
+def remove_netns(name: str) -> None:
+    """Remove a namespace; only "already gone" is tolerated."""
+    try:
+        netns.remove(name)
+    except (FileNotFoundError, NetlinkError) as e:
+        if getattr(e, "errno", None) != ENOENT and getattr(e, "code", None) != ENOENT:
+            raise
+
+
+def list_netns() -> list[str]:
+    return list(netns.listnetns())
+
+
+@dataclass(frozen=True)
+class Addr:
+    address: str
+    prefixlen: int
+
+
+def veth_pair(
+    ns_a: str,
+    if_a: str,
+    ns_b: str,
+    if_b: str,
+    addrs_a: Sequence[Addr] = (),
+    addrs_b: Sequence[Addr] = (),
+) -> None:
+    """Create a veth pair with one end in each namespace, addressed and up.
+
+    The pair is created inside ns_a so that the host's interface names never collide.
+    """
+    with rtnl(ns_a) as ip:
+        ip.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b, "net_ns_fd": ns_b})
+    for ns, ifname, addrs in ((ns_a, if_a, addrs_a), (ns_b, if_b, addrs_b)):
+        with rtnl(ns) as ip:
+            idx = ip.link_lookup(ifname=ifname)[0]
+            for a in addrs:
+                # nodad: IPv6 addresses are usable at once instead of after ~2 s of DAD.
+                extra = {"flags": 0x02} if ":" in a.address else {}
+                ip.addr("add", index=idx, address=a.address, prefixlen=a.prefixlen, **extra)
+            ip.link("set", index=idx, state="up")
+
+
+def set_neighbour(ns: str, ifname: str, address: str, lladdr: str) -> None:
+    """A permanent neighbour entry, so tests need not wait for ARP/ND."""
+    with rtnl(ns) as ip:
+        idx = ip.link_lookup(ifname=ifname)[0]
+        ip.neigh("replace", dst=address, lladdr=lladdr, ifindex=idx, state=0x80)
+
+
+def link_mac(ns: str | None, ifname: str) -> str:
+    with rtnl(ns) as ip:
+        return ip.get_links(ifindex(ns, ifname))[0].get_attr("IFLA_ADDRESS")
+
+
+def run_in(ns: str, argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run a command in a namespace (through `ip netns exec`: fine for tools that need no pins)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll instead of sleeping a fixed time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
