@@ -1,0 +1,72 @@
+/* sockproxy.c - in-kernel TCP splicing for services in `proxy` mode.
+ *
+ * User space accepts a client, connects to a backend, then hands both sockets to the kernel:
+ *   1. both go into sp_socks (redirect targets; no programs attached, so nothing is
+ *      intercepted yet and bytes that arrive meanwhile wait in the receive queue);
+ *   2. sp_peers gets cookie -> peer entries for both;
+ *   3. both go into sp_splice, which carries the stream parser and verdict programs.
+ * Step 1 before 3 means the first skb a verdict sees always finds its peer in sp_socks.
+ * The kernel removes a socket from both sockhashes when it closes; user space deletes the
+ * sp_peers entries when it closes the pair.
+ */
+#include "sockproxy_abi.h"
+
+/* Marker key in sp_traffic for skbs whose socket has no sp_peers entry. */
+#define SP_SERVICE_UNKNOWN 0xffffffff
+
+/* Every spliced socket, keyed by socket cookie: where verdicts redirect to. */
+BPF_SOCKHASH(sp_socks, __u64, SP_MAX_SOCKETS);
+/* Sockets whose inbound bytes are spliced, keyed by socket cookie: parser+verdict attached. */
+BPF_SOCKHASH(sp_splice, __u64, SP_MAX_SOCKETS);
+/* Socket cookie -> the socket its bytes go to, with service and direction for counting. */
+BPF_HASH(sp_peers, __u64, struct sp_peer, SP_MAX_SOCKETS);
+/* Per-service byte and skb counters, written here only. */
+BPF_PERCPU_HASH(sp_traffic, __u32, struct sp_traffic, SP_MAX_SERVICES);
+/* Per-service connection counters, written by user space only (declared here so the one
+ * definition of every map lives in this file). */
+BPF_HASH(sp_conns, __u32, struct sp_conns, SP_MAX_SERVICES);
+
+/* One message per skb: the proxy has no framing, it moves whatever arrived. */
+int sp_parser(struct __sk_buff *skb)
+{
+	return skb->len;
+}
+
+static __always_inline int record_verdict(__u32 service_id, __u32 direction, __u32 len,
+					  int verdict, int no_peer)
+{
+	struct sp_traffic zero = {};
+	struct sp_traffic *t = sp_traffic.lookup_or_try_init(&service_id, &zero);
+
+	if (!t)
+		return verdict;
+	if (no_peer)
+		t->no_peer++;
+	else if (verdict != SK_PASS)
+		t->redirect_failed++;
+	else if (direction == SP_DIR_TO_BACKEND) {
+		t->bytes_to_backend += len;
+		t->skbs_to_backend++;
+	} else {
+		t->bytes_to_client += len;
+		t->skbs_to_client++;
+	}
+	return verdict;
+}
+
+int sp_verdict(struct __sk_buff *skb)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct sp_peer *peer = sp_peers.lookup(&cookie);
+	__u64 peer_cookie;
+
+	/* Not expected (entries are written before a socket joins sp_splice): hand the bytes
+	 * to the socket's own reader rather than lose them, and count it. */
+	if (!peer)
+		return record_verdict(SP_SERVICE_UNKNOWN, 0, skb->len, SK_PASS, 1);
+
+	peer_cookie = peer->peer_cookie;
+	/* Flags 0: egress, i.e. the bytes are transmitted on the peer socket. */
+	return record_verdict(peer->service_id, peer->direction, skb->len,
+			      sp_socks.sk_redirect_hash(skb, &peer_cookie, 0), 0);
+}

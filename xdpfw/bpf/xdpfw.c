@@ -1,0 +1,136 @@
+/* xdpfw.c: the XDP firewall entry point.
+ *
+ * parse -> look the source prefix up (LPM) -> refine by proto/port when the prefix has such
+ * rules -> else the interface policy -> count and return. Every verdict leaves through
+ * record(), so every packet is counted once per reason, rule and interface.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+/* IPv6 fragment header (net/ipv6.h is kernel-internal). */
+struct frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
+
+#include "xdpfw_abi.h"
+#include "maps.h"
+#include "parsing.h"
+
+#define ICMPV6_ND_FIRST 133 /* router solicitation .. redirect: neighbour discovery */
+#define ICMPV6_ND_LAST  137
+
+static __always_inline void count(void *map_lookup_result, __u64 bytes)
+{
+	struct counter *c = map_lookup_result;
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline int record(struct xdp_md *ctx, struct iface_cfg *cfg, __u32 reason,
+				  __u32 rule_slot, int verdict)
+{
+	__u64 bytes = ctx->data_end - ctx->data;
+
+	count(reason_counters.lookup(&reason), bytes);
+	if (rule_slot != XDPFW_NO_RULE)
+		count(rule_counters.lookup(&rule_slot), bytes);
+	__u32 idx = (cfg ? cfg->slot : 0) * XDPFW_IFACE_COUNTERS +
+		    (verdict == XDP_DROP ? XDPFW_IFACE_DROPPED : XDPFW_IFACE_PASSED);
+	count(iface_counters.lookup(&idx), bytes);
+	return verdict;
+}
+
+/* Packets a drop policy must not cut off: the box's own ARP and IPv6 neighbour discovery. */
+static __always_inline int is_l2_control(struct packet *p)
+{
+	if (p->eth_proto == ETH_P_ARP_BE)
+		return 1;
+	return p->eth_proto == ETH_P_IPV6_BE && p->l4_proto == IPPROTO_ICMPV6 && !p->frag_tail &&
+	       p->icmp_type >= ICMPV6_ND_FIRST && p->icmp_type <= ICMPV6_ND_LAST;
+}
+
+static __always_inline struct prefix_verdict *lookup_prefix(struct packet *p)
+{
+	if (p->eth_proto == ETH_P_IP_BE) {
+		struct lpm_v4_key k = {.prefixlen = 32};
+		__builtin_memcpy(k.addr, p->saddr, 4);
+		return rules_v4.lookup(&k);
+	}
+	if (p->eth_proto == ETH_P_IPV6_BE) {
+		struct lpm_v6_key k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, p->saddr, 16);
+		return rules_v6.lookup(&k);
+	}
+	return NULL;
+}
+
+/* The rule action for the packet, XDPFW_ACT_NONE if no rule decides; *slot names the rule. */
+static __always_inline __u8 match_rules(struct packet *p, __u32 *slot)
+{
+	struct prefix_verdict *pv = lookup_prefix(p);
+	if (!pv)
+		return XDPFW_ACT_NONE;
+
+	/* Prefixes without proto/port rules cost one lookup: port_set is 0 for them. */
+	if (pv->port_set != XDPFW_NO_PORT_SET) {
+		struct port_key k = {.port_set = pv->port_set, .proto = p->l4_proto};
+		struct port_verdict *v = NULL;
+		if (p->has_ports) {
+			k.dport = p->dport;
+			v = port_rules.lookup(&k);
+			k.dport = 0;
+		}
+		if (!v)
+			v = port_rules.lookup(&k);
+		if (v) {
+			*slot = v->rule_slot;
+			return v->action;
+		}
+	}
+	*slot = pv->rule_slot;
+	return pv->action;
+}
+
+int xdpfw_main(struct xdp_md *ctx)
+{
+	struct cursor c = {.pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end};
+	struct packet p = {};
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct iface_cfg *cfg = iface_config.lookup(&ifindex);
+	__u32 slot = XDPFW_NO_RULE;
+	int proto = parse_ethhdr(&c, &p);
+
+	if (proto == ETH_P_IP_BE)
+		proto = parse_iphdr(&c, &p);
+	else if (proto == ETH_P_IPV6_BE)
+		proto = parse_ipv6hdr(&c, &p);
+	if (proto < 0 || (p.l4_proto && parse_l4(&c, &p) < 0)) {
+		if (cfg && cfg->unparsed_policy == XDPFW_POLICY_DROP)
+			return record(ctx, cfg, XDPFW_REASON_UNPARSED_DROP, slot, XDP_DROP);
+		return record(ctx, cfg, XDPFW_REASON_UNPARSED_PASS, slot, XDP_PASS);
+	}
+
+	switch (match_rules(&p, &slot)) {
+	case XDPFW_ACT_DROP:
+		return record(ctx, cfg, XDPFW_REASON_RULE_DROP, slot, XDP_DROP);
+	case XDPFW_ACT_PASS:
+		return record(ctx, cfg, XDPFW_REASON_RULE_PASS, slot, XDP_PASS);
+	}
+
+	/* No rule decided: the interface policy does. */
+	if (!cfg || cfg->policy != XDPFW_POLICY_DROP)
+		return record(ctx, cfg, XDPFW_REASON_POLICY_PASS, slot, XDP_PASS);
+	if (is_l2_control(&p) && !(cfg->flags & XDPFW_IFF_GUARD_L2))
+		return record(ctx, cfg, XDPFW_REASON_L2_EXEMPT, slot, XDP_PASS);
+	return record(ctx, cfg, XDPFW_REASON_POLICY_DROP, slot, XDP_DROP);
+}

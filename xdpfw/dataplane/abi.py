@@ -1,0 +1,104 @@
+"""ctypes mirror of xdpfw/bpf/xdpfw_abi.h: the one Python copy, checked by tests/test_abi.py."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+ABI_HEADER = Path(__file__).resolve().parent.parent / "bpf" / "xdpfw_abi.h"
+
+ACT_NONE = 0
+ACT_PASS = 1
+ACT_DROP = 2
+ACT_TX = 3
+ACT_REDIRECT = 4
+
+POLICY_PASS = 0
+POLICY_DROP = 1
+
+IFF_GUARD_L2 = 0x1
+
+REASON_RULE_PASS = 0
+REASON_RULE_DROP = 1
+REASON_POLICY_PASS = 2
+REASON_POLICY_DROP = 3
+REASON_UNPARSED_PASS = 4
+REASON_UNPARSED_DROP = 5
+REASON_L2_EXEMPT = 6
+REASON_MAX = 7
+REASON_NAMES = {
+    REASON_RULE_PASS: "rule_pass",
+    REASON_RULE_DROP: "rule_drop",
+    REASON_POLICY_PASS: "policy_pass",
+    REASON_POLICY_DROP: "policy_drop",
+    REASON_UNPARSED_PASS: "unparsed_pass",
+    REASON_UNPARSED_DROP: "unparsed_drop",
+    REASON_L2_EXEMPT: "l2_exempt_pass",
+}
+
+IFACE_PASSED = 0
+IFACE_DROPPED = 1
+IFACE_COUNTERS = 2
+
+NO_RULE = 0xFFFFFFFF
+NO_PORT_SET = 0
+
+
+class LpmV4Key(ctypes.Structure):
+    _fields_ = (("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4))
+
+
+class LpmV6Key(ctypes.Structure):
+    _fields_ = (("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16))
+
+
+class PrefixVerdict(ctypes.Structure):
+    _fields_ = (
+        ("rule_slot", ctypes.c_uint32),
+        ("port_set", ctypes.c_uint32),
+        ("action", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = (
+        ("port_set", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("dport", ctypes.c_uint16),  # network order
+    )
+
+
+class PortVerdict(ctypes.Structure):
+    _fields_ = (
+        ("rule_slot", ctypes.c_uint32),
+        ("action", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class IfaceCfg(ctypes.Structure):
+    _fields_ = (
+        ("slot", ctypes.c_uint32),
+        ("policy", ctypes.c_uint8),
+        ("unparsed_policy", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    )
+
+
+class Counter(ctypes.Structure):
+    _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
+
+
+# Which ctypes mirror is the key/value of which map (checked against BCC in tests/test_abi.py).
+MAP_TYPES: dict[str, tuple[type, type]] = {
+    "rules_v4": (LpmV4Key, PrefixVerdict),
+    "rules_v6": (LpmV6Key, PrefixVerdict),
+    "port_rules": (PortKey, PortVerdict),
+    "iface_config": (ctypes.c_uint32, IfaceCfg),
+    "rule_counters": (ctypes.c_uint32, Counter),
+    "reason_counters": (ctypes.c_uint32, Counter),
+    "iface_counters": (ctypes.c_uint32, Counter),
+}

@@ -1,0 +1,133 @@
+"""The one module that owns BCC: compile the XDP program, load it, surface clang/verifier logs.
+
+Maps are pinned under ProgramConfig.pin_dir; compiling again with the same pin_dir reuses them
+(BPF_TABLE_PINNED), which is how a restarted control plane keeps the rules the kernel holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdpfw.errors import BpffsError, CompileError, VerifierError
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_FS_MAGIC = 0xCAFE4A11
+ENTRY_POINT = "xdpfw_main"
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    """Everything the C program is compiled with; capacities are fixed once maps are pinned."""
+
+    pin_dir: str = "/sys/fs/bpf/xdpfw"
+    max_rules: int = 2_097_152  # per family; also the number of per-rule counter slots
+    max_port_rules: int = 65_536
+    max_ifaces: int = 256
+    source: Path = BPF_DIR / "xdpfw.c"
+    extra_cflags: tuple[str, ...] = ()
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{BPF_DIR}",
+            f'-DPIN_DIR="{self.pin_dir}"',
+            f"-DMAX_RULES={self.max_rules}",
+            f"-DMAX_PORT_RULES={self.max_port_rules}",
+            f"-DMAX_IFACES={self.max_ifaces}",
+            *self.extra_cflags,
+        ]
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Capture file descriptor 2: clang and the verifier log write there from C, not via Python."""
+    out: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+def is_bpffs(path: str) -> bool:
+    try:
+        # os.statvfs has no f_type; ask statfs through the mount table instead.
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    best = ("", "")
+    for fields in mounts:
+        mnt, fstype = fields[1], fields[2]
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, fstype)
+    return best[1] == "bpf"
+
+
+def ensure_pin_dir(pin_dir: str) -> None:
+    if not is_bpffs(pin_dir):
+        raise BpffsError(
+            f"{pin_dir} is not on a bpffs: mount one with `mount -t bpf bpf /sys/fs/bpf` "
+            "(scripts/setup.sh does)"
+        )
+    os.makedirs(pin_dir, exist_ok=True)
+
+
+class LoadedProgram:
+    """A compiled and verified XDP program with its (pinned) maps."""
+
+    def __init__(self, bpf, fn, config: ProgramConfig) -> None:
+        self.bpf = bpf
+        self.fn = fn
+        self.config = config
+
+    @property
+    def fd(self) -> int:
+        return self.fn.fd
+
+    def table(self, name: str):
+        return self.bpf[name]
+
+    def close(self) -> None:
+        """Close fds only: attached programs and pinned maps stay in the kernel."""
+        self.bpf.cleanup()
+
+
+def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgram:
+    from bcc import BPF  # Only this module imports BCC.
+
+    ensure_pin_dir(config.pin_dir)
+    with captured_stderr() as clang_out:
+        try:
+            bpf = BPF(src_file=str(config.source).encode(), cflags=config.cflags())
+        except Exception as e:  # BCC raises bare Exception
+            bpf = None
+            err = e
+    if bpf is None:
+        raise CompileError(f"BCC could not compile {config.source.name}: {err}", clang_out[0])
+    if clang_out[0].strip():
+        log.debug("clang said: %s", clang_out[0])
+
+    with captured_stderr() as verifier_out:
+        try:
+            fn = bpf.load_func(entry, BPF.XDP)
+        except Exception as e:
+            fn = None
+            err = e
+    if fn is None:
+        bpf.cleanup()
+        raise VerifierError(f"the verifier rejected {entry}: {err}", verifier_out[0])
+    return LoadedProgram(bpf, fn, config)

@@ -1,0 +1,251 @@
+"""Writes compiled rules and interface settings into the firewall's maps; reads its counters.
+
+Byte order is converted here, and only here. Bulk writes go through BPF_MAP_UPDATE_BATCH
+with keys and values packed straight into ctypes buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from collections.abc import Iterable, Sequence
+
+from xdpfw.dataplane import abi
+from xdpfw.errors import MapFullError, XdpfwError
+from xdpfw.rules.compile import Changes, PortKey, PrefixValue
+from xdpfw.rules.model import V4, Prefix
+
+_V4_KEY = struct.Struct("<I4s")
+_V6_KEY = struct.Struct("<I16s")
+_PREFIX_VALUE = struct.Struct("<IIB3x")
+_PORT_KEY = struct.Struct("<IBxH")
+_PORT_VALUE = struct.Struct("<IB3x")
+BATCH_CHUNK = 1 << 16
+FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+def _lib():
+    from bcc.libbcc import lib  # the C library BCC wraps; gives us errno
+
+    return lib
+
+
+def _check(rc: int, what: str, map_name: str) -> None:
+    if rc == 0:
+        return
+    err = ctypes.get_errno() or -rc
+    if err in FULL_ERRNOS:
+        raise MapFullError(f"map {map_name} is full ({os.strerror(err)}) while {what}")
+    raise XdpfwError(f"{what} in map {map_name} failed: {os.strerror(err)} (errno {err})")
+
+
+def pack_port_key(key: PortKey) -> bytes:
+    port_set, proto, dport = key
+    return _PORT_KEY.pack(port_set, proto, _htons(dport))  # dport travels be
+
+
+def _htons(v: int) -> int:
+    return ((v & 0xFF) << 8) | (v >> 8)
+
+
+def pack_prefix_key(p: Prefix) -> bytes:
+    return (_V4_KEY if p.family == V4 else _V6_KEY).pack(p.length, p.packed())
+
+
+class MapHandle:
+    """Raw access to one map: fd, key/value sizes, batch and single-element operations."""
+
+    def __init__(self, table, name: str, key_size: int, value_size: int) -> None:
+        self.table = table
+        self.name = name
+        self.fd = table.map_fd
+        self.key_size = key_size
+        self.value_size = value_size
+
+    def update_many(self, keys: bytes, values: bytes, count: int) -> None:
+        if count == 0:
+            return
+        lib = _lib()
+        for start in range(0, count, BATCH_CHUNK):
+            n = min(BATCH_CHUNK, count - start)
+            kb = ctypes.create_string_buffer(
+                keys[start * self.key_size : (start + n) * self.key_size], n * self.key_size
+            )
+            vb = ctypes.create_string_buffer(
+                values[start * self.value_size : (start + n) * self.value_size],
+                n * self.value_size,
+            )
+            cnt = ctypes.c_uint32(n)
+            rc = lib.bpf_update_batch(self.fd, kb, vb, ctypes.byref(cnt))
+            _check(rc, f"writing {count} entries", self.name)
+
+    def delete(self, key: bytes) -> bool:
+        """Delete one key; False when it was not there."""
+        kb = ctypes.create_string_buffer(key, len(key))
+        rc = _lib().bpf_delete_elem(self.fd, kb)
+        if rc != 0 and ctypes.get_errno() == errno.ENOENT:
+            return False
+        _check(rc, "deleting an entry", self.name)
+        return True
+
+    def update(self, key: bytes, value: bytes) -> None:
+        kb = ctypes.create_string_buffer(key, len(key))
+        vb = ctypes.create_string_buffer(value, len(value))
+        _check(_lib().bpf_update_elem(self.fd, kb, vb, 0), "writing an entry", self.name)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        kb = ctypes.create_string_buffer(key, len(key))
+        vb = ctypes.create_string_buffer(self.value_size)
+        if _lib().bpf_lookup_elem(self.fd, kb, vb) != 0:
+            return None
+        return vb.raw
+
+    def all_keys(self) -> list[bytes]:
+        """Every key, by get_next_key (the LPM trie has no batch lookup)."""
+        lib = _lib()
+        out: list[bytes] = []
+        cur = ctypes.create_string_buffer(self.key_size)
+        nxt = ctypes.create_string_buffer(self.key_size)
+        rc = lib.bpf_get_first_key(self.fd, nxt, self.key_size)
+        while rc == 0:
+            out.append(nxt.raw)
+            ctypes.memmove(cur, nxt, self.key_size)
+            rc = lib.bpf_get_next_key(self.fd, cur, nxt)
+        return out
+
+
+class FirewallMaps:
+    """The firewall's maps, opened from a LoadedProgram (pinned: shared by every load)."""
+
+    def __init__(self, program) -> None:
+        def handle(name: str) -> MapHandle:
+            key_t, _ = abi.MAP_TYPES[name]
+            table = program.table(name)
+            return MapHandle(table, name, ctypes.sizeof(key_t), ctypes.sizeof(table.Leaf))
+
+        self.rules_v4 = handle("rules_v4")
+        self.rules_v6 = handle("rules_v6")
+        self.port_rules = handle("port_rules")
+        self.iface_config = handle("iface_config")
+        self.rule_counters = handle("rule_counters")
+        self.reason_counters = handle("reason_counters")
+        self.iface_counters = handle("iface_counters")
+        self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def apply(self, ch: Changes) -> None:
+        """Write a compiled change set. Order matters for packets in flight: new port entries
+        exist before the prefixes that point at them; stale ones go after."""
+        if ch.ports:
+            self._write_ports(ch.ports.items())
+        self._write_prefixes(ch.prefixes.items())
+        for p in ch.deleted_prefixes:
+            self._trie(p).delete(pack_prefix_key(p))
+        for k in ch.deleted_ports:
+            self.port_rules.delete(pack_port_key(k))
+
+    def _trie(self, p: Prefix) -> MapHandle:
+        return self.rules_v4 if p.family == V4 else self.rules_v6
+
+    def _write_prefixes(self, items: Iterable[tuple[Prefix, PrefixValue]]) -> None:
+        v4k, v4v, v6k, v6v = [], [], [], []
+        k4, k6, val = _V4_KEY.pack, _V6_KEY.pack, _PREFIX_VALUE.pack
+        for p, (slot, action, port_set) in items:
+            if p.family == V4:
+                v4k.append(k4(p.length, p.net.to_bytes(4, "big")))
+                v4v.append(val(slot, port_set, action))
+            else:
+                v6k.append(k6(p.length, p.net.to_bytes(16, "big")))
+                v6v.append(val(slot, port_set, action))
+        self.rules_v4.update_many(b"".join(v4k), b"".join(v4v), len(v4k))
+        self.rules_v6.update_many(b"".join(v6k), b"".join(v6v), len(v6k))
+
+    def _write_ports(self, items: Iterable[tuple[PortKey, tuple[int, int]]]) -> None:
+        keys, vals = [], []
+        for key, (slot, action) in items:
+            keys.append(pack_port_key(key))
+            vals.append(_PORT_VALUE.pack(slot, action))
+        self.port_rules.update_many(b"".join(keys), b"".join(vals), len(keys))
+
+    def prefix_keys(self) -> list[Prefix]:
+        """What the tries hold now (used at start-up to remove entries no rule explains)."""
+        out = []
+        for handle, family, size in ((self.rules_v4, V4, 4), (self.rules_v6, 6, 16)):
+            for raw in handle.all_keys():
+                length = int.from_bytes(raw[:4], "little")
+                out.append(Prefix(family, int.from_bytes(raw[4 : 4 + size], "big"), length))
+        return out
+
+    def port_keys(self) -> list[PortKey]:
+        out = []
+        for raw in self.port_rules.all_keys():
+            port_set, proto, dport = _PORT_KEY.unpack(raw)
+            out.append((port_set, proto, _htons(dport)))
+        return out
+
+    # -- interfaces -----------------------------------------------------------------------
+
+    def set_iface(self, ifindex: int, slot: int, policy: int, unparsed: int, flags: int) -> None:
+        cfg = abi.IfaceCfg(slot=slot, policy=policy, unparsed_policy=unparsed, flags=flags)
+        self.iface_config.update(struct.pack("<I", ifindex), bytes(cfg))
+
+    def del_iface(self, ifindex: int) -> None:
+        self.iface_config.delete(struct.pack("<I", ifindex))
+
+    def iface_entries(self) -> dict[int, abi.IfaceCfg]:
+        out = {}
+        for raw in self.iface_config.all_keys():
+            val = self.iface_config.lookup(raw)
+            if val is not None:
+                out[struct.unpack("<I", raw)[0]] = abi.IfaceCfg.from_buffer_copy(val)
+        return out
+
+    # -- counters -------------------------------------------------------------------------
+
+    def _sum(self, raw: bytes | None) -> tuple[int, int]:
+        if raw is None:
+            return (0, 0)
+        vals = struct.unpack(f"<{2 * self.ncpus}Q", raw[: 16 * self.ncpus])
+        return (sum(vals[0::2]), sum(vals[1::2]))
+
+    def counter(self, handle: MapHandle, index: int) -> tuple[int, int]:
+        return self._sum(handle.lookup(struct.pack("<I", index)))
+
+    def rule_counter(self, slot: int) -> tuple[int, int]:
+        return self.counter(self.rule_counters, slot)
+
+    def rule_counters_for(self, slots: Sequence[int]) -> dict[int, tuple[int, int]]:
+        return {s: self.rule_counter(s) for s in slots}
+
+    def reset_rule_counter(self, slot: int) -> None:
+        """A reused slot starts from zero: it belongs to a new rule."""
+        self.rule_counters.update(struct.pack("<I", slot), bytes(self.rule_counters.value_size))
+
+    def reset_rule_counters(self, slots: Sequence[int]) -> None:
+        if not slots:
+            return
+        zero = bytes(self.rule_counters.value_size)
+        self.rule_counters.update_many(
+            b"".join(struct.pack("<I", s) for s in slots), zero * len(slots), len(slots)
+        )
+
+    def reason_totals(self) -> dict[str, tuple[int, int]]:
+        return {
+            name: self.counter(self.reason_counters, idx)
+            for idx, name in abi.REASON_NAMES.items()
+        }
+
+    def iface_totals(self, slot: int) -> dict[str, tuple[int, int]]:
+        base = slot * abi.IFACE_COUNTERS
+        return {
+            "passed": self.counter(self.iface_counters, base + abi.IFACE_PASSED),
+            "dropped": self.counter(self.iface_counters, base + abi.IFACE_DROPPED),
+        }
+
+    def reset_iface_counters(self, slot: int) -> None:
+        zero = bytes(self.iface_counters.value_size)
+        for i in range(abi.IFACE_COUNTERS):
+            self.iface_counters.update(struct.pack("<I", slot * abi.IFACE_COUNTERS + i), zero)

@@ -1,0 +1,51 @@
+"""Typed errors: each carries what an operator needs to act (errno, reason, verifier log)."""
+
+from __future__ import annotations
+
+
+class XdpfwError(Exception):
+    """Base of every error the control plane reports to a person."""
+
+
+class RuleValidationError(XdpfwError, ValueError):
+    """A rule (or a line of a blocklist) is malformed."""
+
+
+class ConflictError(XdpfwError):
+    """The request clashes with existing state (duplicate rule, interface already attached)."""
+
+
+class NotFoundError(XdpfwError, LookupError):
+    pass
+
+
+class CompileError(XdpfwError):
+    """BCC could not compile the C program; `log` holds clang's output."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(f"{message}\n{log}".rstrip())
+        self.log = log
+
+
+class VerifierError(XdpfwError):
+    """The kernel verifier rejected the program; `log` holds the verifier log."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(f"{message}\n{log}".rstrip())
+        self.log = log
+
+
+class AttachError(XdpfwError):
+    """Attaching or detaching XDP failed; nothing changed on the interface."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class MapFullError(XdpfwError):
+    """A BPF map has no room left (E2BIG/ENOSPC/ENOMEM on update)."""
+
+
+class BpffsError(XdpfwError):
+    """bpffs is not mounted where the pins should go."""

@@ -1,0 +1,325 @@
+"""Compile and load xdpfw/bpf/sockproxy.c with BCC, and drive its maps.
+
+The only module of xdpfw.proxy that imports bcc. Each step that can fail raises its own typed
+error carrying the text BCC and the kernel printed on the C-level stderr (fd 2): the clang
+diagnostics, the map-creation errno or the verifier log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import os
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from xdpfw.proxy import abi
+
+SO_COOKIE = 57  # <asm-generic/socket.h>; the socket module does not export it
+BPF_NOEXIST = 1
+# Kernel attach types (enum bpf_attach_type) for programs attached to a sockhash.
+SK_SKB_STREAM_PARSER = 4
+SK_SKB_STREAM_VERDICT = 5
+
+# fd 2 is process-wide: one capture at a time.
+_stderr_lock = threading.Lock()
+
+
+class SockProxyError(Exception):
+    """Base of the errors this module raises; `errno` is set when the kernel gave one."""
+
+    def __init__(self, message: str, *, err: int | None = None, log: str = "") -> None:
+        self.errno = err
+        self.log = log
+        detail = f" [{errno.errorcode.get(err, err)}]" if err else ""
+        tail = f"\n--- kernel/BCC output ---\n{log.rstrip()}" if log.strip() else ""
+        super().__init__(f"{message}{detail}{tail}")
+
+
+class CompileError(SockProxyError):
+    """clang (inside BCC) could not compile sockproxy.c."""
+
+
+class MapCreateError(SockProxyError):
+    """The kernel refused to create one of the maps (e.g. no sockhash support, E2BIG)."""
+
+
+class VerifierError(SockProxyError):
+    """The kernel refused a program; `log` holds the verifier log."""
+
+
+class AttachError(SockProxyError):
+    """A program loaded but could not be attached to the sockhash."""
+
+
+class SpliceError(SockProxyError):
+    """A socket pair could not be handed to the kernel (closed early, map full, ...)."""
+
+
+@contextlib.contextmanager
+def capture_fd2() -> Iterator[list[str]]:
+    """Redirect file descriptor 2 to a temporary file; the list receives its text on exit."""
+    out: list[str] = []
+    with _stderr_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    return struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+@dataclass(frozen=True)
+class SplicedPair:
+    service_id: int
+    client_cookie: int
+    backend_cookie: int
+
+
+@dataclass(frozen=True)
+class TrafficCounters:
+    """sp_traffic summed over CPUs."""
+
+    bytes_to_backend: int = 0
+    bytes_to_client: int = 0
+    skbs_to_backend: int = 0
+    skbs_to_client: int = 0
+    no_peer: int = 0
+    redirect_failed: int = 0
+
+
+@dataclass(frozen=True)
+class ConnCounters:
+    accepted: int = 0
+    active: int = 0
+    closed: int = 0
+    backend_failures: int = 0
+    relayed_in_userspace: int = 0
+
+
+class SockProxyDataplane:
+    """The loaded sockproxy programs and maps; one can serve many services.
+
+    Thread-safe: the engine's loop thread splices while API threads read counters.
+    """
+
+    def __init__(self, *, max_sockets: int = abi.SP_MAX_SOCKETS,
+                 max_services: int = abi.SP_MAX_SERVICES) -> None:
+        from bcc import BPF  # the one place bcc is imported
+
+        self._lock = threading.Lock()
+        self._attached: list[tuple[object, int]] = []
+        cflags = [
+            f"-I{abi.BPF_DIR}",
+            f"-DSP_MAX_SOCKETS={int(max_sockets)}",
+            f"-DSP_MAX_SERVICES={int(max_services)}",
+        ]
+        src = abi.PROGRAM_SOURCE.read_text()
+        with capture_fd2() as out:
+            try:
+                self.bpf = BPF(text=src, cflags=cflags)
+            except Exception as e:
+                err = ct.get_errno() or None
+                raise self._classify_module_error(e, err, out) from e
+        text = out[0]
+        if "could not open bpf map" in text:  # BCC may print this and carry on
+            raise MapCreateError("kernel refused a sockproxy map", log=text)
+        try:
+            self._fns = {}
+            for name in ("sp_parser", "sp_verdict"):
+                failure: Exception | None = None
+                with capture_fd2() as out:
+                    try:
+                        self._fns[name] = self.bpf.load_func(name, BPF.SK_SKB)
+                    except Exception as e:
+                        failure, err = e, ct.get_errno() or None
+                if failure is not None:
+                    raise VerifierError(f"kernel refused sk_skb program {name} ({failure})",
+                                        err=err, log=out[0]) from failure
+            self._fd = {
+                name: self._map_fd(name)
+                for name in ("sp_socks", "sp_splice", "sp_peers", "sp_traffic", "sp_conns")
+            }
+            for name, attach_type in (("sp_parser", SK_SKB_STREAM_PARSER),
+                                      ("sp_verdict", SK_SKB_STREAM_VERDICT)):
+                try:
+                    BPF.attach_func(self._fns[name], self._fd["sp_splice"], attach_type)
+                except Exception as e:
+                    raise AttachError(f"cannot attach {name} to sp_splice ({e})",
+                                      err=ct.get_errno() or None) from e
+                self._attached.append((self._fns[name], attach_type))
+            self._traffic = self.bpf["sp_traffic"]
+            self._conns = self.bpf["sp_conns"]
+            self._peers = self.bpf["sp_peers"]
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _classify_module_error(e: Exception, err: int | None, out: list[str]) -> SockProxyError:
+        text = "".join(out)
+        if "could not open bpf map" in text or ("map" in text.lower() and "error" in text.lower()):
+            return MapCreateError(f"kernel refused a sockproxy map ({e})", err=err, log=text)
+        return CompileError(f"cannot compile {abi.PROGRAM_SOURCE.name} ({e})", err=err, log=text)
+
+    def _map_fd(self, name: str) -> int:
+        from bcc import lib
+
+        fd = lib.bpf_table_fd(self.bpf.module, name.encode())
+        if fd < 0:
+            raise MapCreateError(f"map {name} missing from the loaded module")
+        return fd
+
+    # --- sockets ---------------------------------------------------------------------------
+
+    def splice(self, service_id: int, client: socket.socket,
+               backend: socket.socket) -> SplicedPair:
+        """Hand an established client/backend pair to the kernel.
+
+        Order matters (see sockproxy.c): targets first, then peers, then the programs.
+        Afterwards both receive queues are kicked so bytes that arrived before the splice
+        are forwarded too. On failure everything inserted is removed and SpliceError raised;
+        the sockets are untouched and can be relayed in user space.
+        """
+        pair = SplicedPair(service_id, socket_cookie(client), socket_cookie(backend))
+        inserted: list[tuple[str, int]] = []
+        try:
+            for cookie, sock in ((pair.client_cookie, client), (pair.backend_cookie, backend)):
+                self._sock_insert("sp_socks", cookie, sock)
+                inserted.append(("sp_socks", cookie))
+            with self._lock:
+                self._peers[ct.c_uint64(pair.client_cookie)] = abi.SpPeer(
+                    pair.backend_cookie, service_id, abi.SP_DIR_TO_BACKEND)
+                self._peers[ct.c_uint64(pair.backend_cookie)] = abi.SpPeer(
+                    pair.client_cookie, service_id, abi.SP_DIR_TO_CLIENT)
+            for cookie, sock in ((pair.client_cookie, client), (pair.backend_cookie, backend)):
+                self._sock_insert("sp_splice", cookie, sock)
+                inserted.append(("sp_splice", cookie))
+        except BaseException:
+            for name, cookie in reversed(inserted):
+                self._sock_delete(name, cookie)
+            self._forget_peers(pair)
+            raise
+        for sock in (client, backend):
+            kick_receive_queue(sock)
+        return pair
+
+    def unsplice(self, pair: SplicedPair) -> None:
+        """Drop what the kernel does not drop by itself; call once both sockets are closed."""
+        for name in ("sp_splice", "sp_socks"):
+            for cookie in (pair.client_cookie, pair.backend_cookie):
+                self._sock_delete(name, cookie)  # normally already gone with the socket
+        self._forget_peers(pair)
+
+    def _forget_peers(self, pair: SplicedPair) -> None:
+        with self._lock:
+            for cookie in (pair.client_cookie, pair.backend_cookie):
+                with contextlib.suppress(KeyError):
+                    del self._peers[ct.c_uint64(cookie)]
+
+    def _sock_insert(self, name: str, cookie: int, sock: socket.socket) -> None:
+        from bcc import lib
+
+        ret = lib.bpf_update_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)),
+                                  ct.byref(ct.c_int(sock.fileno())), BPF_NOEXIST)
+        if ret < 0:
+            err = -ret if ret < -1 else ct.get_errno()
+            reason = {
+                errno.EOPNOTSUPP: "socket is not an established TCP socket (peer already closed?)",
+                errno.E2BIG: "sockhash is full",
+                errno.ENOMEM: "sockhash is full",
+                errno.EEXIST: "socket already spliced",
+            }.get(err, os.strerror(err))
+            raise SpliceError(f"cannot insert socket into {name}: {reason}", err=err)
+
+    def _sock_delete(self, name: str, cookie: int) -> None:
+        from bcc import lib
+
+        lib.bpf_delete_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)))  # ENOENT is fine
+
+    def sockhash_contains(self, name: str, cookie: int) -> bool:
+        """Whether a sockhash still holds a cookie (lookup on a sockhash returns the cookie)."""
+        from bcc import lib
+
+        val = ct.c_uint64()
+        return lib.bpf_lookup_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)),
+                                   ct.byref(val)) == 0
+
+    def peer_count(self) -> int:
+        with self._lock:
+            return len(self._peers)
+
+    # --- counters --------------------------------------------------------------------------
+
+    def traffic(self, service_id: int) -> TrafficCounters:
+        key = self._traffic.Key(service_id)
+        try:
+            per_cpu = self._traffic[key]
+        except KeyError:
+            return TrafficCounters()
+        return TrafficCounters(**{
+            f: sum(getattr(v, f) for v in per_cpu) for f, _ in abi.SpTraffic._fields_
+        })
+
+    def conns(self, service_id: int) -> ConnCounters:
+        with self._lock:
+            try:
+                v = self._conns[self._conns.Key(service_id)]
+            except KeyError:
+                return ConnCounters()
+            return ConnCounters(**{f: getattr(v, f) for f, _ in abi.SpConns._fields_})
+
+    def add_conns(self, service_id: int, **deltas: int) -> None:
+        """Apply deltas to sp_conns; user space is its only writer, under this lock."""
+        with self._lock:
+            key = self._conns.Key(service_id)
+            try:
+                v = self._conns[key]
+            except KeyError:
+                v = self._conns.Leaf()
+            for f, d in deltas.items():
+                setattr(v, f, getattr(v, f) + d)
+            self._conns[key] = v
+
+    def reset_service(self, service_id: int) -> None:
+        with self._lock:
+            for t in (self._traffic, self._conns):
+                with contextlib.suppress(KeyError):
+                    del t[t.Key(service_id)]
+
+    def close(self) -> None:
+        """Detach and unload; idempotent."""
+        from bcc import BPF
+
+        bpf = getattr(self, "bpf", None)
+        if bpf is None:
+            return
+        for fn, attach_type in self._attached:
+            with contextlib.suppress(Exception):
+                BPF.detach_func(fn, self._fd["sp_splice"], attach_type)
+        self._attached.clear()
+        bpf.cleanup()
+        self.bpf = None
+
+
+def kick_receive_queue(sock: socket.socket) -> None:
+    """Make the kernel look at bytes already queued on a socket that was just spliced.
+
+    The stream parser only runs on the socket's data_ready callback, which fires when new
+    data arrives; bytes queued before the splice would wait for the next segment (forever,
+    for a request/response protocol). Setting SO_RCVLOWAT calls tcp_data_ready(), which
+    invokes data_ready when the queue holds at least that many bytes.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

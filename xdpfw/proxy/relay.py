@@ -1,0 +1,85 @@
+"""Plain user-space TCP relay on asyncio: the fallback when the kernel will not splice, and the
+comparison proxy of scripts/bench_proxy.py. Every payload byte is copied through this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+RELAY_BUFSIZE = 256 * 1024
+
+
+@dataclass
+class RelayCounters:
+    """Bytes this process copied; updated by the loop thread, read from any thread."""
+
+    bytes_to_backend: int = 0
+    bytes_to_client: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, to_backend: int = 0, to_client: int = 0) -> None:
+        with self._lock:
+            self.bytes_to_backend += to_backend
+            self.bytes_to_client += to_client
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.bytes_to_backend, self.bytes_to_client
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): tells the far end the stream did not end cleanly."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
+                counters: RelayCounters, to_backend: bool, bufsize: int) -> None:
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    while True:
+        n = await loop.sock_recv_into(src, buf)
+        if n == 0:
+            break
+        await loop.sock_sendall(dst, view[:n])
+        if to_backend:
+            counters.add(to_backend=n)
+        else:
+            counters.add(to_client=n)
+    # Half-close: the source finished writing, so finish writing to the destination; the
+    # other direction keeps flowing until its own EOF.
+    dst.shutdown(socket.SHUT_WR)
+
+
+async def relay_pair(client: socket.socket, backend: socket.socket, counters: RelayCounters,
+                     bufsize: int = RELAY_BUFSIZE) -> None:
+    """Copy both directions until both have ended, then close both sockets.
+
+    A reset or error on either side aborts both (RST), so neither peer mistakes a broken
+    stream for a complete one. Cancellation aborts both too. Sockets must be non-blocking.
+    """
+    loop = asyncio.get_running_loop()
+    tasks = [
+        asyncio.ensure_future(_pump(loop, client, backend, counters, True, bufsize)),
+        asyncio.ensure_future(_pump(loop, backend, client, counters, False, bufsize)),
+    ]
+    clean = False
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        clean = all(not t.cancelled() and t.exception() is None for t in done) and len(
+            done) == len(tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in (client, backend):
+            if clean:
+                s.close()
+            else:
+                abort(s)

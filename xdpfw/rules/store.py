@@ -1,0 +1,157 @@
+"""SQLite persistence of rules and interface attachments.
+
+The service writes inside `transaction()` and commits before the API answers, so an
+acknowledged rule survives a crash; start-up loads everything back into the maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdpfw.rules.model import Action, Proto, Rule, parse_prefix
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rules (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    prefix TEXT NOT NULL,
+    proto TEXT NOT NULL DEFAULT '',      -- '' = any protocol
+    dport INTEGER NOT NULL DEFAULT 0,    -- 0 = any port
+    action TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    slot INTEGER NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    UNIQUE (prefix, proto, dport)
+);
+CREATE TABLE IF NOT EXISTS interfaces (
+    name TEXT NOT NULL,
+    netns TEXT NOT NULL DEFAULT '',      -- '' = the appliance's own namespace
+    mode TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    unparsed_policy TEXT NOT NULL,
+    guard_l2 INTEGER NOT NULL,
+    slot INTEGER NOT NULL UNIQUE,
+    PRIMARY KEY (name, netns)
+);
+"""
+
+
+@dataclass(frozen=True)
+class InterfaceRecord:
+    name: str
+    netns: str | None
+    mode: str  # as requested: auto, native, generic, offload
+    policy: str
+    unparsed_policy: str
+    guard_l2: bool
+    slot: int
+
+
+def _row_to_rule(row: tuple) -> Rule:
+    rid, prefix, proto, dport, action, comment, slot = row
+    return Rule(
+        id=rid,
+        prefix=parse_prefix(prefix),
+        action=Action(action),
+        proto=Proto(proto) if proto else None,
+        dport=dport or None,
+        comment=comment,
+        slot=slot,
+    )
+
+
+class Store:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we answer
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Commit on success, roll back on any exception (the caller reverts the maps)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def load_rules(self) -> list[Rule]:
+        rows = self._db.execute(
+            "SELECT id, prefix, proto, dport, action, comment, slot FROM rules ORDER BY id"
+        )
+        return [_row_to_rule(r) for r in rows]
+
+    def last_rule_id(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='rules'").fetchone()
+        return row[0] if row else 0
+
+    def insert_rules(self, rules: Iterable[Rule]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO rules (id, prefix, proto, dport, action, comment, slot, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    r.id,
+                    str(r.prefix),
+                    r.proto.value if r.proto else "",
+                    r.dport or 0,
+                    r.action.value,
+                    r.comment,
+                    r.slot,
+                    now,
+                )
+                for r in rules
+            ),
+        )
+
+    def delete_rules(self, ids: Iterable[int]) -> None:
+        self._db.executemany("DELETE FROM rules WHERE id = ?", ((i,) for i in ids))
+
+    # -- interfaces -----------------------------------------------------------------------
+
+    def load_interfaces(self) -> list[InterfaceRecord]:
+        rows = self._db.execute(
+            "SELECT name, netns, mode, policy, unparsed_policy, guard_l2, slot FROM interfaces"
+        )
+        return [
+            InterfaceRecord(n, ns or None, m, p, up, bool(g), s) for n, ns, m, p, up, g, s in rows
+        ]
+
+    def upsert_interface(self, rec: InterfaceRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO interfaces"
+            " (name, netns, mode, policy, unparsed_policy, guard_l2, slot)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.name,
+                rec.netns or "",
+                rec.mode,
+                rec.policy,
+                rec.unparsed_policy,
+                int(rec.guard_l2),
+                rec.slot,
+            ),
+        )
+
+    def delete_interface(self, name: str, netns: str | None) -> None:
+        self._db.execute(
+            "DELETE FROM interfaces WHERE name = ? AND netns = ?", (name, netns or "")
+        )
