@@ -5,6 +5,7 @@ Every address used lives on (or is routed inside) the namespaces created here.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ class Link:
 @pytest.fixture
 def link(make_netns: Callable[[str], str]) -> Link:
     lb, backend = make_netns("lb"), make_netns("be")
+    for ns in (lb, backend):
+        # No IPv6 DAD: neighbour solicitations wait for a non-tentative link-local address,
+        # which would add ~2 s to every test; the appliance's links are long up.
+        proc = nsutil.run_in(ns, ["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"])
+        assert proc.returncode == 0, f"sysctl in {ns}: {proc.stderr}"
     nsutil.veth_pair(
         lb,
         LB_IF,
@@ -37,7 +43,17 @@ def link(make_netns: Callable[[str], str]) -> Link:
         addrs_a=[nsutil.Addr(LB_V4, 24), nsutil.Addr(LB_V6, 64)],
         addrs_b=[nsutil.Addr(BE_V4, 24), nsutil.Addr(BE_V6, 64)],
     )
+    # A probe sent before both ends have carrier is lost and retried only after 1 s.
+    ready = nsutil.wait_until(
+        lambda: operstate(lb, LB_IF) == "UP" and operstate(backend, BE_IF) == "UP"
+    )
+    assert ready, f"veth not up: {operstate(lb, LB_IF)}, {operstate(backend, BE_IF)}"
     return Link(lb, backend)
+
+
+def operstate(ns: str, ifname: str) -> str:
+    with nsutil.rtnl(ns) as ip:
+        return ip.get_links(nsutil.ifindex(ns, ifname))[0].get_attr("IFLA_OPERSTATE")
 
 
 def neigh_table(ns: str) -> str:
@@ -99,7 +115,34 @@ def test_unroutable_or_local_address_raises(link: Link, address: str, reason: st
 
 
 def test_resolve_async(link: Link) -> None:
-    import asyncio
-
     got = asyncio.run(resolve_async(BE_V4, link.lb, timeout_s=3.0))
     assert got.lladdr == nsutil.link_mac(link.backend, BE_IF), got
+
+
+def test_kernel_failure_is_reported_before_the_timeout(link: Link) -> None:
+    # Faster ARP retries on this link only: the kernel gives up (FAILED) after 3 x 100 ms.
+    proc = nsutil.run_in(link.lb, ["sysctl", "-qw", f"net.ipv4.neigh.{LB_IF}.retrans_time_ms=100"])
+    assert proc.returncode == 0, proc.stderr
+    start = time.monotonic()
+    with pytest.raises(NeighbourUnresolved, match="FAILED"):
+        resolve(ABSENT_V4, link.lb, timeout_s=5.0)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.0, f"FAILED should end the wait early, took {elapsed:.2f}s"
+
+
+def test_stale_entry_is_returned_and_reconfirmed(link: Link) -> None:
+    # The unicast probes to the wrong MAC go unanswered; make the kernel give up on them
+    # (3 x 100 ms) and broadcast instead, rather than after 5 s delay + 3 x 1 s.
+    for setting in ("delay_first_probe_time=0", "retrans_time_ms=100"):
+        proc = nsutil.run_in(link.lb, ["sysctl", "-qw", f"net.ipv4.neigh.{LB_IF}.{setting}"])
+        assert proc.returncode == 0, proc.stderr
+    old_mac = "02:00:00:00:00:01"
+    with nsutil.rtnl(link.lb) as ip:
+        idx = ip.link_lookup(ifname=LB_IF)[0]
+        ip.neigh("replace", dst=BE_V4, lladdr=old_mac, ifindex=idx, state="stale")
+    first = resolve(BE_V4, link.lb, timeout_s=0.5)
+    assert (first.lladdr, first.state) == (old_mac, "STALE"), first
+    want = nsutil.link_mac(link.backend, BE_IF)
+    # XDP traffic never confirms an entry: resolve() asked the kernel to, so it heals.
+    healed = nsutil.wait_until(lambda: resolve(BE_V4, link.lb).lladdr == want, timeout=3.0)
+    assert healed, f"entry not re-confirmed to {want}; table:\n{neigh_table(link.lb)}"
