@@ -99,7 +99,7 @@ class LoadedProgram:
         return self.fn.fd
 
     def table(self, name: str):
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def close(self) -> None:
         """Close fds only: attached programs and pinned maps stay in the kernel."""
@@ -123,7 +123,7 @@ def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgr
 
     with captured_stderr() as verifier_out:
         try:
-            fn = bpf.load_func(entry, BPF.XDP)
+            fn = bpf.load_func(entry.encode(), BPF.XDP)
         except Exception as e:
             fn = None
             err = e

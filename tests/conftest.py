@@ -1,0 +1,62 @@
+"""Fixtures for tests that load the real XDP program (BPF_PROG_TEST_RUN)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import pytest
+
+from conftest import require_kernel
+from xdpfw.dataplane import abi
+from xdpfw.dataplane.loader import ProgramConfig
+from xdpfw.dataplane.testrun import test_run
+
+LO_IFINDEX = 1  # BPF_PROG_TEST_RUN packets arrive on lo unless ctx says otherwise
+TEST_CAPACITY = dict(max_rules=65_536, max_port_rules=4096, max_ifaces=16)
+
+
+def test_program_config(tmp_name: str | None = None) -> ProgramConfig:
+    return ProgramConfig(pin_dir=f"/sys/fs/bpf/xdpfw-test-{tmp_name or uuid.uuid4().hex[:8]}",
+                         **TEST_CAPACITY)
+
+
+def remove_pins(pin_dir: str) -> None:
+    if os.path.isdir(pin_dir):
+        shutil.rmtree(pin_dir)
+
+
+@pytest.fixture(scope="session")
+def firewall(tmp_path_factory):
+    """One compiled firewall for the session; `fw` hands it out clean to each test."""
+    require_kernel()
+    from xdpfw.service import Firewall
+
+    cfg = test_program_config()
+    fw = Firewall(tmp_path_factory.mktemp("state"), cfg)
+    yield fw
+    fw.close()
+    remove_pins(cfg.pin_dir)
+
+
+@pytest.fixture
+def fw(firewall):
+    firewall.maps.set_iface(LO_IFINDEX, 0, abi.POLICY_PASS, abi.POLICY_PASS, 0)
+    yield firewall
+    for rule in list(firewall.rules.values()):
+        firewall.delete_rule(rule.id)
+    firewall.maps.del_iface(LO_IFINDEX)
+
+
+class Runner:
+    def __init__(self, fw) -> None:
+        self.fw = fw
+
+    def __call__(self, packet: bytes, repeat: int = 1):
+        return test_run(self.fw.program.fd, packet, repeat=repeat)
+
+
+@pytest.fixture
+def run(fw):
+    return Runner(fw)

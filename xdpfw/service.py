@@ -1,0 +1,315 @@
+"""The firewall service: the one place that changes rules and attachments.
+
+Every change goes: validate -> compile -> open a DB transaction -> write the maps -> commit.
+If a map write fails, the transaction rolls back and the maps are put back, so a request
+either takes full effect and is on disk, or changes nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdpfw.dataplane import abi
+from xdpfw.dataplane.attach import Mode, attach, detach, link_info, where
+from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
+from xdpfw.dataplane.maps import FirewallMaps
+from xdpfw.errors import ConflictError, MapFullError, NotFoundError
+from xdpfw.rules.compile import Changes, RuleIndex
+from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
+from xdpfw.rules.store import InterfaceRecord, Store
+
+log = logging.getLogger(__name__)
+
+POLICY_CODE = {"pass": abi.POLICY_PASS, "drop": abi.POLICY_DROP}
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A validated rule that has no id or counter slot yet."""
+
+    prefix: Prefix
+    action: Action
+    proto: Proto | None = None
+    dport: int | None = None
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        check_match(self.proto, self.dport)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    record: InterfaceRecord
+    ifindex: int
+    mode_in_use: Mode
+
+
+class SlotAllocator:
+    """Smallest free index first, so counter arrays stay dense."""
+
+    def __init__(self, capacity: int, used: Iterable[int] = (), first: int = 0) -> None:
+        self.capacity = capacity
+        used = set(used)
+        self.high = max(used, default=first - 1) + 1
+        self.free = [s for s in range(first, self.high) if s not in used]
+        heapq.heapify(self.free)
+
+    def take(self, n: int, what: str) -> list[int]:
+        reuse = [heapq.heappop(self.free) for _ in range(min(n, len(self.free)))]
+        fresh = n - len(reuse)
+        if self.high + fresh > self.capacity:
+            for s in reuse:
+                heapq.heappush(self.free, s)
+            raise MapFullError(
+                f"no room for {n} more {what}: capacity is {self.capacity} "
+                "(raise limits in the config; pinned maps must then be recreated)"
+            )
+        out = reuse + list(range(self.high, self.high + fresh))
+        self.high += fresh
+        return out
+
+    def give(self, slots: Iterable[int]) -> None:
+        for s in slots:
+            heapq.heappush(self.free, s)
+
+
+class Firewall:
+    def __init__(self, state_dir: Path | str, program_config: ProgramConfig) -> None:
+        self.lock = threading.RLock()
+        self.config = program_config
+        self.store = Store(Path(state_dir) / "xdpfw.sqlite3")
+        self.program: LoadedProgram = load_program(program_config)
+        self.maps = FirewallMaps(self.program)
+        self.index = RuleIndex()
+        self.rules: dict[int, Rule] = {}
+        self.attachments: dict[tuple[str, str | None], Attachment] = {}
+        self._restore_rules()
+        self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
+        self.rule_slots = SlotAllocator(
+            program_config.max_rules, (r.slot for r in self.rules.values())
+        )
+        records = self.store.load_interfaces()
+        # Slot 0 counts packets on interfaces with no config entry.
+        self.iface_slots = SlotAllocator(
+            program_config.max_ifaces, (r.slot for r in records), first=1
+        )
+        self._restore_interfaces(records)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _restore_rules(self) -> None:
+        """Make the (pinned, possibly still populated) maps equal to the store."""
+        rules = self.store.load_rules()
+        self.rules = {r.id: r for r in rules}
+        changes = self.index.add(rules)
+        # Write everything, then remove what no rule explains (left from a crash mid-change).
+        self.maps.apply(changes)
+        stale = [p for p in self.maps.prefix_keys() if p not in self.index.prefix_values]
+        wanted_ports = {
+            (self.index.port_set_ids[p], *pm)
+            for p, table in self.index.port_entries.items()
+            for pm in table
+        }
+        stale_ports = [k for k in self.maps.port_keys() if k not in wanted_ports]
+        self.maps.apply(Changes(deleted_prefixes=stale, deleted_ports=stale_ports))
+        log.info(
+            "restored %d rules (%d stale map entries removed)",
+            len(rules),
+            len(stale) + len(stale_ports),
+        )
+
+    def _restore_interfaces(self, records: Sequence[InterfaceRecord]) -> None:
+        for rec in records:
+            try:
+                self._attach(rec)
+            except Exception as e:  # one bad NIC must not keep the others unguarded
+                log.error("could not re-attach %s: %s", where(rec.name, rec.netns), e)
+        known = {a.ifindex for a in self.attachments.values()}
+        for ifindex in self.maps.iface_entries():
+            if ifindex not in known:
+                self.maps.del_iface(ifindex)
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
+        """Add rules, all or nothing."""
+        with self.lock:
+            seen: set[tuple] = set()
+            for s in specs:
+                key = (s.prefix, s.proto, s.dport)
+                existing = self.index.find(*key)
+                if existing is not None:
+                    raise ConflictError(
+                        f"a rule for {_describe(s)} exists already (id {existing.id})"
+                    )
+                if key in seen:
+                    raise ConflictError(f"{_describe(s)} appears twice in this request")
+                seen.add(key)
+            slots = self.rule_slots.take(len(specs), "rules")
+            first_id = self._next_id
+            rules = [
+                Rule(first_id + i, s.prefix, s.action, s.proto, s.dport, s.comment, slot)
+                for i, (s, slot) in enumerate(zip(specs, slots, strict=True))
+            ]
+            changes = self.index.add(rules)
+            try:
+                with self.store.transaction():
+                    self.store.insert_rules(rules)
+                    self.maps.reset_rule_counters(slots)
+                    self.maps.apply(changes)
+            except BaseException:
+                self.maps.apply(self.index.remove(rules))
+                self.rule_slots.give(slots)
+                raise
+            self._next_id = first_id + len(rules)
+            self.rules.update((r.id, r) for r in rules)
+            return rules
+
+    def delete_rule(self, rule_id: int) -> Rule:
+        with self.lock:
+            rule = self.get_rule(rule_id)
+            changes = self.index.remove([rule])
+            try:
+                with self.store.transaction():
+                    self.store.delete_rules([rule_id])
+                    self.maps.apply(changes)
+            except BaseException:
+                self.maps.apply(self.index.add([rule]))
+                raise
+            del self.rules[rule_id]
+            self.rule_slots.give([rule.slot])
+            return rule
+
+    def get_rule(self, rule_id: int) -> Rule:
+        rule = self.rules.get(rule_id)
+        if rule is None:
+            raise NotFoundError(f"no rule with id {rule_id}")
+        return rule
+
+    def list_rules(self) -> list[Rule]:
+        return list(self.rules.values())
+
+    def rule_counter(self, rule: Rule) -> tuple[int, int]:
+        return self.maps.rule_counter(rule.slot)
+
+    # -- interfaces -----------------------------------------------------------------------
+
+    def attach_interface(
+        self,
+        name: str,
+        netns: str | None = None,
+        mode: Mode = Mode.AUTO,
+        policy: str = "pass",
+        unparsed_policy: str = "pass",
+        guard_l2: bool = False,
+    ) -> tuple[Attachment, bool]:
+        """Attach, or update an attachment in place. Returns (attachment, created)."""
+        with self.lock:
+            old = self.attachments.get((name, netns))
+            slot = old.record.slot if old else self.iface_slots.take(1, "interfaces")[0]
+            rec = InterfaceRecord(name, netns, str(mode), policy, unparsed_policy, guard_l2, slot)
+            try:
+                with self.store.transaction():
+                    self.store.upsert_interface(rec)
+                    att = self._attach(rec, previous=old)
+            except BaseException:
+                if old is None:
+                    self.iface_slots.give([slot])
+                raise
+            return att, old is None
+
+    def _attach(self, rec: InterfaceRecord, previous: Attachment | None = None) -> Attachment:
+        ifindex, _, _, _ = link_info(rec.name, rec.netns)
+        for key, other in self.attachments.items():
+            if other.ifindex == ifindex and key != (rec.name, rec.netns):
+                raise ConflictError(
+                    f"{where(rec.name, rec.netns)} has ifindex {ifindex}, like the guarded "
+                    f"{where(*key)}: the data plane keys policies by ifindex; rename or "
+                    "recreate one of them"
+                )
+        flags = abi.IFF_GUARD_L2 if rec.guard_l2 else 0
+        before = self.maps.iface_entries().get(ifindex)
+        # Policy first, so the program never runs on this interface without it.
+        self.maps.set_iface(
+            ifindex, rec.slot, POLICY_CODE[rec.policy], POLICY_CODE[rec.unparsed_policy], flags
+        )
+        if previous is None:
+            self.maps.reset_iface_counters(rec.slot)
+        try:
+            mode = attach(rec.name, rec.netns, self.program.fd, Mode(rec.mode))
+        except BaseException:
+            if before is None:
+                self.maps.del_iface(ifindex)
+            else:
+                self.maps.set_iface(
+                    ifindex, before.slot, before.policy, before.unparsed_policy, before.flags
+                )
+            raise
+        att = Attachment(rec, ifindex, mode)
+        self.attachments[(rec.name, rec.netns)] = att
+        log.info("guarding %s in %s mode, policy %s", where(rec.name, rec.netns), mode, rec.policy)
+        return att
+
+    def detach_interface(self, name: str, netns: str | None = None) -> Attachment:
+        with self.lock:
+            att = self.attachments.get((name, netns))
+            if att is None:
+                raise NotFoundError(f"{where(name, netns)} is not attached")
+            with self.store.transaction():
+                self.store.delete_interface(name, netns)
+                detach(name, netns)
+            self.maps.del_iface(att.ifindex)
+            del self.attachments[(name, netns)]
+            self.iface_slots.give([att.record.slot])
+            return att
+
+    def detach_all(self) -> None:
+        for name, netns in list(self.attachments):
+            self.detach_interface(name, netns)
+
+    # -- stats ----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self.lock:
+            reasons = self.maps.reason_totals()
+            ifaces = [
+                {
+                    "name": a.record.name,
+                    "netns": a.record.netns,
+                    "mode": str(a.mode_in_use),
+                    **{
+                        k: {"packets": p, "bytes": b}
+                        for k, (p, b) in self.maps.iface_totals(a.record.slot).items()
+                    },
+                }
+                for a in self.attachments.values()
+            ]
+            rules = []
+            for r in self.rules.values():
+                p, b = self.maps.rule_counter(r.slot)
+                if p:
+                    rules.append({"id": r.id, "packets": p, "bytes": b})
+        return {
+            "actions": {k: {"packets": p, "bytes": b} for k, (p, b) in reasons.items()},
+            "interfaces": ifaces,
+            "rules": rules,
+        }
+
+    def close(self) -> None:
+        """Stop the control plane; attached programs and pinned maps keep filtering."""
+        self.program.close()
+        self.store.close()
+
+
+def _describe(s: RuleSpec | Rule) -> str:
+    parts = [str(s.prefix)]
+    if s.proto:
+        parts.append(s.proto.value)
+    if s.dport:
+        parts.append(f"port {s.dport}")
+    return " ".join(parts)
