@@ -1,0 +1,74 @@
+"""create_app(): the FastAPI application, wired to a Firewall given by the caller."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from xdpfw.api.routes import interfaces, rules, stats
+from xdpfw.errors import (
+    AttachError,
+    BpffsError,
+    CompileError,
+    ConflictError,
+    MapFullError,
+    NotFoundError,
+    RuleValidationError,
+    VerifierError,
+)
+from xdpfw.service import Firewall
+
+log = logging.getLogger(__name__)
+
+ERROR_STATUS: list[tuple[type[Exception], int]] = [
+    (RuleValidationError, 422),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (AttachError, 422),  # the requested attachment is not possible; nothing changed
+    (MapFullError, 507),
+    (VerifierError, 500),
+    (CompileError, 500),
+    (BpffsError, 500),
+]
+
+
+def create_app(firewall: Firewall, token: str | None = None) -> FastAPI:
+    """token: required from TCP clients (unix-socket clients are local root by permission)."""
+    app = FastAPI(
+        title="xdpfw",
+        version="0.1.0",
+        description="XDP firewall appliance: source-prefix rules enforced in XDP.",
+    )
+    app.state.firewall = firewall
+    for router in (rules.router, interfaces.router, stats.router):
+        app.include_router(router)
+
+    for exc_type, code in ERROR_STATUS:
+        app.add_exception_handler(exc_type, _handler(code))
+
+    @app.middleware("http")
+    async def bearer_token_for_tcp(request: Request, call_next):
+        # uvicorn reports no client address for unix-socket connections.
+        if request.client is not None and token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse(
+                    {"detail": "a bearer token is required over TCP"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    return app
+
+
+def _handler(code: int):
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if code >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    return handle

@@ -1,0 +1,146 @@
+"""Request and response models. Validation itself lives in xdpfw.rules.model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from xdpfw.dataplane.attach import Mode
+from xdpfw.errors import RuleValidationError
+from xdpfw.rules.model import Action, Proto, Rule, check_match, parse_prefix
+from xdpfw.service import Attachment, RuleSpec
+
+Policy = Literal["pass", "drop"]
+ACTION_ALIASES = {"allow": "pass", "accept": "pass", "deny": "drop", "block": "drop"}
+
+
+def _invalid(e: RuleValidationError) -> PydanticCustomError:
+    """A 422 whose message is our reason, without pydantic's "Value error, " prefix."""
+    return PydanticCustomError("invalid_rule", str(e).replace("{", "{{").replace("}", "}}"))
+
+
+def _action(v):
+    return ACTION_ALIASES.get(v, v) if isinstance(v, str) else v
+
+
+class RuleMatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Action = Field(Action.DROP, description="drop, or pass (alias: allow)")
+    proto: Proto | None = Field(None, description="tcp, udp or icmp (ICMPv6 for IPv6)")
+    dport: int | None = Field(None, description="destination port; needs proto tcp or udp")
+    comment: str = Field("", max_length=256)
+
+    _norm_action = field_validator("action", mode="before")(_action)
+
+    @model_validator(mode="after")
+    def _ports_need_proto(self):
+        try:
+            check_match(self.proto, self.dport)
+        except RuleValidationError as e:
+            raise _invalid(e) from None
+        return self
+
+
+class RuleCreate(RuleMatch):
+    prefix: str = Field(description="source prefix, e.g. 203.0.113.0/24 or 2001:db8::/32")
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, v: str) -> str:
+        try:
+            return str(parse_prefix(v))
+        except RuleValidationError as e:
+            raise _invalid(e) from None
+
+    def spec(self) -> RuleSpec:
+        prefix = parse_prefix(self.prefix)
+        return RuleSpec(prefix, self.action, self.proto, self.dport, self.comment)
+
+
+class BulkPrefixes(RuleMatch):
+    """Many prefixes sharing one action/match: the fast form of a bulk request."""
+
+    prefixes: list[str] = Field(min_length=1)
+
+
+class BulkRules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: list[RuleCreate] = Field(min_length=1)
+
+
+class RulePublic(BaseModel):
+    id: int
+    prefix: str
+    action: Action
+    proto: Proto | None
+    dport: int | None
+    comment: str
+    packets: int
+    bytes: int
+
+    @classmethod
+    def of(cls, rule: Rule, counters: tuple[int, int]) -> RulePublic:
+        return cls(
+            id=rule.id,
+            prefix=str(rule.prefix),
+            action=rule.action,
+            proto=rule.proto,
+            dport=rule.dport,
+            comment=rule.comment,
+            packets=counters[0],
+            bytes=counters[1],
+        )
+
+
+class RulePage(BaseModel):
+    items: list[RulePublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class BulkResult(BaseModel):
+    added: int
+    first_id: int
+    last_id: int
+
+
+class InterfaceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=15)
+    netns: str | None = Field(None, description="network namespace the interface lives in")
+    mode: Mode = Mode.AUTO
+    policy: Policy = Field("pass", description="verdict for packets no rule decides")
+    unparsed_policy: Policy = Field(
+        "pass", description="verdict for packets the parser cannot read"
+    )
+    guard_l2: bool = Field(False, description="let a drop policy drop ARP and IPv6 ND as well")
+
+
+class InterfacePublic(BaseModel):
+    name: str
+    netns: str | None
+    ifindex: int
+    mode: Mode = Field(description="mode requested")
+    mode_in_use: Mode
+    policy: Policy
+    unparsed_policy: Policy
+    guard_l2: bool
+
+    @classmethod
+    def of(cls, att: Attachment) -> InterfacePublic:
+        r = att.record
+        return cls(
+            name=r.name,
+            netns=r.netns,
+            ifindex=att.ifindex,
+            mode=Mode(r.mode),
+            mode_in_use=att.mode_in_use,
+            policy=r.policy,
+            unparsed_policy=r.unparsed_policy,
+            guard_l2=r.guard_l2,
+        )

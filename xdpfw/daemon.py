@@ -1,0 +1,93 @@
+"""`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from xdpfw import demo
+from xdpfw.api.app import create_app
+from xdpfw.config import AppConfig, ConfigError
+from xdpfw.dataplane.loader import ProgramConfig
+from xdpfw.service import Firewall
+
+log = logging.getLogger("xdpfw")
+
+
+@dataclass
+class ServeOptions:
+    config: AppConfig
+    demo: bool = False
+    log_level: str = "info"
+
+
+def program_config(cfg: AppConfig) -> ProgramConfig:
+    return ProgramConfig(
+        pin_dir=cfg.state.bpffs_dir,
+        max_rules=cfg.limits.max_rules,
+        max_port_rules=cfg.limits.max_port_rules,
+        max_ifaces=cfg.limits.max_ifaces,
+    )
+
+
+def unix_listener(path: str) -> socket.socket:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists() and stat.S_ISSOCK(p.stat().st_mode):
+        p.unlink()  # left by a previous run; a live server would still hold the pid file
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)  # root and the socket's group only: no token on this path
+    return sock
+
+
+def tcp_listener(addr: str) -> socket.socket:
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    return sock
+
+
+def serve(opts: ServeOptions) -> None:
+    cfg = opts.config
+    token = cfg.api.effective_token()
+    if cfg.api.listen and not token:
+        raise ConfigError(
+            "api.listen opens the API over TCP, which needs a token: set api.token or "
+            "XDPFW_API_TOKEN"
+        )
+    fw = Firewall(cfg.state.dir, program_config(cfg))
+    try:
+        for iface in cfg.interfaces:
+            fw.attach_interface(**iface.model_dump())
+        if opts.demo and not cfg.interfaces:
+            ifname, ns = demo.build()
+            fw.attach_interface(ifname, ns, policy="pass")
+            print(demo.howto(cfg.api.socket), flush=True)
+        sockets = [unix_listener(cfg.api.socket)] + [tcp_listener(a) for a in cfg.api.listen]
+        app = create_app(fw, token)
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="off")
+        )
+        log.info(
+            "xdpfw: %d rules, %d interfaces; API on %s",
+            len(fw.rules),
+            len(fw.attachments),
+            ", ".join([cfg.api.socket, *cfg.api.listen]),
+        )
+        server.run(sockets=sockets)
+    finally:
+        # The attached programs and pinned maps stay: the data plane goes on filtering.
+        fw.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cfg.api.socket)
