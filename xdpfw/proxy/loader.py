@@ -126,20 +126,19 @@ class SockProxyDataplane:
             f"-DSP_MAX_SOCKETS={int(max_sockets)}",
             f"-DSP_MAX_SERVICES={int(max_services)}",
         ]
-        src = abi.PROGRAM_SOURCE.read_text()
+        src = abi.PROGRAM_SOURCE.read_bytes()
+        ct.set_errno(0)  # BCC reports map-creation failures only through errno
         with capture_fd2() as out:
             try:
                 self.bpf = BPF(text=src, cflags=cflags)
             except Exception as e:
                 err = ct.get_errno() or None
                 raise self._classify_module_error(e, err, out) from e
-        text = out[0]
-        if "could not open bpf map" in text:  # BCC may print this and carry on
-            raise MapCreateError("kernel refused a sockproxy map", log=text)
         try:
             self._fns = {}
             for name in ("sp_parser", "sp_verdict"):
                 failure: Exception | None = None
+                ct.set_errno(0)
                 with capture_fd2() as out:
                     try:
                         self._fns[name] = self.bpf.load_func(name, BPF.SK_SKB)
@@ -160,19 +159,23 @@ class SockProxyDataplane:
                     raise AttachError(f"cannot attach {name} to sp_splice ({e})",
                                       err=ct.get_errno() or None) from e
                 self._attached.append((self._fns[name], attach_type))
-            self._traffic = self.bpf["sp_traffic"]
-            self._conns = self.bpf["sp_conns"]
-            self._peers = self.bpf["sp_peers"]
+            self._traffic = self.bpf[b"sp_traffic"]
+            self._conns = self.bpf[b"sp_conns"]
+            self._peers = self.bpf[b"sp_peers"]
         except BaseException:
             self.close()
             raise
 
     @staticmethod
     def _classify_module_error(e: Exception, err: int | None, out: list[str]) -> SockProxyError:
+        """BCC raises one message for clang failures and map-creation failures alike."""
         text = "".join(out)
-        if "could not open bpf map" in text or ("map" in text.lower() and "error" in text.lower()):
-            return MapCreateError(f"kernel refused a sockproxy map ({e})", err=err, log=text)
-        return CompileError(f"cannot compile {abi.PROGRAM_SOURCE.name} ({e})", err=err, log=text)
+        if "error:" in text or not err:
+            return CompileError(f"cannot compile {abi.PROGRAM_SOURCE.name} ({e})", err=err,
+                                log=text)
+        # Compiled fine, then the kernel refused a map (errno from bpf(BPF_MAP_CREATE)).
+        return MapCreateError(f"kernel refused to create the sockproxy maps ({e})", err=err,
+                              log=text)
 
     def _map_fd(self, name: str) -> int:
         from bcc import lib
@@ -256,6 +259,17 @@ class SockProxyDataplane:
         val = ct.c_uint64()
         return lib.bpf_lookup_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)),
                                    ct.byref(val)) == 0
+
+    def socket_count(self, name: str) -> int:
+        """Entries in sp_socks or sp_splice (walked with BPF_MAP_GET_NEXT_KEY)."""
+        from bcc import lib
+
+        count, key, nxt = 0, None, ct.c_uint64()
+        while lib.bpf_get_next_key(self._fd[name], None if key is None else ct.byref(key),
+                                   ct.byref(nxt)) == 0:
+            count += 1
+            key = ct.c_uint64(nxt.value)
+        return count
 
     def peer_count(self) -> int:
         with self._lock:

@@ -1,0 +1,460 @@
+"""The proxy engine: one listener per service, forwarding each connection to a backend.
+
+In "sockhash" mode user space only accepts, connects and hands the pair to the kernel
+(loader.SockProxyDataplane.splice); payload bytes move between the sockets inside the kernel.
+User space then waits for each side's FIN (EPOLLRDHUP, without reading), waits until every
+byte read on that side has been written on the other, and shuts down the other side's write
+half: half-close propagates, and close is the meeting of two half-closes.
+
+In "userspace" mode (or for a single connection the kernel would not splice) relay.py copies
+the bytes. The engine runs its own asyncio loop in a thread; its public API is synchronous.
+The loop thread inherits the network namespace of the thread that calls start().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import select
+import socket
+import struct
+import termios
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from xdpfw.proxy.abi import SP_MAX_SOCKETS
+from xdpfw.proxy.loader import (
+    ConnCounters,
+    SockProxyDataplane,
+    SockProxyError,
+    SplicedPair,
+    SpliceError,
+    TrafficCounters,
+)
+from xdpfw.proxy.relay import RelayCounters, abort, relay_pair
+
+log = logging.getLogger("xdpfw.proxy")
+
+Mode = Literal["sockhash", "userspace"]
+RequestedMode = Literal["auto", "sockhash", "userspace"]
+PickBackend = Callable[[tuple[str, int]], tuple[str, int]]
+
+TCP_CLOSE = 7  # tcp_info.tcpi_state
+TCPI_BYTES_ACKED = 120  # offsets in struct tcp_info (stable uapi)
+TCPI_BYTES_RECEIVED = 128
+# How long a client refused by every backend gets to read our FIN and close first.
+REFUSED_CLIENT_LINGER = 2.0
+
+
+class EngineError(Exception):
+    """The engine cannot start (bind failed, or sockhash mode demanded but unavailable)."""
+
+
+class ConnectionAborted(Exception):
+    """A spliced connection was reset or its peer vanished; both sides get a RST."""
+
+
+@dataclass(frozen=True)
+class ServiceCounters:
+    """Per-service figures. In sockhash mode `kernel` is read from sp_traffic and
+    `connections` from sp_conns (BPF maps); `userspace_*` count bytes this process copied
+    (userspace mode, or connections the kernel refused to splice)."""
+
+    service_id: int
+    mode: Mode
+    connections: ConnCounters
+    kernel: TrafficCounters
+    userspace_bytes_to_backend: int
+    userspace_bytes_to_client: int
+
+    @property
+    def bytes_to_backend(self) -> int:
+        return self.kernel.bytes_to_backend + self.userspace_bytes_to_backend
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.kernel.bytes_to_client + self.userspace_bytes_to_client
+
+
+@dataclass
+class _LocalConns:
+    """sp_conns' stand-in when no BPF maps exist (userspace mode)."""
+
+    values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ConnCounters.__dataclass_fields__, 0))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for k, d in deltas.items():
+                self.values[k] += d
+
+    def snapshot(self) -> ConnCounters:
+        with self.lock:
+            return ConnCounters(**self.values)
+
+
+def _inq(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _outq(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def _tcp_info(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+
+
+def _bytes_received(sock: socket.socket) -> int:
+    return struct.unpack_from("Q", _tcp_info(sock), TCPI_BYTES_RECEIVED)[0]
+
+
+def _bytes_written(sock: socket.socket) -> int:
+    """Sequence space queued for sending so far: acked + still in the send queue.
+
+    Acked is read first, so an ACK landing in between makes this undercount (safe: we wait
+    a little longer), never overcount. Includes the SYN on an active open; callers subtract
+    a baseline taken before the splice.
+    """
+    acked = struct.unpack_from("Q", _tcp_info(sock), TCPI_BYTES_ACKED)[0]
+    return acked + _outq(sock)
+
+
+def _is_closed(sock: socket.socket) -> bool:
+    return _tcp_info(sock)[0] == TCP_CLOSE
+
+
+class ProxyEngine:
+    """Listen on (listen_host, listen_port) and proxy each connection to pick_backend(addr).
+
+    mode: "auto" tries the kernel splice and falls back to the user-space relay with a
+    warning; "sockhash" raises EngineError instead of falling back; "userspace" never loads
+    BPF. `mode` reports what actually runs. Pass `dataplane` to share one loaded
+    SockProxyDataplane between services; otherwise the engine loads (and unloads) its own,
+    sized for max_sockets spliced sockets (two per connection).
+    """
+
+    def __init__(
+        self,
+        listen_host: str,
+        listen_port: int,
+        pick_backend: PickBackend,
+        service_id: int,
+        *,
+        mode: RequestedMode = "auto",
+        dataplane: SockProxyDataplane | None = None,
+        connect_timeout: float = 5.0,
+        backlog: int = 1024,
+        max_sockets: int = SP_MAX_SOCKETS,
+    ) -> None:
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.pick_backend = pick_backend
+        self.service_id = service_id
+        self.requested_mode = mode
+        self.connect_timeout = connect_timeout
+        self.backlog = backlog
+        self.max_sockets = max_sockets
+        self._dataplane = dataplane
+        self._owns_dataplane = False
+        self._mode: Mode | None = None
+        self.fallback_reason: str | None = None
+        self._relay_counters = RelayCounters()
+        self._local_conns = _LocalConns()
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._epoll: select.epoll | None = None
+        self._hup_waiters: dict[int, asyncio.Future[int]] = {}
+
+    # --- public API ------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        if self._mode is None:
+            raise EngineError("engine not started")
+        return self._mode
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (useful with listen_port=0)."""
+        if self._listener is None:
+            raise EngineError("engine not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def dataplane(self) -> SockProxyDataplane | None:
+        return self._dataplane if self._mode == "sockhash" else None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise EngineError("engine already started")
+        self._mode = self._choose_mode()
+        family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind((self.listen_host, self.listen_port))
+            lsock.listen(self.backlog)
+            lsock.setblocking(False)
+        except OSError as e:
+            lsock.close()
+            self._release_dataplane()
+            raise EngineError(f"service {self.service_id}: cannot listen on "
+                              f"{self.listen_host}:{self.listen_port}: {e}") from e
+        self._listener = lsock
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,),
+                                        name=f"xdpfw-proxy-{self.service_id}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        log.info("service %d: proxy listening on %s:%d in %s mode", self.service_id,
+                 *self.address, self._mode)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, abort open connections, unload an owned dataplane. Idempotent."""
+        if self._thread is None or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+        if self._listener is not None:
+            self._listener.close()
+        self._release_dataplane()
+
+    def counters(self) -> ServiceCounters:
+        to_backend, to_client = self._relay_counters.snapshot()
+        dp = self.dataplane
+        if dp is not None:
+            conns, kernel = dp.conns(self.service_id), dp.traffic(self.service_id)
+        else:
+            conns, kernel = self._local_conns.snapshot(), TrafficCounters()
+        return ServiceCounters(self.service_id, self.mode, conns, kernel, to_backend, to_client)
+
+    def __enter__(self) -> ProxyEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def _choose_mode(self) -> Mode:
+        if self.requested_mode == "userspace":
+            return "userspace"
+        if self._dataplane is None:
+            try:
+                self._dataplane = SockProxyDataplane(max_sockets=self.max_sockets)
+                self._owns_dataplane = True
+            except SockProxyError as e:
+                if self.requested_mode == "sockhash":
+                    raise EngineError(f"service {self.service_id}: sockhash mode "
+                                      f"unavailable: {e}") from e
+                self.fallback_reason = str(e)
+                log.warning("service %d: kernel refused the sockhash proxy (%s); falling back "
+                            "to the user-space relay", self.service_id, str(e).splitlines()[0])
+                return "userspace"
+        self._dataplane.reset_service(self.service_id)
+        return "sockhash"
+
+    def _release_dataplane(self) -> None:
+        if self._owns_dataplane and self._dataplane is not None:
+            self._dataplane.close()
+            self._dataplane = None
+            self._owns_dataplane = False
+
+    def _count(self, **deltas: int) -> None:
+        dp = self.dataplane
+        if dp is not None:
+            dp.add_conns(self.service_id, **deltas)
+        else:
+            self._local_conns.add(**deltas)
+
+    # --- loop thread -----------------------------------------------------------------------
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None and self._listener is not None
+        asyncio.set_event_loop(loop)
+        self._epoll = select.epoll()
+        loop.add_reader(self._epoll.fileno(), self._on_epoll)
+        accept_task = loop.create_task(self._accept_loop(self._listener))
+        self._tasks.add(accept_task)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            loop.close()
+
+    async def _shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as e:  # e.g. EMFILE: keep serving the connections we have
+                log.warning("service %d: accept failed: %s", self.service_id, e)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn, (addr[0], addr[1])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: socket.socket, addr: tuple[str, int]) -> None:
+        self._count(accepted=1, active=1)
+        try:
+            backend = await self._connect_backend(addr)
+            if backend is None:
+                self._count(backend_failures=1)
+                await self._close_refused_client(client)
+                return
+            await self._forward(client, backend)
+        except asyncio.CancelledError:
+            abort(client)
+            raise
+        except Exception:
+            log.exception("service %d: connection from %s:%d failed", self.service_id, *addr)
+            abort(client)
+        finally:
+            self._count(active=-1, closed=1)
+
+    async def _connect_backend(self, addr: tuple[str, int]) -> socket.socket | None:
+        try:
+            host, port = self.pick_backend(addr)
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else (
+                socket.AF_INET)
+        except Exception as e:
+            log.warning("service %d: no backend for %s:%d: %s", self.service_id, *addr, e)
+            return None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)),
+                                   self.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            log.info("service %d: backend %s:%d failed for %s:%d: %s", self.service_id, host,
+                     port, *addr, e or "timeout")
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _close_refused_client(self, client: socket.socket) -> None:
+        """Send FIN, give the client a moment to close its side, then close.
+
+        Closing at once with unread client bytes queued would send a RST instead of a FIN.
+        What the client sent is discarded; it was never forwarded anywhere.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            client.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(REFUSED_CLIENT_LINGER):
+                while await loop.sock_recv(client, 65536):
+                    pass
+        except (OSError, TimeoutError):
+            pass
+        client.close()
+
+    async def _forward(self, client: socket.socket, backend: socket.socket) -> None:
+        dp = self.dataplane
+        if dp is not None:
+            # Baselines before the splice: nothing has been written by us yet, but an active
+            # open counts its SYN in bytes_acked.
+            bases = (_bytes_written(backend), _bytes_written(client))
+            try:
+                pair = dp.splice(self.service_id, client, backend)
+            except SpliceError as e:
+                log.info("service %d: relaying one connection in user space: %s",
+                         self.service_id, e)
+                self._count(relayed_in_userspace=1)
+            else:
+                await self._watch_spliced(client, backend, pair, bases)
+                return
+        await relay_pair(client, backend, self._relay_counters)
+
+    # --- spliced connections ---------------------------------------------------------------
+
+    def _on_epoll(self) -> None:
+        assert self._epoll is not None
+        for fd, events in self._epoll.poll(0):
+            fut = self._hup_waiters.pop(fd, None)
+            if fut is not None and not fut.done():
+                fut.set_result(events)
+
+    async def _wait_hup(self, sock: socket.socket) -> int:
+        """Wait for FIN, RST or close on a spliced socket without reading from it."""
+        assert self._epoll is not None
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._hup_waiters[sock.fileno()] = fut
+        # No EPOLLIN: bytes briefly queued before the verdict runs must not wake us.
+        self._epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLONESHOT)
+        try:
+            return await fut
+        finally:
+            self._hup_waiters.pop(sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(sock.fileno())
+
+    async def _propagate_eof(self, src: socket.socket, dst: socket.socket,
+                             dst_base: int) -> None:
+        events = await self._wait_hup(src)
+        if events & select.EPOLLERR or src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            raise ConnectionAborted("reset")
+        # FIN seen. Every byte before it was read by the stream parser once the receive
+        # queue is empty, but the redirect is asynchronous: wait until the other socket
+        # has taken all of them into its send queue, or a FIN would overtake them.
+        # tcpi_bytes_received counts the FIN's sequence number too, hence the - 1.
+        payload = _bytes_received(src) - 1
+        delay = 0.0005
+        while True:
+            if _is_closed(dst) or (_is_closed(src) and _inq(src) > 0):
+                raise ConnectionAborted("peer closed before the stream was flushed")
+            if _inq(src) == 0 and _bytes_written(dst) - dst_base >= payload:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        dst.shutdown(socket.SHUT_WR)
+
+    async def _watch_spliced(self, client: socket.socket, backend: socket.socket,
+                             pair: SplicedPair, bases: tuple[int, int]) -> None:
+        assert self._dataplane is not None
+        tasks = [
+            asyncio.ensure_future(self._propagate_eof(client, backend, bases[0])),
+            asyncio.ensure_future(self._propagate_eof(backend, client, bases[1])),
+        ]
+        clean = False
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            clean = len(done) == 2 and all(t.exception() is None for t in done)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in (client, backend):
+                if clean:
+                    s.close()
+                else:
+                    abort(s)
+            self._dataplane.unsplice(pair)
