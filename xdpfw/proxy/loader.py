@@ -141,7 +141,7 @@ class SockProxyDataplane:
                 ct.set_errno(0)
                 with capture_fd2() as out:
                     try:
-                        self._fns[name] = self.bpf.load_func(name, BPF.SK_SKB)
+                        self._fns[name] = self.bpf.load_func(name.encode(), BPF.SK_SKB)
                     except Exception as e:
                         failure, err = e, ct.get_errno() or None
                 if failure is not None:
