@@ -17,7 +17,7 @@ LO_IFINDEX = 1  # BPF_PROG_TEST_RUN packets arrive on lo unless ctx says otherwi
 TEST_CAPACITY = dict(max_rules=65_536, max_port_rules=4096, max_ifaces=16)
 
 
-def test_program_config(tmp_name: str | None = None) -> ProgramConfig:
+def isolated_program_config(tmp_name: str | None = None) -> ProgramConfig:
     return ProgramConfig(pin_dir=f"/sys/fs/bpf/xdpfw-test-{tmp_name or uuid.uuid4().hex[:8]}",
                          **TEST_CAPACITY)
 
@@ -33,7 +33,7 @@ def firewall(tmp_path_factory):
     require_kernel()
     from xdpfw.service import Firewall
 
-    cfg = test_program_config()
+    cfg = isolated_program_config()
     fw = Firewall(tmp_path_factory.mktemp("state"), cfg)
     yield fw
     fw.close()
