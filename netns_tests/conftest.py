@@ -1,0 +1,132 @@
+"""Fixtures for end-to-end tests: a real `xdpfw serve` daemon and veth topologies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import require_kernel
+from xdpfw import netns as nsutil
+
+XDPFW = [sys.executable, "-m", "xdpfw"]
+
+
+@dataclass
+class Daemon:
+    """`xdpfw serve` in a subprocess with its own socket, state and pins."""
+
+    workdir: Path
+    pin_dir: str
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> str:
+        return str(self.workdir / "api.sock")
+
+    def argv(self) -> list[str]:
+        return [*XDPFW, "serve", "--socket", self.socket, "--state-dir",
+                str(self.workdir / "state"), "--bpffs-dir", self.pin_dir,
+                "--max-rules", "65536"]
+
+    def start(self, timeout: float = 60.0) -> None:
+        log = self.workdir / f"serve-{self.starts}.log"
+        self.logs.append(str(log))
+        self.starts += 1
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"xdpfw serve exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.client().get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"xdpfw serve did not answer within {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=self.socket), base_url="http://xdpfw", timeout=30
+        )
+
+    def log(self) -> str:
+        return "".join(Path(p).read_text()[-3000:] for p in self.logs if os.path.exists(p))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    require_kernel()
+    d = Daemon(tmp_path_factory.mktemp("xdpfw"), f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}")
+    d.start()
+    yield d
+    d.stop()
+    shutil.rmtree(d.pin_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """client ns --veth-- server ns; the server end is what the firewall guards."""
+
+    client: str
+    server: str
+    client_if: str = "cli0"
+    server_if: str = "srv0"
+    client4: str = "10.201.0.1"
+    server4: str = "10.201.0.2"
+    client6: str = "fd20::1"
+    server6: str = "fd20::2"
+
+
+@pytest.fixture
+def pair(make_netns) -> Pair:
+    p = Pair(make_netns("cli"), make_netns("srv"))
+    nsutil.veth_pair(
+        p.client, p.client_if, p.server, p.server_if,
+        (nsutil.Addr(p.client4, 24), nsutil.Addr(p.client6, 64)),
+        (nsutil.Addr(p.server4, 24), nsutil.Addr(p.server6, 64)),
+    )
+    return p
+
+
+@pytest.fixture
+def guarded(daemon, pair):
+    """Attach in a mode chosen by the test (`attach(mode, policy)`); detached at teardown."""
+    api = daemon.client()
+    attached: list[Pair] = []
+
+    def attach(mode: str = "native", policy: str = "pass", **extra) -> dict:
+        r = api.post("/api/v1/interfaces", json={
+            "name": pair.server_if, "netns": pair.server, "mode": mode, "policy": policy, **extra})
+        assert r.status_code in (200, 201), r.text
+        attached.append(pair)
+        return r.json()
+
+    yield attach
+    for p in attached[:1]:
+        api.delete(f"/api/v1/interfaces/{p.server_if}", params={"netns": p.server})
+    for rule in api.get("/api/v1/rules", params={"limit": 10000}).json()["items"]:
+        api.delete(f"/api/v1/rules/{rule['id']}")
