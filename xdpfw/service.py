@@ -7,17 +7,20 @@ either takes full effect and is on disk, or changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
+import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from xdpfw.dataplane import abi
-from xdpfw.dataplane.attach import Mode, attach, detach, link_info, where
+from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
 from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
+from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
 from xdpfw.errors import ConflictError, MapFullError, NotFoundError
 from xdpfw.rules.compile import Changes, RuleIndex
 from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
@@ -88,6 +91,9 @@ class Firewall:
         self.index = RuleIndex()
         self.rules: dict[int, Rule] = {}
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
+        # Called with the new program after an upgrade, before the old one is closed.
+        self.program_listeners: list[Callable[[LoadedProgram], None]] = []
+        self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
         self._restore_rules()
         self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
         self.rule_slots = SlotAllocator(
@@ -272,6 +278,65 @@ class Firewall:
         for name, netns in list(self.attachments):
             self.detach_interface(name, netns)
 
+    # -- program --------------------------------------------------------------------------
+
+    def program_info(self) -> ProgInfo:
+        return prog_info(self.program.fd)
+
+    def upgrade(self, source: Path | str | None = None) -> tuple[ProgInfo, ProgInfo]:
+        """Load a new build of the program on the same pinned maps and swap it in on every
+        guarded interface with an expected-program replace, so no packet meets "no program".
+        A build that fails to compile or verify raises (with the log) and changes nothing.
+        Returns (old, new) program info."""
+        with self.lock:
+            cfg = self.config if source is None else dataclasses.replace(
+                self.config, source=Path(source)
+            )
+            new = load_program(cfg)
+            old = self.program
+            swapped: list[Attachment] = []
+            try:
+                for att in self.attachments.values():
+                    self._swap(att, new.fd)
+                    swapped.append(att)
+            except BaseException:
+                for att in swapped:  # put the old build back where the new one went in
+                    try:
+                        self._swap(att, old.fd)
+                    except Exception as e:
+                        log.error("rollback on %s failed: %s", where(*att_key(att)), e)
+                new.close()
+                raise
+            infos = (prog_info(old.fd), prog_info(new.fd))
+            self.program, self.maps = new, FirewallMaps(new)
+            for listener in self.program_listeners:
+                listener(new)
+            old.close()
+            log.info("program upgraded: id %d -> %d on %d interfaces", infos[0].id,
+                     infos[1].id, len(swapped))
+            return infos
+
+    def _swap(self, att: Attachment, new_fd: int) -> None:
+        name, netns = att_key(att)
+        _, mode, prog_id, _ = link_info(name, netns)
+        if prog_id is None or mode is None:  # someone detached it behind our back: re-guard
+            log.warning("%s had no XDP program attached; attaching", where(name, netns))
+            attach(name, netns, new_fd, att.mode_in_use)
+            return
+        expected = prog_fd_by_id(prog_id)
+        try:
+            replace(name, netns, new_fd, expected, mode)
+        finally:
+            os.close(expected)
+
+    def rule_id_of_slot(self, slot: int) -> int | None:
+        """Rule id behind a counter slot (events name the slot). Rebuilt only after a change:
+        every add moves _next_id and every delete shrinks self.rules."""
+        version = (len(self.rules), self._next_id)
+        if self._slot_rules[0] != version:
+            self._slot_rules = (version, {r.slot: r.id for r in list(self.rules.values())})
+        return self._slot_rules[1].get(slot)
+
     # -- stats ----------------------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -304,6 +369,10 @@ class Firewall:
         """Stop the control plane; attached programs and pinned maps keep filtering."""
         self.program.close()
         self.store.close()
+
+
+def att_key(att: Attachment) -> tuple[str, str | None]:
+    return att.record.name, att.record.netns
 
 
 def _describe(s: RuleSpec | Rule) -> str:

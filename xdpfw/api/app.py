@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from xdpfw.api.routes import interfaces, rules, stats
+from xdpfw.api.routes import metrics as metrics_routes
+from xdpfw.api.routes import program as program_routes
 from xdpfw.errors import (
     AttachError,
     BpffsError,
@@ -19,6 +21,7 @@ from xdpfw.errors import (
     RuleValidationError,
     VerifierError,
 )
+from xdpfw.metrics import build_registry
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -35,15 +38,21 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
-def create_app(firewall: Firewall, token: str | None = None) -> FastAPI:
-    """token: required from TCP clients (unix-socket clients are local root by permission)."""
+def create_app(firewall: Firewall, token: str | None = None, events=None) -> FastAPI:
+    """token: required from TCP clients (unix-socket clients are local root by permission).
+    events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503)."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
         description="XDP firewall appliance: source-prefix rules enforced in XDP.",
     )
     app.state.firewall = firewall
+    app.state.events = events
+    app.state.metrics = build_registry(firewall, events)  # other collectors register here
+    app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
     for router in (rules.router, interfaces.router, stats.router):
+        app.include_router(router)
+    for router in (metrics_routes.router, program_routes.router):
         app.include_router(router)
 
     for exc_type, code in ERROR_STATUS:

@@ -22,6 +22,7 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_HW_MODE = 1 << 3
+XDP_FLAGS_REPLACE = 1 << 4  # swap only if IFLA_XDP_EXPECTED_FD is the attached program
 
 
 class Mode(StrEnum):
@@ -65,14 +66,15 @@ def link_info(ifname: str, netns: str | None) -> tuple[int, Mode | None, int | N
     return link["index"], mode, prog_id, kind
 
 
-def _set_xdp(ifname: str, netns: str | None, fd: int, flags: int) -> None:
+def _set_xdp(
+    ifname: str, netns: str | None, fd: int, flags: int, expected_fd: int | None = None
+) -> None:
+    attrs = [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]
+    if expected_fd is not None:
+        attrs.append(("IFLA_XDP_EXPECTED_FD", expected_fd))
     with rtnl(netns) as ip:
         link = _link(ip, ifname, netns)
-        ip.link(
-            "set",
-            index=link["index"],
-            xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]},
-        )
+        ip.link("set", index=link["index"], xdp={"attrs": attrs})
 
 
 def attach(ifname: str, netns: str | None, prog_fd: int, mode: Mode) -> Mode:
@@ -109,6 +111,18 @@ def attach(ifname: str, netns: str | None, prog_fd: int, mode: Mode) -> Mode:
             f"attaching XDP to {where(ifname, netns)} in {mode} mode failed: {e}", e.code
         ) from None
     return mode
+
+
+def replace(ifname: str, netns: str | None, new_fd: int, expected_fd: int, mode: Mode) -> None:
+    """Swap the attached program atomically, only if it is still the one behind expected_fd
+    (EEXIST otherwise: someone else replaced it; nothing changed)."""
+    try:
+        _set_xdp(ifname, netns, new_fd, MODE_FLAGS[mode] | XDP_FLAGS_REPLACE, expected_fd)
+    except NetlinkError as e:
+        hint = " (the attached program is not the expected one)" if e.code == errno.EEXIST else ""
+        raise AttachError(
+            f"replacing the XDP program on {where(ifname, netns)} failed: {e}{hint}", e.code
+        ) from None
 
 
 def detach(ifname: str, netns: str | None) -> bool:

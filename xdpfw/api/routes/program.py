@@ -1,0 +1,72 @@
+"""/api/v1/program (which build runs where, upgrade) and /api/v1/shutdown."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from xdpfw.api.deps import FirewallDep
+from xdpfw.dataplane.attach import link_info
+
+router = APIRouter(tags=["program"])
+
+
+class ProgramPublic(BaseModel):
+    id: int
+    tag: str
+    source: str
+    interfaces: list[dict] = Field(description="per guarded interface: the program id attached")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = Field(
+        None, description="C source to build instead of the installed xdpfw.c (a file on the box)"
+    )
+
+
+class ReloadResult(BaseModel):
+    old_id: int
+    new_id: int
+    interfaces: int
+
+
+class ShutdownRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    detach: bool = Field(
+        False, description="also detach every interface and remove the pinned maps"
+    )
+
+
+@router.get("/api/v1/program", response_model=ProgramPublic)
+def program(fw: FirewallDep) -> ProgramPublic:
+    info = fw.program_info()
+    ifaces = []
+    for att in list(fw.attachments.values()):
+        _, mode, prog_id, _ = link_info(att.record.name, att.record.netns)
+        ifaces.append({"name": att.record.name, "netns": att.record.netns,
+                       "mode": mode, "prog_id": prog_id, "current": prog_id == info.id})
+    return ProgramPublic(id=info.id, tag=info.tag, source=str(fw.program.config.source),
+                         interfaces=ifaces)
+
+
+@router.post("/api/v1/program/reload", response_model=ReloadResult)
+async def reload_program(fw: FirewallDep, body: ReloadRequest | None = None) -> ReloadResult:
+    """Build and load the program again (a new version after an upgrade of the package) and
+    swap it in atomically on every guarded interface, on the same pinned maps. A build the
+    verifier rejects leaves the running one in place; the error carries the verifier log."""
+    source = body.source if body else None
+    old, new = await run_in_threadpool(fw.upgrade, source)
+    return ReloadResult(old_id=old.id, new_id=new.id, interfaces=len(fw.attachments))
+
+
+@router.post("/api/v1/shutdown", status_code=202)
+def shutdown(request: Request, body: ShutdownRequest | None = None) -> dict:
+    """Stop the control plane. The data plane keeps guarding unless `detach` is true."""
+    stop = request.app.state.shutdown
+    if stop is None:
+        raise HTTPException(503, "this API is not run by `xdpfw serve`: nothing to shut down")
+    detach = bool(body and body.detach)
+    stop(detach)
+    return {"stopping": True, "detach": detach}

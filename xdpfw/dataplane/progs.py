@@ -1,0 +1,65 @@
+"""Program identity through the bpf() syscall: id and tag of a loaded program, fd from an id.
+
+The id is what `ip link` and bpftool show; an upgrade compares ids, and replaces the attached
+program only if it is still the one expected (XDP_FLAGS_REPLACE needs its fd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+SYS_BPF = 321  # x86_64
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _GetFdAttr(ctypes.Structure):
+    _fields_ = (("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("flags", ctypes.c_uint32))
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = (
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    )
+
+
+class _ProgInfoHead(ctypes.Structure):
+    """The first fields of struct bpf_prog_info; the kernel fills only info_len bytes."""
+
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+    )
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    tag: str  # hex, as bpftool prints it
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    rc = _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = _ProgInfoHead()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading program info of fd {fd}")
+    return ProgInfo(info.id, bytes(info.tag).hex())
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new fd for a loaded program; the caller closes it."""
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetFdAttr(id=prog_id), f"opening program id {prog_id}")
