@@ -14,7 +14,11 @@ from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.dataplane.testrun import test_run
 
 LO_IFINDEX = 1  # BPF_PROG_TEST_RUN packets arrive on lo unless ctx says otherwise
-TEST_CAPACITY = dict(max_rules=65_536, max_port_rules=4096, max_ifaces=16)
+TEST_CAPACITY = dict(
+    max_rules=65_536, max_port_rules=4096, max_ifaces=16,
+    # Load balancer: a small prime table keeps tests fast (production uses 65537).
+    max_services=8, max_backends=64, lb_table_size=251, lb_ct_size=4096, max_cpus=8,
+)
 
 
 def isolated_program_config(tmp_name: str | None = None) -> ProgramConfig:

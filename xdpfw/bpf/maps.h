@@ -33,4 +33,43 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, iface_counters,
 		 MAX_IFACES * XDPFW_IFACE_COUNTERS,
 		 PIN("iface_counters"));
 
+/* ---- Load balancer (lb.h). Capacities: MAX_SERVICES, MAX_BACKENDS, LB_TABLE_SIZE, LB_CT_SIZE,
+ * MAX_CPUS (-D flags from ProgramConfig). ---- */
+
+/* BCC's BPF_DEVMAP/BPF_CPUMAP cannot be pinned; this is the same map with a pin path. */
+#define BPF_REDIRECT_MAP_PINNED(_type, _name, _max_entries, _pin) \
+	BPF_XDP_REDIRECT_MAP(_type ":" _pin, int, _name, _max_entries)
+
+/* One entry: how many services exist (0: the LB costs one array lookup) and the global CPU
+ * steering of passing traffic. */
+BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1, PIN("lb_config"));
+
+/* Virtual services by VIP, port and protocol. */
+BPF_TABLE_PINNED("hash", struct lb_vip, struct lb_service, lb_services, MAX_SERVICES,
+		 PIN("lb_services"));
+
+/* Maglev lookup tables, one row of LB_TABLE_SIZE (a prime) per service slot: backend slots. */
+BPF_TABLE_PINNED("array", __u32, __u32, lb_tables, MAX_SERVICES * LB_TABLE_SIZE,
+		 PIN("lb_tables"));
+
+/* Backends by slot: the MACs to write and the egress port. */
+BPF_TABLE_PINNED("array", __u32, struct lb_backend, lb_backends, MAX_BACKENDS,
+		 PIN("lb_backends"));
+
+/* Connection tracking: flow -> backend, so a flow keeps its backend when tables change. */
+BPF_TABLE_PINNED("lru_hash", struct lb_flow, struct lb_ct, lb_conntrack, LB_CT_SIZE,
+		 PIN("lb_conntrack"));
+
+/* Egress interfaces of redirect-mode backends: port slot -> ifindex. */
+BPF_REDIRECT_MAP_PINNED("devmap", tx_ports, MAX_IFACES, PIN("tx_ports"));
+
+/* One entry per CPU (value: queue size) for cpu_steer. */
+BPF_REDIRECT_MAP_PINNED("cpumap", cpu_map, MAX_CPUS, PIN("cpu_map"));
+
+/* Packets/bytes per service (forwarded, no backend) and per backend slot. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_service_counters,
+		 MAX_SERVICES * XDPFW_LB_SVC_COUNTERS, PIN("lb_service_counters"));
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_backend_counters, MAX_BACKENDS,
+		 PIN("lb_backend_counters"));
+
 #endif /* XDPFW_MAPS_H */

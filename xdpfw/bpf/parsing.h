@@ -38,6 +38,9 @@ struct packet {
 	__u8 icmp_type;
 	__u8 frag_tail;  /* a non-first fragment: no L4 header at all */
 	__u8 saddr[16];  /* be: 4 bytes for IPv4, 16 for IPv6 */
+	__u8 daddr[16];  /* be: as saddr (the load balancer matches it against VIPs) */
+	__u16 sport;     /* be: valid with has_ports (the load balancer's flow key) */
+	__u8 pad[2];
 };
 
 struct vlan_hdr {
@@ -81,6 +84,7 @@ static __always_inline int parse_iphdr(struct cursor *c, struct packet *p)
 	if (c->pos + hlen > c->end)
 		return -1;
 	__builtin_memcpy(p->saddr, &iph->saddr, 4);
+	__builtin_memcpy(p->daddr, &iph->daddr, 4);
 	c->pos += hlen;
 	p->l4_proto = iph->protocol;
 	/* Non-first fragments carry no L4 header: match by protocol only. */
@@ -96,6 +100,7 @@ static __always_inline int parse_ipv6hdr(struct cursor *c, struct packet *p)
 	if (ip6->version != 6)
 		return -1;
 	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 	c->pos = ip6 + 1;
 	__u8 nexthdr = ip6->nexthdr;
 
@@ -136,7 +141,7 @@ static __always_inline int parse_ipv6hdr(struct cursor *c, struct packet *p)
 	return -1;
 }
 
-/* Reads the destination port (TCP/UDP) or ICMP type. Returns 0, or -1 if truncated. */
+/* Reads the ports (TCP/UDP) or ICMP type. Returns 0, or -1 if truncated. */
 static __always_inline int parse_l4(struct cursor *c, struct packet *p)
 {
 	if (p->frag_tail)
@@ -147,6 +152,7 @@ static __always_inline int parse_l4(struct cursor *c, struct packet *p)
 		if ((void *)(th + 1) > c->end || th->doff < 5)
 			return -1;
 		p->dport = th->dest;
+		p->sport = th->source;
 		p->has_ports = 1;
 		return 0;
 	}
@@ -155,6 +161,7 @@ static __always_inline int parse_l4(struct cursor *c, struct packet *p)
 		if ((void *)(uh + 1) > c->end)
 			return -1;
 		p->dport = uh->dest;
+		p->sport = uh->source;
 		p->has_ports = 1;
 		return 0;
 	}

@@ -1,7 +1,8 @@
 /* xdpfw.c: the XDP firewall entry point.
  *
  * parse -> look the source prefix up (LPM) -> refine by proto/port when the prefix has such
- * rules -> else the interface policy -> count and return. Every verdict leaves through
+ * rules -> else the interface policy -> passing packets go to the load balancer (lb.h) ->
+ * count and return. Every verdict leaves through
  * record(), so every packet is counted once per reason, rule and interface.
  */
 #include <uapi/linux/bpf.h>
@@ -23,6 +24,7 @@ struct frag_hdr {
 #include "xdpfw_abi.h"
 #include "maps.h"
 #include "parsing.h"
+#include "lb.h"
 
 #define ICMPV6_ND_FIRST 133 /* router solicitation .. redirect: neighbour discovery */
 #define ICMPV6_ND_LAST  137
@@ -124,12 +126,12 @@ int xdpfw_main(struct xdp_md *ctx)
 	case XDPFW_ACT_DROP:
 		return record(ctx, cfg, XDPFW_REASON_RULE_DROP, slot, XDP_DROP);
 	case XDPFW_ACT_PASS:
-		return record(ctx, cfg, XDPFW_REASON_RULE_PASS, slot, XDP_PASS);
+		return record(ctx, cfg, XDPFW_REASON_RULE_PASS, slot, lb_forward(ctx, &p));
 	}
 
 	/* No rule decided: the interface policy does. */
 	if (!cfg || cfg->policy != XDPFW_POLICY_DROP)
-		return record(ctx, cfg, XDPFW_REASON_POLICY_PASS, slot, XDP_PASS);
+		return record(ctx, cfg, XDPFW_REASON_POLICY_PASS, slot, lb_forward(ctx, &p));
 	if (is_l2_control(&p) && !(cfg->flags & XDPFW_IFF_GUARD_L2))
 		return record(ctx, cfg, XDPFW_REASON_L2_EXEMPT, slot, XDP_PASS);
 	return record(ctx, cfg, XDPFW_REASON_POLICY_DROP, slot, XDP_DROP);

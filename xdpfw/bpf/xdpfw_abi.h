@@ -90,4 +90,77 @@ struct counter {
 	__u64 bytes;
 };
 
+/* ---- L4 load balancer (xdpfw/bpf/lb.h; control plane xdpfw/lb/service.py) ---- */
+
+/* struct lb_service.fwd: how a service's packets leave the appliance. */
+#define XDPFW_LB_FWD_TX       0 /* direct server return, same L2: new dst MAC, XDP_TX */
+#define XDPFW_LB_FWD_REDIRECT 1 /* backend behind another NIC: new MACs, XDP_REDIRECT (tx_ports) */
+
+#define XDPFW_LB_NO_BACKEND     0xffffffff /* lb_tables entry when no backend is usable */
+#define XDPFW_LB_MAX_STEER_CPUS 8          /* a power of two: the index is masked with it - 1 */
+
+/* struct lb_backend.flags */
+#define XDPFW_LB_BE_LIVE 0x1 /* the slot holds a backend (conntrack may keep flows on it) */
+
+/* lb_service_counters index: service slot * XDPFW_LB_SVC_COUNTERS + XDPFW_LB_SVC_*. */
+#define XDPFW_LB_SVC_FORWARDED  0 /* sent to a backend (or steered to a CPU) */
+#define XDPFW_LB_SVC_NO_BACKEND 1 /* dropped: the service has no usable backend */
+#define XDPFW_LB_SVC_COUNTERS   2
+
+/* Key of lb_services: a virtual service. */
+struct lb_vip {
+	__u8 addr[16]; /* be: IPv4 in the first 4 bytes, the rest zero */
+	__u16 port;    /* be */
+	__u8 proto;    /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;   /* 4 or 6 */
+};
+
+/* CPUs (keys of cpu_map) that packets are spread over, by flow hash, for stack processing. */
+struct lb_steer {
+	__u32 count; /* 0: no steering */
+	__u32 cpus[XDPFW_LB_MAX_STEER_CPUS];
+};
+
+/* Value of lb_services. */
+struct lb_service {
+	__u32 slot;  /* host order: row of lb_tables, index base of lb_service_counters */
+	__u8 fwd;    /* XDPFW_LB_FWD_* */
+	__u8 pad[3];
+	struct lb_steer steer; /* count > 0: hand to the stack on these CPUs instead of a backend */
+};
+
+/* Value of lb_config[0]. */
+struct lb_config {
+	__u32 services;        /* entries in lb_services; 0 skips the service lookup */
+	struct lb_steer steer; /* passing traffic of no service: spread over these CPUs */
+};
+
+/* Value of lb_backends, indexed by backend slot. */
+struct lb_backend {
+	__u8 dmac[6];   /* the backend's MAC (its next hop's when routed) */
+	__u8 smac[6];   /* MAC of the egress interface (redirect mode) */
+	__u32 tx_port;  /* host order: key of tx_ports (redirect mode) */
+	__u32 gen;      /* host order: changes when the slot gets another backend */
+	__u8 flags;     /* XDPFW_LB_BE_* */
+	__u8 pad[3];
+};
+
+/* Key of lb_conntrack: a flow, as the client sent it. */
+struct lb_flow {
+	__u8 saddr[16]; /* be */
+	__u8 daddr[16]; /* be: the VIP */
+	__u16 sport;    /* be */
+	__u16 dport;    /* be */
+	__u8 proto;
+	__u8 family;    /* 4 or 6 */
+	__u8 pad[2];
+};
+
+/* Value of lb_conntrack. */
+struct lb_ct {
+	__u32 backend;   /* host order: backend slot */
+	__u32 gen;       /* lb_backend.gen when chosen: another generation means the flow is stale */
+	__u64 last_seen; /* bpf_ktime_get_ns(), refreshed at most once a second */
+};
+
 #endif /* XDPFW_ABI_H */

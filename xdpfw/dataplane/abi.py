@@ -92,6 +92,75 @@ class Counter(ctypes.Structure):
     _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
 
 
+# -- load balancer ----------------------------------------------------------------------
+
+LB_FWD_TX = 0
+LB_FWD_REDIRECT = 1
+LB_NO_BACKEND = 0xFFFFFFFF
+LB_MAX_STEER_CPUS = 8
+LB_BE_LIVE = 0x1
+LB_SVC_FORWARDED = 0
+LB_SVC_NO_BACKEND = 1
+LB_SVC_COUNTERS = 2
+
+
+class LbVip(ctypes.Structure):
+    _fields_ = (
+        ("addr", ctypes.c_uint8 * 16),  # network order
+        ("port", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+    )
+
+
+class LbSteer(ctypes.Structure):
+    _fields_ = (("count", ctypes.c_uint32), ("cpus", ctypes.c_uint32 * LB_MAX_STEER_CPUS))
+
+
+class LbService(ctypes.Structure):
+    _fields_ = (
+        ("slot", ctypes.c_uint32),
+        ("fwd", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("steer", LbSteer),
+    )
+
+
+class LbConfig(ctypes.Structure):
+    _fields_ = (("services", ctypes.c_uint32), ("steer", LbSteer))
+
+
+class LbBackend(ctypes.Structure):
+    _fields_ = (
+        ("dmac", ctypes.c_uint8 * 6),
+        ("smac", ctypes.c_uint8 * 6),
+        ("tx_port", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class LbFlow(ctypes.Structure):
+    _fields_ = (
+        ("saddr", ctypes.c_uint8 * 16),  # network order
+        ("daddr", ctypes.c_uint8 * 16),  # network order
+        ("sport", ctypes.c_uint16),  # network order
+        ("dport", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    )
+
+
+class LbCt(ctypes.Structure):
+    _fields_ = (
+        ("backend", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("last_seen", ctypes.c_uint64),
+    )
+
+
 # Which ctypes mirror is the key/value of which map (checked against BCC in tests/test_abi.py).
 MAP_TYPES: dict[str, tuple[type, type]] = {
     "rules_v4": (LpmV4Key, PrefixVerdict),
@@ -101,4 +170,13 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "rule_counters": (ctypes.c_uint32, Counter),
     "reason_counters": (ctypes.c_uint32, Counter),
     "iface_counters": (ctypes.c_uint32, Counter),
+    "lb_config": (ctypes.c_uint32, LbConfig),
+    "lb_services": (LbVip, LbService),
+    "lb_tables": (ctypes.c_uint32, ctypes.c_uint32),
+    "lb_backends": (ctypes.c_uint32, LbBackend),
+    "lb_conntrack": (LbFlow, LbCt),
+    "tx_ports": (ctypes.c_uint32, ctypes.c_int32),
+    "cpu_map": (ctypes.c_uint32, ctypes.c_int32),
+    "lb_service_counters": (ctypes.c_uint32, Counter),
+    "lb_backend_counters": (ctypes.c_uint32, Counter),
 }

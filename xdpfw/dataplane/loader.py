@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ class ProgramConfig:
     max_rules: int = 2_097_152  # per family; also the number of per-rule counter slots
     max_port_rules: int = 65_536
     max_ifaces: int = 256
+    # Load balancer: Maglev table size per service (a prime; >= 65537 in production).
+    max_services: int = 64
+    max_backends: int = 4096
+    lb_table_size: int = 65_537
+    lb_ct_size: int = 262_144  # conntrack flows (LRU)
+    lb_ct_timeout_s: int = 300  # an idle flow is re-balanced after this
+    max_cpus: int = 64  # cpu_map entries (cpu_steer)
     source: Path = BPF_DIR / "xdpfw.c"
     extra_cflags: tuple[str, ...] = ()
 
@@ -41,6 +49,12 @@ class ProgramConfig:
             f"-DMAX_RULES={self.max_rules}",
             f"-DMAX_PORT_RULES={self.max_port_rules}",
             f"-DMAX_IFACES={self.max_ifaces}",
+            f"-DMAX_SERVICES={self.max_services}",
+            f"-DMAX_BACKENDS={self.max_backends}",
+            f"-DLB_TABLE_SIZE={self.lb_table_size}",
+            f"-DLB_CT_SIZE={self.lb_ct_size}",
+            f"-DLB_CT_TIMEOUT_NS={self.lb_ct_timeout_s * 1_000_000_000}ULL",
+            f"-DMAX_CPUS={self.max_cpus}",
             *self.extra_cflags,
         ]
 
@@ -106,13 +120,43 @@ class LoadedProgram:
         self.bpf.cleanup()
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
+
+
+def inline_local_headers(source: Path, seen: set[Path] | None = None) -> str:
+    """The program text with our own `#include "x.h"` (files next to it) spliced in.
+
+    BCC rewrites map calls (`map.lookup(...)`) only in the main file it compiles, so headers
+    that touch maps (lb.h) must reach it as part of that file. `#line` markers keep clang's
+    and the verifier's messages pointing at the real file and line. Each header goes in once
+    (they all have include guards).
+    """
+    seen = set() if seen is None else seen
+    text = source.read_text()
+    out: list[str] = []
+    pos = 0
+    for m in _LOCAL_INCLUDE.finditer(text):
+        header = source.parent / m.group(1)
+        if not header.is_file():
+            continue
+        line = text.count("\n", 0, m.end()) + 1
+        out.append(text[pos : m.start()])
+        if header.resolve() not in seen:
+            seen.add(header.resolve())
+            out.append(f'#line 1 "{header}"\n{inline_local_headers(header, seen)}\n')
+        out.append(f'#line {line + 1} "{source}"\n')
+        pos = m.end() + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgram:
     from bcc import BPF  # Only this module imports BCC.
 
     ensure_pin_dir(config.pin_dir)
     with captured_stderr() as clang_out:
         try:
-            bpf = BPF(src_file=str(config.source).encode(), cflags=config.cflags())
+            bpf = BPF(text=inline_local_headers(config.source).encode(), cflags=config.cflags())
         except Exception as e:  # BCC raises bare Exception
             bpf = None
             err = e
