@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
@@ -31,18 +32,14 @@ log = logging.getLogger(__name__)
 POLICY_CODE = {"pass": abi.POLICY_PASS, "drop": abi.POLICY_DROP}
 
 
-@dataclass(frozen=True)
-class RuleSpec:
-    """A validated rule that has no id or counter slot yet."""
+class RuleSpec(NamedTuple):
+    """A rule that has no id or counter slot yet; add_rules validates its match."""
 
     prefix: Prefix
     action: Action
     proto: Proto | None = None
     dport: int | None = None
     comment: str = ""
-
-    def __post_init__(self) -> None:
-        check_match(self.proto, self.dport)
 
 
 @dataclass(frozen=True)
@@ -145,17 +142,7 @@ class Firewall:
     def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
         """Add rules, all or nothing."""
         with self.lock:
-            seen: set[tuple] = set()
-            for s in specs:
-                key = (s.prefix, s.proto, s.dport)
-                existing = self.index.find(*key)
-                if existing is not None:
-                    raise ConflictError(
-                        f"a rule for {_describe(s)} exists already (id {existing.id})"
-                    )
-                if key in seen:
-                    raise ConflictError(f"{_describe(s)} appears twice in this request")
-                seen.add(key)
+            self._check_new(specs)
             slots = self.rule_slots.take(len(specs), "rules")
             first_id = self._next_id
             rules = [
@@ -165,16 +152,42 @@ class Firewall:
             changes = self.index.add(rules)
             try:
                 with self.store.transaction():
-                    self.store.insert_rules(rules)
-                    self.maps.reset_rule_counters(slots)
-                    self.maps.apply(changes)
+                    # The map writes (mostly syscalls, which release the GIL) overlap the
+                    # SQLite insert; both must succeed before the commit.
+                    writer = _Background(self._write_new_rules, slots, changes)
+                    try:
+                        self.store.insert_rules(rules)
+                    finally:
+                        writer.join()  # never roll back under a writer still running
+                    writer.result()
             except BaseException:
                 self.maps.apply(self.index.remove(rules))
                 self.rule_slots.give(slots)
                 raise
             self._next_id = first_id + len(rules)
-            self.rules.update((r.id, r) for r in rules)
+            self.rules.update(zip(range(first_id, first_id + len(rules)), rules, strict=True))
             return rules
+
+    def _check_new(self, specs: Sequence[RuleSpec]) -> None:
+        any_rules = self.index.any_rules
+        seen: set = set()
+        for s in specs:
+            if s.proto is None and s.dport is None:
+                key, existing = s.prefix, any_rules.get(s.prefix)
+            else:
+                check_match(s.proto, s.dport)
+                key = (s.prefix, s.proto, s.dport)
+                existing = self.index.find(*key)
+            if existing is not None:
+                msg = f"a rule for {_describe(s)} exists already (id {existing.id})"
+                raise ConflictError(msg)
+            if key in seen:
+                raise ConflictError(f"{_describe(s)} appears twice in this request")
+            seen.add(key)
+
+    def _write_new_rules(self, slots: list[int], changes: Changes) -> None:
+        self.maps.reset_rule_counters(slots)
+        self.maps.apply(changes)
 
     def delete_rule(self, rule_id: int) -> Rule:
         with self.lock:
@@ -373,6 +386,30 @@ class Firewall:
 
 def att_key(att: Attachment) -> tuple[str, str | None]:
     return att.record.name, att.record.netns
+
+
+class _Background:
+    """Run fn(*args) in a thread; result() joins it and re-raises what it raised."""
+
+    def __init__(self, fn, *args) -> None:
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as e:
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="xdpfw-map-writer")
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _describe(s: RuleSpec | Rule) -> str:

@@ -32,15 +32,6 @@ PortKey = tuple[int, int, int]  # (port set, ip proto, dport)
 
 
 @dataclass
-class Node:
-    any: Rule | None = None
-    ports: dict[PortMatch, Rule] = field(default_factory=dict)
-
-    def empty(self) -> bool:
-        return self.any is None and not self.ports
-
-
-@dataclass
 class Changes:
     """Map writes that take the data plane from the previous compiled state to the new one."""
 
@@ -64,128 +55,144 @@ def port_match(rule: Rule) -> PortMatch | None:
 
 
 class RuleIndex:
-    """The rules, indexed by prefix, and what is currently compiled into the maps."""
+    """The rules, indexed by prefix, and what is currently compiled into the maps.
+
+    Plain prefix rules (the bulk of any blocklist) live in one flat dict and compile to one
+    tuple each; only prefixes with proto/port rules take the general path.
+    """
 
     def __init__(self) -> None:
-        self.nodes: dict[Prefix, Node] = {}
-        self.port_only: set[Prefix] = set()
-        self.by_match: dict[tuple, Rule] = {}
+        self.any_rules: dict[Prefix, Rule] = {}
+        self.port_rules: dict[Prefix, dict[PortMatch, Rule]] = {}
+        self.port_only: set[Prefix] = set()  # prefixes with port rules and no "any" rule
+        self._count = 0
         # Compiled state: what the maps hold now.
         self.prefix_values: dict[Prefix, PrefixValue] = {}
         self.port_entries: dict[Prefix, dict[PortMatch, Verdict]] = {}
         self.port_set_ids: dict[Prefix, int] = {}
         self._free_sets: list[int] = []
         self._next_set = 1
+        self._freed: list[int] = []
 
     def __len__(self) -> int:
-        return len(self.by_match)
+        return self._count
 
     def find(self, prefix: Prefix, proto, dport) -> Rule | None:
-        return self.by_match.get((prefix, proto, dport))
+        if proto is None:
+            return self.any_rules.get(prefix)
+        table = self.port_rules.get(prefix)
+        return table.get((ip_proto(proto, prefix.family), dport or 0)) if table else None
 
     # -- mutation ---------------------------------------------------------------------------
 
     def add(self, rules: Iterable[Rule]) -> Changes:
-        touched: set[Prefix] = set()
+        touched: list[Prefix] = []
+        any_rules, port_only = self.any_rules, self.port_only
         for rule in rules:
-            node = self.nodes.get(rule.prefix)
-            if node is None:
-                node = self.nodes[rule.prefix] = Node()
-            pm = port_match(rule)
-            if pm is None:
-                node.any = rule
+            p = rule.prefix
+            if rule.proto is None:
+                any_rules[p] = rule
+                if port_only:
+                    port_only.discard(p)
             else:
-                node.ports[pm] = rule
-            self.by_match[rule.match_key] = rule
-            self._classify(rule.prefix, node)
-            touched.add(rule.prefix)
+                table = self.port_rules.get(p)
+                if table is None:
+                    table = self.port_rules[p] = {}
+                table[port_match(rule)] = rule
+                if p not in any_rules:
+                    port_only.add(p)
+            touched.append(p)
+        self._count += len(touched)
         return self._recompile(touched)
 
     def remove(self, rules: Iterable[Rule]) -> Changes:
-        touched: set[Prefix] = set()
+        touched: list[Prefix] = []
         for rule in rules:
-            node = self.nodes[rule.prefix]
-            pm = port_match(rule)
-            if pm is None:
-                node.any = None
+            p = rule.prefix
+            if rule.proto is None:
+                del self.any_rules[p]
+                if p in self.port_rules:
+                    self.port_only.add(p)
             else:
-                del node.ports[pm]
-            del self.by_match[rule.match_key]
-            if node.empty():
-                del self.nodes[rule.prefix]
-                self.port_only.discard(rule.prefix)
-            else:
-                self._classify(rule.prefix, node)
-            touched.add(rule.prefix)
+                table = self.port_rules[p]
+                del table[port_match(rule)]
+                if not table:
+                    del self.port_rules[p]
+                    self.port_only.discard(p)
+            touched.append(p)
+        self._count -= len(touched)
         return self._recompile(touched)
-
-    def _classify(self, prefix: Prefix, node: Node) -> None:
-        if node.any is None and node.ports:
-            self.port_only.add(prefix)
-        else:
-            self.port_only.discard(prefix)
 
     # -- compilation ------------------------------------------------------------------------
 
-    def _affected(self, touched: set[Prefix]) -> set[Prefix]:
+    def _affected(self, touched: list[Prefix]) -> Iterable[Prefix]:
+        if not self.port_only:
+            return touched
         affected = set(touched)
-        if self.port_only:
-            for p in touched:
-                affected.update(q for q in self.port_only if p.contains(q))
+        for p in touched:
+            affected.update(q for q in self.port_only if p.contains(q))
         return affected
 
-    def _chain(self, prefix: Prefix, node: Node) -> list[Node]:
-        """The nodes whose rules can decide for packets that land on `prefix`, longest first."""
-        chain = [node]
-        if node.any is None:
+    def _chain(self, prefix: Prefix) -> list[Prefix]:
+        """The prefixes whose rules can decide for packets that land on `prefix`, longest
+        first: up to and including the nearest one with an "any" rule."""
+        chain = [prefix]
+        if prefix not in self.any_rules:
             for parent in prefix.parent_candidates():
-                n = self.nodes.get(parent)
-                if n is not None:
-                    chain.append(n)
-                    if n.any is not None:
-                        break
+                if parent in self.any_rules:
+                    chain.append(parent)
+                    break
+                if parent in self.port_rules:
+                    chain.append(parent)
         return chain
 
     def resolve(self, prefix: Prefix) -> tuple[Verdict | None, dict[PortMatch, Verdict]]:
         """The fallback verdict of `prefix` and its port table, per the semantics above."""
-        node = self.nodes[prefix]
-        if not node.ports and node.any is not None:
-            return _verdict(node.any), {}  # the common case: a plain prefix rule
-        chain = self._chain(prefix, node)
-        fallback = next((n.any for n in chain if n.any is not None), None)
+        chain = self._chain(prefix)
+        anys = [self.any_rules.get(q) for q in chain]
+        ports = [self.port_rules.get(q, {}) for q in chain]
+        fallback = next((a for a in anys if a is not None), None)
         keys: set[PortMatch] = set()
-        for n in chain:
-            keys.update(n.ports)
-        table: dict[PortMatch, Verdict] = {}
+        for table in ports:
+            keys.update(table)
+        result: dict[PortMatch, Verdict] = {}
         for proto, dport in keys:
             winner = None
-            for n in chain:
+            for any_rule, table in zip(anys, ports, strict=True):
                 winner = (
-                    n.ports.get((proto, dport)) or (dport and n.ports.get((proto, 0))) or n.any
+                    table.get((proto, dport)) or (dport and table.get((proto, 0))) or any_rule
                 )
                 if winner is not None:
                     break
             # Omitted entries fall through to the same fallback in the kernel.
             if winner is not None and winner is not fallback:
-                table[(proto, dport)] = _verdict(winner)
-        return (_verdict(fallback) if fallback else None), table
+                result[(proto, dport)] = _verdict(winner)
+        return (_verdict(fallback) if fallback else None), result
 
-    def _recompile(self, touched: set[Prefix]) -> Changes:
+    def _recompile(self, touched: Iterable[Prefix]) -> Changes:
         changes = Changes()
-        self._freed: list[int] = []
+        out = changes.prefixes
+        values = self.prefix_values
+        any_rules, port_rules, port_entries = self.any_rules, self.port_rules, self.port_entries
+        self._freed = []
         for prefix in self._affected(touched):
-            if prefix not in self.nodes:
-                if self.prefix_values.pop(prefix, None) is not None:
+            rule = any_rules.get(prefix)
+            if rule is not None and prefix not in port_rules and prefix not in port_entries:
+                # The common case, kept tight for bulk loads: a plain prefix rule.
+                value = (rule.slot, ACTION_CODE[rule.action], NO_PORT_SET)
+            elif rule is None and prefix not in port_rules:
+                if values.pop(prefix, None) is not None:
                     changes.deleted_prefixes.append(prefix)
                 self._set_ports(prefix, {}, changes)
                 continue
-            fallback, table = self.resolve(prefix)
-            port_set = self._set_ports(prefix, table, changes)
-            slot, action = fallback if fallback else (NO_RULE, ACT_NONE)
-            value = (slot, action, port_set)
-            if self.prefix_values.get(prefix) != value:
-                self.prefix_values[prefix] = value
-                changes.prefixes[prefix] = value
+            else:
+                fallback, table = self.resolve(prefix)
+                port_set = self._set_ports(prefix, table, changes)
+                slot, action = fallback if fallback else (NO_RULE, ACT_NONE)
+                value = (slot, action, port_set)
+            if values.get(prefix) != value:
+                values[prefix] = value
+                out[prefix] = value
         # Freed only now: reusing a set id within one batch would clash with its queued deletes.
         self._free_sets.extend(self._freed)
         return changes
