@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo-down", help="remove the demo namespaces")
     d.set_defaults(func=_demo_down)
+
+    from xdpfw.commands import add_commands  # the operator's commands (talk to the daemon)
+
+    add_commands(sub)
     return p
 
 
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except XdpfwError as e:
+        print(f"xdpfw: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file the command was given: one line, not a traceback
         print(f"xdpfw: {e}", file=sys.stderr)
         return 1
 

@@ -19,19 +19,33 @@
     policy = "pass"                  # pass | drop: packets no rule decides
     unparsed_policy = "pass"         # pass | drop: packets the parser cannot read
     guard_l2 = false                 # true: a drop policy drops ARP/ND too
+
+    [events]
+    sample_rate = 100                # 1 in N dropped packets is sent to `xdpfw watch`; 0: off
+
+    [[rules]]                        # ensured present at start (the API may add more)
+    prefix = "203.0.113.0/24"
+    action = "drop"                  # drop | pass
+    proto = "tcp"                    # optional: tcp | udp | icmp
+    dport = 22                       # optional, needs proto tcp or udp
+    comment = "ssh scanners"
+
+`xdpfw check-config FILE` validates a file and names the line of each mistake.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xdpfw.dataplane.attach import Mode
-from xdpfw.errors import XdpfwError
+from xdpfw.errors import RuleValidationError, XdpfwError
+from xdpfw.rules.model import Action, Proto, check_match, parse_prefix
 
 Policy = Literal["pass", "drop"]
 
@@ -82,11 +96,42 @@ class InterfaceConfig(_Strict):
     guard_l2: bool = False
 
 
+class EventsConfig(_Strict):
+    # A flood must not overload the reader: by default 1 drop in 100 becomes an event.
+    sample_rate: int = Field(100, ge=0, le=1 << 30)
+
+
+class RuleConfig(_Strict):
+    prefix: str
+    action: Action = Action.DROP
+    proto: Proto | None = None
+    dport: int | None = None
+    comment: str = Field("", max_length=256)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        try:
+            return str(parse_prefix(v))
+        except RuleValidationError as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _match(self):
+        try:
+            check_match(self.proto, self.dport)
+        except RuleValidationError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
 class AppConfig(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     interfaces: list[InterfaceConfig] = Field(default_factory=list)
+    rules: list[RuleConfig] = Field(default_factory=list)
 
 
 def load_config(path: str | Path | None) -> AppConfig:
@@ -101,7 +146,70 @@ def load_config(path: str | Path | None) -> AppConfig:
     try:
         return AppConfig.model_validate(data)
     except ValidationError as e:
-        lines = [
-            f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        ]
-        raise ConfigError("\n".join(lines)) from None
+        text = Path(path).read_text()
+        raise ConfigError("\n".join(_located(path, text, err) for err in e.errors())) from None
+
+
+def _located(path: str | Path, text: str, err) -> str:
+    loc = tuple(err["loc"])
+    line = line_of(text, loc)
+    where = f"{path}:{line}" if line else str(path)
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("missing", "value_error", "extra_forbidden"):
+        msg += f" (got {err['input']!r})"
+    return f"{where}: {field}: {msg}"
+
+
+_HEADER = re.compile(r"\s*\[\[?\s*([\w.\-]+)\s*\]\]?")
+
+
+def line_of(text: str, loc: tuple) -> int | None:
+    """1-based line of a config item named by a pydantic error location such as
+    ("interfaces", 1, "mode"): the key's line, else its table's header. tomllib keeps no
+    positions, so this walks the usual layouts (tables, arrays of tables, key = value)."""
+    lines = text.splitlines()
+    start, end, found, table = 0, len(lines), None, ""
+    i = 0
+    while i < len(loc):
+        key = str(loc[i])
+        index = loc[i + 1] if i + 1 < len(loc) and isinstance(loc[i + 1], int) else None
+        name = f"{table}.{key}" if table else key
+        headers = [n for n in range(start, end)
+                   if (m := _HEADER.match(lines[n])) and m.group(1) == name]
+        if headers and (index is None or index < len(headers)):
+            h = headers[index or 0]
+            found, start, table = h + 1, h + 1, name
+            end = next((n for n in range(start, end) if _HEADER.match(lines[n])), end)
+            i += 2 if index is not None else 1
+            continue
+        assign = re.compile(rf"\s*{re.escape(key)}\s*=")
+        hit = next((n for n in range(start, end) if assign.match(lines[n])), None)
+        return hit + 1 if hit is not None else found
+    return found
+
+
+def check_config(path: str | Path, interfaces: bool = True) -> AppConfig:
+    """load_config, then what only this box can tell: do the interfaces (and namespaces)
+    exist? Every problem is reported with its line."""
+    from xdpfw import netns as nsutil  # pyroute2: not needed to merely parse a config
+
+    cfg = load_config(path)
+    if not interfaces:
+        return cfg
+    text = Path(path).read_text()
+    problems = []
+    for n, iface in enumerate(cfg.interfaces):
+        line = line_of(text, ("interfaces", n, "name"))
+        where = f"{path}:{line}" if line else str(path)
+        if iface.netns and iface.netns not in nsutil.list_netns():
+            problems.append(f"{where}: interfaces[{n}]: no network namespace {iface.netns!r}")
+            continue
+        try:
+            nsutil.ifindex(iface.netns, iface.name)
+        except LookupError:
+            ns = f"namespace {iface.netns}" if iface.netns else "the host namespace"
+            problems.append(f"{where}: interfaces[{n}]: unknown interface {iface.name!r} in {ns}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import stat
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ import uvicorn
 
 from xdpfw import demo
 from xdpfw.api.app import create_app
-from xdpfw.config import AppConfig, ConfigError
+from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
-from xdpfw.service import Firewall
+from xdpfw.rules.model import parse_prefix
+from xdpfw.service import Firewall, RuleSpec
 
 log = logging.getLogger("xdpfw")
 
@@ -58,6 +60,33 @@ def tcp_listener(addr: str) -> socket.socket:
     return sock
 
 
+def pid_file(cfg: AppConfig) -> Path:
+    return Path(cfg.state.dir) / "xdpfw.pid"
+
+
+def seed_rules(fw: Firewall, rules: list[RuleConfig]) -> int:
+    """Add the config file's rules that the store does not hold yet (same prefix, proto and
+    port): rules changed through the API since are left as they are."""
+    specs = []
+    for r in rules:
+        prefix = parse_prefix(r.prefix)
+        if fw.index.find(prefix, r.proto, r.dport) is None:
+            specs.append(RuleSpec(prefix, r.action, r.proto, r.dport, r.comment))
+    if specs:
+        fw.add_rules(specs)
+    return len(specs)
+
+
+def remove_everything(fw: Firewall, pin_dir: str) -> None:
+    """`xdpfw stop --detach`: no interface guarded, no pinned map left."""
+    try:
+        fw.detach_all()
+    finally:
+        fw.close()
+        shutil.rmtree(pin_dir, ignore_errors=True)  # a still-attached program keeps its maps
+    log.info("detached every interface and removed the pins under %s", pin_dir)
+
+
 def serve(opts: ServeOptions) -> None:
     cfg = opts.config
     token = cfg.api.effective_token()
@@ -67,7 +96,12 @@ def serve(opts: ServeOptions) -> None:
             "XDPFW_API_TOKEN"
         )
     fw = Firewall(cfg.state.dir, program_config(cfg))
+    stop_request = {"detach": False}
+    pid = pid_file(cfg)
     try:
+        pid.write_text(f"{os.getpid()}\n")
+        if added := seed_rules(fw, cfg.rules):
+            log.info("added %d rules from the config file", added)
         for iface in cfg.interfaces:
             fw.attach_interface(**iface.model_dump())
         if opts.demo and not cfg.interfaces:
@@ -79,6 +113,12 @@ def serve(opts: ServeOptions) -> None:
         server = uvicorn.Server(
             uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="off")
         )
+
+        def shutdown(detach: bool) -> None:
+            stop_request["detach"] |= detach
+            server.should_exit = True
+
+        app.state.shutdown = shutdown
         log.info(
             "xdpfw: %d rules, %d interfaces; API on %s",
             len(fw.rules),
@@ -87,7 +127,12 @@ def serve(opts: ServeOptions) -> None:
         )
         server.run(sockets=sockets)
     finally:
-        # The attached programs and pinned maps stay: the data plane goes on filtering.
-        fw.close()
+        if stop_request["detach"]:
+            remove_everything(fw, cfg.state.bpffs_dir)
+        else:
+            # The attached programs and pinned maps stay: the data plane goes on filtering.
+            fw.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cfg.api.socket)
+        with contextlib.suppress(FileNotFoundError):
+            pid.unlink()
