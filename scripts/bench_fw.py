@@ -345,6 +345,7 @@ class PerPacket:
     section: Section
     bare_ns: list[float] = field(default_factory=list)
     load_1m: tuple[int, LoadTiming] | None = None
+    plain_hit: Stat | None = None  # xdpfw hit at the largest IPv4 step, before any port rule
 
 
 def bench_per_packet(sz: Sizes, scratch: Scratch, v4: list[Prefix], v6: list[Prefix]) -> PerPacket:
@@ -421,6 +422,8 @@ def _v4_step(
                      fw_s.median])
         rows.append(["minimal LPM", f"{n:,} v4", kind, fmt_ns(lpm_s), "1.00x", lpm_s.median])
         if n == max(sz.v4_steps):
+            if kind == "hit":
+                res.plain_hit = fw_s
             r = fw_s.median / lpm_s.median
             res.section.targets.append(Target(
                 f"xdpfw vs minimal LPM program, {n:,} prefixes, {kind}", "<= 1.30x",
@@ -452,11 +455,13 @@ def _port_rule_step(
     )
     res.bare_ns.append(st["bare"].median)
     label = f"{n:,} v4 + 1 port rule"
-    r = st["fw plain"].median / st["lpm plain"].median
-    res.section.targets.append(Target(
-        f"plain prefix hit with a port rule elsewhere, {n:,} prefixes, vs minimal LPM",
-        "<= 1.30x (no second lookup)", f"{r:.2f}x", r <= 1.3,
-    ))
+    if res.plain_hit is not None:
+        after, before = st["fw plain"].median, res.plain_hit.median
+        res.section.targets.append(Target(
+            f"plain prefix hit, {n:,} prefixes: with a port rule elsewhere vs without",
+            "<= 1.05x (no second lookup)",
+            f"{after / before:.2f}x ({after:.0f} vs {before:.0f} ns)", after <= 1.05 * before,
+        ))
     plain_src = f"{hit} (plain prefix), udp"
     port_base = st["lpm port"].median
     rows: list[list[object]] = [
