@@ -87,6 +87,26 @@ class LimitsConfig(_Strict):
     max_ifaces: int = Field(256, ge=2, le=4096)
 
 
+class LbConfig(_Strict):
+    """[lb]: the L4 load balancer (services themselves come through the API)."""
+
+    netns: str | None = None  # where the backends are reached: MACs, routes, health probes
+    table_size: int = Field(65_537, ge=7)  # Maglev table per service, a prime
+    max_services: int = Field(64, ge=1, le=4096)
+    max_backends: int = Field(4096, ge=1, le=1 << 20)
+    conntrack_size: int = Field(262_144, ge=1024, le=1 << 26)
+    conntrack_timeout_s: int = Field(300, ge=1)
+
+    @field_validator("table_size")
+    @classmethod
+    def _prime(cls, v: int) -> int:
+        from xdpfw.lb.maglev import is_prime
+
+        if not is_prime(v):
+            raise ValueError(f"table_size must be a prime (e.g. 65537), got {v}")
+        return v
+
+
 class InterfaceConfig(_Strict):
     name: str = Field(min_length=1, max_length=15)
     netns: str | None = None
@@ -130,6 +150,7 @@ class AppConfig(_Strict):
     state: StateConfig = Field(default_factory=StateConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    lb: LbConfig = Field(default_factory=LbConfig)
     interfaces: list[InterfaceConfig] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(default_factory=list)
 

@@ -49,3 +49,11 @@ class MapFullError(XdpfwError):
 
 class BpffsError(XdpfwError):
     """bpffs is not mounted where the pins should go."""
+
+
+class ServiceValidationError(XdpfwError, ValueError):
+    """A load-balancer service or backend is malformed (bad CPU, address family, ...)."""
+
+
+class BackendUnresolvedError(XdpfwError):
+    """A backend's MAC cannot be resolved through the neighbour table; nothing was changed."""

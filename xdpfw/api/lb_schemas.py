@@ -1,0 +1,162 @@
+"""Request and response models of /api/v1/services. Validation itself lives in xdpfw.lb."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from xdpfw.lb.health import HealthCheckConfig, HealthConfigError
+from xdpfw.lb.service import BackendSpec, BackendState, LoadBalancer, ServiceSpec, ServiceState
+from xdpfw.lb.store import HealthSpec
+
+BackendStateName = Literal["active", "draining"]
+
+
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address") from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Traffic(BaseModel):
+    packets: int
+    bytes: int
+
+
+class HealthCheck(_Strict):
+    kind: Literal["tcp", "http"] = "tcp"
+    interval_s: float = Field(2.0, gt=0, le=3600)
+    timeout_s: float = Field(1.0, gt=0, le=600)
+    rise: int = Field(2, ge=1, le=100)
+    fall: int = Field(3, ge=1, le=100)
+    http_path: str = "/"
+    port: int | None = Field(None, ge=1, le=65535, description="default: the service port")
+
+    def spec(self) -> HealthSpec:
+        try:
+            cfg = HealthCheckConfig(self.kind, self.interval_s, self.timeout_s, self.rise,
+                                    self.fall, self.http_path)
+        except HealthConfigError as e:
+            raise ValueError(str(e)) from None
+        return HealthSpec(cfg, self.port)
+
+    @classmethod
+    def of(cls, h: HealthSpec | None) -> HealthCheck | None:
+        if h is None:
+            return None
+        c = h.config
+        return cls(kind=c.kind, interval_s=c.interval_s, timeout_s=c.timeout_s, rise=c.rise,
+                   fall=c.fall, http_path=c.http_path, port=h.port)
+
+
+class BackendCreate(_Strict):
+    address: str = Field(description="the backend's own address; its MAC is resolved via ARP/ND")
+    weight: int = Field(1, ge=0, le=1000)
+    state: BackendStateName = "active"
+
+    _addr = field_validator("address")(classmethod(lambda cls, v: _ip(v)))
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(self.address, self.weight, self.state)
+
+
+class BackendUpdate(_Strict):
+    weight: int | None = Field(None, ge=0, le=1000)
+    state: BackendStateName | None = None
+
+
+class BackendPublic(BaseModel):
+    id: int
+    service_id: int
+    address: str
+    weight: int
+    state: BackendStateName
+    resolved: bool = Field(description="its MAC is known; unresolved backends get no traffic")
+    mac: str | None
+    interface: str | None
+    error: str | None = Field(description="why it is unresolved")
+    healthy: bool
+    health_error: str | None
+    in_table: bool
+    share: float = Field(description="fraction of the Maglev table it owns")
+    traffic: Traffic
+
+    @classmethod
+    def of(cls, lb: LoadBalancer, svc: ServiceState, be: BackendState) -> BackendPublic:
+        p, b = lb.backend_counters(be)
+        share = lb.share(svc, be)
+        n = be.neighbour
+        return cls(
+            id=be.rec.id, service_id=svc.rec.id, address=be.rec.address, weight=be.rec.weight,
+            state=be.rec.state, resolved=n is not None, mac=n.lladdr if n else None,
+            interface=n.ifname if n else None, error=be.error, healthy=be.healthy,
+            health_error=be.health_error, in_table=share > 0, share=round(share, 4),
+            traffic=Traffic(packets=p, bytes=b),
+        )
+
+
+class ServiceCreate(_Strict):
+    name: str = Field("", max_length=64)
+    vip: str = Field(description="virtual IP (IPv4 or IPv6) the backends hold on loopback")
+    port: int = Field(ge=1, le=65535)
+    proto: Literal["tcp", "udp"] = "tcp"
+    forward: Literal["tx", "redirect"] = Field(
+        "tx", description="tx: same L2, bounce out of the receiving NIC; redirect: via the "
+        "backend's own NIC"
+    )
+    cpu_steer: list[int] = Field(
+        default_factory=list, max_length=8,
+        description="hand the service's packets to the stack on these CPUs instead",
+    )
+    health_check: HealthCheck | None = None
+    backends: list[BackendCreate] = Field(default_factory=list)
+
+    _vip = field_validator("vip")(classmethod(lambda cls, v: _ip(v)))
+
+    def spec(self) -> ServiceSpec:
+        return ServiceSpec(
+            vip=self.vip, port=self.port, proto=self.proto, forward=self.forward,
+            name=self.name, cpu_steer=tuple(self.cpu_steer),
+            health=self.health_check.spec() if self.health_check else None,
+            backends=tuple(b.spec() for b in self.backends),
+        )
+
+
+class ServicePublic(BaseModel):
+    id: int
+    name: str
+    vip: str
+    port: int
+    proto: str
+    forward: str
+    cpu_steer: list[int]
+    health_check: HealthCheck | None
+    backends: list[BackendPublic]
+    forwarded: Traffic
+    no_backend: Traffic = Field(description="dropped: no usable backend")
+
+    @classmethod
+    def of(cls, lb: LoadBalancer, svc: ServiceState) -> ServicePublic:
+        c = lb.counters(svc)
+        r = svc.rec
+        return cls(
+            id=r.id, name=r.name, vip=r.vip, port=r.port, proto=r.proto, forward=r.forward,
+            cpu_steer=list(r.cpu_steer), health_check=HealthCheck.of(r.health),
+            backends=[BackendPublic.of(lb, svc, b) for b in svc.backends.values()],
+            forwarded=Traffic(packets=c["forwarded"][0], bytes=c["forwarded"][1]),
+            no_backend=Traffic(packets=c["no_backend"][0], bytes=c["no_backend"][1]),
+        )
+
+
+class CpuSteer(_Strict):
+    cpus: list[int] = Field(
+        default_factory=list, max_length=8,
+        description="spread passing traffic of no service over these CPUs; [] turns it off",
+    )
