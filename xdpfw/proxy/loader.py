@@ -151,6 +151,8 @@ class SockProxyDataplane:
                 name: self._map_fd(name)
                 for name in ("sp_socks", "sp_splice", "sp_peers", "sp_traffic", "sp_conns")
             }
+            # Stream parser + verdict, not verdict-only (SK_SKB_VERDICT): the engine's
+            # half-close flush check relies on strparser's receive-queue accounting.
             for name, attach_type in (("sp_parser", SK_SKB_STREAM_PARSER),
                                       ("sp_verdict", SK_SKB_STREAM_VERDICT)):
                 try:
