@@ -32,8 +32,9 @@ def test_restart_restores_rules_and_maps_and_drops_stale_entries(pinned):
     before_rules = sorted(map(str, fw.list_rules()))
     before_keys = sorted(fw.maps.prefix_keys())
     before_ports = sorted(fw.maps.port_keys())
-    # An entry no rule explains, as a crash between a map write and a commit would leave.
+    # A crash between a map write and the commit: an entry no rule explains, and the marker.
     fw.maps.apply(Changes(prefixes={parse_prefix("192.0.2.0/24"): (7, 2, 0)}))
+    (state / "maps.dirty").touch()
     fw.close()
 
     fw2 = Firewall(state, cfg)
@@ -66,3 +67,23 @@ def test_old_program_keeps_filtering_with_maps_written_by_a_new_control_plane(pi
     finally:
         new.close()
         old.close()
+
+
+def test_fresh_pins_get_every_rule_back(pinned):
+    """After a reboot bpffs is empty: the store alone brings the rules back into new maps."""
+    state, cfg = pinned
+    fw = Firewall(state, cfg)
+    fw.add_rules([RuleSpec(parse_prefix("10.0.0.0/8"), Action.DROP),
+                  RuleSpec(parse_prefix("10.1.0.0/16"), Action.PASS, Proto.TCP, 22)])
+    keys, ports = sorted(fw.maps.prefix_keys()), sorted(fw.maps.port_keys())
+    fw.close()
+    remove_pins(cfg.pin_dir)
+    fw2 = Firewall(state, cfg)
+    try:
+        assert sorted(fw2.maps.prefix_keys()) == keys
+        assert sorted(fw2.maps.port_keys()) == ports
+        assert test_run(fw2.program.fd, P.tcp4("10.1.0.1", 22)).verdict == "XDP_PASS"
+        assert test_run(fw2.program.fd, P.tcp4("10.1.0.1", 23)).verdict == "XDP_DROP"
+        assert not (state / "maps.dirty").exists()
+    finally:
+        fw2.close()

@@ -7,6 +7,7 @@ either takes full effect and is on disk, or changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import logging
@@ -83,6 +84,8 @@ class Firewall:
         self.lock = threading.RLock()
         self.config = program_config
         self.store = Store(Path(state_dir) / "xdpfw.sqlite3")
+        self._dirty_marker = Path(state_dir) / "maps.dirty"
+        self._maps_suspect = False
         self.program: LoadedProgram = load_program(program_config)
         self.maps = FirewallMaps(self.program)
         self.index = RuleIndex()
@@ -106,25 +109,56 @@ class Firewall:
     # -- start-up -------------------------------------------------------------------------
 
     def _restore_rules(self) -> None:
-        """Make the (pinned, possibly still populated) maps equal to the store."""
+        """Make the pinned maps equal to the store.
+
+        A control-plane restart finds the maps as the last commit left them: re-reading and
+        rewriting a million entries would only delay the API. A full resync runs when the
+        maps are fresh (empty: boot, or pins removed) or when a change was cut short (the
+        dirty marker outlived its process)."""
         rules = self.store.load_rules()
         self.rules = {r.id: r for r in rules}
         changes = self.index.add(rules)
-        # Write everything, then remove what no rule explains (left from a crash mid-change).
-        self.maps.apply(changes)
-        stale = [p for p in self.maps.prefix_keys() if p not in self.index.prefix_values]
-        wanted_ports = {
-            (self.index.port_set_ids[p], *pm)
-            for p, table in self.index.port_entries.items()
-            for pm in table
-        }
-        stale_ports = [k for k in self.maps.port_keys() if k not in wanted_ports]
-        self.maps.apply(Changes(deleted_prefixes=stale, deleted_ports=stale_ports))
+        dirty = self._dirty_marker.exists()
+        if not dirty and not self.maps.rules_empty():
+            log.info("restored %d rules; pinned maps are in step with the store", len(rules))
+            return
+        with self._changing_maps():
+            self.maps.apply(changes)
+            stale, stale_ports = [], []
+            if dirty:  # only a cut-short change can leave entries no rule explains
+                stale = [p for p in self.maps.prefix_keys() if p not in self.index.prefix_values]
+                wanted_ports = {
+                    (self.index.port_set_ids[p], *pm)
+                    for p, table in self.index.port_entries.items()
+                    for pm in table
+                }
+                stale_ports = [k for k in self.maps.port_keys() if k not in wanted_ports]
+                self.maps.apply(Changes(deleted_prefixes=stale, deleted_ports=stale_ports))
         log.info(
-            "restored %d rules (%d stale map entries removed)",
+            "restored %d rules into the maps (%s; %d stale entries removed)",
             len(rules),
+            "after an interrupted change" if dirty else "maps were empty",
             len(stale) + len(stale_ports),
         )
+
+    @contextlib.contextmanager
+    def _changing_maps(self):
+        """Marks the maps as possibly out of step with the store until the change (or its
+        rollback) completes; a crash in between leaves the marker for the next start."""
+        self._dirty_marker.touch()
+        yield
+        if not self._maps_suspect:
+            self._dirty_marker.unlink(missing_ok=True)
+
+    def _rollback(self, undo) -> None:
+        try:
+            undo()
+        except BaseException:
+            # The maps may now hold entries no rule explains: keep the marker, so the next
+            # start resyncs, whatever later changes do.
+            self._maps_suspect = True
+            log.error("reverting the maps failed; they resync at the next start")
+            raise
 
     def _restore_interfaces(self, records: Sequence[InterfaceRecord]) -> None:
         for rec in records:
@@ -150,23 +184,27 @@ class Firewall:
                 for i, (s, slot) in enumerate(zip(specs, slots, strict=True))
             ]
             changes = self.index.add(rules)
-            try:
-                with self.store.transaction():
-                    # The map writes (mostly syscalls, which release the GIL) overlap the
-                    # SQLite insert; both must succeed before the commit.
-                    writer = _Background(self._write_new_rules, slots, changes)
-                    try:
-                        self.store.insert_rules(rules)
-                    finally:
-                        writer.join()  # never roll back under a writer still running
-                    writer.result()
-            except BaseException:
-                self.maps.apply(self.index.remove(rules))
-                self.rule_slots.give(slots)
-                raise
+            with self._changing_maps():
+                self._commit_new_rules(rules, slots, changes)
             self._next_id = first_id + len(rules)
             self.rules.update(zip(range(first_id, first_id + len(rules)), rules, strict=True))
             return rules
+
+    def _commit_new_rules(self, rules: list[Rule], slots: list[int], changes: Changes) -> None:
+        try:
+            with self.store.transaction():
+                # The map writes (mostly syscalls, which release the GIL) overlap the
+                # SQLite insert; both must succeed before the commit.
+                writer = _Background(self._write_new_rules, slots, changes)
+                try:
+                    self.store.insert_rules(rules)
+                finally:
+                    writer.join()  # never roll back under a writer still running
+                writer.result()
+        except BaseException:
+            self._rollback(lambda: self.maps.apply(self.index.remove(rules)))
+            self.rule_slots.give(slots)
+            raise
 
     def _check_new(self, specs: Sequence[RuleSpec]) -> None:
         any_rules = self.index.any_rules
@@ -193,13 +231,14 @@ class Firewall:
         with self.lock:
             rule = self.get_rule(rule_id)
             changes = self.index.remove([rule])
-            try:
-                with self.store.transaction():
-                    self.store.delete_rules([rule_id])
-                    self.maps.apply(changes)
-            except BaseException:
-                self.maps.apply(self.index.add([rule]))
-                raise
+            with self._changing_maps():
+                try:
+                    with self.store.transaction():
+                        self.store.delete_rules([rule_id])
+                        self.maps.apply(changes)
+                except BaseException:
+                    self._rollback(lambda: self.maps.apply(self.index.add([rule])))
+                    raise
             del self.rules[rule_id]
             self.rule_slots.give([rule.slot])
             return rule

@@ -102,6 +102,10 @@ class MapHandle:
             return None
         return vb.raw
 
+    def has_keys(self) -> bool:
+        buf = ctypes.create_string_buffer(self.key_size)
+        return _lib().bpf_get_first_key(self.fd, buf, self.key_size) == 0
+
     def all_keys(self) -> list[bytes]:
         """Every key, by get_next_key (the LPM trie has no batch lookup)."""
         lib = _lib()
@@ -169,6 +173,9 @@ class FirewallMaps:
             keys.append(pack_port_key(key))
             vals.append(_PORT_VALUE.pack(slot, action))
         self.port_rules.update_many(b"".join(keys), b"".join(vals), len(keys))
+
+    def rules_empty(self) -> bool:
+        return not self.rules_v4.has_keys() and not self.rules_v6.has_keys()
 
     def prefix_keys(self) -> list[Prefix]:
         """What the tries hold now (used at start-up to remove entries no rule explains)."""
