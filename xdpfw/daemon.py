@@ -17,6 +17,7 @@ from xdpfw import demo
 from xdpfw.api.app import create_app
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
+from xdpfw.events import EventHub
 from xdpfw.rules.model import parse_prefix
 from xdpfw.service import Firewall, RuleSpec
 
@@ -98,6 +99,7 @@ def serve(opts: ServeOptions) -> None:
     fw = Firewall(cfg.state.dir, program_config(cfg))
     stop_request = {"detach": False}
     pid = pid_file(cfg)
+    events: EventHub | None = None
     try:
         pid.write_text(f"{os.getpid()}\n")
         if added := seed_rules(fw, cfg.rules):
@@ -108,8 +110,10 @@ def serve(opts: ServeOptions) -> None:
             ifname, ns = demo.build()
             fw.attach_interface(ifname, ns, policy="pass")
             print(demo.howto(cfg.api.socket), flush=True)
+        events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
+        events.start(cfg.events.sample_rate)
         sockets = [unix_listener(cfg.api.socket)] + [tcp_listener(a) for a in cfg.api.listen]
-        app = create_app(fw, token)
+        app = create_app(fw, token, events=events)
         server = uvicorn.Server(
             uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="off")
         )
@@ -127,6 +131,8 @@ def serve(opts: ServeOptions) -> None:
         )
         server.run(sockets=sockets)
     finally:
+        if events is not None:
+            events.stop()
         if stop_request["detach"]:
             remove_everything(fw, cfg.state.bpffs_dir)
         else:

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from xdpfw.api.routes import events as events_routes
 from xdpfw.api.routes import interfaces, rules, stats
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
@@ -52,7 +53,7 @@ def create_app(firewall: Firewall, token: str | None = None, events=None) -> Fas
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
     for router in (rules.router, interfaces.router, stats.router):
         app.include_router(router)
-    for router in (metrics_routes.router, program_routes.router):
+    for router in (metrics_routes.router, program_routes.router, events_routes.router):
         app.include_router(router)
 
     for exc_type, code in ERROR_STATUS:

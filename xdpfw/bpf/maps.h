@@ -72,4 +72,13 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_service_counters,
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_backend_counters, MAX_BACKENDS,
 		 PIN("lb_backend_counters"));
 
+/* ---- Sampled drop events ---- */
+
+/* One entry, written by the control plane: the sample rate (0: no events). */
+BPF_TABLE_PINNED("array", __u32, struct event_cfg, event_config, 1, PIN("event_config"));
+
+/* Sampled drops for `xdpfw watch`. Not pinned: each build has its own, and the reader in the
+ * daemon follows the program that is attached (xdpfw/events.py). 64 pages: ~4,900 events. */
+BPF_RINGBUF_OUTPUT(drop_events, 64);
+
 #endif /* XDPFW_MAPS_H */

@@ -38,10 +38,40 @@ static __always_inline void count(void *map_lookup_result, __u64 bytes)
 	}
 }
 
-static __always_inline int record(struct xdp_md *ctx, struct iface_cfg *cfg, __u32 reason,
-				  __u32 rule_slot, int verdict)
+/* Push 1 drop in sample_rate to user space. Off (rate 0), a drop costs one array lookup more;
+ * a full ring buffer loses the event, never the drop or its count. */
+static __always_inline void sample_drop(struct xdp_md *ctx, struct packet *p, __u32 reason,
+					__u32 rule_slot)
+{
+	__u32 zero = 0;
+	struct event_cfg *ec = event_config.lookup(&zero);
+	if (!ec || !ec->sample_rate)
+		return;
+	if (ec->sample_rate > 1 && bpf_get_prandom_u32() % ec->sample_rate)
+		return;
+	struct drop_event *e = drop_events.ringbuf_reserve(sizeof(*e));
+	if (!e)
+		return;
+	__builtin_memcpy(e->saddr, p->saddr, 16);
+	__builtin_memcpy(e->daddr, p->daddr, 16);
+	e->rule_slot = rule_slot;
+	e->ifindex = ctx->ingress_ifindex;
+	e->pkt_len = ctx->data_end - ctx->data;
+	e->sport = p->has_ports ? p->sport : 0;
+	e->dport = p->has_ports ? p->dport : 0;
+	e->eth_proto = p->eth_proto;
+	e->l4_proto = p->l4_proto;
+	e->reason = reason;
+	drop_events.ringbuf_submit(e, 0);
+}
+
+static __always_inline int record(struct xdp_md *ctx, struct iface_cfg *cfg, struct packet *p,
+				  __u32 reason, __u32 rule_slot, int verdict)
 {
 	__u64 bytes = ctx->data_end - ctx->data;
+
+	if (verdict == XDP_DROP)
+		sample_drop(ctx, p, reason, rule_slot);
 
 	count(reason_counters.lookup(&reason), bytes);
 	if (rule_slot != XDPFW_NO_RULE)
@@ -118,21 +148,21 @@ int xdpfw_main(struct xdp_md *ctx)
 		proto = parse_ipv6hdr(&c, &p);
 	if (proto < 0 || (p.l4_proto && parse_l4(&c, &p) < 0)) {
 		if (cfg && cfg->unparsed_policy == XDPFW_POLICY_DROP)
-			return record(ctx, cfg, XDPFW_REASON_UNPARSED_DROP, slot, XDP_DROP);
-		return record(ctx, cfg, XDPFW_REASON_UNPARSED_PASS, slot, XDP_PASS);
+			return record(ctx, cfg, &p, XDPFW_REASON_UNPARSED_DROP, slot, XDP_DROP);
+		return record(ctx, cfg, &p, XDPFW_REASON_UNPARSED_PASS, slot, XDP_PASS);
 	}
 
 	switch (match_rules(&p, &slot)) {
 	case XDPFW_ACT_DROP:
-		return record(ctx, cfg, XDPFW_REASON_RULE_DROP, slot, XDP_DROP);
+		return record(ctx, cfg, &p, XDPFW_REASON_RULE_DROP, slot, XDP_DROP);
 	case XDPFW_ACT_PASS:
-		return record(ctx, cfg, XDPFW_REASON_RULE_PASS, slot, lb_forward(ctx, &p));
+		return record(ctx, cfg, &p, XDPFW_REASON_RULE_PASS, slot, lb_forward(ctx, &p));
 	}
 
 	/* No rule decided: the interface policy does. */
 	if (!cfg || cfg->policy != XDPFW_POLICY_DROP)
-		return record(ctx, cfg, XDPFW_REASON_POLICY_PASS, slot, lb_forward(ctx, &p));
+		return record(ctx, cfg, &p, XDPFW_REASON_POLICY_PASS, slot, lb_forward(ctx, &p));
 	if (is_l2_control(&p) && !(cfg->flags & XDPFW_IFF_GUARD_L2))
-		return record(ctx, cfg, XDPFW_REASON_L2_EXEMPT, slot, XDP_PASS);
-	return record(ctx, cfg, XDPFW_REASON_POLICY_DROP, slot, XDP_DROP);
+		return record(ctx, cfg, &p, XDPFW_REASON_L2_EXEMPT, slot, XDP_PASS);
+	return record(ctx, cfg, &p, XDPFW_REASON_POLICY_DROP, slot, XDP_DROP);
 }

@@ -163,4 +163,26 @@ struct lb_ct {
 	__u64 last_seen; /* bpf_ktime_get_ns(), refreshed at most once a second */
 };
 
+/* ---- Sampled drop events (ring buffer drop_events; reader xdpfw/events.py) ---- */
+
+/* Value of event_config (its only entry, key 0). */
+struct event_cfg {
+	__u32 sample_rate; /* host order: 1 drop in sample_rate becomes an event; 0: none */
+	__u32 pad;
+};
+
+/* One sampled drop, as pushed through drop_events. */
+struct drop_event {
+	__u8 saddr[16];  /* be: IPv4 in the first 4 bytes */
+	__u8 daddr[16];  /* be: as saddr */
+	__u32 rule_slot; /* host order: counter slot of the deciding rule, or XDPFW_NO_RULE */
+	__u32 ifindex;   /* host order: ingress interface */
+	__u32 pkt_len;   /* host order: bytes seen by XDP */
+	__u16 sport;     /* be: 0 when the packet has no ports */
+	__u16 dport;     /* be */
+	__u16 eth_proto; /* be: innermost ethertype */
+	__u8 l4_proto;   /* IPPROTO_* */
+	__u8 reason;     /* XDPFW_REASON_* */
+};
+
 #endif /* XDPFW_ABI_H */

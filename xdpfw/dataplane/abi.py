@@ -161,6 +161,27 @@ class LbCt(ctypes.Structure):
     )
 
 
+class EventCfg(ctypes.Structure):
+    _fields_ = (("sample_rate", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+
+
+class DropEvent(ctypes.Structure):
+    """A sampled drop from the drop_events ring buffer."""
+
+    _fields_ = (
+        ("saddr", ctypes.c_uint8 * 16),  # network order
+        ("daddr", ctypes.c_uint8 * 16),
+        ("rule_slot", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+        ("pkt_len", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),  # network order
+        ("dport", ctypes.c_uint16),  # network order
+        ("eth_proto", ctypes.c_uint16),  # network order
+        ("l4_proto", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+    )
+
+
 # Which ctypes mirror is the key/value of which map (checked against BCC in tests/test_abi.py).
 MAP_TYPES: dict[str, tuple[type, type]] = {
     "rules_v4": (LpmV4Key, PrefixVerdict),
@@ -170,6 +191,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "rule_counters": (ctypes.c_uint32, Counter),
     "reason_counters": (ctypes.c_uint32, Counter),
     "iface_counters": (ctypes.c_uint32, Counter),
+    "event_config": (ctypes.c_uint32, EventCfg),
     "lb_config": (ctypes.c_uint32, LbConfig),
     "lb_services": (LbVip, LbService),
     "lb_tables": (ctypes.c_uint32, ctypes.c_uint32),

@@ -1,0 +1,176 @@
+"""Sampled drop events: read from the program's ring buffer, fanned out to subscribers.
+
+The XDP program pushes 1 drop in `sample_rate` (pinned map event_config; 0: none), so a flood
+costs the reader at most rate-limited work. One thread polls the ring buffer of the program
+that is attached and follows it across upgrades (Firewall.program_listeners). Each subscriber
+(an SSE client) has a bounded queue: when it lags, its oldest events are dropped and counted,
+and the reader never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from xdpfw.dataplane import abi
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100  # how soon the reader notices a stop or an upgrade
+L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
+
+
+def decode(raw: abi.DropEvent) -> dict:
+    """The kernel's struct drop_event as JSON-ready fields (byte order converted here)."""
+    eth = socket.ntohs(raw.eth_proto)
+    if eth == ETH_P_IP:
+        family, saddr, daddr = 4, bytes(raw.saddr[:4]), bytes(raw.daddr[:4])
+        af = socket.AF_INET
+    elif eth == ETH_P_IPV6:
+        family, saddr, daddr = 6, bytes(raw.saddr), bytes(raw.daddr)
+        af = socket.AF_INET6
+    else:
+        family = None
+    out = {
+        "type": "drop",
+        "action": "drop",
+        "reason": abi.REASON_NAMES.get(raw.reason, str(raw.reason)),
+        "rule_slot": None if raw.rule_slot == abi.NO_RULE else raw.rule_slot,
+        "ifindex": raw.ifindex,
+        "len": raw.pkt_len,
+        "family": family,
+        "ethertype": f"0x{eth:04x}",
+        "proto": L4_NAMES.get(raw.l4_proto, str(raw.l4_proto)) if family else
+        ("arp" if eth == ETH_P_ARP else "other"),
+        "saddr": socket.inet_ntop(af, saddr) if family else None,
+        "daddr": socket.inet_ntop(af, daddr) if family else None,
+        "sport": socket.ntohs(raw.sport),
+        "dport": socket.ntohs(raw.dport),
+    }
+    return out
+
+
+@dataclass(eq=False)
+class Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: deque
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    missed: int = 0  # events dropped because this subscriber lagged, not yet reported
+
+
+class EventHub:
+    def __init__(self, firewall, queue_size: int = 1024) -> None:
+        self.fw = firewall
+        self.queue_size = queue_size
+        self.lock = threading.Lock()
+        self.subscribers: set[Subscriber] = set()
+        self.read = 0
+        self.dropped_slow_client = 0
+        self.sample_rate = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._bpf = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, sample_rate: int) -> None:
+        self.set_sample_rate(sample_rate)
+        self.bind(self.fw.program)
+        self.fw.program_listeners.append(self.bind)
+
+    def stop(self) -> None:
+        self._unbind()
+        if self.bind in self.fw.program_listeners:
+            self.fw.program_listeners.remove(self.bind)
+
+    def bind(self, program) -> None:
+        """Read the ring buffer of `program` (called again with the new one on upgrade)."""
+        self._unbind()
+        program.table("drop_events").open_ring_buffer(self._on_event)
+        self._bpf = program.bpf
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._poll, args=(program.bpf, self._stop), name="xdpfw-events", daemon=True
+        )
+        self._thread.start()
+
+    def _unbind(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        from bcc.libbcc import lib  # the ring buffer manager BCC does not free on cleanup
+
+        if self._bpf is not None and self._bpf._ringbuf_manager:
+            lib.bpf_free_ringbuf(self._bpf._ringbuf_manager)
+            self._bpf._ringbuf_manager = None
+        self._bpf = None
+
+    def _poll(self, bpf, stop: threading.Event) -> None:
+        while not stop.is_set():
+            bpf.ring_buffer_poll(POLL_MS)
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def set_sample_rate(self, rate: int) -> None:
+        if rate < 0:
+            raise ValueError("sample_rate must be 0 (off) or more")
+        table = self.fw.program.table("event_config")
+        with self.fw.lock:
+            table[table.Key(0)] = table.Leaf(rate, 0)
+        self.sample_rate = rate
+
+    # -- fan-out ----------------------------------------------------------------------------
+
+    def _on_event(self, _ctx, data, size) -> int:
+        try:
+            raw = abi.DropEvent.from_buffer_copy(ctypes.string_at(data, size))
+            event = decode(raw)
+        except Exception as e:  # a bad record must not stop the reader
+            log.warning("undecodable drop event (%d bytes): %s", size, e)
+            return 0
+        event["time"] = time.time()
+        slot = event["rule_slot"]
+        event["rule_id"] = self.fw.rule_id_of_slot(slot) if slot is not None else None
+        for att in list(self.fw.attachments.values()):
+            if att.ifindex == raw.ifindex:
+                event["interface"], event["netns"] = att.record.name, att.record.netns
+                break
+        with self.lock:
+            self.read += 1
+            subs = list(self.subscribers)
+        for sub in subs:
+            if len(sub.queue) == sub.queue.maxlen:  # deque drops the oldest on append
+                sub.missed += 1
+                with self.lock:
+                    self.dropped_slow_client += 1
+            sub.queue.append(event)
+            sub.loop.call_soon_threadsafe(sub.wake.set)
+        return 0
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> Subscriber:
+        sub = Subscriber(loop, deque(maxlen=self.queue_size))
+        with self.lock:
+            self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self.lock:
+            self.subscribers.discard(sub)
+
+    def metrics(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "sample_rate": self.sample_rate,
+                "read": self.read,
+                "dropped_slow_client": self.dropped_slow_client,
+                "subscribers": len(self.subscribers),
+            }
