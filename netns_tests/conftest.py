@@ -28,6 +28,7 @@ class Daemon:
     workdir: Path
     pin_dir: str
     proc: subprocess.Popen | None = None
+    extra_args: list[str] = field(default_factory=list)
     starts: int = 0
     logs: list[str] = field(default_factory=list)
 
@@ -38,7 +39,7 @@ class Daemon:
     def argv(self) -> list[str]:
         return [*XDPFW, "serve", "--socket", self.socket, "--state-dir",
                 str(self.workdir / "state"), "--bpffs-dir", self.pin_dir,
-                "--max-rules", "65536"]
+                "--max-rules", "65536", *self.extra_args]
 
     def start(self, timeout: float = 60.0) -> None:
         log = self.workdir / f"serve-{self.starts}.log"
