@@ -23,7 +23,8 @@ def tcp_daemon(tmp_path):
     port = free_port()
     cfg = tmp_path / "xdpfw.toml"
     cfg.write_text(f'[api]\nlisten = ["127.0.0.1:{port}"]\ntoken = "t0ken"\n')
-    d = Daemon(tmp_path, f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}", ["--config", str(cfg)])
+    d = Daemon(tmp_path, f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}",
+               extra_args=["--config", str(cfg)])
     d.start()
     yield d, port
     d.stop()
@@ -43,7 +44,8 @@ def test_tcp_needs_token_unix_socket_does_not(tcp_daemon):
 def test_tcp_without_token_is_refused_at_start(tmp_path):
     cfg = tmp_path / "xdpfw.toml"
     cfg.write_text(f'[api]\nlisten = ["127.0.0.1:{free_port()}"]\n')
-    d = Daemon(tmp_path, f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}", ["--config", str(cfg)])
+    d = Daemon(tmp_path, f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}",
+               extra_args=["--config", str(cfg)])
     with pytest.raises(RuntimeError) as e:
         d.start(timeout=30)
     assert "needs a token" in str(e.value)
