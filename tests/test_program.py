@@ -217,3 +217,23 @@ def test_ipv6_longest_prefix(run, fw):
         ("in /48", P.tcp6("2001:db8:1::9", 80), PASS),
         ("in /32 only", P.tcp6("2001:db8:2::9", 80), DROP),
     ])
+
+
+def test_host_rules_answer_from_the_host_hash_with_the_same_semantics(run, fw):
+    add(fw, "10.0.0.0/8", "drop")
+    add(fw, "10.0.0.7/32", "pass")
+    add(fw, "10.0.0.8/32", "pass", "tcp", 443)  # port-only host: inherits the /8 for the rest
+    add(fw, "2001:db8::/32", "drop")
+    add(fw, "2001:db8::7/128", "pass")
+    assert fw.maps.hosts_v4.has_keys() and fw.maps.hosts_v6.has_keys()
+    check(run, fw, [
+        ("allowed host inside a dropped /8", P.tcp4("10.0.0.7", 80), PASS),
+        ("host's neighbour", P.tcp4("10.0.0.6", 80), DROP),
+        ("port-only host, its port", P.tcp4("10.0.0.8", 443), PASS),
+        ("port-only host, other port falls back to the /8", P.tcp4("10.0.0.8", 80), DROP),
+        ("allowed IPv6 host", P.tcp6("2001:db8::7", 22), PASS),
+        ("IPv6 neighbour", P.tcp6("2001:db8::6", 22), DROP),
+    ])
+    rule = next(r for r in fw.list_rules() if str(r.prefix) == "10.0.0.7/32")
+    fw.delete_rule(rule.id)
+    assert run(P.tcp4("10.0.0.7", 80)).verdict == DROP, "deleted host rule still answers"

@@ -99,6 +99,8 @@ class Firewall:
         self.rule_slots = SlotAllocator(
             program_config.max_rules, (r.slot for r in self.rules.values())
         )
+        if self._resynced_after_crash:  # a delete may have been cut short before its zeroing
+            self.maps.reset_rule_counters(list(self.rule_slots.free))
         records = self.store.load_interfaces()
         # Slot 0 counts packets on interfaces with no config entry.
         self.iface_slots = SlotAllocator(
@@ -118,7 +120,7 @@ class Firewall:
         rules = self.store.load_rules()
         self.rules = {r.id: r for r in rules}
         changes = self.index.add(rules)
-        dirty = self._dirty_marker.exists()
+        dirty = self._resynced_after_crash = self._dirty_marker.exists()
         if not dirty and not self.maps.rules_empty():
             log.info("restored %d rules; pinned maps are in step with the store", len(rules))
             return
@@ -195,7 +197,7 @@ class Firewall:
             with self.store.transaction():
                 # The map writes (mostly syscalls, which release the GIL) overlap the
                 # SQLite insert; both must succeed before the commit.
-                writer = _Background(self._write_new_rules, slots, changes)
+                writer = _Background(self.maps.apply, changes)
                 try:
                     self.store.insert_rules(rules)
                 finally:
@@ -223,10 +225,6 @@ class Firewall:
                 raise ConflictError(f"{_describe(s)} appears twice in this request")
             seen.add(key)
 
-    def _write_new_rules(self, slots: list[int], changes: Changes) -> None:
-        self.maps.reset_rule_counters(slots)
-        self.maps.apply(changes)
-
     def delete_rule(self, rule_id: int) -> Rule:
         with self.lock:
             rule = self.get_rule(rule_id)
@@ -236,6 +234,9 @@ class Firewall:
                     with self.store.transaction():
                         self.store.delete_rules([rule_id])
                         self.maps.apply(changes)
+                        # Zeroed now rather than when the slot is reused: a bulk add then
+                        # pays nothing for counters (slots never used are zero already).
+                        self.maps.reset_rule_counter(rule.slot)
                 except BaseException:
                     self._rollback(lambda: self.maps.apply(self.index.add([rule])))
                     raise
@@ -291,7 +292,7 @@ class Firewall:
                     "recreate one of them"
                 )
         flags = abi.IFF_GUARD_L2 if rec.guard_l2 else 0
-        before = self.maps.iface_entries().get(ifindex)
+        before = self.maps.iface_entry(ifindex)
         # Policy first, so the program never runs on this interface without it.
         self.maps.set_iface(
             ifindex, rec.slot, POLICY_CODE[rec.policy], POLICY_CODE[rec.unparsed_policy], flags

@@ -93,12 +93,23 @@ static __always_inline int is_l2_control(struct packet *p)
 
 static __always_inline struct prefix_verdict *lookup_prefix(struct packet *p)
 {
+	/* A host rule is the longest match there can be: the hash answers first. */
 	if (p->eth_proto == ETH_P_IP_BE) {
+		struct host_v4_key h;
+		__builtin_memcpy(h.addr, p->saddr, 4);
+		struct prefix_verdict *v = hosts_v4.lookup(&h);
+		if (v)
+			return v;
 		struct lpm_v4_key k = {.prefixlen = 32};
 		__builtin_memcpy(k.addr, p->saddr, 4);
 		return rules_v4.lookup(&k);
 	}
 	if (p->eth_proto == ETH_P_IPV6_BE) {
+		struct host_v6_key h;
+		__builtin_memcpy(h.addr, p->saddr, 16);
+		struct prefix_verdict *v = hosts_v6.lookup(&h);
+		if (v)
+			return v;
 		struct lpm_v6_key k = {.prefixlen = 128};
 		__builtin_memcpy(k.addr, p->saddr, 16);
 		return rules_v6.lookup(&k);

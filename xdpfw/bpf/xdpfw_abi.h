@@ -52,7 +52,17 @@ struct lpm_v6_key {
 	__u8 addr[16];   /* be */
 };
 
-/* Value of rules_v4/rules_v6, compiled by xdpfw/rules/compile.py: the verdict for packets
+/* Keys of hosts_v4/hosts_v6: a full-length prefix (/32, /128) is the longest possible match,
+ * so it lives in an exact-match hash that is looked up before the trie. */
+struct host_v4_key {
+	__u8 addr[4];  /* be */
+};
+
+struct host_v6_key {
+	__u8 addr[16]; /* be */
+};
+
+/* Value of rules_v4/rules_v6 (and hosts_v4/hosts_v6), compiled by xdpfw/rules/compile.py: the verdict for packets
  * from this prefix that no proto/port rule of port_set matches. */
 struct prefix_verdict {
 	__u32 rule_slot; /* counter slot of the deciding rule, or XDPFW_NO_RULE */
@@ -75,7 +85,7 @@ struct port_verdict {
 	__u8 pad[3];
 };
 
-/* Value of iface_config, keyed by ingress ifindex. */
+/* Value of iface_config, an array indexed by ingress ifindex; all zero = not guarded. */
 struct iface_cfg {
 	__u32 slot;          /* index of iface_counters */
 	__u8 policy;         /* XDPFW_POLICY_*: packets no rule decides */

@@ -52,6 +52,14 @@ class LpmV6Key(ctypes.Structure):
     _fields_ = (("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16))
 
 
+class HostV4Key(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint8 * 4),)
+
+
+class HostV6Key(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint8 * 16),)
+
+
 class PrefixVerdict(ctypes.Structure):
     _fields_ = (
         ("rule_slot", ctypes.c_uint32),
@@ -186,6 +194,8 @@ class DropEvent(ctypes.Structure):
 MAP_TYPES: dict[str, tuple[type, type]] = {
     "rules_v4": (LpmV4Key, PrefixVerdict),
     "rules_v6": (LpmV6Key, PrefixVerdict),
+    "hosts_v4": (HostV4Key, PrefixVerdict),
+    "hosts_v6": (HostV6Key, PrefixVerdict),
     "port_rules": (PortKey, PortVerdict),
     "iface_config": (ctypes.c_uint32, IfaceCfg),
     "rule_counters": (ctypes.c_uint32, Counter),

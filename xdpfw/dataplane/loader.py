@@ -32,6 +32,7 @@ class ProgramConfig:
     max_rules: int = 2_097_152  # per family; also the number of per-rule counter slots
     max_port_rules: int = 65_536
     max_ifaces: int = 256
+    max_ifindex: int = 65_536  # interfaces with a larger ifindex cannot be guarded
     # Load balancer: Maglev table size per service (a prime; >= 65537 in production).
     max_services: int = 64
     max_backends: int = 4096
@@ -49,6 +50,7 @@ class ProgramConfig:
             f"-DMAX_RULES={self.max_rules}",
             f"-DMAX_PORT_RULES={self.max_port_rules}",
             f"-DMAX_IFACES={self.max_ifaces}",
+            f"-DMAX_IFINDEX={self.max_ifindex}",
             f"-DMAX_SERVICES={self.max_services}",
             f"-DMAX_BACKENDS={self.max_backends}",
             f"-DLB_TABLE_SIZE={self.lb_table_size}",

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from xdpfw.dataplane import abi
-from xdpfw.errors import MapFullError, XdpfwError
+from xdpfw.errors import AttachError, MapFullError, XdpfwError
 from xdpfw.rules.compile import Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
 
@@ -48,10 +48,6 @@ def pack_port_key(key: PortKey) -> bytes:
 
 def _htons(v: int) -> int:
     return ((v & 0xFF) << 8) | (v >> 8)
-
-
-def pack_prefix_key(p: Prefix) -> bytes:
-    return (_V4_KEY if p.family == V4 else _V6_KEY).pack(p.length, p.packed())
 
 
 class MapHandle:
@@ -131,12 +127,15 @@ class FirewallMaps:
 
         self.rules_v4 = handle("rules_v4")
         self.rules_v6 = handle("rules_v6")
+        self.hosts_v4 = handle("hosts_v4")
+        self.hosts_v6 = handle("hosts_v6")
         self.port_rules = handle("port_rules")
         self.iface_config = handle("iface_config")
         self.rule_counters = handle("rule_counters")
         self.reason_counters = handle("reason_counters")
         self.iface_counters = handle("iface_counters")
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
+        self.max_ifindex = program.config.max_ifindex
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -147,25 +146,45 @@ class FirewallMaps:
             self._write_ports(ch.ports.items())
         self._write_prefixes(ch.prefixes.items())
         for p in ch.deleted_prefixes:
-            self._trie(p).delete(pack_prefix_key(p))
+            handle, key = self._where(p)
+            handle.delete(key)
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
 
-    def _trie(self, p: Prefix) -> MapHandle:
-        return self.rules_v4 if p.family == V4 else self.rules_v6
+    def _where(self, p: Prefix) -> tuple[MapHandle, bytes]:
+        """The map and key of a prefix: full-length ones go to the host hashes."""
+        if p.family == V4:
+            if p.length == 32:
+                return self.hosts_v4, p.net.to_bytes(4, "big")
+            return self.rules_v4, _V4_KEY.pack(p.length, p.net.to_bytes(4, "big"))
+        if p.length == 128:
+            return self.hosts_v6, p.net.to_bytes(16, "big")
+        return self.rules_v6, _V6_KEY.pack(p.length, p.net.to_bytes(16, "big"))
 
     def _write_prefixes(self, items: Iterable[tuple[Prefix, PrefixValue]]) -> None:
-        v4k, v4v, v6k, v6v = [], [], [], []
+        # One (keys, values) batch per map; the loop is kept flat for million-entry loads.
+        batches: dict[str, tuple[list[bytes], list[bytes]]] = {
+            name: ([], []) for name in ("rules_v4", "rules_v6", "hosts_v4", "hosts_v6")
+        }
+        t4, t6, h4, h6 = (batches[n] for n in ("rules_v4", "rules_v6", "hosts_v4", "hosts_v6"))
         k4, k6, val = _V4_KEY.pack, _V6_KEY.pack, _PREFIX_VALUE.pack
         for p, (slot, action, port_set) in items:
+            v = val(slot, port_set, action)
             if p.family == V4:
-                v4k.append(k4(p.length, p.net.to_bytes(4, "big")))
-                v4v.append(val(slot, port_set, action))
+                if p.length == 32:
+                    h4[0].append(p.net.to_bytes(4, "big"))
+                    h4[1].append(v)
+                else:
+                    t4[0].append(k4(p.length, p.net.to_bytes(4, "big")))
+                    t4[1].append(v)
+            elif p.length == 128:
+                h6[0].append(p.net.to_bytes(16, "big"))
+                h6[1].append(v)
             else:
-                v6k.append(k6(p.length, p.net.to_bytes(16, "big")))
-                v6v.append(val(slot, port_set, action))
-        self.rules_v4.update_many(b"".join(v4k), b"".join(v4v), len(v4k))
-        self.rules_v6.update_many(b"".join(v6k), b"".join(v6v), len(v6k))
+                t6[0].append(k6(p.length, p.net.to_bytes(16, "big")))
+                t6[1].append(v)
+        for name, (keys, vals) in batches.items():
+            getattr(self, name).update_many(b"".join(keys), b"".join(vals), len(keys))
 
     def _write_ports(self, items: Iterable[tuple[PortKey, tuple[int, int]]]) -> None:
         keys, vals = [], []
@@ -175,15 +194,21 @@ class FirewallMaps:
         self.port_rules.update_many(b"".join(keys), b"".join(vals), len(keys))
 
     def rules_empty(self) -> bool:
-        return not self.rules_v4.has_keys() and not self.rules_v6.has_keys()
+        return not any(
+            h.has_keys() for h in (self.rules_v4, self.rules_v6, self.hosts_v4, self.hosts_v6)
+        )
 
     def prefix_keys(self) -> list[Prefix]:
-        """What the tries hold now (used at start-up to remove entries no rule explains)."""
+        """What the tries and host hashes hold now (to remove entries no rule explains)."""
         out = []
         for handle, family, size in ((self.rules_v4, V4, 4), (self.rules_v6, 6, 16)):
             for raw in handle.all_keys():
                 length = int.from_bytes(raw[:4], "little")
                 out.append(Prefix(family, int.from_bytes(raw[4 : 4 + size], "big"), length))
+        for handle, family, bits in ((self.hosts_v4, V4, 32), (self.hosts_v6, 6, 128)):
+            out.extend(
+                Prefix(family, int.from_bytes(raw, "big"), bits) for raw in handle.all_keys()
+            )
         return out
 
     def port_keys(self) -> list[PortKey]:
@@ -196,18 +221,32 @@ class FirewallMaps:
     # -- interfaces -----------------------------------------------------------------------
 
     def set_iface(self, ifindex: int, slot: int, policy: int, unparsed: int, flags: int) -> None:
+        if not 0 < ifindex < self.max_ifindex:
+            raise AttachError(
+                f"ifindex {ifindex} is beyond what the data plane can guard "
+                f"(max_ifindex {self.max_ifindex}; raise limits.max_ifindex)"
+            )
         cfg = abi.IfaceCfg(slot=slot, policy=policy, unparsed_policy=unparsed, flags=flags)
         self.iface_config.update(struct.pack("<I", ifindex), bytes(cfg))
 
     def del_iface(self, ifindex: int) -> None:
-        self.iface_config.delete(struct.pack("<I", ifindex))
+        """An all-zero entry is an unguarded interface (array entries cannot be deleted)."""
+        if 0 < ifindex < self.max_ifindex:
+            self.iface_config.update(struct.pack("<I", ifindex), bytes(abi.IfaceCfg()))
+
+    def iface_entry(self, ifindex: int) -> abi.IfaceCfg | None:
+        raw = self.iface_config.lookup(struct.pack("<I", ifindex))
+        if raw is None or not any(raw):
+            return None
+        return abi.IfaceCfg.from_buffer_copy(raw)
 
     def iface_entries(self) -> dict[int, abi.IfaceCfg]:
+        """Every guarded ifindex (a scan of the array: start-up only)."""
         out = {}
-        for raw in self.iface_config.all_keys():
-            val = self.iface_config.lookup(raw)
-            if val is not None:
-                out[struct.unpack("<I", raw)[0]] = abi.IfaceCfg.from_buffer_copy(val)
+        for ifindex in range(1, self.max_ifindex):
+            cfg = self.iface_entry(ifindex)
+            if cfg is not None:
+                out[ifindex] = cfg
         return out
 
     # -- counters -------------------------------------------------------------------------
