@@ -1,8 +1,8 @@
 /* lpm_min.c: the least a prefix firewall must do, for scripts/bench_fw.py.
  *
  * Parse Ethernet and IPv4, look the source address up once in an LPM trie, drop on a match.
- * The trie is the firewall's own pinned rules_v4 (same PIN_DIR and MAX_RULES -D flags as
- * xdpfw.c), so both programs search the very same prefixes. No VLANs, no IPv6, no counters,
+ * The trie is its own (a PIN_DIR of its own), filled by the benchmark with every prefix the
+ * firewall holds, /32s included (xdpfw keeps those in a hash). No VLANs, no IPv6, no counters,
  * no per-interface policy: what xdpfw costs beyond this is the price of its features.
  */
 #include <uapi/linux/bpf.h>
