@@ -48,6 +48,11 @@ def _verdict(rule: Rule) -> Verdict:
     return (rule.slot, ACTION_CODE[rule.action])
 
 
+def all_plain(rules: list[Rule]) -> bool:
+    """No rule narrows by protocol (and so none by port)."""
+    return not any(r.proto is not None for r in rules)
+
+
 def port_match(rule: Rule) -> PortMatch | None:
     if rule.proto is None:
         return None
@@ -86,6 +91,9 @@ class RuleIndex:
     # -- mutation ---------------------------------------------------------------------------
 
     def add(self, rules: Iterable[Rule]) -> Changes:
+        rules = rules if isinstance(rules, list) else list(rules)
+        if not self.port_rules and not self.port_entries and all_plain(rules):
+            return self._add_plain(rules)
         touched: list[Prefix] = []
         any_rules, port_only = self.any_rules, self.port_only
         for rule in rules:
@@ -104,6 +112,19 @@ class RuleIndex:
             touched.append(p)
         self._count += len(touched)
         return self._recompile(touched)
+
+    def _add_plain(self, rules: list[Rule]) -> Changes:
+        """Plain prefix rules into an index with no port rules at all (a blocklist): nothing
+        inherits, so indexing and compiling are one loop."""
+        changes = Changes()
+        out, values, any_rules = changes.prefixes, self.prefix_values, self.any_rules
+        codes = ACTION_CODE
+        for rule in rules:
+            p = rule.prefix
+            any_rules[p] = rule
+            out[p] = values[p] = (rule.slot, codes[rule.action], NO_PORT_SET)
+        self._count += len(rules)
+        return changes
 
     def remove(self, rules: Iterable[Rule]) -> Changes:
         touched: list[Prefix] = []

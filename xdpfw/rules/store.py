@@ -11,12 +11,14 @@ import itertools
 import sqlite3
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from xdpfw.rules.model import V4, V6, Action, Prefix, Proto, Rule
 
+BATCH_MIN = 1000  # requests with fewer rules get a row per rule
 ACTIONS = {a.value: a for a in Action}
 PROTOS: dict[str, Proto | None] = {p.value: p for p in Proto} | {"": None}
 
@@ -34,6 +36,23 @@ CREATE TABLE IF NOT EXISTS rules (
     slot INTEGER NOT NULL,
     created REAL NOT NULL
 );
+-- A bulk request is stored as rows of packed columns, not a row per rule: a million rules
+-- become a handful of blobs. Deleting one of its rules leaves a tombstone.
+CREATE TABLE IF NOT EXISTS rule_batches (
+    batch INTEGER PRIMARY KEY AUTOINCREMENT,
+    ids BLOB NOT NULL,                   -- uint64 little-endian per rule
+    slots BLOB NOT NULL,                 -- uint32 little-endian per rule
+    families BLOB NOT NULL,              -- one byte per rule: 4 or 6
+    addrs BLOB NOT NULL,                 -- 16 bytes per rule, network order (IPv4 right-aligned)
+    plens BLOB NOT NULL,                 -- one byte per rule
+    proto TEXT NOT NULL DEFAULT '',
+    dport INTEGER NOT NULL DEFAULT 0,
+    action TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deleted_batch_rules (id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS interfaces (
     name TEXT NOT NULL,
     netns TEXT NOT NULL DEFAULT '',      -- '' = the appliance's own namespace
@@ -87,6 +106,28 @@ class Store:
     # -- rules ----------------------------------------------------------------------------
 
     def load_rules(self) -> list[Rule]:
+        rules = self._load_rows() + self._load_batches()
+        rules.sort(key=lambda r: r.id)
+        return rules
+
+    def _load_batches(self) -> list[Rule]:
+        deleted = {i for (i,) in self._db.execute("SELECT id FROM deleted_batch_rules")}
+        out: list[Rule] = []
+        frm = int.from_bytes
+        for ids, slots, fams, addrs, plens, proto, dport, act, comment in self._db.execute(
+            "SELECT ids, slots, families, addrs, plens, proto, dport, action, comment"
+            " FROM rule_batches ORDER BY batch"
+        ):
+            action, pr, dp = ACTIONS[act], PROTOS[proto], dport or None
+            id_list, slot_list = array("Q", ids), array("I", slots)
+            for i, rid in enumerate(id_list):
+                if rid in deleted:
+                    continue
+                prefix = Prefix(fams[i], frm(addrs[16 * i : 16 * i + 16], "big"), plens[i])
+                out.append(Rule(rid, prefix, action, pr, dp, comment, slot_list[i]))
+        return out
+
+    def _load_rows(self) -> list[Rule]:
         rows = self._db.execute(
             "SELECT id, addr, plen, proto, dport, action, comment, slot FROM rules ORDER BY id"
         )
@@ -99,10 +140,47 @@ class Store:
         ]
 
     def last_rule_id(self) -> int:
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='rules'").fetchone()
-        return row[0] if row else 0
+        row = self._db.execute("SELECT value FROM meta WHERE key='last_rule_id'").fetchone()
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='rules'").fetchone()
+        return max(row[0] if row else 0, seq[0] if seq else 0)
 
     def insert_rules(self, rules: Sequence[Rule]) -> None:
+        """Small requests get a row per rule; large ones a batch row per (action, match,
+        comment) group."""
+        if not rules:
+            return
+        if len(rules) < BATCH_MIN:
+            self._insert_rows(rules)
+        else:
+            kinds = {(r.action, r.proto, r.dport, r.comment) for r in rules}
+            for kind in kinds:
+                members = rules if len(kinds) == 1 else [r for r in rules if r[2:6] == kind]
+                self._insert_batch(members, *kind)
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_rule_id', ?)",
+            (max(self.last_rule_id(), max(r.id for r in rules)),),
+        )
+
+    def _insert_batch(self, rules: list[Rule], action, proto, dport, comment) -> None:
+        prefixes = [r.prefix for r in rules]
+        self._db.execute(
+            "INSERT INTO rule_batches (ids, slots, families, addrs, plens, proto, dport,"
+            " action, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                array("Q", [r.id for r in rules]).tobytes(),
+                array("I", [r.slot for r in rules]).tobytes(),
+                bytes([p.family for p in prefixes]),
+                b"".join([p.net.to_bytes(16, "big") for p in prefixes]),
+                bytes([p.length for p in prefixes]),
+                proto.value if proto else "",
+                dport or 0,
+                action.value,
+                comment,
+                time.time(),
+            ),
+        )
+
+    def _insert_rows(self, rules: Sequence[Rule]) -> None:
         """Column-wise binding: a generator of per-row tuples cost more than SQLite itself
         on a million-rule bulk load."""
         n = len(rules)
@@ -124,7 +202,10 @@ class Store:
         )
 
     def delete_rules(self, ids: Iterable[int]) -> None:
-        self._db.executemany("DELETE FROM rules WHERE id = ?", ((i,) for i in ids))
+        for i in ids:
+            if self._db.execute("DELETE FROM rules WHERE id = ?", (i,)).rowcount == 0:
+                # Not a row of its own: it belongs to a batch.
+                self._db.execute("INSERT OR IGNORE INTO deleted_batch_rules (id) VALUES (?)", (i,))
 
     # -- interfaces -----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
@@ -115,7 +116,7 @@ def _bulk_specs(body: bytes, ctype: str, action: Action, comment: str) -> list[R
         prefixes = parse_blocklist(body.decode())
         if not prefixes:
             raise RuleValidationError("the blocklist holds no prefix")
-        return [RuleSpec(p, action, None, None, comment) for p in prefixes]
+        return _plain_specs(prefixes, action, None, None, comment)
     try:
         if b'"rules"' in body[:64]:
             return [r.spec() for r in BulkRules.model_validate_json(body).rules]
@@ -124,7 +125,13 @@ def _bulk_specs(body: bytes, ctype: str, action: Action, comment: str) -> list[R
         raise RuleValidationError(_first_error(e)) from None
     match = RuleMatch(action=bulk.action, proto=bulk.proto, dport=bulk.dport)
     prefixes = parse_prefixes(bulk.prefixes, source="prefixes item")
-    return [RuleSpec(p, match.action, match.proto, match.dport, bulk.comment) for p in prefixes]
+    return _plain_specs(prefixes, match.action, match.proto, match.dport, bulk.comment)
+
+
+def _plain_specs(prefixes, action, proto, dport, comment) -> list[RuleSpec]:
+    """RuleSpecs sharing one match, built in C (RuleSpec._make is tuple.__new__)."""
+    same = (itertools.repeat(v, len(prefixes)) for v in (action, proto, dport, comment))
+    return list(map(RuleSpec._make, zip(prefixes, *same, strict=True)))
 
 
 def _first_error(e: ValidationError) -> str:
