@@ -18,6 +18,7 @@ from xdpfw.api.app import create_app
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.events import EventHub
+from xdpfw.lb.service import LoadBalancer
 from xdpfw.rules.model import parse_prefix
 from xdpfw.service import Firewall, RuleSpec
 
@@ -37,6 +38,11 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
         max_rules=cfg.limits.max_rules,
         max_port_rules=cfg.limits.max_port_rules,
         max_ifaces=cfg.limits.max_ifaces,
+        max_services=cfg.lb.max_services,
+        max_backends=cfg.lb.max_backends,
+        lb_table_size=cfg.lb.table_size,
+        lb_ct_size=cfg.lb.conntrack_size,
+        lb_ct_timeout_s=cfg.lb.conntrack_timeout_s,
     )
 
 
@@ -100,6 +106,7 @@ def serve(opts: ServeOptions) -> None:
     stop_request = {"detach": False}
     pid = pid_file(cfg)
     events: EventHub | None = None
+    lb = None
     try:
         pid.write_text(f"{os.getpid()}\n")
         if added := seed_rules(fw, cfg.rules):
@@ -113,7 +120,12 @@ def serve(opts: ServeOptions) -> None:
         events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
         sockets = [unix_listener(cfg.api.socket)] + [tcp_listener(a) for a in cfg.api.listen]
-        app = create_app(fw, token, events=events)
+        # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
+        # must leave from [lb].netns (a per-thread setting), and health changes do blocking
+        # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
+        lb = LoadBalancer(fw, cfg.lb.netns)
+        lb.start()
+        app = create_app(fw, token, lb=lb, events=events)
         server = uvicorn.Server(
             uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="off")
         )
@@ -133,6 +145,8 @@ def serve(opts: ServeOptions) -> None:
     finally:
         if events is not None:
             events.stop()
+        if lb is not None:
+            lb.close()
         if stop_request["detach"]:
             remove_everything(fw, cfg.state.bpffs_dir)
         else:

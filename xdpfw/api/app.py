@@ -9,17 +9,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from xdpfw.api.routes import events as events_routes
-from xdpfw.api.routes import interfaces, rules, stats
+from xdpfw.api.routes import interfaces, rules, services, stats
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
 from xdpfw.errors import (
     AttachError,
+    BackendUnresolvedError,
     BpffsError,
     CompileError,
     ConflictError,
     MapFullError,
     NotFoundError,
     RuleValidationError,
+    ServiceValidationError,
     VerifierError,
 )
 from xdpfw.metrics import build_registry
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (RuleValidationError, 422),
+    (ServiceValidationError, 422),
+    (BackendUnresolvedError, 422),  # the backend's MAC is unknown; nothing changed
     (NotFoundError, 404),
     (ConflictError, 409),
     (AttachError, 422),  # the requested attachment is not possible; nothing changed
@@ -39,9 +43,10 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
-def create_app(firewall: Firewall, token: str | None = None, events=None) -> FastAPI:
+def create_app(firewall: Firewall, token: str | None = None, events=None, lb=None) -> FastAPI:
     """token: required from TCP clients (unix-socket clients are local root by permission).
-    events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503)."""
+    events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
+    lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404)."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -49,11 +54,14 @@ def create_app(firewall: Firewall, token: str | None = None, events=None) -> Fas
     )
     app.state.firewall = firewall
     app.state.events = events
+    app.state.lb = lb
     app.state.metrics = build_registry(firewall, events)  # other collectors register here
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
     for router in (rules.router, interfaces.router, stats.router):
         app.include_router(router)
     for router in (metrics_routes.router, program_routes.router, events_routes.router):
+        app.include_router(router)
+    for router in (services.router, services.steer_router):
         app.include_router(router)
 
     for exc_type, code in ERROR_STATUS:
