@@ -72,6 +72,17 @@ def test_blocklist_skips_comments_and_names_the_bad_line():
     assert str(e.value).startswith("line 6: "), str(e.value)
 
 
+@pytest.mark.parametrize(
+    "line", ["1.2.3.4/", "1.2.3.4/33", "1.2.3.4/24", "1.2.3", "01.2.3.4", "1.2.3.4/-1", "/24"]
+)
+def test_blocklist_fast_path_refuses_what_parse_prefix_refuses(line):
+    with pytest.raises(RuleValidationError) as fast:
+        parse_blocklist(line)
+    with pytest.raises(RuleValidationError) as slow:
+        parse_prefix(line)
+    assert str(fast.value) == f"line 1: {slow.value}"
+
+
 def test_contains_and_parents():
     p = parse_prefix("10.1.0.0/16")
     assert parse_prefix("10.0.0.0/8").contains(p)

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 
 from xdpfw.errors import RuleValidationError
-from xdpfw.rules.model import Prefix, parse_prefix
+from xdpfw.rules.model import V4, Prefix, parse_prefix
+
+_HOST_BITS_V4 = [(1 << (32 - n)) - 1 for n in range(33)]
+_LENGTHS_V4 = {str(n): n for n in range(33)}
 
 
 def parse_prefixes(lines: Iterable[str], source: str = "line") -> list[Prefix]:
-    """Parse every entry, or fail naming the first bad one (nothing is half-applied)."""
+    """Parse every entry, or fail naming the first bad one (nothing is half-applied).
+
+    Well-formed IPv4 entries take an inlined path (a blocklist is a million of them); anything
+    else, including every malformed entry, goes through parse_prefix and its messages."""
     out: list[Prefix] = []
     append = out.append
+    pton, af4, frm = socket.inet_pton, socket.AF_INET, int.from_bytes
+    host_bits, lengths = _HOST_BITS_V4, _LENGTHS_V4
     for n, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
+        if "#" in line:
+            line = line.split("#", 1)[0]
+        text = line.strip()
         if not text:
             continue
+        addr, slash, plen = text.partition("/")
+        length = lengths.get(plen) if slash else 32
+        if length is not None and ":" not in addr:
+            try:
+                net = frm(pton(af4, addr), "big")
+            except OSError:
+                net = -1
+            if net >= 0 and not net & host_bits[length]:
+                append(Prefix(V4, net, length))
+                continue
         try:
             append(parse_prefix(text))
         except RuleValidationError as e:
