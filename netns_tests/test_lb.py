@@ -12,6 +12,7 @@ Everything is created here, bounded in count and time, and removed at the end.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -126,8 +127,7 @@ def operstate(ns: str, ifname: str) -> str:
         return ip.get_links(nsutil.ifindex(ns, ifname))[0].get_attr("IFLA_OPERSTATE")
 
 
-def build(tag: str) -> Topology:
-    names = [f"xdpfw-lb{tag}-{r}" for r in ("app", "cli", "be1", "be2", "be3", "be4")]
+def build(names: list[str]) -> Topology:
     for n in names:
         nsutil.create_netns(n)
     app, cli, *bes = names
@@ -174,9 +174,10 @@ def topo(tmp_path_factory):
     require_kernel()
     tag = uuid.uuid4().hex[:4]
     pin_dir = f"/sys/fs/bpf/xdpfw-test-lb{tag}"
+    names = [f"xdpfw-lb{tag}-{r}" for r in ("app", "cli", "be1", "be2", "be3", "be4")]
     topo = None
     try:
-        topo = build(tag)
+        topo = build(names)
         cfg = ProgramConfig(pin_dir=pin_dir, max_rules=1024, max_port_rules=256, max_ifaces=16,
                             max_services=8, max_backends=64, lb_table_size=4093,
                             lb_ct_size=8192)
@@ -197,10 +198,10 @@ def topo(tmp_path_factory):
             if topo.fw:
                 topo.fw.detach_all()
                 topo.fw.close()
-            for ns in (topo.appliance, topo.client, *topo.backends, topo.remote):
+        # Also after a failed build: whatever namespaces exist by then go.
+        for ns in names:
+            if ns in nsutil.list_netns():
                 nsutil.remove_netns(ns)
-        import shutil
-
         shutil.rmtree(pin_dir, ignore_errors=True)
 
 
