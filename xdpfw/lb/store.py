@@ -6,14 +6,11 @@ change commits before the API answers, and start-up restores the maps from these
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from xdpfw.db import SqliteDb
 from xdpfw.lb.health import HealthCheckConfig
 
 SCHEMA = """
@@ -87,30 +84,11 @@ class BackendRecord:
     slot: int
 
 
-class LbStore:
+class LbStore(SqliteDb):
+    """The load balancer's tables, in the same database file as the rules."""
+
     def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(
-            Path(path), check_same_thread=False, isolation_level=None, timeout=10
-        )
-        self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        super().__init__(path, SCHEMA)
 
     # -- services -------------------------------------------------------------------------
 

@@ -6,16 +6,14 @@ acknowledged rule survives a crash; start-up loads everything back into the maps
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import sqlite3
-import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from xdpfw.db import SqliteDb
 from xdpfw.rules.model import V4, V6, Action, Prefix, Proto, Rule
 
 BATCH_MIN = 1000  # requests with fewer rules get a row per rule
@@ -78,30 +76,9 @@ class InterfaceRecord:
 
 
 
-class Store:
+class Store(SqliteDb):
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we answer
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Commit on success, roll back on any exception (the caller reverts the maps)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        super().__init__(path, SCHEMA)
 
     # -- rules ----------------------------------------------------------------------------
 
