@@ -11,7 +11,6 @@ from tests import packets as P
 from tests.test_program import add
 from xdpfw import netns as nsutil
 from xdpfw.api.app import create_app
-from xdpfw.metrics import read_counters
 
 pytestmark = pytest.mark.bpf
 
@@ -88,7 +87,6 @@ def test_batched_counter_read_equals_per_slot_lookups(fw, run):
     for i in range(len(rules)):
         for _ in range(i):
             run(P.tcp4(f"203.0.113.{i}", 80))
-    got = {slot: (p, b) for slot, p, b in
-           read_counters(fw.maps.rule_counters, fw.maps.ncpus, fw.rule_slots.high)}
+    got = {slot: (p, b) for slot, p, b in fw.maps.matched_rule_counters(fw.rule_slots.high)}
     want = {r.slot: fw.rule_counter(r) for r in rules if fw.rule_counter(r)[0]}
     assert got == want

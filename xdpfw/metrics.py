@@ -10,10 +10,7 @@ million prefixes would otherwise be a million series of zeros.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
-import struct
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -35,49 +32,10 @@ VERDICT_OF_REASON = {
     "unparsed_drop": "drop",
     "l2_exempt_pass": "pass",
 }
-BATCH = 4096  # counter slots per BPF_MAP_LOOKUP_BATCH call
 
 
 class EventStats(Protocol):
     def metrics(self) -> dict[str, int]: ...
-
-
-def read_counters(handle, ncpus: int, upto: int) -> Iterator[tuple[int, int, int]]:
-    """(slot, packets, bytes) for slots [0, upto) of a per-CPU counter array, summed over CPUs,
-    zeros skipped; in batches of BATCH slots (one syscall each, not one per slot)."""
-    from bcc.libbcc import lib
-
-    vsize = handle.value_size  # ncpus * sizeof(struct counter)
-    keys = (ctypes.c_uint32 * BATCH)()
-    values = ctypes.create_string_buffer(vsize * BATCH)
-    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
-    first = True
-    unpack = struct.Struct(f"<{2 * ncpus}Q").unpack_from
-    while True:
-        count = ctypes.c_uint32(BATCH)
-        rc = lib.bpf_lookup_batch(
-            handle.fd,
-            None if first else ctypes.byref(in_batch),
-            ctypes.byref(out_batch),
-            keys,
-            values,
-            ctypes.byref(count),
-        )
-        err = ctypes.get_errno() if rc != 0 else 0
-        if rc != 0 and err != errno.ENOENT:
-            raise OSError(err, f"reading {handle.name} in batches failed")
-        for i in range(count.value):
-            slot = keys[i]
-            if slot >= upto:
-                return
-            vals = unpack(values, i * vsize)
-            packets = sum(vals[0::2])
-            if packets:
-                yield slot, packets, sum(vals[1::2])
-        if rc != 0 or count.value == 0:  # ENOENT: the last batch
-            return
-        first = False
-        in_batch.value = out_batch.value
 
 
 class FirewallCollector(Collector):
@@ -157,8 +115,7 @@ class FirewallCollector(Collector):
         by = CounterMetricFamily("xdpfw_rule_bytes", "Bytes decided by each rule", labels=labels)
         count = GaugeMetricFamily("xdpfw_rules", "Rules configured", labels=["action"])
         by_slot = {r.slot: r for r in fw.rules.values()}
-        for slot, p, b in read_counters(fw.maps.rule_counters, fw.maps.ncpus,
-                                        fw.rule_slots.high):
+        for slot, p, b in fw.maps.matched_rule_counters(fw.rule_slots.high):
             r = by_slot.get(slot)
             if r is None:
                 continue

@@ -407,11 +407,12 @@ class Firewall:
                 }
                 for a in self.attachments.values()
             ]
-            rules = []
-            for r in self.rules.values():
-                p, b = self.maps.rule_counter(r.slot)
-                if p:
-                    rules.append({"id": r.id, "packets": p, "bytes": b})
+            by_slot = {r.slot: r.id for r in self.rules.values()}
+            rules = [
+                {"id": by_slot[slot], "packets": p, "bytes": b}
+                for slot, p, b in self.maps.matched_rule_counters(self.rule_slots.high)
+                if slot in by_slot
+            ]
         return {
             "actions": {k: {"packets": p, "bytes": b} for k, (p, b) in reasons.items()},
             "interfaces": ifaces,

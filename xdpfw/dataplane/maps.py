@@ -10,7 +10,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from xdpfw.dataplane import abi
 from xdpfw.errors import AttachError, MapFullError, XdpfwError
@@ -23,6 +23,7 @@ _PREFIX_VALUE = struct.Struct("<IIB3x")
 _PORT_KEY = struct.Struct("<IBxH")
 _PORT_VALUE = struct.Struct("<IB3x")
 BATCH_CHUNK = 1 << 16
+COUNTER_BATCH = 4096  # counter slots per BPF_MAP_LOOKUP_BATCH call
 FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
 
@@ -114,6 +115,46 @@ class MapHandle:
             ctypes.memmove(cur, nxt, self.key_size)
             rc = lib.bpf_get_next_key(self.fd, cur, nxt)
         return out
+
+
+def read_percpu_counters(
+    handle: MapHandle, ncpus: int, upto: int
+) -> Iterator[tuple[int, int, int]]:
+    """(slot, packets, bytes) for slots [0, upto) of a per-CPU counter array, summed over CPUs,
+    zeros skipped; in batches of COUNTER_BATCH slots (one syscall each, not one per slot)."""
+    lib = _lib()
+    vsize = handle.value_size  # ncpus * sizeof(struct counter)
+    keys = (ctypes.c_uint32 * COUNTER_BATCH)()
+    values = ctypes.create_string_buffer(vsize * COUNTER_BATCH)
+    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    first = True
+    unpack = struct.Struct(f"<{2 * ncpus}Q").unpack_from
+    while True:
+        count = ctypes.c_uint32(COUNTER_BATCH)
+        rc = lib.bpf_lookup_batch(
+            handle.fd,
+            None if first else ctypes.byref(in_batch),
+            ctypes.byref(out_batch),
+            keys,
+            values,
+            ctypes.byref(count),
+        )
+        err = ctypes.get_errno() if rc != 0 else 0
+        if rc != 0 and err != errno.ENOENT:
+            raise OSError(err, f"reading {handle.name} in batches failed")
+        for i in range(count.value):
+            slot = keys[i]
+            if slot >= upto:
+                return
+            vals = unpack(values, i * vsize)
+            packets = sum(vals[0::2])
+            if packets:
+                yield slot, packets, sum(vals[1::2])
+        if rc != 0 or count.value == 0:  # ENOENT: the last batch
+            return
+        first = False
+        in_batch.value = out_batch.value
+
 
 
 class FirewallMaps:
@@ -263,8 +304,9 @@ class FirewallMaps:
     def rule_counter(self, slot: int) -> tuple[int, int]:
         return self.counter(self.rule_counters, slot)
 
-    def rule_counters_for(self, slots: Sequence[int]) -> dict[int, tuple[int, int]]:
-        return {s: self.rule_counter(s) for s in slots}
+    def matched_rule_counters(self, upto: int) -> Iterator[tuple[int, int, int]]:
+        """(slot, packets, bytes) of every slot below `upto` that counted anything."""
+        return read_percpu_counters(self.rule_counters, self.ncpus, upto)
 
     def reset_rule_counter(self, slot: int) -> None:
         """A reused slot starts from zero: it belongs to a new rule."""
