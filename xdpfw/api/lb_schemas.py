@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from xdpfw.lb.health import HealthCheckConfig, HealthConfigError
 from xdpfw.lb.service import BackendSpec, BackendState, LoadBalancer, ServiceSpec, ServiceState
 from xdpfw.lb.store import HealthSpec
+from xdpfw.proxy.engine import ServiceCounters
 
 BackendStateName = Literal["active", "draining"]
 
@@ -57,7 +59,8 @@ class HealthCheck(_Strict):
 
 
 class BackendCreate(_Strict):
-    address: str = Field(description="the backend's own address; its MAC is resolved via ARP/ND")
+    address: str = Field(description="the backend's own address; its MAC is resolved via ARP/ND "
+                         "(not for forward proxy: any routed address)")
     weight: int = Field(1, ge=0, le=1000)
     state: BackendStateName = "active"
 
@@ -78,7 +81,8 @@ class BackendPublic(BaseModel):
     address: str
     weight: int
     state: BackendStateName
-    resolved: bool = Field(description="its MAC is known; unresolved backends get no traffic")
+    resolved: bool = Field(description="its MAC is known (forward proxy needs none: always "
+                           "true); unresolved backends get no traffic")
     mac: str | None
     interface: str | None
     error: str | None = Field(description="why it is unresolved")
@@ -95,7 +99,7 @@ class BackendPublic(BaseModel):
         n = be.neighbour
         return cls(
             id=be.rec.id, service_id=svc.rec.id, address=be.rec.address, weight=be.rec.weight,
-            state=be.rec.state, resolved=n is not None, mac=n.lladdr if n else None,
+            state=be.rec.state, resolved=n is not None or svc.proxied, mac=n.lladdr if n else None,
             interface=n.ifname if n else None, error=be.error, healthy=be.healthy,
             health_error=be.health_error, in_table=share > 0, share=round(share, 4),
             traffic=Traffic(packets=p, bytes=b),
@@ -107,9 +111,10 @@ class ServiceCreate(_Strict):
     vip: str = Field(description="virtual IP (IPv4 or IPv6) the backends hold on loopback")
     port: int = Field(ge=1, le=65535)
     proto: Literal["tcp", "udp"] = "tcp"
-    forward: Literal["tx", "redirect"] = Field(
+    forward: Literal["tx", "redirect", "proxy"] = Field(
         "tx", description="tx: same L2, bounce out of the receiving NIC; redirect: via the "
-        "backend's own NIC"
+        "backend's own NIC; proxy: terminate TCP on the appliance (the VIP must be one of its "
+        "addresses) and splice each connection to a backend socket in the kernel"
     )
     cpu_steer: list[int] = Field(
         default_factory=list, max_length=8,
@@ -129,6 +134,34 @@ class ServiceCreate(_Strict):
         )
 
 
+class ProxyConnections(BaseModel):
+    accepted: int
+    active: int
+    closed: int
+    backend_failures: int = Field(description="backend refused, unreachable, timed out or none "
+                                  "usable: the client got a clean close")
+    relayed_in_userspace: int = Field(description="connections the kernel would not splice")
+
+
+class ProxyStats(BaseModel):
+    """Forward proxy counters: in sockhash mode read from the BPF maps (sp_conns, sp_traffic)."""
+
+    connections: ProxyConnections
+    bytes_to_backend: int
+    bytes_to_client: int
+    kernel_bytes_to_backend: int = Field(description="moved by the sockhash verdict program")
+    kernel_bytes_to_client: int
+
+    @classmethod
+    def of(cls, c: ServiceCounters) -> ProxyStats:
+        return cls(
+            connections=ProxyConnections(**asdict(c.connections)),
+            bytes_to_backend=c.bytes_to_backend, bytes_to_client=c.bytes_to_client,
+            kernel_bytes_to_backend=c.kernel.bytes_to_backend,
+            kernel_bytes_to_client=c.kernel.bytes_to_client,
+        )
+
+
 class ServicePublic(BaseModel):
     id: int
     name: str
@@ -141,12 +174,20 @@ class ServicePublic(BaseModel):
     backends: list[BackendPublic]
     forwarded: Traffic
     no_backend: Traffic = Field(description="dropped: no usable backend")
+    mode_in_use: Literal["sockhash", "userspace"] | None = Field(
+        None, description="forward proxy: how connections are forwarded (None: not running)")
+    fallback_reason: str | None = Field(
+        None, description="forward proxy: why it relays in user space, or why it is not running")
+    proxy: ProxyStats | None = None
 
     @classmethod
     def of(cls, lb: LoadBalancer, svc: ServiceState) -> ServicePublic:
         c = lb.counters(svc)
         r = svc.rec
+        mode, reason, pc = lb.proxy_status(svc) if svc.proxied else (None, None, None)
         return cls(
+            mode_in_use=mode, fallback_reason=reason or svc.engine_error,
+            proxy=ProxyStats.of(pc) if pc else None,
             id=r.id, name=r.name, vip=r.vip, port=r.port, proto=r.proto, forward=r.forward,
             cpu_steer=list(r.cpu_steer), health_check=HealthCheck.of(r.health),
             backends=[BackendPublic.of(lb, svc, b) for b in svc.backends.values()],

@@ -9,6 +9,12 @@ A backend is in its service's Maglev table when it is `active`, has weight, has 
 and (with health checks) is healthy. `draining` keeps its established flows (conntrack) but
 takes no new ones; deleting a backend clears its slot, so its flows are re-balanced.
 
+Forward mode `proxy` is different: the service never enters the XDP maps (its packets pass to
+the stack), and a ProxyEngine per service listens on VIP:port in [lb].netns, picks a backend
+from the same Maglev table (pick_backend) and splices the two sockets in the kernel (sockhash),
+or relays in user space when the kernel refuses the programs. Its backends need no MAC: they
+may sit behind a router. All proxy services share one SockProxyDataplane, loaded on first use.
+
 Health checks and MAC refreshes run on one thread with its own asyncio loop (`start()`): the
 probes must leave from the backends' network namespace, and that is a per-thread property
 (setns), so they cannot share uvicorn's thread; and the callbacks do blocking map writes and
@@ -20,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -41,10 +49,13 @@ from xdpfw.lb.maglev import build_table
 from xdpfw.lb.neigh import Neighbour, NeighbourUnresolved, resolve
 from xdpfw.lb.store import BackendRecord, HealthSpec, LbStore, ServiceRecord
 from xdpfw.netns import link_mac
+from xdpfw.proxy.engine import EngineError, ProxyEngine, ServiceCounters
+from xdpfw.proxy.loader import SockProxyDataplane, SockProxyError
 
 log = logging.getLogger(__name__)
 
-FORWARD = {"tx": abi.LB_FWD_TX, "redirect": abi.LB_FWD_REDIRECT}
+FORWARD = {"tx": abi.LB_FWD_TX, "redirect": abi.LB_FWD_REDIRECT}  # modes XDP forwards
+FORWARD_MODES = (*FORWARD, "proxy")
 BACKEND_STATES = ("active", "draining")
 CLONE_NEWNET = 0x40000000
 
@@ -109,6 +120,15 @@ class ServiceState:
     rec: ServiceRecord
     backends: dict[int, BackendState] = field(default_factory=dict)
     row: list[int] = field(default_factory=list)  # backend slot per table position, as written
+    # proxy: backend address per table position (None: no backend), replaced whole on every
+    # recompute so the engine's thread reads it without the lock; the engine, or why none runs.
+    proxy_table: tuple[str | None, ...] = ()
+    engine: ProxyEngine | None = None
+    engine_error: str | None = None
+
+    @property
+    def proxied(self) -> bool:
+        return self.rec.forward == "proxy"
 
     def by_address(self, address: str) -> BackendState | None:
         return next((b for b in self.backends.values() if b.rec.address == address), None)
@@ -129,6 +149,7 @@ class LoadBalancer:
         *,
         resolve_timeout_s: float = 2.0,
         refresh_s: float = 10.0,
+        proxy_mode: str = "auto",
     ) -> None:
         from xdpfw.service import SlotAllocator  # the firewall's allocator, same semantics
 
@@ -151,6 +172,9 @@ class LoadBalancer:
         self.checker = HealthChecker(self._on_health, initial_healthy=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.proxy_mode = proxy_mode  # "auto" | "sockhash" | "userspace" (see ProxyEngine)
+        self.proxy_dataplane: SockProxyDataplane | None = None
+        self.proxy_fallback: str | None = None  # why proxy services relay in user space
         self._restore(records, backends)
 
     # -- start-up -------------------------------------------------------------------------
@@ -166,12 +190,14 @@ class LoadBalancer:
                 for b in backends:
                     if b.service_id == rec.id:
                         be = svc.backends[b.id] = BackendState(b)
+                        if svc.proxied:
+                            continue
                         self._resolve_into(be, timeout_s=min(1.0, self.resolve_timeout_s))
                         if be.error:
                             log.error("service %d backend %s: %s", rec.id, b.address, be.error)
                 self.services[rec.id] = svc
                 self._publish_service(svc)
-            wanted = {self._vip(s.rec).key() for s in self.services.values()}
+            wanted = {self._vip(s.rec).key() for s in self.services.values() if not s.proxied}
             for key in self.maps.service_entries():
                 if key not in wanted:
                     self.maps.services.delete(key)
@@ -194,8 +220,9 @@ class LoadBalancer:
                     asyncio.set_event_loop(loop)
                     self._loop = loop
                     loop.run_until_complete(self.checker.start())
+                    # Inside the running loop: the checker refuses calls from outside it.
                     for sid in list(self.services):
-                        self._apply_health(sid)
+                        loop.call_soon(self._apply_health, sid)
                     refresher = loop.create_task(self._refresh_loop())
                     ready.set()
                     loop.run_forever()
@@ -225,8 +252,15 @@ class LoadBalancer:
         self._thread = None
 
     def close(self) -> None:
-        """Stop the control plane; the data plane keeps balancing with the maps as they are."""
+        """Stop the control plane; the data plane keeps balancing with the maps as they are.
+        Proxy services stop: their engines live in this process."""
         self.stop()
+        with self.lock:
+            for svc in self.services.values():
+                self._stop_engine(svc)
+            if self.proxy_dataplane is not None:
+                self.proxy_dataplane.close()
+                self.proxy_dataplane = None
         self.store.close()
 
     def _sync_health(self, service_id: int) -> None:
@@ -268,7 +302,7 @@ class LoadBalancer:
             await asyncio.sleep(self.refresh_s)
             with self.lock:
                 todo = [(s.rec.id, b.rec.id) for s in self.services.values()
-                        for b in s.backends.values()]
+                        if not s.proxied for b in s.backends.values()]
             for sid, bid in todo:
                 try:
                     await asyncio.to_thread(self.refresh_backend, sid, bid)
@@ -279,7 +313,7 @@ class LoadBalancer:
         with self.lock:
             svc = self.services.get(service_id)
             be = svc.backends.get(backend_id) if svc else None
-            if be is None:
+            if be is None or svc.proxied:
                 return
             before = (be.neighbour.lladdr, be.neighbour.ifindex) if be.neighbour else None
             self._resolve_into(be, timeout_s=self.resolve_timeout_s)
@@ -305,7 +339,10 @@ class LoadBalancer:
             addresses = [normalize_address(b.address, "backend address") for b in spec.backends]
             if len(set(addresses)) != len(addresses):
                 raise ConflictError("a backend address appears twice in this request")
-            neighbours = [self._resolve_or_raise(a) for a in addresses]
+            neighbours = [None if spec.forward == "proxy" else self._resolve_or_raise(a)
+                          for a in addresses]
+            if spec.forward == "proxy":
+                self._proxy_dataplane()  # a compile, once: before the DB transaction
             slot = self.service_slots.take(1, "services")[0]
             bslots = self.backend_slots.take(len(addresses), "backends")
             rec = ServiceRecord(0, spec.name, vip, spec.port, spec.proto, spec.forward,
@@ -367,7 +404,7 @@ class LoadBalancer:
             svc = self.get_service(service_id)
             if svc.by_address(address) is not None:
                 raise ConflictError(f"service {service_id} has backend {address} already")
-            neighbour = self._resolve_or_raise(address)
+            neighbour = None if svc.proxied else self._resolve_or_raise(address)
             slot = self.backend_slots.take(1, "backends")[0]
             be: BackendState | None = None
             try:
@@ -454,6 +491,17 @@ class LoadBalancer:
     def backend_counters(self, be: BackendState) -> tuple[int, int]:
         return self.maps.backend_totals(be.rec.slot)
 
+    def proxy_status(self, svc: ServiceState) -> tuple[str | None, str | None,
+                                                         ServiceCounters | None]:
+        """(mode in use, why it is not sockhash, the engine's counters) of a proxy service;
+        the mode is None when no engine runs (svc.engine_error says why)."""
+        eng = svc.engine
+        if eng is None:
+            return None, None, None
+        reason = eng.fallback_reason or (self.proxy_fallback if eng.mode == "userspace"
+                                         else None)
+        return eng.mode, reason, eng.counters()
+
     # -- internals ------------------------------------------------------------------------
 
     def _vip(self, rec: ServiceRecord) -> Vip:
@@ -462,8 +510,14 @@ class LoadBalancer:
     def _check_spec(self, spec: ServiceSpec) -> None:
         if spec.proto not in ("tcp", "udp"):
             raise ServiceValidationError(f"proto must be tcp or udp, got {spec.proto!r}")
-        if spec.forward not in FORWARD:
-            raise ServiceValidationError(f"forward must be tx or redirect, got {spec.forward!r}")
+        if spec.forward not in FORWARD_MODES:
+            raise ServiceValidationError(
+                f"forward must be tx, redirect or proxy, got {spec.forward!r}")
+        if spec.forward == "proxy" and spec.proto != "tcp":
+            raise ServiceValidationError("forward proxy takes tcp services only")
+        if spec.forward == "proxy" and spec.cpu_steer:
+            raise ServiceValidationError(
+                "cpu_steer does not apply to forward proxy: XDP passes its packets untouched")
         if not 0 < spec.port < 65536:
             raise ServiceValidationError(f"port {spec.port} out of 1..65535")
         self._check_cpus(spec.cpu_steer)
@@ -529,6 +583,8 @@ class LoadBalancer:
         return port
 
     def _write_backend(self, svc: ServiceState, be: BackendState) -> None:
+        if svc.proxied:
+            return  # proxied backends are reached by connect(), not by XDP
         n = be.neighbour
         if n is None:
             self.maps.clear_backend(be.rec.slot)
@@ -539,7 +595,7 @@ class LoadBalancer:
         self.maps.set_backend(be.rec.slot, n.lladdr, smac, port, gen=be.rec.id)
 
     def _in_table(self, svc: ServiceState, be: BackendState) -> int:
-        ok = be.rec.state == "active" and be.usable
+        ok = be.rec.state == "active" and (be.usable or svc.proxied)
         if svc.rec.health is not None:
             ok = ok and be.healthy
         return be.rec.weight if ok else 0
@@ -550,6 +606,10 @@ class LoadBalancer:
         table = build_table([(b.rec.address, self._in_table(svc, b)) for b in bes],
                             self.table_size)
         row = [bes[i].rec.slot if i >= 0 else abi.LB_NO_BACKEND for i in table]
+        if svc.proxied:
+            svc.proxy_table = tuple(bes[i].rec.address if i >= 0 else None for i in table)
+            svc.row = row
+            return
         if full or len(svc.row) != len(row):
             self.maps.write_row(svc.rec.slot, row)
         else:
@@ -565,11 +625,19 @@ class LoadBalancer:
                 self.maps.reset_backend_counters(be.rec.slot)
             self._write_backend(svc, be)
         self._recompute(svc, full=True)
+        if svc.proxied:
+            # No lb_services entry: XDP passes the VIP's packets to the engine's socket.
+            self._start_engine(svc, strict=fresh)
+            return
         self._enable_cpus(svc.rec.cpu_steer)
         self.maps.set_service(self._vip(svc.rec), svc.rec.slot, FORWARD[svc.rec.forward],
                               svc.rec.cpu_steer)
 
     def _unpublish_service(self, svc: ServiceState) -> None:
+        if svc.proxied:
+            self._stop_engine(svc)
+            svc.row, svc.proxy_table = [], ()
+            return
         self.maps.del_service(self._vip(svc.rec))
         self.maps.write_row(svc.rec.slot, [abi.LB_NO_BACKEND] * self.table_size)
         for be in svc.backends.values():
@@ -578,4 +646,82 @@ class LoadBalancer:
 
     def _write_config(self) -> None:
         self._enable_cpus(self.steer)
-        self.maps.set_config(len(self.services), self.steer)
+        xdp = sum(1 for s in self.services.values() if not s.proxied)
+        self.maps.set_config(xdp, self.steer)
+
+    # -- forward proxy --------------------------------------------------------------------
+
+    def _proxy_dataplane(self) -> SockProxyDataplane | None:
+        """The sockproxy programs all proxy services share, loaded on first use; None when
+        they relay in user space (configured, or the kernel refused; proxy_fallback says)."""
+        if self.proxy_dataplane is not None or self.proxy_mode == "userspace":
+            return self.proxy_dataplane
+        if self.proxy_fallback is not None:
+            return None
+        try:
+            self.proxy_dataplane = SockProxyDataplane()
+        except SockProxyError as e:
+            if self.proxy_mode == "sockhash":
+                raise ConflictError(f"proxy mode sockhash demanded, but the kernel refused "
+                                    f"the sockhash proxy: {e}") from e
+            self.proxy_fallback = str(e)
+            log.warning("kernel refused the sockhash proxy (%s): proxy services relay in user "
+                        "space", str(e).splitlines()[0])
+        return self.proxy_dataplane
+
+    def _picker(self, svc: ServiceState):
+        """pick_backend for svc's engine: the client's 5-tuple hashed into the Maglev table.
+
+        Runs on the engine's thread without the lock: it reads svc.proxy_table, which
+        _recompute replaces whole. blake2b, not the kernel's jhash: proxied flows never take
+        the XDP path, so only stability matters.
+        """
+        vip, port = svc.rec.vip, svc.rec.port
+
+        def pick(client: tuple[str, int]) -> tuple[str, int]:
+            table = svc.proxy_table
+            if not table:
+                raise LookupError("service has no Maglev table")
+            key = f"{client[0]}|{client[1]}|{vip}|{port}|tcp".encode()
+            h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+            address = table[h % len(table)]
+            if address is None:
+                raise LookupError("no usable backend (none active, weighted and healthy)")
+            return address, port
+
+        return pick
+
+    def _start_engine(self, svc: ServiceState, strict: bool) -> None:
+        """Listen on VIP:port in [lb].netns. strict (a new service): failures raise; else
+        (restore) they are logged and kept in svc.engine_error, and the rest goes on."""
+        try:
+            dp = self._proxy_dataplane()
+        except ConflictError as e:
+            if strict:
+                raise
+            svc.engine_error = str(e)
+            log.error("service %d: %s", svc.rec.id, e)
+            return
+        engine = ProxyEngine(svc.rec.vip, svc.rec.port, self._picker(svc), svc.rec.id,
+                             mode="userspace" if dp is None else "sockhash", dataplane=dp)
+        try:
+            # The listener and the backend sockets live in the namespace of the thread that
+            # calls start() (the engine's thread inherits it).
+            with thread_in_netns(self.netns):
+                engine.start()
+        except EngineError as e:
+            err = e.__cause__.errno if isinstance(e.__cause__, OSError) else None
+            hint = {errno.EADDRNOTAVAIL: " (the VIP must be an address of the appliance"
+                    f"{' in netns ' + self.netns if self.netns else ''})"}.get(err, "")
+            if strict:
+                cls = ConflictError if err == errno.EADDRINUSE else ServiceValidationError
+                raise cls(f"{e}{hint}") from e
+            svc.engine_error = f"{e}{hint}"
+            log.error("%s%s", e, hint)
+            return
+        svc.engine, svc.engine_error = engine, None
+
+    def _stop_engine(self, svc: ServiceState) -> None:
+        if svc.engine is not None:
+            svc.engine.stop()
+            svc.engine = None

@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS lb_services (
     vip TEXT NOT NULL,                   -- normalized address text
     port INTEGER NOT NULL,
     proto TEXT NOT NULL,                 -- tcp | udp
-    forward TEXT NOT NULL,               -- tx | redirect
+    forward TEXT NOT NULL,               -- tx | redirect | proxy
     cpu_steer TEXT NOT NULL DEFAULT '',  -- comma-separated CPUs, '' = none
     health TEXT NOT NULL DEFAULT '',     -- JSON of HealthCheckConfig (+ port), '' = no checks
     slot INTEGER NOT NULL UNIQUE,

@@ -33,7 +33,9 @@ steer_router = APIRouter(prefix="/api/v1/cpu-steer", tags=["services"])
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ServicePublic)
 def create_service(body: ServiceCreate, lb: LbDep) -> ServicePublic:
-    """Backends' MACs are resolved now: an unresolvable backend fails the request (422)."""
+    """Backends' MACs are resolved now: an unresolvable backend fails the request (422).
+    forward proxy resolves no MACs; it listens on VIP:port, which must be free (409) and an
+    address of the appliance (422)."""
     return ServicePublic.of(lb, lb.create_service(body.spec()))
 
 
