@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -181,10 +182,11 @@ class Firewall:
             self._check_new(specs)
             slots = self.rule_slots.take(len(specs), "rules")
             first_id = self._next_id
-            # Rule._make is tuple.__new__: no Python call per rule on a million-rule load.
+            # tuple.__new__(Rule, row) through map(): no Python call per rule at a million.
             ids = range(first_id, first_id + len(specs))
             columns = zip(*specs, strict=True)  # prefix, action, proto, dport, comment
-            rules = list(map(Rule._make, zip(ids, *columns, slots, strict=True)))
+            rows = zip(ids, *columns, slots, strict=True)
+            rules = list(map(tuple.__new__, repeat(Rule), rows))
             changes = self.index.add(rules)
             with self._changing_maps():
                 self._commit_new_rules(rules, slots, changes)
@@ -209,11 +211,24 @@ class Firewall:
             raise
 
     def _check_new(self, specs: Sequence[RuleSpec]) -> None:
-        any_rules = self.index.any_rules
-        seen: set = set()
+        plain = [s.prefix for s in specs if s.proto is None and s.dport is None]
+        if len(plain) == len(specs):  # a blocklist: set operations, in C
+            unique = set(plain)
+            clash = unique & self.index.any_rules.keys()
+            if clash:
+                existing = self.index.any_rules[next(iter(clash))]
+                raise ConflictError(
+                    f"a rule for {_describe(existing)} exists already (id {existing.id})"
+                )
+            if len(unique) < len(plain):
+                seen: set = set()
+                twice = next(p for p in plain if p in seen or seen.add(p))
+                raise ConflictError(f"{twice} appears twice in this request")
+            return
+        seen = set()
         for s in specs:
             if s.proto is None and s.dport is None:
-                key, existing = s.prefix, any_rules.get(s.prefix)
+                key, existing = s.prefix, self.index.any_rules.get(s.prefix)
             else:
                 check_match(s.proto, s.dport)
                 key = (s.prefix, s.proto, s.dport)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from xdpfw.dataplane.abi import ACT_DROP, ACT_NONE, ACT_PASS, NO_PORT_SET, NO_RULE
 from xdpfw.rules.model import Action, Prefix, Rule, ip_proto
@@ -115,14 +116,15 @@ class RuleIndex:
 
     def _add_plain(self, rules: list[Rule]) -> Changes:
         """Plain prefix rules into an index with no port rules at all (a blocklist): nothing
-        inherits, so indexing and compiling are one loop."""
+        inherits, so each rule's entry is its own verdict. Built with zip/dict.update, i.e. in
+        C: a million-rule load spends no Python call per rule here."""
         changes = Changes()
-        out, values, any_rules = changes.prefixes, self.prefix_values, self.any_rules
-        codes = ACTION_CODE
-        for rule in rules:
-            p = rule.prefix
-            any_rules[p] = rule
-            out[p] = values[p] = (rule.slot, codes[rule.action], NO_PORT_SET)
+        prefixes = [r.prefix for r in rules]
+        codes = map(ACTION_CODE.__getitem__, [r.action for r in rules])
+        verdicts = list(zip([r.slot for r in rules], codes, repeat(NO_PORT_SET), strict=False))
+        self.any_rules.update(zip(prefixes, rules, strict=True))
+        self.prefix_values.update(zip(prefixes, verdicts, strict=True))
+        changes.prefixes = dict(zip(prefixes, verdicts, strict=True))
         self._count += len(rules)
         return changes
 

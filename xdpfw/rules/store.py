@@ -7,6 +7,7 @@ acknowledged rule survives a crash; start-up loads everything back into the maps
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from array import array
 from collections.abc import Iterable, Sequence
@@ -129,13 +130,19 @@ class Store(SqliteDb):
         if len(rules) < BATCH_MIN:
             self._insert_rows(rules)
         else:
-            kinds = {(r.action, r.proto, r.dport, r.comment) for r in rules}
+            first = rules[0]
+            kind0 = (first.action, first.proto, first.dport, first.comment)
+            # A blocklist shares one kind: check that without building a tuple per rule.
+            if all(map(kind0.__eq__, map(operator.itemgetter(2, 3, 4, 5), rules))):
+                kinds = {kind0}
+            else:
+                kinds = {(r.action, r.proto, r.dport, r.comment) for r in rules}
             for kind in kinds:
                 members = rules if len(kinds) == 1 else [r for r in rules if r[2:6] == kind]
                 self._insert_batch(members, *kind)
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_rule_id', ?)",
-            (max(self.last_rule_id(), max(r.id for r in rules)),),
+            (max(self.last_rule_id(), rules[0].id, rules[-1].id),),  # ids ascend
         )
 
     def _insert_batch(self, rules: list[Rule], action, proto, dport, comment) -> None:
