@@ -6,12 +6,16 @@
     appliance ns lb1 (10.211.0.1) ---- backend ns 4 (10.211.0.2, VIP2 on lo): redirect mode
 
 The client routes the VIPs via the appliance; the backends answer the client directly (DSR).
+lb0 runs xdpfw in generic mode, except in test_tx_native_on_veth (what native needs on a veth
+is written there).
 Everything is created here, bounded in count and time, and removed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,12 +31,15 @@ from fastapi.testclient import TestClient
 from conftest import require_kernel
 from xdpfw import netns as nsutil
 from xdpfw.api.app import create_app
-from xdpfw.dataplane.attach import Mode
-from xdpfw.dataplane.loader import ProgramConfig
+from xdpfw.dataplane import abi
+from xdpfw.dataplane import attach as xdp_attach
+from xdpfw.dataplane.attach import Mode, link_info
+from xdpfw.dataplane.loader import ProgramConfig, load_program
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.service import Firewall
 
 PY = sys.executable
+XDP_PASS = Path(__file__).resolve().parents[1] / "scripts" / "bench_progs" / "xdp_pass.c"
 VIP, VIP2, PORT = "10.210.100.1", "10.210.100.2", 8080
 CLIENT = "10.210.0.10"
 LB_ADDR, LB2_ADDR, BE4 = "10.210.0.1", "10.211.0.1", "10.211.0.2"
@@ -97,6 +104,8 @@ class Topology:
     client: str
     backends: list[str]  # namespaces of BACKENDS, in order
     remote: str  # backend ns behind lb1 (redirect mode)
+    state_dir: Path | None = None
+    config: ProgramConfig | None = None
     servers: dict[str, subprocess.Popen] = field(default_factory=dict)
     api: TestClient | None = None
     lb: LoadBalancer | None = None
@@ -181,9 +190,10 @@ def topo(tmp_path_factory):
         cfg = ProgramConfig(pin_dir=pin_dir, max_rules=1024, max_port_rules=256, max_ifaces=16,
                             max_services=8, max_backends=64, lb_table_size=4093,
                             lb_ct_size=8192)
-        topo.fw = Firewall(Path(tmp_path_factory.mktemp("lbstate")), cfg)
-        # Generic mode: native XDP_TX/REDIRECT into a veth needs NAPI on the receiving peer
-        # (GRO or an XDP program there); scripts/bench_lb.py measures native.
+        topo.state_dir, topo.config = Path(tmp_path_factory.mktemp("lbstate")), cfg
+        topo.fw = Firewall(topo.state_dir, cfg)
+        # Generic mode: native XDP_TX on a veth needs an XDP program on the peer and full
+        # checksums from the sender (test_tx_native_on_veth).
         topo.fw.attach_interface("lb0", topo.appliance, Mode.GENERIC, policy="pass")
         topo.lb = LoadBalancer(topo.fw, topo.appliance, refresh_s=1.0)
         topo.lb.start()
@@ -321,3 +331,220 @@ def test_redirect_delivers_through_second_nic(topo, service):
     assert svc["backends"][0]["interface"] == "lb1", svc
     result = spread(topo, VIP2, 20)
     assert result["seen"] == {"be4": 20}, f"{result}{evidence(topo, svc['id'])}"
+
+
+# -- native XDP_TX on a veth --------------------------------------------------------------
+
+
+def ethtool_stats(ns: str, ifname: str) -> dict[str, int]:
+    """`ethtool -S`: veth's per-queue XDP counters (xdp_packets, xdp_tx, xdp_tx_errors, ...)."""
+    proc = nsutil.run_in(ns, ["ethtool", "-S", ifname])
+    assert proc.returncode == 0, f"{ns}: ethtool -S {ifname}: {proc.stdout}{proc.stderr}"
+    out = {}
+    for line in proc.stdout.splitlines()[1:]:
+        name, _, val = line.strip().partition(":")
+        if val.strip().isdigit():
+            out[name.removeprefix("rx_queue_0_").removeprefix("tx_queue_0_")] = int(val)
+    return out
+
+
+def test_tx_native_on_veth(topo, service):
+    """Native XDP_TX on a veth delivers when (1) the peer veth has an XDP program, so the kernel
+    schedules its NAPI for the bounced frames (veth_xdp_flush), and (2) the sender computes full
+    TCP checksums: native XDP turns the skb into an xdp_frame and loses CHECKSUM_PARTIAL, so
+    with the client's TX checksum offload on, every SYN arrives with a bad checksum
+    (TcpInCsumErrors at the backend). Without (1): xdp_tx_errors on lb0 (no NAPI) or xdp_tx
+    counted but never received by lbp0 (NAPI from GRO alone)."""
+    app = topo.appliance
+    pin_dir = f"{topo.config.pin_dir}-peer"
+    peer = load_program(ProgramConfig(pin_dir=pin_dir, source=XDP_PASS), entry="xdp_pass")
+    sh(topo.client, "ethtool", "-K", "cli0", "tx", "off")
+    topo.fw.detach_interface("lb0", app)
+    try:
+        xdp_attach.attach("lbp0", app, peer.fd, Mode.NATIVE)
+        topo.fw.attach_interface("lb0", app, Mode.NATIVE, policy="pass")
+        assert link_info("lb0", app)[1] is Mode.NATIVE, link_info("lb0", app)
+        svc = tx_service(service)
+        before_lb0, before_peer = ethtool_stats(app, "lb0"), ethtool_stats(app, "lbp0")
+        n = 60
+        result = spread(topo, VIP, n)
+        lb0, peer_stats = ethtool_stats(app, "lb0"), ethtool_stats(app, "lbp0")
+        tx = lb0["xdp_tx"] - before_lb0["xdp_tx"]
+        counters = (f"\nlb0 xdp_tx +{tx}, xdp_tx_errors "
+                    f"+{lb0['xdp_tx_errors'] - before_lb0['xdp_tx_errors']}; lbp0 xdp_packets "
+                    f"+{peer_stats['xdp_packets'] - before_peer['xdp_packets']}"
+                    f"{evidence(topo, svc['id'])}")
+        assert result["failed"] == 0 and set(result["seen"]) == {"be1", "be2", "be3"}, (
+            f"native tx mode: {result}{counters}")
+        # SYN, ACK, name-line ACK and FIN per connection at least leave through XDP_TX.
+        assert tx >= 3 * n and lb0["xdp_tx_errors"] == before_lb0["xdp_tx_errors"], counters
+    finally:
+        with contextlib.suppress(Exception):
+            topo.fw.detach_interface("lb0", app)
+        xdp_attach.detach("lbp0", app)
+        peer.close()
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        sh(topo.client, "ethtool", "-K", "cli0", "tx", "on")
+        topo.fw.attach_interface("lb0", app, Mode.GENERIC, policy="pass")
+
+
+# -- backend changes with real traffic ----------------------------------------------------
+
+
+class LongLived:
+    """A connection through the VIP that stays open until check() proves it still echoes."""
+
+    def __init__(self, topo: Topology, vip: str = VIP) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", topo.client, PY, "-c", LONG_LIVED, vip, str(PORT)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.backend = self.proc.stdout.readline().strip()
+        assert self.backend in ("be1", "be2", "be3"), (
+            f"long-lived connect: {self.backend!r} {self.proc.stderr.read()}")
+
+    def check(self) -> tuple[bool, str]:
+        out, err = self.proc.communicate("go\n", timeout=10)
+        return out.strip() == "alive", f"{out!r} {err!r}"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def name_of(address: str) -> str:
+    return f"be{BACKENDS.index(address) + 1}"
+
+
+def test_patch_draining_keeps_flows_and_weight_changes_shares(topo, service):
+    svc = tx_service(service)
+    url = f"/api/v1/services/{svc['id']}/backends"
+    by_name = {name_of(b["address"]): b for b in svc["backends"]}
+    conn = LongLived(topo)
+    try:
+        mine = conn.backend
+        r = topo.api.patch(f"{url}/{by_name[mine]['id']}", json={"state": "draining"})
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "draining" and not r.json()["in_table"], r.json()
+        after = spread(topo, VIP, 60)
+        assert mine not in after["seen"] and after["failed"] == 0, (
+            f"{mine} is draining yet took new connections: {after}{evidence(topo, svc['id'])}")
+        alive, said = conn.check()
+        assert alive, (f"the established connection on draining {mine} broke: {said}"
+                       f"{evidence(topo, svc['id'])}")
+    finally:
+        conn.close()
+
+    # Weights 0 / 3 / 1: be1 gets nothing, be2 three quarters, be3 a quarter.
+    for name, weight in (("be1", 0), ("be2", 3), ("be3", 1)):
+        r = topo.api.patch(f"{url}/{by_name[name]['id']}",
+                           json={"weight": weight, "state": "active"})
+        assert r.status_code == 200 and r.json()["weight"] == weight, r.text
+    shares = {name_of(b["address"]): b["share"] for b in topo.api.get(url).json()}
+    assert shares["be1"] == 0 and abs(shares["be2"] - 0.75) < 0.03, f"table shares {shares}"
+    topo.lb.maps.clear_conntrack()  # earlier flows of the same ports must not stick
+    n = 120
+    result = spread(topo, VIP, n)
+    seen = Counter(result["seen"])
+    assert result["failed"] == 0 and seen["be1"] == 0, f"{result}{evidence(topo, svc['id'])}"
+    # 3/4 expected; +-0.15 is about 3.8 standard deviations at n=120.
+    assert 0.60 < seen["be2"] / n < 0.90, (
+        f"be2 (weight 3 of 4) got {seen['be2']} of {n}: {seen}{evidence(topo, svc['id'])}")
+
+
+# -- control-plane restart ----------------------------------------------------------------
+
+
+def conntrack(lb: LoadBalancer) -> dict[bytes, tuple[int, int] | None]:
+    """Every conntrack flow -> (backend slot, generation)."""
+    return {k: lb.maps.flow_backend(abi.LbFlow.from_buffer_copy(k))
+            for k in lb.maps.conntrack.all_keys()}
+
+
+def test_restart_restores_services_backends_table_and_conntrack(topo, service):
+    svc = tx_service(service)
+    sid = svc["id"]
+    be2 = next(b for b in svc["backends"] if b["address"] == BACKENDS[1])
+    r = topo.api.patch(f"/api/v1/services/{sid}/backends/{be2['id']}", json={"weight": 2})
+    assert r.status_code == 200, r.text
+    assert spread(topo, VIP, 30)["failed"] == 0
+    conn = LongLived(topo)
+    try:
+        before = topo.api.get(f"/api/v1/services/{sid}").json()
+        slot = topo.lb.services[sid].rec.slot
+        row = topo.lb.maps.read_row(slot)
+        flows = conntrack(topo.lb)
+        assert flows, "no conntrack entries before the restart"
+
+        # What `xdpfw serve` does on a restart: the control plane goes (maps and attachment
+        # stay), a new one loads from the same state directory and pins.
+        topo.lb.close()
+        topo.fw.close()
+        topo.lb = topo.fw = None
+        topo.fw = Firewall(topo.state_dir, topo.config)
+        topo.lb = LoadBalancer(topo.fw, topo.appliance, refresh_s=1.0)
+        topo.lb.start()
+        topo.api = TestClient(create_app(topo.fw, lb=topo.lb))
+
+        after = topo.api.get(f"/api/v1/services/{sid}").json()
+        keep = ("id", "vip", "port", "proto", "forward", "name")
+        assert {k: after[k] for k in keep} == {k: before[k] for k in keep}, (before, after)
+        fields = ("id", "address", "weight", "state", "mac", "share")
+        want = sorted(tuple(b[f] for f in fields) for b in before["backends"])
+        got = sorted(tuple(b[f] for f in fields) for b in after["backends"])
+        assert got == want, f"backends before the restart {want}, after {got}"
+        assert topo.lb.services[sid].rec.slot == slot
+        new_row = topo.lb.maps.read_row(slot)
+        moved = sum(a != b for a, b in zip(row, new_row, strict=True))
+        assert new_row == row, f"Maglev row changed in {moved} of {len(row)} positions"
+        now = conntrack(topo.lb)
+        changed = {k.hex(): (v, now.get(k)) for k, v in flows.items() if now.get(k) != v}
+        assert not changed, (f"{len(changed)} of {len(flows)} conntrack entries lost or moved "
+                             f"(backend slot, generation): {list(changed.items())[:3]}")
+        alive, said = conn.check()
+        assert alive, f"connection on {conn.backend} broke over the restart: {said}"
+        result = spread(topo, VIP, 30)
+        assert result["failed"] == 0, f"after the restart: {result}{evidence(topo, sid)}"
+    finally:
+        conn.close()
+
+
+# -- CPU steering -------------------------------------------------------------------------
+
+
+def cpumap_kthread_switches(map_fd: int, cpu: int) -> int:
+    """Context switches of the kernel thread cpumap runs for `cpu` (it wakes per batch)."""
+    with open(f"/proc/self/fdinfo/{map_fd}") as f:
+        map_id = next(line.split()[1] for line in f if line.startswith("map_id:"))
+    want = f"cpumap/{cpu}/map:{map_id}"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != want:
+                continue
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        return sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    raise AssertionError(f"no kernel thread {want}")
+
+
+def test_cpu_steer_redirects_passing_flow_and_delivers(topo):
+    """Global steering: traffic of no service (client -> be4, routed by the appliance) is
+    redirected to CPUs through cpu_map, and still reaches its destination."""
+    r = topo.api.put("/api/v1/cpu-steer", json={"cpus": [0, 1]})
+    assert r.status_code == 200 and r.json()["cpus"] == [0, 1], r.text
+    try:
+        fd = topo.lb.maps.cpu_map.fd
+        before = [cpumap_kthread_switches(fd, c) for c in (0, 1)]
+        n = 40
+        proc = nsutil.run_in(topo.client, [PY, "-c", SPREADER, BE4, str(PORT), str(n)],
+                             timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        after = [cpumap_kthread_switches(fd, c) for c in (0, 1)]
+        assert result["seen"] == {"be4": n}, f"steered flows: {result}"
+        woke = sum(after) - sum(before)
+        assert woke > 0, f"cpumap threads did not run: switches {before} -> {after}"
+    finally:
+        r = topo.api.put("/api/v1/cpu-steer", json={"cpus": []})
+        assert r.status_code == 200, r.text

@@ -6,8 +6,8 @@
               flow (conntrack miss: Maglev lookup + LRU insert), and the firewall-only path
               with and without services configured, beside a bare XDP_TX program.
   flood       iperf3 TCP (4 streams, 3 s) from a client namespace: through the appliance in
-              tx mode (generic XDP on the appliance's veth, DSR backend), beside the same
-              flood straight to the backend's own address over the same bridge.
+              tx mode (generic, then native XDP on the appliance's veth, DSR backend), beside
+              the same flood straight to the backend's own address over the same bridge.
 
 Run as root from the repository root; prints a markdown section for docs/perf.md:
     .venv/bin/python scripts/bench_lb.py
@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))  # tests/packets.py builds the frames
 
 from tests import packets as P  # noqa: E402
 from xdpfw import netns as nsutil  # noqa: E402
+from xdpfw.dataplane import attach as xdp_attach  # noqa: E402
 from xdpfw.dataplane.attach import Mode  # noqa: E402
 from xdpfw.dataplane.loader import ProgramConfig, load_program  # noqa: E402
 from xdpfw.dataplane.testrun import test_run  # noqa: E402
@@ -146,13 +147,21 @@ def main() -> None:
         results["xdpfw firewall only, 2 services configured (XDP_PASS)"] = ns_per_packet(
             fd, plain4)
 
-        # Flood in generic mode: with native XDP on the veth lb0 (and an XDP program on its
-        # peer for NAPI), XDP_TX frames were counted but never reached the bridge here.
         fw.attach_interface("lb0", app, Mode.GENERIC, policy="pass")
         direct = iperf(cli, be, BACKEND, args.seconds)
         through = iperf(cli, be, VIP, args.seconds)
         svc = lb.list_services()[0]
         fwd_packets = lb.counters(svc)["forwarded"][0]
+        # Native on a veth needs an XDP program on the peer (lbp0) and full checksums from the
+        # sender (netns_tests/test_lb.py: test_tx_native_on_veth): both paths without offload.
+        peer = load_program(ProgramConfig(pin_dir=pin_dir + "-peer",
+                                          source=BENCH_PROGS / "xdp_pass.c"), entry="xdp_pass")
+        sh(cli, "ethtool", "-K", "cli0", "tx", "off")
+        fw.detach_interface("lb0", app)
+        xdp_attach.attach("lbp0", app, peer.fd, Mode.NATIVE)
+        fw.attach_interface("lb0", app, Mode.NATIVE, policy="pass")
+        direct_nocsum = iperf(cli, be, BACKEND, args.seconds)
+        native = iperf(cli, be, VIP, args.seconds)
 
         print("## Load balancer\n")
         print(f"Kernel {platform.release()}, {os.cpu_count()} CPUs (shared), "
@@ -168,6 +177,10 @@ def main() -> None:
         print(f"| straight to the backend ({BACKEND}) | {direct:.2f} |")
         print(f"| through the appliance, `tx` mode, generic XDP on lb0 (VIP {VIP}) | "
               f"{through:.2f} |")
+        print(f"| straight to the backend, client TX checksum offload off | "
+              f"{direct_nocsum:.2f} |")
+        print(f"| through the appliance, `tx` mode, native XDP on lb0 (XDP_PASS on lbp0), "
+              f"client TX checksum offload off | {native:.2f} |")
         print(f"\nThe service counted {fwd_packets:,} forwarded packets (client->server "
               "direction only: replies go straight back, DSR).")
     finally:
@@ -178,7 +191,7 @@ def main() -> None:
             fw.close()
         for ns in namespaces:
             nsutil.remove_netns(ns)
-        for d in (pin_dir, pin_dir + "-bare"):
+        for d in (pin_dir, pin_dir + "-bare", pin_dir + "-peer"):
             shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
 

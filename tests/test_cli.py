@@ -201,3 +201,37 @@ def test_install_service_writes_a_unit_systemd_accepts(tmp_path, capsys):
     assert p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(), (
         f"systemd-analyze verify: rc={p.returncode}\n{p.stdout}{p.stderr}\n{unit}"
     )
+
+
+def test_services_commands_reach_the_real_routes(xdpfw):
+    body = '{"name": "cli", "vip": "10.96.100.1", "port": 443}'
+    code, out, err = xdpfw("services", "add", body)
+    assert code == 0, err
+    svc = json.loads(out)
+    sid = str(svc["id"])
+    try:
+        assert (svc["vip"], svc["port"], svc["forward"]) == ("10.96.100.1", 443, "tx"), svc
+        code, out, err = xdpfw("services", "list")
+        assert code == 0 and [s["id"] for s in json.loads(out)] == [svc["id"]], (out, err)
+        code, out, err = xdpfw("services", "get", sid)
+        assert code == 0 and json.loads(out)["name"] == "cli", (out, err)
+        code, out, err = xdpfw("services", "backends", sid)
+        assert code == 0 and json.loads(out) == [], (out, err)
+
+        code, out, err = xdpfw("services", "add", body)
+        assert code == 1 and out == "" and err.count("\n") == 1, (code, out, err)
+        assert err.startswith("xdpfw: service 10.96.100.1 tcp port 443 exists already"), err
+        code, _, err = xdpfw("services", "add", "{not json")
+        assert code == 1 and err.startswith("xdpfw: the body is not JSON"), err
+        # 192.0.2.0/24 (TEST-NET-1) answers no ARP here: the API refuses, the CLI says why.
+        code, _, err = xdpfw("services", "add-backend", sid, '{"address": "192.0.2.77"}')
+        assert code == 1 and err.count("\n") == 1 and "192.0.2.77" in err, err
+        code, _, err = xdpfw("services", "update-backend", sid, "999999", "--weight", "2")
+        assert (code, err) == (1, f"xdpfw: service {sid} has no backend with id 999999\n"), err
+        code, _, err = xdpfw("services", "delete-backend", sid, "999999")
+        assert code == 1 and "999999" in err, err
+    finally:
+        code, out, err = xdpfw("services", "delete", sid)
+    assert code == 0 and json.loads(out)["id"] == svc["id"], (out, err)
+    code, _, err = xdpfw("services", "get", sid)
+    assert (code, err) == (1, f"xdpfw: no service with id {sid}\n"), err

@@ -84,6 +84,9 @@ class Client:
     def post(self, path: str, **kw) -> Any:
         return self.request("POST", path, **kw)
 
+    def patch(self, path: str, **kw) -> Any:
+        return self.request("PATCH", path, **kw)
+
     def delete(self, path: str, **kw) -> Any:
         return self.request("DELETE", path, **kw)
 

@@ -350,6 +350,13 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
 # -- services (load balancer: a thin pass-through to /api/v1/services) ----------------------
 
 
+def _json_arg(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise XdpfwError(f"the body is not JSON ({e}): {text!r}") from None
+
+
 def services(args) -> int:
     path = "/api/v1/services"
     with _client(args) as c:
@@ -358,13 +365,17 @@ def services(args) -> int:
         elif args.op == "get":
             r = c.get(f"{path}/{args.id}")
         elif args.op == "add":
-            r = c.post(path, json=json.loads(args.body))
+            r = c.post(path, json=_json_arg(args.body))
         elif args.op == "delete":
             r = c.delete(f"{path}/{args.id}")
         elif args.op == "backends":
             r = c.get(f"{path}/{args.id}/backends")
         elif args.op == "add-backend":
-            r = c.post(f"{path}/{args.id}/backends", json=json.loads(args.body))
+            r = c.post(f"{path}/{args.id}/backends", json=_json_arg(args.body))
+        elif args.op == "update-backend":
+            body = {k: v for k, v in (("weight", args.weight), ("state", args.state))
+                    if v is not None}
+            r = c.patch(f"{path}/{args.id}/backends/{args.backend}", json=body)
         else:  # delete-backend
             r = c.delete(f"{path}/{args.id}/backends/{args.backend}")
     _print_json(r)
@@ -503,6 +514,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("add-backend", parents=[api])
     p.add_argument("id")
     p.add_argument("body", help="the backend as JSON")
+    p.set_defaults(func=services)
+    p = ssub.add_parser("update-backend", parents=[api],
+                        help="change a backend's weight or state (draining keeps its flows)")
+    p.add_argument("id")
+    p.add_argument("backend")
+    p.add_argument("--weight", type=int)
+    p.add_argument("--state", choices=["active", "draining"])
     p.set_defaults(func=services)
     p = ssub.add_parser("delete-backend", parents=[api])
     p.add_argument("id")

@@ -24,6 +24,7 @@ from xdpfw.errors import (
     ServiceValidationError,
     VerifierError,
 )
+from xdpfw.lb.metrics import LbCollector
 from xdpfw.metrics import build_registry
 from xdpfw.service import Firewall
 
@@ -56,6 +57,8 @@ def create_app(firewall: Firewall, token: str | None = None, events=None, lb=Non
     app.state.events = events
     app.state.lb = lb
     app.state.metrics = build_registry(firewall, events)  # other collectors register here
+    if lb is not None:
+        app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
     for router in (rules.router, interfaces.router, stats.router):
         app.include_router(router)
