@@ -19,15 +19,6 @@
 #endif
 #define LB_CT_REFRESH_NS 1000000000ULL /* write last_seen at most once a second per flow */
 
-static __always_inline void lb_count(void *map_lookup_result, __u64 bytes)
-{
-	struct counter *c = map_lookup_result;
-	if (c) {
-		c->packets += 1;
-		c->bytes += bytes;
-	}
-}
-
 static __always_inline __u32 lb_flow_hash(struct lb_flow *f)
 {
 	__u32 ports = ((__u32)f->sport << 16) | f->dport;
@@ -88,21 +79,21 @@ static __always_inline int lb_to_service(struct xdp_md *ctx, struct lb_service *
 	__u32 cidx = svc->slot * XDPFW_LB_SVC_COUNTERS;
 
 	if (svc->steer.count) {
-		lb_count(lb_service_counters.lookup(&cidx), bytes);
+		count(lb_service_counters.lookup(&cidx), bytes);
 		return lb_steer(&svc->steer, hash);
 	}
 	__u32 slot = 0;
 	struct lb_backend *be = lb_pick(svc, f, hash, &slot);
 	if (!be) {
 		cidx += XDPFW_LB_SVC_NO_BACKEND;
-		lb_count(lb_service_counters.lookup(&cidx), bytes);
+		count(lb_service_counters.lookup(&cidx), bytes);
 		return XDP_DROP;
 	}
 	struct ethhdr *eth = (void *)(long)ctx->data;
 	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
 		return XDP_PASS; /* the parser has read it already; this is for the verifier */
-	lb_count(lb_service_counters.lookup(&cidx), bytes);
-	lb_count(lb_backend_counters.lookup(&slot), bytes);
+	count(lb_service_counters.lookup(&cidx), bytes);
+	count(lb_backend_counters.lookup(&slot), bytes);
 	if (svc->fwd == XDPFW_LB_FWD_TX) {
 		__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 		__builtin_memcpy(eth->h_dest, be->dmac, ETH_ALEN);

@@ -24,11 +24,7 @@ struct frag_hdr {
 #include "xdpfw_abi.h"
 #include "maps.h"
 #include "parsing.h"
-#include "lb.h"
-
-#define ICMPV6_ND_FIRST 133 /* router solicitation .. redirect: neighbour discovery */
-#define ICMPV6_ND_LAST  137
-
+/* Adds one packet of `bytes` to a per-CPU counter (lb.h counts with it too). */
 static __always_inline void count(void *map_lookup_result, __u64 bytes)
 {
 	struct counter *c = map_lookup_result;
@@ -37,6 +33,12 @@ static __always_inline void count(void *map_lookup_result, __u64 bytes)
 		c->bytes += bytes;
 	}
 }
+
+#include "lb.h"
+
+#define ICMPV6_ND_FIRST 133 /* router solicitation .. redirect: neighbour discovery */
+#define ICMPV6_ND_LAST  137
+
 
 /* Push 1 drop in sample_rate to user space. Off (rate 0), a drop costs one array lookup more;
  * a full ring buffer loses the event, never the drop or its count. */
