@@ -2,7 +2,7 @@
 
 Every peer runs in a forked child that entered its namespace (pyroute2 setns), so the
 proxy process's /proc/PID/io shows only what the engine itself read and wrote.
-Addresses are 10.81.x on namespaces these tests create; nothing leaves them.
+Addresses are 10.81.x and fd00:81:x:: on namespaces these tests create; nothing leaves them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import re
 import socket
 import threading
 import time
@@ -32,6 +33,10 @@ CLI_IP = "10.81.1.2"
 APP_CLI_IP = "10.81.1.1"
 APP_BE_IP = "10.81.2.1"
 BE_IP = "10.81.2.2"
+CLI_IP6 = "fd00:81:1::2"
+APP_CLI_IP6 = "fd00:81:1::1"
+APP_BE_IP6 = "fd00:81:2::1"
+BE_IP6 = "fd00:81:2::2"
 SVC_PORT = 8080
 BE_PORT = 9090
 DEAD_PORT = 9091  # nothing listens there: connect() gets a RST
@@ -84,9 +89,10 @@ class Child:
         self.proc.join(5)
 
 
-def engine_worker(chan: Connection, backends: list[tuple[str, int]], mode: str,
-                  max_sockets: int | None) -> str:
-    """The appliance: a ProxyEngine answering commands from the test over chan."""
+def engine_worker(chan: Connection, backends: list[tuple[str, int]], listen_host: str,
+                  options: dict[str, Any]) -> str:
+    """The appliance: a ProxyEngine (with ProxyEngine keyword `options`) answering commands
+    from the test over chan."""
     from xdpfw.proxy.engine import ProxyEngine
 
     records: list[str] = []
@@ -95,11 +101,8 @@ def engine_worker(chan: Connection, backends: list[tuple[str, int]], mode: str,
     logging.getLogger("xdpfw.proxy").addHandler(handler)
     logging.getLogger("xdpfw.proxy").setLevel(logging.INFO)
     rr = itertools.cycle(backends)
-    kwargs: dict[str, Any] = {"mode": mode}
-    if max_sockets is not None:
-        kwargs["max_sockets"] = max_sockets
-    eng = ProxyEngine(APP_CLI_IP, SVC_PORT, lambda _addr: next(rr), SERVICE_ID,
-                      connect_timeout=3.0, **kwargs)
+    eng = ProxyEngine(listen_host, SVC_PORT, lambda _addr: next(rr), SERVICE_ID,
+                      connect_timeout=3.0, **options)
     eng.start()
     chan.send(("msg", {"pid": os.getpid(), "mode": eng.mode, "reason": eng.fallback_reason}))
     while True:
@@ -118,8 +121,8 @@ def engine_worker(chan: Connection, backends: list[tuple[str, int]], mode: str,
 
 class Engine:
     def __init__(self, ns: str, backends: list[tuple[str, int]], mode: str = "auto",
-                 max_sockets: int | None = None) -> None:
-        self.child = Child(ns, engine_worker, backends, mode, max_sockets)
+                 listen_host: str = APP_CLI_IP, **options: Any) -> None:
+        self.child = Child(ns, engine_worker, backends, listen_host, {"mode": mode, **options})
         info = self.child.recv(60)
         self.pid: int = info["pid"]
         self.mode: str = info["mode"]
@@ -189,16 +192,20 @@ def _bulk(sock: socket.socket, nbytes: int) -> dict[str, Any]:
     return {"sent_sha": sent.hexdigest(), "recv_sha": got.hexdigest(), "received": received}
 
 
-def bulk_backend(chan: Connection, nbytes: int) -> dict[str, Any]:
-    with socket.create_server((BE_IP, BE_PORT)) as srv:
+def bulk_backend(chan: Connection, nbytes: int, host: str = BE_IP) -> dict[str, Any]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, BE_PORT), family=family) as srv:
         srv.settimeout(SOCK_TIMEOUT)
         chan.send(("msg", "listening"))
         conn, _ = srv.accept()
     return _bulk(conn, nbytes)
 
 
-def bulk_client(chan: Connection, nbytes: int) -> dict[str, Any]:
-    return _bulk(socket.create_connection((APP_CLI_IP, SVC_PORT), timeout=SOCK_TIMEOUT), nbytes)
+def bulk_client(chan: Connection, nbytes: int, service_ip: str = APP_CLI_IP) -> dict[str, Any]:
+    sock = socket.create_connection((service_ip, SVC_PORT), timeout=SOCK_TIMEOUT)
+    peer = sock.getpeername()[0]
+    assert peer == service_ip, f"connected to {peer}, not {service_ip}"
+    return _bulk(sock, nbytes)
 
 
 def recv_to_eof(sock: socket.socket) -> bytes:
@@ -261,6 +268,15 @@ def banner_client(chan: Connection, upload_size: int) -> dict[str, Any]:
     sock.close()
     return {"banner_sha": hashlib.sha256(banner).hexdigest(),
             "upload_sha": hashlib.sha256(upload).hexdigest(), "after_eof": len(rest)}
+
+
+def idle_client(chan: Connection) -> str:
+    """Connect, report, and hold the connection until the test says so."""
+    sock = socket.create_connection((APP_CLI_IP, SVC_PORT), timeout=SOCK_TIMEOUT)
+    chan.send(("msg", "connected"))
+    chan.recv()
+    sock.close()
+    return "closed"
 
 
 def refused_client(chan: Connection) -> str:
@@ -348,8 +364,10 @@ class Topology:
 def topo(make_netns: Callable[[str], str]) -> Topology:
     t = Topology(make_netns("cli"), make_netns("app"), make_netns("be"))
     A = nsutil.Addr
-    nsutil.veth_pair(t.app, "to-cli", t.cli, "to-app", [A(APP_CLI_IP, 24)], [A(CLI_IP, 24)])
-    nsutil.veth_pair(t.app, "to-be", t.be, "to-app", [A(APP_BE_IP, 24)], [A(BE_IP, 24)])
+    nsutil.veth_pair(t.app, "to-cli", t.cli, "to-app", [A(APP_CLI_IP, 24), A(APP_CLI_IP6, 64)],
+                     [A(CLI_IP, 24), A(CLI_IP6, 64)])
+    nsutil.veth_pair(t.app, "to-be", t.be, "to-app", [A(APP_BE_IP, 24), A(APP_BE_IP6, 64)],
+                     [A(BE_IP, 24), A(BE_IP6, 64)])
     return t
 
 
@@ -381,10 +399,11 @@ def start_engine(children: list, ns: str, backends: list[tuple[str, int]],
     return e
 
 
-def run_bulk(children: list, topo: Topology, nbytes: int) -> tuple[dict, dict]:
-    backend = start(children, topo.be, bulk_backend, nbytes)
+def run_bulk(children: list, topo: Topology, nbytes: int, service_ip: str = APP_CLI_IP,
+             backend_ip: str = BE_IP) -> tuple[dict, dict]:
+    backend = start(children, topo.be, bulk_backend, nbytes, backend_ip)
     assert backend.recv() == "listening"
-    client = start(children, topo.cli, bulk_client, nbytes)
+    client = start(children, topo.cli, bulk_client, nbytes, service_ip)
     return client.result(120), backend.result(120)
 
 
@@ -405,14 +424,26 @@ def assert_spliced_if(mode: str, state: dict, to_backend: int, to_client: int) -
     assert c.connections.relayed_in_userspace == 0, c.connections
     assert (c.kernel.bytes_to_backend, c.kernel.bytes_to_client) == (to_backend, to_client), (
         f"sp_traffic {c.kernel} != ({to_backend}, {to_client})")
+    assert c.kernel.no_peer == 0 and c.kernel.redirect_failed == 0, (
+        f"skbs not redirected: {c.kernel}")
 
 
 # --- tests ---------------------------------------------------------------------------------
 
+# ProxyEngine options per proxy flavour: both ways of attaching the kernel splice, and the
+# user-space relay as the reference.
+PROXIES: dict[str, dict[str, Any]] = {
+    "sockhash-verdict": {"mode": "sockhash", "attach": "verdict"},
+    "sockhash-stream": {"mode": "sockhash", "attach": "stream"},
+    "userspace": {"mode": "userspace"},
+}
 
-def test_100mb_each_way_spliced_intact_and_counted(topo: Topology, children: list) -> None:
+
+@pytest.mark.parametrize("attach", ["verdict", "stream"])
+def test_100mb_each_way_spliced_intact_and_counted(topo: Topology, children: list,
+                                                   attach: str) -> None:
     nbytes = 100 * MiB
-    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash")
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash", attach=attach)
     assert eng.mode == "sockhash"
     cli, be = run_bulk(children, topo, nbytes)
     state = eng.wait_idle(accepted=1)
@@ -508,9 +539,10 @@ def test_payload_never_enters_proxy_process(topo: Topology, children: list) -> N
         f"(each byte is received and sent): {moved['userspace']}")
 
 
-@pytest.mark.parametrize("mode", ["sockhash", "userspace"])
-def test_client_half_close_propagates(topo: Topology, children: list, mode: str) -> None:
-    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode=mode)
+@pytest.mark.parametrize("proxy", sorted(PROXIES))
+def test_client_half_close_propagates(topo: Topology, children: list, proxy: str) -> None:
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], **PROXIES[proxy])
+    mode = eng.mode
     backend = start(children, topo.be, half_close_backend, 3 * MiB)
     assert backend.recv() == "listening"
     client = start(children, topo.cli, half_close_client, 5 * MiB)
@@ -522,9 +554,10 @@ def test_client_half_close_propagates(topo: Topology, children: list, mode: str)
     assert_spliced_if(mode, state, to_backend=5 * MiB, to_client=3 * MiB)
 
 
-@pytest.mark.parametrize("mode", ["sockhash", "userspace"])
-def test_backend_half_close_propagates(topo: Topology, children: list, mode: str) -> None:
-    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode=mode)
+@pytest.mark.parametrize("proxy", sorted(PROXIES))
+def test_backend_half_close_propagates(topo: Topology, children: list, proxy: str) -> None:
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], **PROXIES[proxy])
+    mode = eng.mode
     backend = start(children, topo.be, banner_backend, 2 * MiB)
     assert backend.recv() == "listening"
     client = start(children, topo.cli, banner_client, 4 * MiB)
@@ -535,6 +568,46 @@ def test_backend_half_close_propagates(topo: Topology, children: list, mode: str
         f"upload after the backend's half-close differs; proxy state {state}")
     assert cli["after_eof"] == 0, cli
     assert_spliced_if(mode, state, to_backend=4 * MiB, to_client=2 * MiB)
+
+
+@pytest.mark.parametrize("backend_ip", [BE_IP6, BE_IP], ids=["v6-backend", "v4-backend"])
+def test_ipv6_client_spliced_intact_and_counted(topo: Topology, children: list,
+                                                backend_ip: str) -> None:
+    """An IPv6 listener, spliced to an IPv6 backend and (family change) to an IPv4 one."""
+    nbytes = 32 * MiB
+    eng = start_engine(children, topo.app, [(backend_ip, BE_PORT)], mode="sockhash",
+                       listen_host=APP_CLI_IP6)
+    assert eng.mode == "sockhash"
+    cli, be = run_bulk(children, topo, nbytes, service_ip=APP_CLI_IP6, backend_ip=backend_ip)
+    state = eng.wait_idle(accepted=1)
+    assert_bulk_intact(cli, be, nbytes, state)
+    assert_spliced_if("sockhash", state, nbytes, nbytes)
+    assert state["maps"] == {"sp_peers": 0, "sp_socks": 0, "sp_splice": 0}, state["maps"]
+
+
+def test_spliced_sockets_get_the_splice_send_buffer(topo: Topology, children: list) -> None:
+    """Both spliced sockets carry SO_SNDBUF = splice_sndbuf (doubled by the kernel), so that a
+    full send buffer does not idle the psock backlog worker (see loader.SPLICE_SNDBUF)."""
+    from xdpfw.proxy.loader import SPLICE_SNDBUF
+
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash")
+    backend = start(children, topo.be, echo_backend, 1)
+    assert backend.recv() == "listening"
+    client = start(children, topo.cli, idle_client)
+    assert client.recv() == "connected"
+    spliced = nsutil.wait_until(lambda: eng.state().get("maps", {}).get("sp_splice") == 2, 10)
+    assert spliced, f"connection not spliced: {eng.state()}"
+    argv = ["ss", "-Htmn", "state", "established",
+            f"( sport = :{SVC_PORT} or dport = :{BE_PORT} )"]
+    ss = nsutil.run_in(topo.app, argv)
+    sndbufs = [int(m) for m in re.findall(r"\btb(\d+)", ss.stdout)]
+    client.chan.send("go")
+    assert client.result(30) == "closed"
+    assert backend.result(30) == {"peak": 1, "finished": 1}
+    assert sndbufs == [2 * SPLICE_SNDBUF] * 2, (
+        f"send buffers {sndbufs}, expected two of {2 * SPLICE_SNDBUF}; "
+        f"{' '.join(argv)}:\n{ss.stdout}{ss.stderr}")
+    eng.wait_idle(accepted=1)
 
 
 def test_200_concurrent_connections(topo: Topology, children: list) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import re
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,18 @@ def test_kernel_refusing_a_map_is_a_typed_error() -> None:
     with pytest.raises(MapCreateError) as info:
         SockProxyDataplane(max_sockets=2**31)
     assert info.value.errno == errno.E2BIG, f"errno {info.value.errno}, message: {info.value}"
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("attach", ["verdict", "stream"])
+def test_program_the_verifier_refuses_raises_verifier_error_with_log(attach: str) -> None:
+    from xdpfw.proxy.loader import SockProxyDataplane, VerifierError
+
+    broken = Path(__file__).parent / "data" / "sockproxy_unchecked_lookup.c"
+    with pytest.raises(VerifierError) as info:
+        SockProxyDataplane(max_sockets=64, max_services=8, attach=attach, source=broken)
+    err = info.value
+    assert "sp_verdict" in str(err), f"message does not name the program: {err}"
+    # The kernel's own words for a NULL-unchecked map value, not a message made up here.
+    assert "map_value_or_null" in err.log, f"verifier log lacks the reason:\n{err.log}"
+    assert err.errno == errno.EACCES, f"errno {err.errno}, message: {err}"

@@ -4,10 +4,15 @@
  *   1. both go into sp_socks (redirect targets; no programs attached, so nothing is
  *      intercepted yet and bytes that arrive meanwhile wait in the receive queue);
  *   2. sp_peers gets cookie -> peer entries for both;
- *   3. both go into sp_splice, which carries the stream parser and verdict programs.
+ *   3. both go into sp_splice, which carries the verdict program (attached as
+ *      BPF_SK_SKB_VERDICT by default, or as stream parser + stream verdict).
  * Step 1 before 3 means the first skb a verdict sees always finds its peer in sp_socks.
  * The kernel removes a socket from both sockhashes when it closes; user space deletes the
  * sp_peers entries when it closes the pair.
+ *
+ * Redirects are to the peer's egress (flags 0): the kernel queues the skb on the peer's psock
+ * and its backlog worker transmits it. BPF_F_INGRESS would instead queue the bytes for the
+ * peer socket's own reader, i.e. back to user space.
  */
 #include "sockproxy_abi.h"
 
@@ -26,22 +31,30 @@ BPF_PERCPU_HASH(sp_traffic, __u32, struct sp_traffic, SP_MAX_SERVICES);
  * definition of every map lives in this file). */
 BPF_HASH(sp_conns, __u32, struct sp_conns, SP_MAX_SERVICES);
 
-/* One message per skb: the proxy has no framing, it moves whatever arrived. */
+/* Stream-parser attach only. One message per skb: the proxy has no framing, it moves
+ * whatever arrived. */
 int sp_parser(struct __sk_buff *skb)
 {
 	return skb->len;
 }
 
+/* Why a verdict was not a plain redirect (record_verdict's `reason`). */
+#define REASON_REDIRECT 0
+#define REASON_NO_PEER 1
+#define REASON_EMPTY 2
+
 static __always_inline int record_verdict(__u32 service_id, __u32 direction, __u32 len,
-					  int verdict, int no_peer)
+					  int verdict, int reason)
 {
 	struct sp_traffic zero = {};
 	struct sp_traffic *t = sp_traffic.lookup_or_try_init(&service_id, &zero);
 
 	if (!t)
 		return verdict;
-	if (no_peer)
+	if (reason == REASON_NO_PEER)
 		t->no_peer++;
+	else if (reason == REASON_EMPTY)
+		t->empty_skbs++;
 	else if (verdict != SK_PASS)
 		t->redirect_failed++;
 	else if (direction == SP_DIR_TO_BACKEND) {
@@ -63,10 +76,19 @@ int sp_verdict(struct __sk_buff *skb)
 	/* Not expected (entries are written before a socket joins sp_splice): hand the bytes
 	 * to the socket's own reader rather than lose them, and count it. */
 	if (!peer)
-		return record_verdict(SP_SERVICE_UNKNOWN, 0, skb->len, SK_PASS, 1);
+		return record_verdict(SP_SERVICE_UNKNOWN, 0, skb->len, SK_PASS,
+				      REASON_NO_PEER);
+
+	/* Verdict-only attach hands over a FIN without payload as a zero-length skb. Redirected,
+	 * the peer's backlog worker gets 0 from skb_send_sock(), takes it for a hard error, sets
+	 * EPIPE on the peer socket and stops transmitting: half-close would break. The FIN is
+	 * already in the socket state (EPOLLRDHUP), from which user space propagates it. */
+	if (skb->len == 0)
+		return record_verdict(peer->service_id, peer->direction, 0, SK_DROP,
+				      REASON_EMPTY);
 
 	peer_cookie = peer->peer_cookie;
 	/* Flags 0: egress, i.e. the bytes are transmitted on the peer socket. */
 	return record_verdict(peer->service_id, peer->direction, skb->len,
-			      sp_socks.sk_redirect_hash(skb, &peer_cookie, 0), 0);
+			      sp_socks.sk_redirect_hash(skb, &peer_cookie, 0), REASON_REDIRECT);
 }

@@ -34,6 +34,7 @@ struct sp_traffic {
 	__u64 skbs_to_client;
 	__u64 no_peer;         /* skb on a spliced socket with no sp_peers entry: passed up */
 	__u64 redirect_failed; /* peer socket no longer in sp_socks: bytes dropped */
+	__u64 empty_skbs;      /* zero-length skb (a bare FIN, verdict-only attach): dropped */
 };
 
 /* Value of sp_conns (keyed by service id): written only by the user-space engine. */

@@ -36,6 +36,7 @@ class SpTraffic(ct.Structure):
         ("skbs_to_client", ct.c_uint64),
         ("no_peer", ct.c_uint64),
         ("redirect_failed", ct.c_uint64),
+        ("empty_skbs", ct.c_uint64),
     )
 
 

@@ -29,6 +29,8 @@ from typing import Literal
 
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 from xdpfw.proxy.loader import (
+    SPLICE_SNDBUF,
+    Attach,
     ConnCounters,
     SockProxyDataplane,
     SockProxyError,
@@ -137,7 +139,8 @@ class ProxyEngine:
     warning; "sockhash" raises EngineError instead of falling back; "userspace" never loads
     BPF. `mode` reports what actually runs. Pass `dataplane` to share one loaded
     SockProxyDataplane between services; otherwise the engine loads (and unloads) its own,
-    sized for max_sockets spliced sockets (two per connection).
+    sized for max_sockets spliced sockets (two per connection), with `attach` and
+    `splice_sndbuf` (see loader.py).
     """
 
     def __init__(
@@ -152,6 +155,8 @@ class ProxyEngine:
         connect_timeout: float = 5.0,
         backlog: int = 1024,
         max_sockets: int = SP_MAX_SOCKETS,
+        attach: Attach = "verdict",
+        splice_sndbuf: int | None = SPLICE_SNDBUF,
     ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -161,6 +166,8 @@ class ProxyEngine:
         self.connect_timeout = connect_timeout
         self.backlog = backlog
         self.max_sockets = max_sockets
+        self.attach = attach
+        self.splice_sndbuf = splice_sndbuf
         self._dataplane = dataplane
         self._owns_dataplane = False
         self._mode: Mode | None = None
@@ -256,7 +263,9 @@ class ProxyEngine:
             return "userspace"
         if self._dataplane is None:
             try:
-                self._dataplane = SockProxyDataplane(max_sockets=self.max_sockets)
+                self._dataplane = SockProxyDataplane(max_sockets=self.max_sockets,
+                                                     attach=self.attach,
+                                                     splice_sndbuf=self.splice_sndbuf)
                 self._owns_dataplane = True
             except SockProxyError as e:
                 if self.requested_mode == "sockhash":
@@ -422,9 +431,10 @@ class ProxyEngine:
         events = await self._wait_hup(src)
         if events & select.EPOLLERR or src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             raise ConnectionAborted("reset")
-        # FIN seen. Every byte before it was read by the stream parser once the receive
-        # queue is empty, but the redirect is asynchronous: wait until the other socket
-        # has taken all of them into its send queue, or a FIN would overtake them.
+        # FIN seen. Every byte before it was handed to the verdict once the receive queue is
+        # empty, but the redirect is asynchronous (the peer's psock backlog worker sends):
+        # wait until the other socket has taken all of them into its send queue, or a FIN
+        # would overtake them. The bare FIN itself is dropped by sp_verdict.
         # tcpi_bytes_received counts the FIN's sequence number too, hence the - 1.
         payload = _bytes_received(src) - 1
         delay = 0.0005

@@ -17,14 +17,34 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from xdpfw.proxy import abi
 
 SO_COOKIE = 57  # <asm-generic/socket.h>; the socket module does not export it
+SO_SNDBUFFORCE = 32  # likewise; SO_SNDBUF beyond net.core.wmem_max (needs CAP_NET_ADMIN)
 BPF_NOEXIST = 1
 # Kernel attach types (enum bpf_attach_type) for programs attached to a sockhash.
 SK_SKB_STREAM_PARSER = 4
 SK_SKB_STREAM_VERDICT = 5
+SK_SKB_VERDICT = 38  # Linux >= 5.13
+
+# "verdict": the verdict program alone; the kernel hands it each skb from tcp_read_skb(),
+# no strparser, no clone. "stream": strparser + stream verdict (older kernels).
+Attach = Literal["verdict", "stream"]
+ATTACH_PROGRAMS: dict[str, tuple[tuple[str, int], ...]] = {
+    "verdict": (("sp_verdict", SK_SKB_VERDICT),),
+    "stream": (("sp_parser", SK_SKB_STREAM_PARSER), ("sp_verdict", SK_SKB_STREAM_VERDICT)),
+}
+
+# SO_SNDBUF asked for on both spliced sockets (the kernel doubles it). When the peer's send
+# buffer is full, the psock backlog worker that transmits redirected skbs re-arms itself
+# with a one-jiffy timer, and write-space wake-ups are ignored while that timer is pending:
+# each full send buffer costs up to 1/HZ of silence. The buffer must hold more than a jiffy
+# of traffic (4 ms at HZ=250 is 10 MB at 20 Gbit/s). It is a ceiling, not an allocation:
+# memory is only used while the receiving end is slower than the sending one.
+SPLICE_SNDBUF = 8 * 1024 * 1024
 
 # fd 2 is process-wide: one capture at a time.
 _stderr_lock = threading.Lock()
@@ -98,6 +118,7 @@ class TrafficCounters:
     skbs_to_client: int = 0
     no_peer: int = 0
     redirect_failed: int = 0
+    empty_skbs: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,9 +137,18 @@ class SockProxyDataplane:
     """
 
     def __init__(self, *, max_sockets: int = abi.SP_MAX_SOCKETS,
-                 max_services: int = abi.SP_MAX_SERVICES) -> None:
+                 max_services: int = abi.SP_MAX_SERVICES, attach: Attach = "verdict",
+                 splice_sndbuf: int | None = SPLICE_SNDBUF,
+                 source: Path = abi.PROGRAM_SOURCE) -> None:
+        """attach: see Attach. splice_sndbuf: SO_SNDBUF for spliced sockets (None: leave the
+        kernel's autotuning alone). source: the C file; only tests pass another."""
         from bcc import BPF  # the one place bcc is imported
 
+        if attach not in ATTACH_PROGRAMS:
+            raise ValueError(f"attach must be one of {sorted(ATTACH_PROGRAMS)}, not {attach!r}")
+        self.attach = attach
+        self.splice_sndbuf = splice_sndbuf
+        self.source = source
         self._lock = threading.Lock()
         self._attached: list[tuple[object, int]] = []
         cflags = [
@@ -126,17 +156,18 @@ class SockProxyDataplane:
             f"-DSP_MAX_SOCKETS={int(max_sockets)}",
             f"-DSP_MAX_SERVICES={int(max_services)}",
         ]
-        src = abi.PROGRAM_SOURCE.read_bytes()
+        src = source.read_bytes()
         ct.set_errno(0)  # BCC reports map-creation failures only through errno
         with capture_fd2() as out:
             try:
                 self.bpf = BPF(text=src, cflags=cflags)
             except Exception as e:
                 err = ct.get_errno() or None
-                raise self._classify_module_error(e, err, out) from e
+                raise self._classify_module_error(e, err, out, source) from e
         try:
             self._fns = {}
-            for name in ("sp_parser", "sp_verdict"):
+            progs = ATTACH_PROGRAMS[attach]
+            for name, _ in progs:
                 failure: Exception | None = None
                 ct.set_errno(0)
                 with capture_fd2() as out:
@@ -151,10 +182,7 @@ class SockProxyDataplane:
                 name: self._map_fd(name)
                 for name in ("sp_socks", "sp_splice", "sp_peers", "sp_traffic", "sp_conns")
             }
-            # Stream parser + verdict, not verdict-only (SK_SKB_VERDICT): the engine's
-            # half-close flush check relies on strparser's receive-queue accounting.
-            for name, attach_type in (("sp_parser", SK_SKB_STREAM_PARSER),
-                                      ("sp_verdict", SK_SKB_STREAM_VERDICT)):
+            for name, attach_type in progs:
                 try:
                     BPF.attach_func(self._fns[name], self._fd["sp_splice"], attach_type)
                 except Exception as e:
@@ -169,11 +197,12 @@ class SockProxyDataplane:
             raise
 
     @staticmethod
-    def _classify_module_error(e: Exception, err: int | None, out: list[str]) -> SockProxyError:
+    def _classify_module_error(e: Exception, err: int | None, out: list[str],
+                               source: Path) -> SockProxyError:
         """BCC raises one message for clang failures and map-creation failures alike."""
         text = "".join(out)
         if "error:" in text or not err:
-            return CompileError(f"cannot compile {abi.PROGRAM_SOURCE.name} ({e})", err=err,
+            return CompileError(f"cannot compile {source.name} ({e})", err=err,
                                 log=text)
         # Compiled fine, then the kernel refused a map (errno from bpf(BPF_MAP_CREATE)).
         return MapCreateError(f"kernel refused to create the sockproxy maps ({e})", err=err,
@@ -196,9 +225,15 @@ class SockProxyDataplane:
         Order matters (see sockproxy.c): targets first, then peers, then the programs.
         Afterwards both receive queues are kicked so bytes that arrived before the splice
         are forwarded too. On failure everything inserted is removed and SpliceError raised;
-        the sockets are untouched and can be relayed in user space.
+        the sockets (untouched but for SO_SNDBUF) can be relayed in user space.
         """
         pair = SplicedPair(service_id, socket_cookie(client), socket_cookie(backend))
+        if self.splice_sndbuf:
+            try:
+                for sock in (client, backend):
+                    set_sndbuf(sock, self.splice_sndbuf)
+            except OSError as e:
+                raise SpliceError(f"cannot set SO_SNDBUF: {e.strerror}", err=e.errno) from e
         inserted: list[tuple[str, int]] = []
         try:
             for cookie, sock in ((pair.client_cookie, client), (pair.backend_cookie, backend)):
@@ -330,12 +365,20 @@ class SockProxyDataplane:
         self.bpf = None
 
 
+def set_sndbuf(sock: socket.socket, size: int) -> None:
+    """SO_SNDBUFFORCE when privileged, else SO_SNDBUF (capped by net.core.wmem_max)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 def kick_receive_queue(sock: socket.socket) -> None:
     """Make the kernel look at bytes already queued on a socket that was just spliced.
 
-    The stream parser only runs on the socket's data_ready callback, which fires when new
-    data arrives; bytes queued before the splice would wait for the next segment (forever,
-    for a request/response protocol). Setting SO_RCVLOWAT calls tcp_data_ready(), which
-    invokes data_ready when the queue holds at least that many bytes.
+    The verdict (or stream parser) only runs from the socket's data_ready callback, which
+    fires when new data arrives; bytes queued before the splice would wait for the next
+    segment (forever, for a request/response protocol). Setting SO_RCVLOWAT calls
+    tcp_data_ready(), which invokes data_ready when the queue holds at least that many bytes.
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
