@@ -13,6 +13,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from xdpfw.dataplane import abi
 from xdpfw.errors import AttachError, MapFullError, XdpfwError
@@ -25,6 +26,7 @@ _PREFIX_VALUE = struct.Struct("<IIB3x")
 _PORT_KEY = struct.Struct("<IBxH")
 _PORT_VALUE = struct.Struct("<IB3x")
 BATCH_CHUNK = 1 << 16
+PARALLEL_WRITES_FROM = 50_000  # entries in one change before maps are written in parallel
 COUNTER_BATCH = 4096  # counter slots per BPF_MAP_LOOKUP_BATCH call
 FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
@@ -233,19 +235,29 @@ class FirewallMaps:
         t4 = [(p, v) for p, v in items if p.family == V4 and p.length < 32]
         h6 = [(p, v) for p, v in items if p.family != V4 and p.length == 128]
         t6 = [(p, v) for p, v in items if p.family != V4 and p.length < 128]
+        writes: list[tuple[MapHandle, bytes, bytes, int]] = []
         if h4:
-            self.hosts_v4.update_many(_be32([p.net for p, _ in h4]), _values(h4), len(h4))
+            writes.append((self.hosts_v4, _be32([p.net for p, _ in h4]), _values(h4), len(h4)))
         if t4:
             keys = array("I", bytes(8 * len(t4)))
             keys[0::2] = array("I", [p.length for p, _ in t4])
             keys[1::2] = array("I", _be32([p.net for p, _ in t4]))
-            self.rules_v4.update_many(keys.tobytes(), _values(t4), len(t4))
+            writes.append((self.rules_v4, keys.tobytes(), _values(t4), len(t4)))
         if h6:
             keys6 = b"".join([p.net.to_bytes(16, "big") for p, _ in h6])
-            self.hosts_v6.update_many(keys6, _values(h6), len(h6))
+            writes.append((self.hosts_v6, keys6, _values(h6), len(h6)))
         if t6:
             keys6 = b"".join([_V6_KEY.pack(p.length, p.net.to_bytes(16, "big")) for p, _ in t6])
-            self.rules_v6.update_many(keys6, _values(t6), len(t6))
+            writes.append((self.rules_v6, keys6, _values(t6), len(t6)))
+        if len(items) < PARALLEL_WRITES_FROM or len(writes) < 2:
+            for handle, keys, values, n in writes:
+                handle.update_many(keys, values, n)
+            return
+        # Large loads: the inserts are kernel time (the GIL is released in the syscall), and
+        # each map has its own lock, so the maps are written side by side.
+        with ThreadPoolExecutor(len(writes), thread_name_prefix="xdpfw-map") as pool:
+            for f in [pool.submit(h.update_many, k, v, n) for h, k, v, n in writes]:
+                f.result()
 
     def _write_ports(self, items: Iterable[tuple[PortKey, tuple[int, int]]]) -> None:
         keys, vals = [], []
