@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,14 @@ class ProgramConfig:
         ]
 
 
+_stderr_lock = threading.Lock()  # fd 2 is process-wide: one capture at a time
+
+
 @contextlib.contextmanager
 def captured_stderr() -> Iterator[list[str]]:
     """Capture file descriptor 2: clang and the verifier log write there from C, not via Python."""
     out: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
+    with _stderr_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
         try:

@@ -13,13 +13,12 @@ import errno
 import os
 import socket
 import struct
-import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from xdpfw.dataplane.loader import captured_stderr
 from xdpfw.proxy import abi
 
 SO_COOKIE = 57  # <asm-generic/socket.h>; the socket module does not export it
@@ -45,9 +44,6 @@ ATTACH_PROGRAMS: dict[str, tuple[tuple[str, int], ...]] = {
 # of traffic (4 ms at HZ=250 is 10 MB at 20 Gbit/s). It is a ceiling, not an allocation:
 # memory is only used while the receiving end is slower than the sending one.
 SPLICE_SNDBUF = 8 * 1024 * 1024
-
-# fd 2 is process-wide: one capture at a time.
-_stderr_lock = threading.Lock()
 
 
 class SockProxyError(Exception):
@@ -79,22 +75,6 @@ class AttachError(SockProxyError):
 
 class SpliceError(SockProxyError):
     """A socket pair could not be handed to the kernel (closed early, map full, ...)."""
-
-
-@contextlib.contextmanager
-def capture_fd2() -> Iterator[list[str]]:
-    """Redirect file descriptor 2 to a temporary file; the list receives its text on exit."""
-    out: list[str] = []
-    with _stderr_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read().decode(errors="replace"))
 
 
 def socket_cookie(sock: socket.socket) -> int:
@@ -158,7 +138,7 @@ class SockProxyDataplane:
         ]
         src = source.read_bytes()
         ct.set_errno(0)  # BCC reports map-creation failures only through errno
-        with capture_fd2() as out:
+        with captured_stderr() as out:
             try:
                 self.bpf = BPF(text=src, cflags=cflags)
             except Exception as e:
@@ -170,7 +150,7 @@ class SockProxyDataplane:
             for name, _ in progs:
                 failure: Exception | None = None
                 ct.set_errno(0)
-                with capture_fd2() as out:
+                with captured_stderr() as out:
                     try:
                         self._fns[name] = self.bpf.load_func(name.encode(), BPF.SK_SKB)
                     except Exception as e:
