@@ -118,3 +118,40 @@ def test_tcp_clients_need_the_token(fw):
         assert c.get("/api/v1/rules").status_code == 401
         ok = c.get("/api/v1/rules", headers={"authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+
+
+def test_streamed_bulk_undoes_chunks_already_in_the_kernel(fw):
+    """A later chunk failing (bad line, duplicate) leaves no trace of the chunks written."""
+    from xdpfw.errors import ConflictError, RuleValidationError
+    from xdpfw.rules.blocklist import iter_prefix_chunks
+    from xdpfw.rules.model import Action
+    from xdpfw.service import RuleSpec
+
+    fw.add_rules([RuleSpec(parse_prefix("192.0.2.0/24"), Action.DROP)])
+    before = snapshot(fw)
+
+    def chunks(lines):
+        for prefixes in iter_prefix_chunks(lines, size=2):
+            yield [RuleSpec(p, Action.DROP) for p in prefixes]
+
+    with pytest.raises(RuleValidationError, match="line 5"):
+        fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "12.0.0.0/8", "13.0.0.0/8",
+                                      "14.0.0.1/8"]))
+    assert snapshot(fw) == before, "a chunk written before the bad line stayed in the maps"
+    with pytest.raises(ConflictError, match="appears twice in this request"):
+        fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "10.0.0.0/8"]))
+    assert snapshot(fw) == before
+    with pytest.raises(ConflictError, match="exists already"):
+        fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "192.0.2.0/24"]))
+    assert snapshot(fw) == before
+
+    added = fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "12.0.0.0/8"]))
+    assert [r.id for r in added] == list(range(added[0].id, added[0].id + 3))
+    assert {str(r.prefix) for r in fw.store.load_rules()} >= {"10.0.0.0/8", "12.0.0.0/8"}
+    assert parse_prefix("12.0.0.0/8") in fw.maps.prefix_keys()
+
+
+def test_empty_blocklist_is_refused(client, fw):
+    r = client.post("/api/v1/rules/bulk", content="# nothing\n\n",
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and "no prefix" in r.text, r.text

@@ -14,6 +14,8 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -210,16 +212,57 @@ class Firewall:
             self.rule_slots.give(slots)
             raise
 
-    def _check_new(self, specs: Sequence[RuleSpec]) -> None:
+    def add_rules_streamed(self, chunks: Iterable[Sequence[RuleSpec]]) -> list[Rule]:
+        """Add rules that arrive in chunks (a blocklist being parsed), all or nothing.
+
+        Each chunk is checked and compiled as it arrives, and its map writes (kernel time, no
+        GIL) run while the next chunk is parsed; the store takes every rule in one transaction
+        at the end. On any failure, a bad line late in the list included, every entry written
+        so far is removed again, so the request changes nothing."""
+        with self.lock, self._changing_maps(), ThreadPoolExecutor(1, "xdpfw-bulk") as writer:
+            first_id = self._next_id
+            added: list[Rule] = []
+            writes = []
+            try:
+                for specs in chunks:
+                    self._check_new(specs, first_new_id=first_id)
+                    slots = self.rule_slots.take(len(specs), "rules")
+                    ids = range(first_id + len(added), first_id + len(added) + len(specs))
+                    rows = zip(ids, *zip(*specs, strict=True), slots, strict=True)
+                    rules = list(map(tuple.__new__, repeat(Rule), rows))
+                    changes = self.index.add(rules)
+                    added.extend(rules)
+                    writes.append(writer.submit(self.maps.apply, changes))
+                for w in writes:
+                    w.result()
+                if added:
+                    with self.store.transaction():
+                        self.store.insert_rules(added)
+            except BaseException:
+                futures.wait(writes)  # never undo under a write still running
+                if added:
+                    self._rollback(lambda: self.maps.apply(self.index.remove(added)))
+                    self.rule_slots.give(r.slot for r in added)
+                raise
+            self._next_id = first_id + len(added)
+            self.rules.update(zip(range(first_id, self._next_id), added, strict=True))
+            return added
+
+    def _check_new(self, specs: Sequence[RuleSpec], first_new_id: int | None = None) -> None:
+        """Refuse duplicates. Ids from first_new_id on belong to this same (chunked) request."""
+
+        def clash(existing: Rule, what: str) -> ConflictError:
+            if first_new_id is not None and existing.id >= first_new_id:
+                return ConflictError(f"{what} appears twice in this request")
+            return ConflictError(f"a rule for {what} exists already (id {existing.id})")
+
         plain = [s.prefix for s in specs if s.proto is None and s.dport is None]
         if len(plain) == len(specs):  # a blocklist: set operations, in C
             unique = set(plain)
-            clash = unique & self.index.any_rules.keys()
-            if clash:
-                existing = self.index.any_rules[next(iter(clash))]
-                raise ConflictError(
-                    f"a rule for {_describe(existing)} exists already (id {existing.id})"
-                )
+            taken = unique & self.index.any_rules.keys()
+            if taken:
+                existing = self.index.any_rules[next(iter(taken))]
+                raise clash(existing, _describe(existing))
             if len(unique) < len(plain):
                 seen: set = set()
                 twice = next(p for p in plain if p in seen or seen.add(p))
@@ -234,8 +277,7 @@ class Firewall:
                 key = (s.prefix, s.proto, s.dport)
                 existing = self.index.find(*key)
             if existing is not None:
-                msg = f"a rule for {_describe(s)} exists already (id {existing.id})"
-                raise ConflictError(msg)
+                raise clash(existing, _describe(s))
             if key in seen:
                 raise ConflictError(f"{_describe(s)} appears twice in this request")
             seen.add(key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from xdpfw.errors import RuleValidationError
 from xdpfw.rules.model import V4, Prefix, parse_prefix
@@ -13,13 +13,21 @@ _LENGTHS_V4 = {str(n): n for n in range(33)}
 
 
 def parse_prefixes(lines: Iterable[str], source: str = "line") -> list[Prefix]:
-    """Parse every entry, or fail naming the first bad one (nothing is half-applied).
+    """Parse every entry, or fail naming the first bad one (nothing is half-applied)."""
+    return [p for chunk in iter_prefix_chunks(lines, source) for p in chunk]
+
+
+def iter_prefix_chunks(
+    lines: Iterable[str], source: str = "line", size: int = 1 << 17
+) -> Iterator[list[Prefix]]:
+    """Parse in chunks of `size` entries, so that a caller can put one chunk to work while the
+    next is parsed; a bad entry raises when its chunk is reached, naming its line.
 
     Well-formed IPv4 entries take an inlined path (a blocklist is a million of them); anything
     else, including every malformed entry, goes through parse_prefix and its messages."""
     out: list[Prefix] = []
     append = out.append
-    pton, af4, frm = socket.inet_pton, socket.AF_INET, int.from_bytes
+    pton, af4, frm, new = socket.inet_pton, socket.AF_INET, int.from_bytes, tuple.__new__
     host_bits, lengths = _HOST_BITS_V4, _LENGTHS_V4
     for n, line in enumerate(lines, 1):
         if "#" in line:
@@ -35,13 +43,22 @@ def parse_prefixes(lines: Iterable[str], source: str = "line") -> list[Prefix]:
             except OSError:
                 net = -1
             if net >= 0 and not net & host_bits[length]:
-                append(Prefix(V4, net, length))
+                append(new(Prefix, (V4, net, length)))  # tuple.__new__: no Python frame
+                if len(out) >= size:
+                    yield out
+                    out = []
+                    append = out.append
                 continue
         try:
             append(parse_prefix(text))
         except RuleValidationError as e:
             raise RuleValidationError(f"{source} {n}: {e}") from None
-    return out
+        if len(out) >= size:
+            yield out
+            out = []
+            append = out.append
+    if out:
+        yield out
 
 
 def parse_blocklist(text: str) -> list[Prefix]:
