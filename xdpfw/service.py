@@ -224,20 +224,20 @@ class Firewall:
             added: list[Rule] = []
             writes = []
             try:
-                for specs in chunks:
-                    self._check_new(specs, first_new_id=first_id)
-                    slots = self.rule_slots.take(len(specs), "rules")
-                    ids = range(first_id + len(added), first_id + len(added) + len(specs))
-                    rows = zip(ids, *zip(*specs, strict=True), slots, strict=True)
-                    rules = list(map(tuple.__new__, repeat(Rule), rows))
-                    changes = self.index.add(rules)
-                    added.extend(rules)
-                    writes.append(writer.submit(self.maps.apply, changes))
-                for w in writes:
-                    w.result()
-                if added:
-                    with self.store.transaction():
-                        self.store.insert_rules(added)
+                # One transaction for the request; each chunk's rows go in as it arrives.
+                with self.store.transaction():
+                    for specs in chunks:
+                        self._check_new(specs, first_new_id=first_id)
+                        slots = self.rule_slots.take(len(specs), "rules")
+                        ids = range(first_id + len(added), first_id + len(added) + len(specs))
+                        rows = zip(ids, *zip(*specs, strict=True), slots, strict=True)
+                        rules = list(map(tuple.__new__, repeat(Rule), rows))
+                        changes = self.index.add(rules)
+                        added.extend(rules)
+                        writes.append(self._submit_write(writer, changes))
+                        self.store.insert_rules(rules)
+                    for w in writes:
+                        w.result()
             except BaseException:
                 futures.wait(writes)  # never undo under a write still running
                 if added:
@@ -247,6 +247,14 @@ class Firewall:
             self._next_id = first_id + len(added)
             self.rules.update(zip(range(first_id, self._next_id), added, strict=True))
             return added
+
+    def _submit_write(self, writer: ThreadPoolExecutor, changes: Changes) -> futures.Future:
+        """Pack here, write there: packing holds the GIL, the writer's syscalls do not, so the
+        writer never competes with the parser of the next chunk."""
+        if changes.ports or changes.deleted_prefixes or changes.deleted_ports:
+            return writer.submit(self.maps.apply, changes)
+        packed = self.maps.pack_prefixes(changes.prefixes.items())
+        return writer.submit(self.maps.write_packed, packed)
 
     def _check_new(self, specs: Sequence[RuleSpec], first_new_id: int | None = None) -> None:
         """Refuse duplicates. Ids from first_new_id on belong to this same (chunked) request."""

@@ -182,6 +182,9 @@ def read_percpu_counters(
 
 
 
+PackedWrites = list[tuple[MapHandle, bytes, bytes, int]]  # (map, keys, values, count)
+
+
 class FirewallMaps:
     """The firewall's maps, opened from a LoadedProgram (pinned: shared by every load)."""
 
@@ -228,14 +231,18 @@ class FirewallMaps:
         return self.rules_v6, _V6_KEY.pack(p.length, p.net.to_bytes(16, "big"))
 
     def _write_prefixes(self, items: Iterable[tuple[Prefix, PrefixValue]]) -> None:
-        # Keys and values are packed column-wise with array slices (in C), not one
-        # struct.pack per entry: a million-entry load is otherwise a second of Python.
+        self.write_packed(self.pack_prefixes(items))
+
+    def pack_prefixes(self, items: Iterable[tuple[Prefix, PrefixValue]]) -> PackedWrites:
+        """Keys and values for each map, packed column-wise with array slices (in C), not one
+        struct.pack per entry: a million-entry load is otherwise a second of Python. Packing is
+        Python (it holds the GIL); write_packed is syscalls (it does not)."""
         items = list(items)
         h4 = [(p, v) for p, v in items if p.family == V4 and p.length == 32]
         t4 = [(p, v) for p, v in items if p.family == V4 and p.length < 32]
         h6 = [(p, v) for p, v in items if p.family != V4 and p.length == 128]
         t6 = [(p, v) for p, v in items if p.family != V4 and p.length < 128]
-        writes: list[tuple[MapHandle, bytes, bytes, int]] = []
+        writes: PackedWrites = []
         if h4:
             writes.append((self.hosts_v4, _be32([p.net for p, _ in h4]), _values(h4), len(h4)))
         if t4:
@@ -249,7 +256,10 @@ class FirewallMaps:
         if t6:
             keys6 = b"".join([_V6_KEY.pack(p.length, p.net.to_bytes(16, "big")) for p, _ in t6])
             writes.append((self.rules_v6, keys6, _values(t6), len(t6)))
-        if len(items) < PARALLEL_WRITES_FROM or len(writes) < 2:
+        return writes
+
+    def write_packed(self, writes: PackedWrites) -> None:
+        if sum(n for *_, n in writes) < PARALLEL_WRITES_FROM or len(writes) < 2:
             for handle, keys, values, n in writes:
                 handle.update_many(keys, values, n)
             return
