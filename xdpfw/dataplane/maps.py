@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import os
 import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import compress
+from operator import itemgetter
 
 from xdpfw.dataplane import abi
 from xdpfw.errors import AttachError, MapFullError, XdpfwError
@@ -66,10 +69,35 @@ def _values(entries: list[tuple[Prefix, PrefixValue]]) -> bytes:
     """struct prefix_verdict {u32 rule_slot; u32 port_set; u8 action; u8 pad[3]} per entry,
     as three little-endian u32 columns (action and its zero padding read as one u32)."""
     out = array("I", bytes(12 * len(entries)))
-    out[0::3] = array("I", [v[0] for _, v in entries])
-    out[1::3] = array("I", [v[2] for _, v in entries])
-    out[2::3] = array("I", [v[1] for _, v in entries])
+    out[0::3] = array("I", _column(entries, 1, 0))
+    out[1::3] = array("I", _column(entries, 1, 2))
+    out[2::3] = array("I", _column(entries, 1, 1))
     return out.tobytes()
+
+
+def _column(entries: list, outer: int, inner: int) -> list:
+    """[e[outer][inner] for e in entries], through itemgetter in C."""
+    return list(map(itemgetter(inner), map(itemgetter(outer), entries)))
+
+
+def _partition(items: list[tuple[Prefix, PrefixValue]]) -> tuple[list, list, list, list]:
+    """(IPv4 hosts, IPv4 prefixes, IPv6 hosts, IPv6 prefixes), split in C when the change is
+    IPv4 only (a blocklist usually is): compress() over masks made by map()."""
+    prefixes = list(map(itemgetter(0), items))
+    families = set(map(itemgetter(0), prefixes))
+    if families <= {V4}:
+        hosts = list(map((32).__eq__, map(itemgetter(2), prefixes)))
+        return (
+            list(compress(items, hosts)),
+            list(compress(items, map(operator.not_, hosts))),
+            [],
+            [],
+        )
+    h4 = [(p, v) for p, v in items if p.family == V4 and p.length == 32]
+    t4 = [(p, v) for p, v in items if p.family == V4 and p.length < 32]
+    h6 = [(p, v) for p, v in items if p.family != V4 and p.length == 128]
+    t6 = [(p, v) for p, v in items if p.family != V4 and p.length < 128]
+    return h4, t4, h6, t6
 
 
 def _htons(v: int) -> int:
@@ -237,18 +265,14 @@ class FirewallMaps:
         """Keys and values for each map, packed column-wise with array slices (in C), not one
         struct.pack per entry: a million-entry load is otherwise a second of Python. Packing is
         Python (it holds the GIL); write_packed is syscalls (it does not)."""
-        items = list(items)
-        h4 = [(p, v) for p, v in items if p.family == V4 and p.length == 32]
-        t4 = [(p, v) for p, v in items if p.family == V4 and p.length < 32]
-        h6 = [(p, v) for p, v in items if p.family != V4 and p.length == 128]
-        t6 = [(p, v) for p, v in items if p.family != V4 and p.length < 128]
+        h4, t4, h6, t6 = _partition(list(items))
         writes: PackedWrites = []
         if h4:
-            writes.append((self.hosts_v4, _be32([p.net for p, _ in h4]), _values(h4), len(h4)))
+            writes.append((self.hosts_v4, _be32(_column(h4, 0, 1)), _values(h4), len(h4)))
         if t4:
             keys = array("I", bytes(8 * len(t4)))
-            keys[0::2] = array("I", [p.length for p, _ in t4])
-            keys[1::2] = array("I", _be32([p.net for p, _ in t4]))
+            keys[0::2] = array("I", _column(t4, 0, 2))
+            keys[1::2] = array("I", _be32(_column(t4, 0, 1)))
             writes.append((self.rules_v4, keys.tobytes(), _values(t4), len(t4)))
         if h6:
             keys6 = b"".join([p.net.to_bytes(16, "big") for p, _ in h6])
