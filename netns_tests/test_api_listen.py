@@ -46,6 +46,10 @@ def test_tcp_without_token_is_refused_at_start(tmp_path):
     cfg.write_text(f'[api]\nlisten = ["127.0.0.1:{free_port()}"]\n')
     d = Daemon(tmp_path, f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}",
                extra_args=["--config", str(cfg)])
-    with pytest.raises(RuntimeError) as e:
-        d.start(timeout=30)
-    assert "needs a token" in str(e.value)
+    try:
+        with pytest.raises(RuntimeError) as e:
+            d.start(timeout=30)
+        assert "needs a token" in str(e.value)
+    finally:  # had it started after all, it must not outlive the test
+        d.stop()
+        shutil.rmtree(d.pin_dir, ignore_errors=True)
