@@ -97,6 +97,9 @@ class LbConfig(_Strict):
     max_backends: int = Field(4096, ge=1, le=1 << 20)
     conntrack_size: int = Field(262_144, ge=1024, le=1 << 26)
     conntrack_timeout_s: int = Field(300, ge=1)
+    # Proxy services: splice in the kernel (sockhash), relay in user space, or try the kernel
+    # first and fall back with a log line (auto).
+    proxy_mode: Literal["auto", "sockhash", "userspace"] = "auto"
 
     @field_validator("table_size")
     @classmethod

@@ -124,7 +124,7 @@ def serve(opts: ServeOptions) -> None:
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
-        lb = LoadBalancer(fw, cfg.lb.netns)
+        lb = LoadBalancer(fw, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
         app = create_app(fw, token, lb=lb, events=events)
         server = uvicorn.Server(
