@@ -38,7 +38,7 @@ from xdpfw.proxy.loader import (
     SpliceError,
     TrafficCounters,
 )
-from xdpfw.proxy.relay import RelayCounters, abort, relay_pair
+from xdpfw.proxy.relay import RelayCounters, abort, finish_pair, relay_pair
 
 log = logging.getLogger("xdpfw.proxy")
 
@@ -454,17 +454,7 @@ class ProxyEngine:
             asyncio.ensure_future(self._propagate_eof(client, backend, bases[0])),
             asyncio.ensure_future(self._propagate_eof(backend, client, bases[1])),
         ]
-        clean = False
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            clean = len(done) == 2 and all(t.exception() is None for t in done)
+            await finish_pair(tasks, client, backend)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for s in (client, backend):
-                if clean:
-                    s.close()
-                else:
-                    abort(s)
             self._dataplane.unsplice(pair)

@@ -65,15 +65,24 @@ async def relay_pair(client: socket.socket, backend: socket.socket, counters: Re
     stream for a complete one. Cancellation aborts both too. Sockets must be non-blocking.
     """
     loop = asyncio.get_running_loop()
-    tasks = [
+    await finish_pair([
         asyncio.ensure_future(_pump(loop, client, backend, counters, True, bufsize)),
         asyncio.ensure_future(_pump(loop, backend, client, counters, False, bufsize)),
-    ]
+    ], client, backend)
+
+
+async def finish_pair(
+    tasks: list[asyncio.Future], client: socket.socket, backend: socket.socket
+) -> bool:
+    """Wait for both directions of a proxied connection; the first error cancels the other.
+    Both sockets are then closed: cleanly (FIN) if both directions ended well, else with a
+    reset, so neither peer mistakes a broken stream for a complete one. Returns which."""
     clean = False
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        clean = all(not t.cancelled() and t.exception() is None for t in done) and len(
-            done) == len(tasks)
+        clean = len(done) == len(tasks) and all(
+            not t.cancelled() and t.exception() is None for t in done
+        )
     finally:
         for t in tasks:
             t.cancel()
@@ -83,3 +92,4 @@ async def relay_pair(client: socket.socket, backend: socket.socket, counters: Re
                 s.close()
             else:
                 abort(s)
+    return clean
