@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from xdpfw.dataplane import abi
-from xdpfw.dataplane.maps import MapHandle
+from xdpfw.dataplane.maps import MapHandle, open_map
 
 _U32 = struct.Struct("<I")
 PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -54,9 +54,7 @@ class LbMaps:
 
     def __init__(self, program) -> None:
         def handle(name: str) -> MapHandle:
-            key_t, _ = abi.MAP_TYPES[name]
-            table = program.table(name)
-            return MapHandle(table, name, ctypes.sizeof(key_t), ctypes.sizeof(table.Leaf))
+            return open_map(program, name)
 
         self.table_size = program.config.lb_table_size
         self.config = handle("lb_config")

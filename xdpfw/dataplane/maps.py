@@ -210,6 +210,14 @@ def read_percpu_counters(
 
 
 
+def open_map(program, name: str) -> MapHandle:
+    """One of the program's maps, sized from its ABI mirror (abi.MAP_TYPES); the value size
+    comes from BCC, which knows the per-CPU width."""
+    key_t, _ = abi.MAP_TYPES[name]
+    table = program.table(name)
+    return MapHandle(table, name, ctypes.sizeof(key_t), ctypes.sizeof(table.Leaf))
+
+
 PackedWrites = list[tuple[MapHandle, bytes, bytes, int]]  # (map, keys, values, count)
 
 
@@ -218,9 +226,7 @@ class FirewallMaps:
 
     def __init__(self, program) -> None:
         def handle(name: str) -> MapHandle:
-            key_t, _ = abi.MAP_TYPES[name]
-            table = program.table(name)
-            return MapHandle(table, name, ctypes.sizeof(key_t), ctypes.sizeof(table.Leaf))
+            return open_map(program, name)
 
         self.rules_v4 = handle("rules_v4")
         self.rules_v6 = handle("rules_v6")
