@@ -155,3 +155,20 @@ def test_empty_blocklist_is_refused(client, fw):
     r = client.post("/api/v1/rules/bulk", content="# nothing\n\n",
                     headers={"content-type": "text/plain"})
     assert r.status_code == 422 and "no prefix" in r.text, r.text
+
+
+def test_streamed_prefixes_refuse_duplicates_and_undo(fw):
+    """The blocklist path (prefix chunks, one action): same all-or-nothing as rule specs."""
+    from xdpfw.errors import ConflictError
+    from xdpfw.rules.model import Action
+
+    before = snapshot(fw)
+    chunk = [parse_prefix("10.0.0.0/8"), parse_prefix("11.0.0.0/8")]
+    with pytest.raises(ConflictError, match="appears twice in this request"):
+        fw.add_prefixes_streamed(iter([chunk, [parse_prefix("10.0.0.0/8")]]), Action.DROP)
+    assert snapshot(fw) == before
+    rules = fw.add_prefixes_streamed(iter([chunk]), Action.PASS, "partners")
+    assert [(str(r.prefix), r.action, r.comment) for r in rules] == [
+        ("10.0.0.0/8", Action.PASS, "partners"), ("11.0.0.0/8", Action.PASS, "partners")]
+    with pytest.raises(ConflictError, match=r"exists already \(id"):
+        fw.add_prefixes_streamed(iter([[parse_prefix("11.0.0.0/8")]]), Action.DROP)

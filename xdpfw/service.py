@@ -212,7 +212,18 @@ class Firewall:
             self.rule_slots.give(slots)
             raise
 
-    def add_rules_streamed(self, chunks: Iterable[Sequence[RuleSpec]]) -> list[Rule]:
+    def add_prefixes_streamed(
+        self, chunks: Iterable[Sequence[Prefix]], action: Action, comment: str = ""
+    ) -> list[Rule]:
+        """add_rules_streamed for a plain blocklist: one action and comment for every prefix,
+        so no RuleSpec is built per line."""
+        return self.add_rules_streamed(chunks, plain=(action, comment))
+
+    def add_rules_streamed(
+        self,
+        chunks: Iterable[Sequence[RuleSpec]] | Iterable[Sequence[Prefix]],
+        plain: tuple[Action, str] | None = None,
+    ) -> list[Rule]:
         """Add rules that arrive in chunks (a blocklist being parsed), all or nothing.
 
         Each chunk is checked and compiled as it arrives, and its map writes (kernel time, no
@@ -226,11 +237,19 @@ class Firewall:
             try:
                 # One transaction for the request; each chunk's rows go in as it arrives.
                 with self.store.transaction():
-                    for specs in chunks:
-                        self._check_new(specs, first_new_id=first_id)
-                        slots = self.rule_slots.take(len(specs), "rules")
-                        ids = range(first_id + len(added), first_id + len(added) + len(specs))
-                        rows = zip(ids, *zip(*specs, strict=True), slots, strict=True)
+                    for chunk in chunks:
+                        n = len(chunk)
+                        if plain is None:
+                            self._check_new(chunk, first_new_id=first_id)
+                            columns = zip(*chunk, strict=True)
+                        else:  # chunk holds prefixes; the match is the same for all
+                            self._check_new_prefixes(chunk, first_new_id=first_id)
+                            action, comment = plain
+                            columns = (chunk, repeat(action, n), repeat(None, n),
+                                       repeat(None, n), repeat(comment, n))
+                        slots = self.rule_slots.take(n, "rules")
+                        ids = range(first_id + len(added), first_id + len(added) + n)
+                        rows = zip(ids, *columns, slots, strict=True)
                         rules = list(map(tuple.__new__, repeat(Rule), rows))
                         changes = self.index.add(rules)
                         added.extend(rules)
@@ -256,6 +275,23 @@ class Firewall:
         packed = self.maps.pack_prefixes(changes.prefixes.items())
         return writer.submit(self.maps.write_packed, packed)
 
+    def _check_new_prefixes(
+        self, prefixes: Sequence[Prefix], first_new_id: int | None = None
+    ) -> None:
+        """Duplicate checks for plain prefix rules, as set operations (in C)."""
+        unique = set(prefixes)
+        taken = unique & self.index.any_rules.keys()
+        if taken:
+            existing = self.index.any_rules[next(iter(taken))]
+            if first_new_id is not None and existing.id >= first_new_id:
+                raise ConflictError(f"{existing.prefix} appears twice in this request")
+            msg = f"a rule for {_describe(existing)} exists already (id {existing.id})"
+            raise ConflictError(msg)
+        if len(unique) < len(prefixes):
+            seen: set = set()
+            twice = next(p for p in prefixes if p in seen or seen.add(p))
+            raise ConflictError(f"{twice} appears twice in this request")
+
     def _check_new(self, specs: Sequence[RuleSpec], first_new_id: int | None = None) -> None:
         """Refuse duplicates. Ids from first_new_id on belong to this same (chunked) request."""
 
@@ -266,15 +302,7 @@ class Firewall:
 
         plain = [s.prefix for s in specs if s.proto is None and s.dport is None]
         if len(plain) == len(specs):  # a blocklist: set operations, in C
-            unique = set(plain)
-            taken = unique & self.index.any_rules.keys()
-            if taken:
-                existing = self.index.any_rules[next(iter(taken))]
-                raise clash(existing, _describe(existing))
-            if len(unique) < len(plain):
-                seen: set = set()
-                twice = next(p for p in plain if p in seen or seen.add(p))
-                raise ConflictError(f"{twice} appears twice in this request")
+            self._check_new_prefixes(plain, first_new_id)
             return
         seen = set()
         for s in specs:

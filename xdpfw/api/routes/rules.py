@@ -108,11 +108,8 @@ async def add_bulk(
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype == "text/plain":
         # Parsed chunk by chunk while the kernel takes the chunks before (see the service).
-        chunks = (
-            _plain_specs(prefixes, action, None, None, comment)
-            for prefixes in iter_prefix_chunks(body.decode().splitlines())
-        )
-        rules = await run_in_threadpool(fw.add_rules_streamed, chunks)
+        chunks = iter_prefix_chunks(body.decode().splitlines())
+        rules = await run_in_threadpool(fw.add_prefixes_streamed, chunks, action, comment)
         if not rules:
             raise RuleValidationError("the blocklist holds no prefix")
     else:
