@@ -27,7 +27,7 @@ from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
 from xdpfw.errors import ConflictError, MapFullError, NotFoundError
-from xdpfw.rules.compile import Changes, RuleIndex
+from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
 from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
 
@@ -251,9 +251,16 @@ class Firewall:
                         ids = range(first_id + len(added), first_id + len(added) + n)
                         rows = zip(ids, *columns, slots, strict=True)
                         rules = list(map(tuple.__new__, repeat(Rule), rows))
+                        # Checked before the add: then each entry is (slot, action, 0).
+                        from_columns = plain is not None and self.index.plain_only()
                         changes = self.index.add(rules)
                         added.extend(rules)
-                        writes.append(self._submit_write(writer, changes))
+                        if from_columns:
+                            code = ACTION_CODE[plain[0]]
+                            packed = self.maps.pack_plain(list(chunk), slots, code)
+                            writes.append(writer.submit(self.maps.write_packed, packed))
+                        else:
+                            writes.append(self._submit_write(writer, changes))
                         self.store.insert_rules(rules)
                     for w in writes:
                         w.result()

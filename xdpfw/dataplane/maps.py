@@ -15,8 +15,8 @@ import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import compress
-from operator import itemgetter
+from itertools import compress, repeat
+from operator import itemgetter, not_
 
 from xdpfw.dataplane import abi
 from xdpfw.errors import AttachError, MapFullError, XdpfwError
@@ -286,6 +286,35 @@ class FirewallMaps:
         if t6:
             keys6 = b"".join([_V6_KEY.pack(p.length, p.net.to_bytes(16, "big")) for p, _ in t6])
             writes.append((self.rules_v6, keys6, _values(t6), len(t6)))
+        return writes
+
+    def pack_plain(self, prefixes: list[Prefix], slots: list[int], action: int) -> PackedWrites:
+        """pack_prefixes for plain rules of one action, from their columns: each entry is
+        (slot, action, no port set), so no per-entry verdict tuple is built or taken apart.
+        Only for an index with no port rules (RuleIndex.plain_only), where that is exactly
+        what compiling them yields."""
+        if not set(map(itemgetter(0), prefixes)) <= {V4}:
+            entries = list(zip(prefixes, zip(slots, repeat(action), repeat(0)), strict=False))
+            return self.pack_prefixes(entries)
+        hosts = list(map((32).__eq__, map(itemgetter(2), prefixes)))
+        nets = list(map(itemgetter(1), prefixes))
+        writes: PackedWrites = []
+        for handle, mask in ((self.hosts_v4, hosts), (self.rules_v4, list(map(not_, hosts)))):
+            n = sum(mask)
+            if not n:
+                continue
+            group_nets = list(compress(nets, mask))
+            if handle is self.hosts_v4:
+                keys = _be32(group_nets)
+            else:
+                arr = array("I", bytes(8 * n))
+                arr[0::2] = array("I", compress(map(itemgetter(2), prefixes), mask))
+                arr[1::2] = array("I", _be32(group_nets))
+                keys = arr.tobytes()
+            values = array("I", bytes(12 * n))
+            values[0::3] = array("I", compress(slots, mask))
+            values[2::3] = array("I", repeat(action, n))
+            writes.append((handle, keys, values.tobytes(), n))
         return writes
 
     def write_packed(self, writes: PackedWrites) -> None:

@@ -91,9 +91,14 @@ class RuleIndex:
 
     # -- mutation ---------------------------------------------------------------------------
 
+    def plain_only(self) -> bool:
+        """No port rule anywhere: a plain prefix rule then compiles to exactly its own
+        verdict, (slot, action, NO_PORT_SET), and touches no other entry."""
+        return not self.port_rules and not self.port_entries
+
     def add(self, rules: Iterable[Rule]) -> Changes:
         rules = rules if isinstance(rules, list) else list(rules)
-        if not self.port_rules and not self.port_entries and all_plain(rules):
+        if self.plain_only() and all_plain(rules):
             return self._add_plain(rules)
         touched: list[Prefix] = []
         any_rules, port_only = self.any_rules, self.port_only
