@@ -193,3 +193,14 @@ def test_blocklists_packed_from_columns_equal_the_general_packing(fw, run):
     for src, want in (("10.0.0.7", "XDP_DROP"), ("10.1.2.3", "XDP_DROP"), ("10.0.0.8", "XDP_PASS")):
         assert run(P.tcp4(src, 80)).verdict == want, src
     assert run(P.tcp6("2001:db8:1::5", 80)).verdict == "XDP_DROP"
+
+
+def test_bulk_refuses_what_it_cannot_read(client, fw):
+    before = snapshot(fw)
+    r = client.post("/api/v1/rules/bulk", content=b"10.0.0.0/8\n\xff\xfe\n",
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and "not UTF-8" in r.text, r.text
+    r = client.post("/api/v1/rules/bulk", content=b"<x/>",
+                    headers={"content-type": "application/xml"})
+    assert r.status_code == 415 and "text/plain" in r.text, r.text
+    assert snapshot(fw) == before

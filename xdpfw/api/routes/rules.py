@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
@@ -107,14 +107,25 @@ async def add_bulk(
     body = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype == "text/plain":
+        try:
+            text = body.decode()
+        except UnicodeDecodeError as e:
+            raise RuleValidationError(
+                f"the blocklist is not UTF-8 text (byte {e.start}: {body[e.start:e.start + 1]!r})"
+            ) from None
         # Parsed chunk by chunk while the kernel takes the chunks before (see the service).
-        chunks = iter_prefix_chunks(body.decode().splitlines())
+        chunks = iter_prefix_chunks(text.splitlines())
         rules = await run_in_threadpool(fw.add_prefixes_streamed, chunks, action, comment)
         if not rules:
             raise RuleValidationError("the blocklist holds no prefix")
-    else:
+    elif ctype in ("application/json", ""):
         specs = await run_in_threadpool(_json_specs, body)
         rules = await run_in_threadpool(fw.add_rules, specs)
+    else:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"send text/plain (a blocklist) or application/json, not {ctype}",
+        )
     return BulkResult(added=len(rules), first_id=rules[0].id, last_id=rules[-1].id)
 
 
