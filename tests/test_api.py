@@ -204,3 +204,14 @@ def test_bulk_refuses_what_it_cannot_read(client, fw):
                     headers={"content-type": "application/xml"})
     assert r.status_code == 415 and "text/plain" in r.text, r.text
     assert snapshot(fw) == before
+
+
+def test_an_unknown_netns_is_a_404_and_is_not_created(client, fw):
+    import uuid
+
+    from xdpfw.netns import list_netns
+
+    name = f"xdpfw-nosuch-{uuid.uuid4().hex[:6]}"
+    r = client.post("/api/v1/interfaces", json={"name": "eth0", "netns": name})
+    assert r.status_code == 404 and f"no network namespace '{name}'" in r.text, r.text
+    assert name not in list_netns(), "a request for a mistyped netns created it"

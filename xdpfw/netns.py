@@ -16,13 +16,24 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from xdpfw.errors import NotFoundError
+
 ENOENT = 2
 
 
 @contextlib.contextmanager
 def rtnl(ns: str | None) -> Iterator[IPRoute]:
-    """An rtnetlink socket in namespace `ns` (None: the namespace this process is in)."""
-    sock = IPRoute() if ns is None else NetNS(ns)
+    """An rtnetlink socket in namespace `ns` (None: the namespace this process is in).
+
+    Never creates the namespace: pyroute2's NetNS does by default (O_CREAT), which would turn
+    a mistyped netns in a request into a new, empty namespace on the box."""
+    if ns is None:
+        sock = IPRoute()
+    else:
+        try:
+            sock = NetNS(ns, flags=0)
+        except FileNotFoundError:
+            raise NotFoundError(f"no network namespace {ns!r}") from None
     try:
         yield sock
     finally:
