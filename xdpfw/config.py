@@ -41,11 +41,11 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from xdpfw.api.schemas import RuleCreate
 from xdpfw.dataplane.attach import Mode
-from xdpfw.errors import RuleValidationError, XdpfwError
-from xdpfw.rules.model import Action, Proto, check_match, parse_prefix
+from xdpfw.errors import XdpfwError
 
 Policy = Literal["pass", "drop"]
 
@@ -125,28 +125,8 @@ class EventsConfig(_Strict):
     sample_rate: int = Field(100, ge=0, le=1 << 30)
 
 
-class RuleConfig(_Strict):
-    prefix: str
-    action: Action = Action.DROP
-    proto: Proto | None = None
-    dport: int | None = None
-    comment: str = Field("", max_length=256)
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        try:
-            return str(parse_prefix(v))
-        except RuleValidationError as e:
-            raise ValueError(str(e)) from None
-
-    @model_validator(mode="after")
-    def _match(self):
-        try:
-            check_match(self.proto, self.dport)
-        except RuleValidationError as e:
-            raise ValueError(str(e)) from None
-        return self
+# A [[rules]] entry is a POST /api/v1/rules body: one model validates both.
+RuleConfig = RuleCreate
 
 
 class AppConfig(_Strict):

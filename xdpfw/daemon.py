@@ -19,8 +19,7 @@ from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.events import EventHub
 from xdpfw.lb.service import LoadBalancer
-from xdpfw.rules.model import parse_prefix
-from xdpfw.service import Firewall, RuleSpec
+from xdpfw.service import Firewall
 
 log = logging.getLogger("xdpfw")
 
@@ -75,11 +74,8 @@ def pid_file(cfg: AppConfig) -> Path:
 def seed_rules(fw: Firewall, rules: list[RuleConfig]) -> int:
     """Add the config file's rules that the store does not hold yet (same prefix, proto and
     port): rules changed through the API since are left as they are."""
-    specs = []
-    for r in rules:
-        prefix = parse_prefix(r.prefix)
-        if fw.index.find(prefix, r.proto, r.dport) is None:
-            specs.append(RuleSpec(prefix, r.action, r.proto, r.dport, r.comment))
+    specs = [r.spec() for r in rules]
+    specs = [s for s in specs if fw.index.find(s.prefix, s.proto, s.dport) is None]
     if specs:
         fw.add_rules(specs)
     return len(specs)
