@@ -226,10 +226,11 @@ class Firewall:
     ) -> list[Rule]:
         """Add rules that arrive in chunks (a blocklist being parsed), all or nothing.
 
-        Each chunk is checked and compiled as it arrives, and its map writes (kernel time, no
-        GIL) run while the next chunk is parsed; the store takes every rule in one transaction
-        at the end. On any failure, a bad line late in the list included, every entry written
-        so far is removed again, so the request changes nothing."""
+        Each chunk is checked and compiled as it arrives, its rows go into one transaction
+        that spans the request, and its map writes (kernel time, no GIL) run while the next
+        chunk is parsed. On any failure, a bad line late in the list included, the transaction
+        rolls back and every entry written so far is removed again, so the request changes
+        nothing."""
         with self.lock, self._changing_maps(), ThreadPoolExecutor(1, "xdpfw-bulk") as writer:
             first_id = self._next_id
             added: list[Rule] = []
