@@ -68,6 +68,11 @@ def test_metrics_count_rules_verdicts_maps_and_program(fw, run, client):
 
 def test_interface_metrics_show_the_attachment(fw, client, make_netns):
     a, b = make_netns("ma"), make_netns("mb")
+    # No IPv6 on the new links: the kernel's own MLD/ND chatter on a link just raised would be
+    # dropped by the policy and race the "nothing dropped yet" check.
+    for ns in (a, b):
+        r = nsutil.run_in(ns, ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        assert r.returncode == 0, r.stderr
     nsutil.veth_pair(a, "m0", b, "m1")
     fw.attach_interface("m0", a, mode="generic", policy="drop")
     try:
