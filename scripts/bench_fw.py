@@ -591,7 +591,7 @@ def bench_exact(sz: Sizes, scratch: Scratch, fw: Firewall, exact: list[Prefix]) 
     rows = []
     for kind in ("hit", "miss"):
         f, x = st[f"fw {kind}"], st[f"xf {kind}"]
-        rows.append(["xdpfw (LPM trie, /32 rules)", kind, fmt_ns(f), ratio(f.median, x.median)])
+        rows.append(["xdpfw (host hash, /32 rules)", kind, fmt_ns(f), ratio(f.median, x.median)])
         rows.append([f"xdp-filter {xdp_filter_version()} (hash)", kind, fmt_ns(x), "1.00x"])
         r = f.median / x.median
         sec.targets.append(Target(

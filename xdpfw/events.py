@@ -1,6 +1,6 @@
 """Sampled drop events: read from the program's ring buffer, fanned out to subscribers.
 
-The XDP program pushes 1 drop in `sample_rate` (pinned map event_config; 0: none), so a flood
+The XDP program pushes 1 drop in `sample_rate` (pinned map fw_config; 0: none), so a flood
 costs the reader at most rate-limited work. One thread polls the ring buffer of the program
 that is attached and follows it across upgrades (Firewall.program_listeners). Each subscriber
 (an SSE client) has a bounded queue: when it lags, its oldest events are dropped and counted,
@@ -123,9 +123,8 @@ class EventHub:
     def set_sample_rate(self, rate: int) -> None:
         if rate < 0:
             raise ValueError("sample_rate must be 0 (off) or more")
-        table = self.fw.program.table("event_config")
         with self.fw.lock:
-            table[table.Key(0)] = table.Leaf(rate, 0)
+            self.fw.maps.fw_config.set_sample_rate(rate)
         self.sample_rate = rate
 
     # -- fan-out ----------------------------------------------------------------------------

@@ -79,10 +79,10 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_service_counters,
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_backend_counters, MAX_BACKENDS,
 		 PIN("lb_backend_counters"));
 
-/* ---- Sampled drop events ---- */
+/* One entry, written by the control plane: the drop-event sample rate and the maps to skip. */
+BPF_TABLE_PINNED("array", __u32, struct fw_cfg, fw_config, 1, PIN("fw_config"));
 
-/* One entry, written by the control plane: the sample rate (0: no events). */
-BPF_TABLE_PINNED("array", __u32, struct event_cfg, event_config, 1, PIN("event_config"));
+/* ---- Sampled drop events ---- */
 
 /* Sampled drops for `xdpfw watch`. Not pinned: each build has its own, and the reader in the
  * daemon follows the program that is attached (xdpfw/events.py). 64 pages: ~4,900 events. */

@@ -173,13 +173,23 @@ struct lb_ct {
 	__u64 last_seen; /* bpf_ktime_get_ns(), refreshed at most once a second */
 };
 
-/* ---- Sampled drop events (ring buffer drop_events; reader xdpfw/events.py) ---- */
+/* ---- Program-wide settings: fw_config, one entry (key 0), read once per packet ---- */
 
-/* Value of event_config (its only entry, key 0). */
-struct event_cfg {
-	__u32 sample_rate; /* host order: 1 drop in sample_rate becomes an event; 0: none */
-	__u32 pad;
+/* struct fw_cfg.skip: source maps the program need not search, because they are empty. The
+ * control plane clears a bit before it writes to that map and sets it only when the map is
+ * empty with no write in flight (xdpfw/dataplane/maps.py: LookupSkips), so no rule is ever
+ * skipped; all zero (a fresh map) searches everything. A miss then costs one lookup, not two. */
+#define XDPFW_SKIP_HOSTS_V4 0x1
+#define XDPFW_SKIP_RULES_V4 0x2
+#define XDPFW_SKIP_HOSTS_V6 0x4
+#define XDPFW_SKIP_RULES_V6 0x8
+
+struct fw_cfg {
+	__u32 sample_rate; /* host order: 1 drop in sample_rate becomes an event (drop_events); 0: none */
+	__u32 skip;        /* host order: XDPFW_SKIP_* */
 };
+
+/* ---- Sampled drop events (ring buffer drop_events; reader xdpfw/events.py) ---- */
 
 /* One sampled drop, as pushed through drop_events. */
 struct drop_event {

@@ -43,6 +43,11 @@ IFACE_COUNTERS = 2
 NO_RULE = 0xFFFFFFFF
 NO_PORT_SET = 0
 
+SKIP_HOSTS_V4 = 0x1
+SKIP_RULES_V4 = 0x2
+SKIP_HOSTS_V6 = 0x4
+SKIP_RULES_V6 = 0x8
+
 
 class LpmV4Key(ctypes.Structure):
     _fields_ = (("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4))
@@ -169,8 +174,8 @@ class LbCt(ctypes.Structure):
     )
 
 
-class EventCfg(ctypes.Structure):
-    _fields_ = (("sample_rate", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+class FwCfg(ctypes.Structure):
+    _fields_ = (("sample_rate", ctypes.c_uint32), ("skip", ctypes.c_uint32))
 
 
 class DropEvent(ctypes.Structure):
@@ -201,7 +206,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "rule_counters": (ctypes.c_uint32, Counter),
     "reason_counters": (ctypes.c_uint32, Counter),
     "iface_counters": (ctypes.c_uint32, Counter),
-    "event_config": (ctypes.c_uint32, EventCfg),
+    "fw_config": (ctypes.c_uint32, FwCfg),
     "lb_config": (ctypes.c_uint32, LbConfig),
     "lb_services": (LbVip, LbService),
     "lb_tables": (ctypes.c_uint32, ctypes.c_uint32),

@@ -19,6 +19,7 @@ from itertools import compress, repeat
 from operator import itemgetter, not_
 
 from xdpfw.dataplane import abi
+from xdpfw.dataplane.fw_config import FwConfig
 from xdpfw.errors import AttachError, MapFullError, XdpfwError
 from xdpfw.rules.compile import Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
@@ -237,6 +238,15 @@ class FirewallMaps:
         self.rule_counters = handle("rule_counters")
         self.reason_counters = handle("reason_counters")
         self.iface_counters = handle("iface_counters")
+        self.fw_config = FwConfig(
+            handle("fw_config"),
+            {
+                "hosts_v4": abi.SKIP_HOSTS_V4,
+                "rules_v4": abi.SKIP_RULES_V4,
+                "hosts_v6": abi.SKIP_HOSTS_V6,
+                "rules_v6": abi.SKIP_RULES_V6,
+            },
+        )
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
         self.max_ifindex = program.config.max_ifindex
 
@@ -248,9 +258,12 @@ class FirewallMaps:
         if ch.ports:
             self._write_ports(ch.ports.items())
         self._write_prefixes(ch.prefixes.items())
+        emptied = set()
         for p in ch.deleted_prefixes:
             handle, key = self._where(p)
             handle.delete(key)
+            emptied.add(handle)
+        self.fw_config.refresh(emptied)
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
 
@@ -318,15 +331,19 @@ class FirewallMaps:
         return writes
 
     def write_packed(self, writes: PackedWrites) -> None:
-        if sum(n for *_, n in writes) < PARALLEL_WRITES_FROM or len(writes) < 2:
-            for handle, keys, values, n in writes:
-                handle.update_many(keys, values, n)
-            return
-        # Large loads: the inserts are kernel time (the GIL is released in the syscall), and
-        # each map has its own lock, so the maps are written side by side.
-        with ThreadPoolExecutor(len(writes), thread_name_prefix="xdpfw-map") as pool:
-            for f in [pool.submit(h.update_many, k, v, n) for h, k, v, n in writes]:
-                f.result()
+        with self.fw_config.writing([h for h, _, _, n in writes if n]):
+            if sum(n for *_, n in writes) < PARALLEL_WRITES_FROM or len(writes) < 2:
+                for handle, keys, values, n in writes:
+                    handle.update_many(keys, values, n)
+                return
+            # Large loads: the inserts are kernel time (the GIL is released in the syscall),
+            # and each map has its own lock, so the maps are written side by side.
+            with ThreadPoolExecutor(len(writes), thread_name_prefix="xdpfw-map") as pool:
+                for f in [pool.submit(h.update_many, k, v, n) for h, k, v, n in writes]:
+                    f.result()
+
+    def source_maps(self) -> tuple[MapHandle, ...]:
+        return (self.hosts_v4, self.rules_v4, self.hosts_v6, self.rules_v6)
 
     def _write_ports(self, items: Iterable[tuple[PortKey, tuple[int, int]]]) -> None:
         keys, vals = [], []
@@ -336,9 +353,7 @@ class FirewallMaps:
         self.port_rules.update_many(b"".join(keys), b"".join(vals), len(keys))
 
     def rules_empty(self) -> bool:
-        return not any(
-            h.has_keys() for h in (self.rules_v4, self.rules_v6, self.hosts_v4, self.hosts_v6)
-        )
+        return not any(h.has_keys() for h in self.source_maps())
 
     def prefix_keys(self) -> list[Prefix]:
         """What the tries and host hashes hold now (to remove entries no rule explains)."""
