@@ -256,7 +256,7 @@ class Firewall:
                         rules = list(map(tuple.__new__, repeat(Rule), rows))
                         # Checked before the add: then each entry is (slot, action, 0).
                         from_columns = plain is not None and self.index.plain_only()
-                        changes = self.index.add(rules)
+                        changes = self.index.add(rules, report=not from_columns)
                         added.extend(rules)
                         if from_columns:
                             code = ACTION_CODE[plain[0]]

@@ -96,10 +96,15 @@ class RuleIndex:
         verdict, (slot, action, NO_PORT_SET), and touches no other entry."""
         return not self.port_rules and not self.port_entries
 
-    def add(self, rules: Iterable[Rule]) -> Changes:
+    def add(self, rules: Iterable[Rule], report: bool = True) -> Changes:
+        """Index `rules` and compile what they change. report=False: the caller writes plain
+        rules from its own columns (only valid while plain_only()), so the entries of the
+        Changes are not built and it comes back empty."""
         rules = rules if isinstance(rules, list) else list(rules)
         if self.plain_only() and all_plain(rules):
-            return self._add_plain(rules)
+            return self._add_plain(rules, report)
+        if not report:
+            raise ValueError("report=False is only for plain rules into a plain-only index")
         touched: list[Prefix] = []
         any_rules, port_only = self.any_rules, self.port_only
         for rule in rules:
@@ -119,7 +124,7 @@ class RuleIndex:
         self._count += len(touched)
         return self._recompile(touched)
 
-    def _add_plain(self, rules: list[Rule]) -> Changes:
+    def _add_plain(self, rules: list[Rule], report: bool = True) -> Changes:
         """Plain prefix rules into an index with no port rules at all (a blocklist): nothing
         inherits, so each rule's entry is its own verdict. Built with zip/dict.update, i.e. in
         C: a million-rule load spends no Python call per rule here."""
@@ -129,7 +134,8 @@ class RuleIndex:
         verdicts = list(zip([r.slot for r in rules], codes, repeat(NO_PORT_SET), strict=False))
         self.any_rules.update(zip(prefixes, rules, strict=True))
         self.prefix_values.update(zip(prefixes, verdicts, strict=True))
-        changes.prefixes = dict(zip(prefixes, verdicts, strict=True))
+        if report:
+            changes.prefixes = dict(zip(prefixes, verdicts, strict=True))
         self._count += len(rules)
         return changes
 
