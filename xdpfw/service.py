@@ -27,6 +27,7 @@ from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
 from xdpfw.errors import ConflictError, MapFullError, NotFoundError
+from xdpfw.gcpause import gc_paused
 from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
 from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
@@ -97,7 +98,8 @@ class Firewall:
         # Called with the new program after an upgrade, before the old one is closed.
         self.program_listeners: list[Callable[[LoadedProgram], None]] = []
         self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
-        self._restore_rules()
+        with gc_paused():
+            self._restore_rules()
         # Pins from a build without fw_config, or a map emptied while no daemon ran.
         self.maps.fw_config.refresh(self.maps.source_maps())
         self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
@@ -182,7 +184,7 @@ class Firewall:
 
     def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
         """Add rules, all or nothing."""
-        with self.lock:
+        with self.lock, gc_paused():
             self._check_new(specs)
             slots = self.rule_slots.take(len(specs), "rules")
             first_id = self._next_id
@@ -233,7 +235,12 @@ class Firewall:
         chunk is parsed. On any failure, a bad line late in the list included, the transaction
         rolls back and every entry written so far is removed again, so the request changes
         nothing."""
-        with self.lock, self._changing_maps(), ThreadPoolExecutor(1, "xdpfw-bulk") as writer:
+        with (
+            self.lock,
+            gc_paused(),
+            self._changing_maps(),
+            ThreadPoolExecutor(1, "xdpfw-bulk") as writer,
+        ):
             first_id = self._next_id
             added: list[Rule] = []
             writes = []
