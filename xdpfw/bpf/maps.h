@@ -79,6 +79,10 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_service_counters,
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_backend_counters, MAX_BACKENDS,
 		 PIN("lb_backend_counters"));
 
+/* One bit per IPv4 /24 without host rules (xdpfw_abi.h: XDPFW_HOSTLESS_V4_WORDS). */
+BPF_TABLE_PINNED("array", __u32, __u64, hostless_v4, XDPFW_HOSTLESS_V4_WORDS,
+		 PIN("hostless_v4"));
+
 /* One entry, written by the control plane: the drop-event sample rate and the maps to skip. */
 BPF_TABLE_PINNED("array", __u32, struct fw_cfg, fw_config, 1, PIN("fw_config"));
 

@@ -47,6 +47,7 @@ SKIP_HOSTS_V4 = 0x1
 SKIP_RULES_V4 = 0x2
 SKIP_HOSTS_V6 = 0x4
 SKIP_RULES_V6 = 0x8
+HOSTLESS_V4_WORDS = 262144
 
 
 class LpmV4Key(ctypes.Structure):
@@ -207,6 +208,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "reason_counters": (ctypes.c_uint32, Counter),
     "iface_counters": (ctypes.c_uint32, Counter),
     "fw_config": (ctypes.c_uint32, FwCfg),
+    "hostless_v4": (ctypes.c_uint32, ctypes.c_uint64),
     "lb_config": (ctypes.c_uint32, LbConfig),
     "lb_services": (LbVip, LbService),
     "lb_tables": (ctypes.c_uint32, ctypes.c_uint32),

@@ -9,30 +9,63 @@ costs a call; an empty hash a hash and a bucket). The bits must never hide a rul
     is slow at worst, never wrong.
 One lock orders both, so a refresh cannot read "empty" between a writer's clear and its
 write and then set the bit after it.
+
+The same rule, per IPv4 /24, keeps the hostless_v4 bitmap: a bit says "no host (/32) rule in
+this /24", so most misses skip the host hash. Writing hosts clears their /24s' bits first;
+deleting hosts sets a bit once hosts_v4 holds none of the /24's 256 addresses; start-up
+rebuilds the whole bitmap from hosts_v4 itself, so a bitmap from before a crash, or none at
+all, is never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import struct
+import sys
 import threading
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from itertools import repeat
+from operator import rshift
 from typing import TYPE_CHECKING
 
 from xdpfw.dataplane import abi
+from xdpfw.errors import XdpfwError
 
 if TYPE_CHECKING:
     from xdpfw.dataplane.maps import MapHandle
 
 _KEY = struct.pack("<I", 0)
+_ALL_ONES = (1 << 64) - 1
+PROBE_24S_UP_TO = 64  # deleted hosts' /24s probed one by one; more: rebuild from hosts_v4
+
+
+def _slash24s(keys: bytes) -> set[int]:
+    """The /24 numbers (address >> 8) of packed hosts_v4 keys (4 bytes each, big-endian)."""
+    addrs = array("I", keys)
+    if sys.byteorder == "little":
+        addrs.byteswap()
+    return set(map(rshift, addrs, repeat(8)))
 
 
 class FwConfig:
-    def __init__(self, handle: MapHandle, skip_bits: dict[str, int]) -> None:
-        """handle: the fw_config map; skip_bits: source map name -> its XDPFW_SKIP_* bit."""
+    def __init__(
+        self, handle: MapHandle, skip_bits: dict[str, int], hosts_v4: MapHandle,
+        hostless_v4: MapHandle,
+    ) -> None:
+        """handle: the fw_config map; skip_bits: source map name -> its XDPFW_SKIP_* bit;
+        hostless_v4: the /24 bitmap over hosts_v4 (rebuilt by rebuild_hostless)."""
         self._handle = handle
         self._bits = skip_bits
+        self._hosts_v4 = hosts_v4
+        self._hostless = hostless_v4
+        # What the kernel's bitmap holds, read back: a bit is only ever changed in a word
+        # written whole, so this copy must be the kernel's, not a guess.
+        self._words = array("Q", hostless_v4.dump()[1])
+        if len(self._words) != abi.HOSTLESS_V4_WORDS:
+            raise XdpfwError(f"hostless_v4 has {len(self._words)} words, not "
+                             f"{abi.HOSTLESS_V4_WORDS}")
         self._lock = threading.Lock()
         self._inflight: Counter[str] = Counter()
         raw = handle.lookup(_KEY)
@@ -51,8 +84,9 @@ class FwConfig:
             self._store(rate=rate)
 
     @contextlib.contextmanager
-    def writing(self, maps: Iterable[MapHandle]) -> Iterator[None]:
-        """Around a write to `maps`: their bits are clear before it starts, and stay clear
+    def writing(self, maps: Iterable[MapHandle], host_keys_v4: bytes = b"") -> Iterator[None]:
+        """Around a write to `maps` (host_keys_v4: the keys going into hosts_v4): their bits,
+        and the hostless bits of those hosts' /24s, are clear before it starts, and stay clear
         until it has ended (a concurrent refresh sees the write in flight)."""
         names = [m.name for m in maps if m.name in self._bits]
         with self._lock:
@@ -60,16 +94,25 @@ class FwConfig:
             bits = sum({self._bits[n] for n in names})
             if self._value.skip & bits:
                 self._store(skip=self._value.skip & ~bits)
+            if host_keys_v4:
+                self._set_hostless(_slash24s(host_keys_v4), False)
         try:
             yield
         finally:
             with self._lock:
                 self._inflight.subtract(names)
 
-    def refresh(self, maps: Iterable[MapHandle]) -> None:
+    def refresh(self, maps: Iterable[MapHandle], deleted_hosts_v4: Iterable[int] = ()) -> None:
         """Set the bits of those `maps` that are empty and not being written; clear the rest
-        (a map written behind our back is searched again)."""
+        (a map written behind our back is searched again). deleted_hosts_v4: addresses just
+        removed from hosts_v4, whose /24s may now be hostless."""
         with self._lock:
+            gone = {a >> 8 for a in deleted_hosts_v4}
+            if gone and not self._inflight[self._hosts_v4.name]:
+                if len(gone) > PROBE_24S_UP_TO:
+                    self._rebuild_hostless()
+                else:
+                    self._set_hostless({s for s in gone if self._hostless_in_kernel(s)}, True)
             skip = self._value.skip
             for m in maps:
                 bit = self._bits.get(m.name)
@@ -81,6 +124,47 @@ class FwConfig:
                     skip |= bit
             if skip != self._value.skip:
                 self._store(skip=skip)
+
+    def rebuild_hostless(self) -> None:
+        """The whole bitmap from what hosts_v4 holds now (start-up, and after big deletes)."""
+        with self._lock:
+            if not self._inflight[self._hosts_v4.name]:
+                self._rebuild_hostless()
+
+    @property
+    def hostless_map(self) -> MapHandle:
+        return self._hostless
+
+    def _rebuild_hostless(self) -> None:
+        words = array("Q", repeat(_ALL_ONES, abi.HOSTLESS_V4_WORDS))
+        for s in _slash24s(self._hosts_v4.dump()[0]):
+            words[s >> 6] &= ~(1 << (s & 63))
+        keys = array("I", range(abi.HOSTLESS_V4_WORDS))
+        # Words are written in index order; a word only ever loses bits its /24s' hosts need
+        # (computed from the map itself under the lock that orders every host write).
+        self._hostless.update_many(keys.tobytes(), words.tobytes(), len(words))
+        self._words = words
+
+    def _hostless_in_kernel(self, slash24: int) -> bool:
+        """No address of this /24 in hosts_v4 (256 lookups)."""
+        base = slash24 << 8
+        lookup = self._hosts_v4.lookup
+        return not any(lookup((base | i).to_bytes(4, "big")) is not None for i in range(256))
+
+    def _set_hostless(self, slash24s: Iterable[int], hostless: bool) -> None:
+        words, new = self._words, {}
+        for s in slash24s:
+            w, bit = s >> 6, 1 << (s & 63)
+            old = new.get(w, words[w])
+            new[w] = old | bit if hostless else old & ~bit
+        changed = {w: v for w, v in new.items() if v != words[w]}
+        if not changed:
+            return
+        keys = array("I", changed)
+        values = array("Q", changed.values())
+        self._hostless.update_many(keys.tobytes(), values.tobytes(), len(keys))
+        for w, v in changed.items():
+            words[w] = v
 
     def _store(self, *, rate: int | None = None, skip: int | None = None) -> None:
         value = abi.FwCfg(

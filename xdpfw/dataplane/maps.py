@@ -157,6 +157,32 @@ class MapHandle:
         buf = ctypes.create_string_buffer(self.key_size)
         return _lib().bpf_get_first_key(self.fd, buf, self.key_size) == 0
 
+    def dump(self, batch: int = 8192) -> tuple[bytes, bytes]:
+        """Every key and every value, each concatenated, by BPF_MAP_LOOKUP_BATCH (hash and
+        array maps; an array's keys come in index order)."""
+        lib = _lib()
+        keys = ctypes.create_string_buffer(self.key_size * batch)
+        values = ctypes.create_string_buffer(self.value_size * batch)
+        in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        out: list[bytes] = []
+        vals: list[bytes] = []
+        first = True
+        while True:
+            count = ctypes.c_uint32(batch)
+            rc = lib.bpf_lookup_batch(
+                self.fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+                keys, values, ctypes.byref(count),
+            )
+            err = ctypes.get_errno() if rc != 0 else 0
+            if rc != 0 and err != errno.ENOENT:
+                raise XdpfwError(f"reading the keys of map {self.name} failed: {os.strerror(err)}")
+            out.append(keys.raw[: count.value * self.key_size])
+            vals.append(values.raw[: count.value * self.value_size])
+            if rc != 0 or count.value == 0:  # ENOENT: the last batch
+                return b"".join(out), b"".join(vals)
+            first = False
+            in_batch.value = out_batch.value
+
     def all_keys(self) -> list[bytes]:
         """Every key, by get_next_key (the LPM trie has no batch lookup)."""
         lib = _lib()
@@ -246,6 +272,8 @@ class FirewallMaps:
                 "hosts_v6": abi.SKIP_HOSTS_V6,
                 "rules_v6": abi.SKIP_RULES_V6,
             },
+            self.hosts_v4,
+            handle("hostless_v4"),
         )
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
         self.max_ifindex = program.config.max_ifindex
@@ -263,7 +291,8 @@ class FirewallMaps:
             handle, key = self._where(p)
             handle.delete(key)
             emptied.add(handle)
-        self.fw_config.refresh(emptied)
+        hosts = [p.net for p in ch.deleted_prefixes if p.family == V4 and p.length == 32]
+        self.fw_config.refresh(emptied, deleted_hosts_v4=hosts)
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
 
@@ -331,7 +360,8 @@ class FirewallMaps:
         return writes
 
     def write_packed(self, writes: PackedWrites) -> None:
-        with self.fw_config.writing([h for h, _, _, n in writes if n]):
+        hosts = b"".join(k for h, k, _, n in writes if h is self.hosts_v4 and n)
+        with self.fw_config.writing([h for h, _, _, n in writes if n], host_keys_v4=hosts):
             if sum(n for *_, n in writes) < PARALLEL_WRITES_FROM or len(writes) < 2:
                 for handle, keys, values, n in writes:
                     handle.update_many(keys, values, n)
