@@ -63,13 +63,13 @@ class Route:
 # Send buffer sizes are what the kernel uses: SO_SNDBUF(SPLICE_SNDBUF) gives twice that.
 PATHS = [
     Route("direct (routed)", None),
-    Route(f"sockhash, verdict-only, send buffer {SPLICE_SNDBUF >> 19} MiB (default)",
-          {"mode": "sockhash", "attach": "verdict"}),
-    Route(f"sockhash, strparser, send buffer {SPLICE_SNDBUF >> 19} MiB",
+    Route(f"sockhash, strparser, send buffer {SPLICE_SNDBUF >> 19} MiB (default)",
           {"mode": "sockhash", "attach": "stream"}),
+    Route(f"sockhash, verdict-only, send buffer {SPLICE_SNDBUF >> 19} MiB",
+          {"mode": "sockhash", "attach": "verdict"}),
     Route("sockhash, verdict-only, autotuned send buffer",
           {"mode": "sockhash", "attach": "verdict", "splice_sndbuf": None}),
-    Route("sockhash, strparser, autotuned send buffer (previous default)",
+    Route("sockhash, strparser, autotuned send buffer",
           {"mode": "sockhash", "attach": "stream", "splice_sndbuf": None}),
     Route("user-space relay (asyncio)", {"mode": "userspace"}),
 ]

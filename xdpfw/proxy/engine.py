@@ -29,6 +29,7 @@ from typing import Literal
 
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 from xdpfw.proxy.loader import (
+    DEFAULT_ATTACH,
     SPLICE_SNDBUF,
     Attach,
     ConnCounters,
@@ -155,7 +156,7 @@ class ProxyEngine:
         connect_timeout: float = 5.0,
         backlog: int = 1024,
         max_sockets: int = SP_MAX_SOCKETS,
-        attach: Attach = "verdict",
+        attach: Attach = DEFAULT_ATTACH,
         splice_sndbuf: int | None = SPLICE_SNDBUF,
     ) -> None:
         self.listen_host = listen_host

@@ -29,9 +29,13 @@ SK_SKB_STREAM_PARSER = 4
 SK_SKB_STREAM_VERDICT = 5
 SK_SKB_VERDICT = 38  # Linux >= 5.13
 
-# "verdict": the verdict program alone; the kernel hands it each skb from tcp_read_skb(),
-# no strparser, no clone. "stream": strparser + stream verdict (older kernels).
+# "stream" (the default): strparser + stream verdict. "verdict": the verdict program alone;
+# the kernel hands it each skb from tcp_read_skb(), no strparser, no clone, same throughput
+# here. But on this kernel (6.18.44) verdict mode now and then hands the program one 64 KiB
+# skb twice: 1-2% of 32 MiB streams arrived 65,160 bytes long, with the duplicate counted by
+# sp_verdict itself, in either direction; 0 of 380 in stream mode (docs/perf.md, Socket proxy).
 Attach = Literal["verdict", "stream"]
+DEFAULT_ATTACH: Attach = "stream"
 ATTACH_PROGRAMS: dict[str, tuple[tuple[str, int], ...]] = {
     "verdict": (("sp_verdict", SK_SKB_VERDICT),),
     "stream": (("sp_parser", SK_SKB_STREAM_PARSER), ("sp_verdict", SK_SKB_STREAM_VERDICT)),
@@ -117,7 +121,7 @@ class SockProxyDataplane:
     """
 
     def __init__(self, *, max_sockets: int = abi.SP_MAX_SOCKETS,
-                 max_services: int = abi.SP_MAX_SERVICES, attach: Attach = "verdict",
+                 max_services: int = abi.SP_MAX_SERVICES, attach: Attach = DEFAULT_ATTACH,
                  splice_sndbuf: int | None = SPLICE_SNDBUF,
                  source: Path = abi.PROGRAM_SOURCE) -> None:
         """attach: see Attach. splice_sndbuf: SO_SNDBUF for spliced sockets (None: leave the
