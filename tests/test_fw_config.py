@@ -234,3 +234,17 @@ def test_start_up_rebuilds_a_bitmap_it_cannot_trust(tmp_path):
             fw.close()
     finally:
         remove_pins(cfg.pin_dir)
+
+
+def test_a_host_write_clears_its_bit_even_if_our_copy_says_clear(run, fw):
+    """The copy of the bitmap in user space may lag the kernel (a batch cut short, a hand
+    edit): clearing must not trust it, or a host would be written under a set bit."""
+    fw.add_rules([drop("198.51.100.7/32")])
+    s = int(ipaddress.IPv4Address("198.51.100.7")) >> 8
+    word = (s >> 6).to_bytes(4, "little")
+    fw.maps.fw_config.hostless_map.update(word, ((1 << 64) - 1).to_bytes(8, "little"))
+    assert run(P.udp4("198.51.100.7", 53)).verdict == "XDP_PASS", "premise: the bit hides it"
+    fw.add_rules([drop("198.51.100.9/32")])
+    assert run(P.udp4("198.51.100.9", 53)).verdict == "XDP_DROP"
+    assert run(P.udp4("198.51.100.7", 53)).verdict == "XDP_DROP"
+    assert_hostless_sound(fw, "after the second host")

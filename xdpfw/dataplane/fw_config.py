@@ -91,12 +91,13 @@ class FwConfig:
         names = [m.name for m in maps if m.name in self._bits]
         with self._lock:
             self._inflight.update(names)
-            bits = sum({self._bits[n] for n in names})
-            if self._value.skip & bits:
-                self._store(skip=self._value.skip & ~bits)
-            if host_keys_v4:
-                self._set_hostless(_slash24s(host_keys_v4), False)
         try:
+            with self._lock:
+                bits = sum({self._bits[n] for n in names})
+                if self._value.skip & bits:
+                    self._store(skip=self._value.skip & ~bits)
+                if host_keys_v4:
+                    self._set_hostless(_slash24s(host_keys_v4), False)
             yield
         finally:
             with self._lock:
@@ -140,9 +141,8 @@ class FwConfig:
         for s in _slash24s(self._hosts_v4.dump()[0]):
             words[s >> 6] &= ~(1 << (s & 63))
         keys = array("I", range(abi.HOSTLESS_V4_WORDS))
-        # Words are written in index order; a word only ever loses bits its /24s' hosts need
-        # (computed from the map itself under the lock that orders every host write).
-        self._hostless.update_many(keys.tobytes(), words.tobytes(), len(words))
+        # Computed from the map itself, under the lock that orders every host write.
+        self._write_words(keys, words)
         self._words = words
 
     def _hostless_in_kernel(self, slash24: int) -> bool:
@@ -157,14 +157,23 @@ class FwConfig:
             w, bit = s >> 6, 1 << (s & 63)
             old = new.get(w, words[w])
             new[w] = old | bit if hostless else old & ~bit
-        changed = {w: v for w, v in new.items() if v != words[w]}
-        if not changed:
+        # Clearing writes every word it touches, changed or not: the safe direction does not
+        # depend on this copy being the kernel's. Setting writes only what changes.
+        if hostless:
+            new = {w: v for w, v in new.items() if v != words[w]}
+        if not new:
             return
-        keys = array("I", changed)
-        values = array("Q", changed.values())
-        self._hostless.update_many(keys.tobytes(), values.tobytes(), len(keys))
-        for w, v in changed.items():
+        self._write_words(array("I", new), array("Q", new.values()))
+        for w, v in new.items():
             words[w] = v
+
+    def _write_words(self, keys: array, values: array) -> None:
+        try:
+            self._hostless.update_many(keys.tobytes(), values.tobytes(), len(keys))
+        except BaseException:
+            # A batch can stop part way: take the kernel's words as they now are.
+            self._words = array("Q", self._hostless.dump()[1])
+            raise
 
     def _store(self, *, rate: int | None = None, skip: int | None = None) -> None:
         value = abi.FwCfg(
