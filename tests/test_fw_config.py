@@ -14,6 +14,7 @@ import pytest
 from tests import packets as P
 from tests.conftest import isolated_program_config, remove_pins
 from xdpfw.dataplane import abi
+from xdpfw.dataplane.fw_config import SKIP_BITS
 from xdpfw.rules.model import Action, parse_prefix
 from xdpfw.service import Firewall, RuleSpec
 
@@ -70,8 +71,7 @@ def test_random_adds_and_deletes_never_hide_a_rule(run, fw):
             fw.delete_rule(live.pop(victim))
         skip = kernel_value(fw).skip
         for m in fw.maps.source_maps():
-            bit = {"hosts_v4": abi.SKIP_HOSTS_V4, "rules_v4": abi.SKIP_RULES_V4,
-                   "hosts_v6": abi.SKIP_HOSTS_V6, "rules_v6": abi.SKIP_RULES_V6}[m.name]
+            bit = SKIP_BITS[m.name]
             assert not (skip & bit and m.has_keys()), f"step {step}: {m.name} skipped, not empty"
         for prefix in live:
             net = ipaddress.ip_network(prefix)

@@ -100,10 +100,8 @@ class Firewall:
         self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
         with gc_paused():
             self._restore_rules()
-        # Pins from a build without fw_config, or a map emptied while no daemon ran; the /24
-        # bitmap is rebuilt from hosts_v4 whatever it held.
-        self.maps.fw_config.refresh(self.maps.source_maps())
-        self.maps.fw_config.rebuild_hostless()
+        # Pins from a build without fw_config, or a map emptied while no daemon ran.
+        self.maps.fw_config.resync(self.maps.source_maps())
         self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
         self.rule_slots = SlotAllocator(
             program_config.max_rules, (r.slot for r in self.rules.values())
@@ -474,8 +472,7 @@ class Firewall:
                 raise
             infos = (prog_info(old.fd), prog_info(new.fd))
             self.program, self.maps = new, FirewallMaps(new)
-            self.maps.fw_config.refresh(self.maps.source_maps())  # a build before the bits
-            self.maps.fw_config.rebuild_hostless()
+            self.maps.fw_config.resync(self.maps.source_maps())  # a build before the bits
             for listener in self.program_listeners:
                 listener(new)
             old.close()

@@ -177,7 +177,7 @@ struct lb_ct {
 
 /* struct fw_cfg.skip: source maps the program need not search, because they are empty. The
  * control plane clears a bit before it writes to that map and sets it only when the map is
- * empty with no write in flight (xdpfw/dataplane/maps.py: LookupSkips), so no rule is ever
+ * empty with no write in flight (xdpfw/dataplane/fw_config.py: FwConfig), so no rule is ever
  * skipped; all zero (a fresh map) searches everything. A miss then costs one lookup, not two. */
 #define XDPFW_SKIP_HOSTS_V4 0x1
 #define XDPFW_SKIP_RULES_V4 0x2

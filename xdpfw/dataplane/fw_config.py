@@ -39,6 +39,13 @@ if TYPE_CHECKING:
 _KEY = struct.pack("<I", 0)
 _ALL_ONES = (1 << 64) - 1
 PROBE_24S_UP_TO = 64  # deleted hosts' /24s probed one by one; more: rebuild from hosts_v4
+# Source map -> its fw_cfg.skip bit.
+SKIP_BITS = {
+    "hosts_v4": abi.SKIP_HOSTS_V4,
+    "rules_v4": abi.SKIP_RULES_V4,
+    "hosts_v6": abi.SKIP_HOSTS_V6,
+    "rules_v6": abi.SKIP_RULES_V6,
+}
 
 
 def _slash24s(keys: bytes) -> set[int]:
@@ -50,14 +57,9 @@ def _slash24s(keys: bytes) -> set[int]:
 
 
 class FwConfig:
-    def __init__(
-        self, handle: MapHandle, skip_bits: dict[str, int], hosts_v4: MapHandle,
-        hostless_v4: MapHandle,
-    ) -> None:
-        """handle: the fw_config map; skip_bits: source map name -> its XDPFW_SKIP_* bit;
-        hostless_v4: the /24 bitmap over hosts_v4 (rebuilt by rebuild_hostless)."""
+    def __init__(self, handle: MapHandle, hosts_v4: MapHandle, hostless_v4: MapHandle) -> None:
+        """handle: the fw_config map; hostless_v4: the /24 bitmap over hosts_v4."""
         self._handle = handle
-        self._bits = skip_bits
         self._hosts_v4 = hosts_v4
         self._hostless = hostless_v4
         # What the kernel's bitmap holds, read back: a bit is only ever changed in a word
@@ -71,14 +73,6 @@ class FwConfig:
         raw = handle.lookup(_KEY)
         self._value = abi.FwCfg.from_buffer_copy(raw) if raw else abi.FwCfg()
 
-    @property
-    def sample_rate(self) -> int:
-        return self._value.sample_rate
-
-    @property
-    def skip(self) -> int:
-        return self._value.skip
-
     def set_sample_rate(self, rate: int) -> None:
         with self._lock:
             self._store(rate=rate)
@@ -88,12 +82,12 @@ class FwConfig:
         """Around a write to `maps` (host_keys_v4: the keys going into hosts_v4): their bits,
         and the hostless bits of those hosts' /24s, are clear before it starts, and stay clear
         until it has ended (a concurrent refresh sees the write in flight)."""
-        names = [m.name for m in maps if m.name in self._bits]
+        names = [m.name for m in maps if m.name in SKIP_BITS]
         with self._lock:
             self._inflight.update(names)
         try:
             with self._lock:
-                bits = sum({self._bits[n] for n in names})
+                bits = sum({SKIP_BITS[n] for n in names})
                 if self._value.skip & bits:
                     self._store(skip=self._value.skip & ~bits)
                 if host_keys_v4:
@@ -116,7 +110,7 @@ class FwConfig:
                     self._set_hostless({s for s in gone if self._hostless_in_kernel(s)}, True)
             skip = self._value.skip
             for m in maps:
-                bit = self._bits.get(m.name)
+                bit = SKIP_BITS.get(m.name)
                 if bit is None:
                     continue
                 if self._inflight[m.name] or m.has_keys():
@@ -126,8 +120,10 @@ class FwConfig:
             if skip != self._value.skip:
                 self._store(skip=skip)
 
-    def rebuild_hostless(self) -> None:
-        """The whole bitmap from what hosts_v4 holds now (start-up, and after big deletes)."""
+    def resync(self, maps: Iterable[MapHandle]) -> None:
+        """Start-up and upgrades: the skip bits of `maps` (every source map) and the whole
+        bitmap from what the maps hold now, whatever the pinned entries said."""
+        self.refresh(maps)
         with self._lock:
             if not self._inflight[self._hosts_v4.name]:
                 self._rebuild_hostless()

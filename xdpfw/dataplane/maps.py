@@ -264,17 +264,7 @@ class FirewallMaps:
         self.rule_counters = handle("rule_counters")
         self.reason_counters = handle("reason_counters")
         self.iface_counters = handle("iface_counters")
-        self.fw_config = FwConfig(
-            handle("fw_config"),
-            {
-                "hosts_v4": abi.SKIP_HOSTS_V4,
-                "rules_v4": abi.SKIP_RULES_V4,
-                "hosts_v6": abi.SKIP_HOSTS_V6,
-                "rules_v6": abi.SKIP_RULES_V6,
-            },
-            self.hosts_v4,
-            handle("hostless_v4"),
-        )
+        self.fw_config = FwConfig(handle("fw_config"), self.hosts_v4, handle("hostless_v4"))
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
         self.max_ifindex = program.config.max_ifindex
 
