@@ -19,17 +19,7 @@
 /* Marker key in sp_traffic for skbs whose socket has no sp_peers entry. */
 #define SP_SERVICE_UNKNOWN 0xffffffff
 
-/* Every spliced socket, keyed by socket cookie: where verdicts redirect to. */
-BPF_SOCKHASH(sp_socks, __u64, SP_MAX_SOCKETS);
-/* Sockets whose inbound bytes are spliced, keyed by socket cookie: parser+verdict attached. */
-BPF_SOCKHASH(sp_splice, __u64, SP_MAX_SOCKETS);
-/* Socket cookie -> the socket its bytes go to, with service and direction for counting. */
-BPF_HASH(sp_peers, __u64, struct sp_peer, SP_MAX_SOCKETS);
-/* Per-service byte and skb counters, written here only. */
-BPF_PERCPU_HASH(sp_traffic, __u32, struct sp_traffic, SP_MAX_SERVICES);
-/* Per-service connection counters, written by user space only (declared here so the one
- * definition of every map lives in this file). */
-BPF_HASH(sp_conns, __u32, struct sp_conns, SP_MAX_SERVICES);
+#include "sockproxy_maps.h"
 
 /* Stream-parser attach only. One message per skb: the proxy has no framing, it moves
  * whatever arrived. */
