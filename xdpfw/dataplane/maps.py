@@ -157,15 +157,14 @@ class MapHandle:
         buf = ctypes.create_string_buffer(self.key_size)
         return _lib().bpf_get_first_key(self.fd, buf, self.key_size) == 0
 
-    def dump(self, batch: int = 8192) -> tuple[bytes, bytes]:
-        """Every key and every value, each concatenated, by BPF_MAP_LOOKUP_BATCH (hash and
-        array maps; an array's keys come in index order)."""
+    def batches(self, batch: int = 8192) -> Iterator[tuple[bytes, bytes]]:
+        """(keys, values) per BPF_MAP_LOOKUP_BATCH call, each side concatenated (hash
+        and array maps; an array's keys come in index order). One syscall a batch, not one
+        an entry."""
         lib = _lib()
         keys = ctypes.create_string_buffer(self.key_size * batch)
         values = ctypes.create_string_buffer(self.value_size * batch)
         in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
-        out: list[bytes] = []
-        vals: list[bytes] = []
         first = True
         while True:
             count = ctypes.c_uint32(batch)
@@ -175,13 +174,18 @@ class MapHandle:
             )
             err = ctypes.get_errno() if rc != 0 else 0
             if rc != 0 and err != errno.ENOENT:
-                raise XdpfwError(f"reading the keys of map {self.name} failed: {os.strerror(err)}")
-            out.append(keys.raw[: count.value * self.key_size])
-            vals.append(values.raw[: count.value * self.value_size])
-            if rc != 0 or count.value == 0:  # ENOENT: the last batch
-                return b"".join(out), b"".join(vals)
+                raise OSError(err, f"reading map {self.name} in batches failed")
+            n = count.value
+            yield keys.raw[: n * self.key_size], values.raw[: n * self.value_size]
+            if rc != 0 or n == 0:  # ENOENT: the last batch
+                return
             first = False
             in_batch.value = out_batch.value
+
+    def dump(self) -> tuple[bytes, bytes]:
+        """Every key and every value, each concatenated."""
+        parts = list(self.batches())
+        return b"".join(k for k, _ in parts), b"".join(v for _, v in parts)
 
     def all_keys(self) -> list[bytes]:
         """Every key, by get_next_key (the LPM trie has no batch lookup)."""
@@ -202,39 +206,16 @@ def read_percpu_counters(
 ) -> Iterator[tuple[int, int, int]]:
     """(slot, packets, bytes) for slots [0, upto) of a per-CPU counter array, summed over CPUs,
     zeros skipped; in batches of COUNTER_BATCH slots (one syscall each, not one per slot)."""
-    lib = _lib()
     vsize = handle.value_size  # ncpus * sizeof(struct counter)
-    keys = (ctypes.c_uint32 * COUNTER_BATCH)()
-    values = ctypes.create_string_buffer(vsize * COUNTER_BATCH)
-    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
-    first = True
     unpack = struct.Struct(f"<{2 * ncpus}Q").unpack_from
-    while True:
-        count = ctypes.c_uint32(COUNTER_BATCH)
-        rc = lib.bpf_lookup_batch(
-            handle.fd,
-            None if first else ctypes.byref(in_batch),
-            ctypes.byref(out_batch),
-            keys,
-            values,
-            ctypes.byref(count),
-        )
-        err = ctypes.get_errno() if rc != 0 else 0
-        if rc != 0 and err != errno.ENOENT:
-            raise OSError(err, f"reading {handle.name} in batches failed")
-        for i in range(count.value):
-            slot = keys[i]
+    for keys, values in handle.batches(COUNTER_BATCH):
+        for i, slot in enumerate(array("I", keys)):
             if slot >= upto:
                 return
             vals = unpack(values, i * vsize)
             packets = sum(vals[0::2])
             if packets:
                 yield slot, packets, sum(vals[1::2])
-        if rc != 0 or count.value == 0:  # ENOENT: the last batch
-            return
-        first = False
-        in_batch.value = out_batch.value
-
 
 
 def open_map(program, name: str) -> MapHandle:
