@@ -137,8 +137,7 @@ class FirewallCollector(Collector):
         occupancy = {
             "rules_v4": (v4, cfg.max_rules),
             "rules_v6": (len(fw.index.prefix_values) - v4, cfg.max_rules),
-            "port_rules": (sum(len(t) for t in fw.index.port_entries.values()),
-                           cfg.max_port_rules),
+            "port_rules": (fw.index.port_entry_count, cfg.max_port_rules),
             "iface_config": (len(fw.attachments), cfg.max_ifaces),
             "rule_counters": (len(fw.rules), cfg.max_rules),
         }

@@ -1,9 +1,10 @@
 /* xdpfw.c: the XDP firewall entry point.
  *
- * parse -> look the source prefix up (LPM) -> refine by proto/port when the prefix has such
- * rules -> else the interface policy -> passing packets go to the load balancer (lb.h) ->
- * count and return. Every verdict leaves through
- * record(), so every packet is counted once per reason, rule and interface.
+ * read the frame up to the source address -> look the source prefix up -> read the rest of
+ * the header chain -> bad fragments drop, unreadable chains get the source's strictest
+ * verdict, readable ones are refined by proto/port -> else the interface policy -> passing
+ * packets go to the load balancer (lb.h). Every verdict leaves through record(), so every
+ * packet is counted once per reason, rule and interface.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -82,12 +83,14 @@ static __always_inline int record(struct xdp_md *ctx, struct fw_cfg *fc, struct 
 	return verdict;
 }
 
-/* Packets a drop policy must not cut off: the box's own ARP and IPv6 neighbour discovery. */
+/* Packets a drop policy must not cut off: the box's own ARP and IPv6 neighbour discovery
+ * (README: an unfragmented, complete ICMPv6 packet whose type is 133-137). */
 static __always_inline int is_l2_control(struct packet *p)
 {
 	if (p->eth_proto == ETH_P_ARP_BE)
 		return 1;
-	return p->eth_proto == ETH_P_IPV6_BE && p->l4_proto == IPPROTO_ICMPV6 && !p->frag_tail &&
+	return p->eth_proto == ETH_P_IPV6_BE && p->l4_proto == IPPROTO_ICMPV6 &&
+	       (p->flags & (PKT_FRAGMENT | PKT_ICMP_TYPE)) == PKT_ICMP_TYPE &&
 	       p->icmp_type >= ICMPV6_ND_FIRST && p->icmp_type <= ICMPV6_ND_LAST;
 }
 
@@ -118,27 +121,24 @@ static __always_inline struct prefix_verdict *lookup_prefix(struct packet *p, __
 		__builtin_memcpy(k.addr, p->saddr, 4);
 		return rules_v4.lookup(&k);
 	}
-	if (p->eth_proto == ETH_P_IPV6_BE) {
-		if (!(skip & XDPFW_SKIP_HOSTS_V6)) {
-			struct host_v6_key h;
-			__builtin_memcpy(h.addr, p->saddr, 16);
-			struct prefix_verdict *v = hosts_v6.lookup(&h);
-			if (v)
-				return v;
-		}
-		if (skip & XDPFW_SKIP_RULES_V6)
-			return NULL;
-		struct lpm_v6_key k = {.prefixlen = 128};
-		__builtin_memcpy(k.addr, p->saddr, 16);
-		return rules_v6.lookup(&k);
+	if (!(skip & XDPFW_SKIP_HOSTS_V6)) {
+		struct host_v6_key h;
+		__builtin_memcpy(h.addr, p->saddr, 16);
+		struct prefix_verdict *v = hosts_v6.lookup(&h);
+		if (v)
+			return v;
 	}
-	return NULL;
+	if (skip & XDPFW_SKIP_RULES_V6)
+		return NULL;
+	struct lpm_v6_key k = {.prefixlen = 128};
+	__builtin_memcpy(k.addr, p->saddr, 16);
+	return rules_v6.lookup(&k);
 }
 
-/* The rule action for the packet, XDPFW_ACT_NONE if no rule decides; *slot names the rule. */
-static __always_inline __u8 match_rules(struct packet *p, __u32 skip, __u32 *slot)
+/* The rule action for a readable packet of prefix entry `pv` (NULL: no rule covers the
+ * source), XDPFW_ACT_NONE if no rule decides; *slot names the rule. */
+static __always_inline __u8 match_rules(struct prefix_verdict *pv, struct packet *p, __u32 *slot)
 {
-	struct prefix_verdict *pv = lookup_prefix(p, skip);
 	if (!pv)
 		return XDPFW_ACT_NONE;
 
@@ -162,6 +162,24 @@ static __always_inline __u8 match_rules(struct packet *p, __u32 skip, __u32 *slo
 	return pv->action;
 }
 
+/* The strictest action a readable packet from this source could get (README), for packets
+ * whose headers cannot be read to the end. XDPFW_ACT_NONE: the interface policy. */
+static __always_inline __u8 strictest(struct prefix_verdict *pv, __u32 *slot)
+{
+	if (!pv)
+		return XDPFW_ACT_NONE;
+	if (pv->port_set == XDPFW_NO_PORT_SET) {
+		*slot = pv->rule_slot;
+		return pv->action;
+	}
+	struct port_key k = {.port_set = pv->port_set, .kind = XDPFW_PORT_STRICT};
+	struct port_verdict *v = port_rules.lookup(&k);
+	if (!v) /* every port set has one; fail closed if it is not there */
+		return XDPFW_ACT_DROP;
+	*slot = v->rule_slot;
+	return v->action;
+}
+
 int xdpfw_main(struct xdp_md *ctx)
 {
 	struct cursor c = {.pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end};
@@ -174,29 +192,91 @@ int xdpfw_main(struct xdp_md *ctx)
 	__u32 zero = 0;
 	struct fw_cfg *fc = fw_config.lookup(&zero);
 	__u32 slot = XDPFW_NO_RULE;
-	int proto = parse_ethhdr(&c, &p);
+	int drop_policy = cfg && cfg->policy == XDPFW_POLICY_DROP;
+	int unparsed_drop = cfg && cfg->unparsed_policy == XDPFW_POLICY_DROP;
+	struct prefix_verdict *pv;
+	__u32 reason;
+	int outcome;
+	__u8 act;
 
-	if (proto == ETH_P_IP_BE)
-		proto = parse_iphdr(&c, &p);
-	else if (proto == ETH_P_IPV6_BE)
-		proto = parse_ipv6hdr(&c, &p);
-	if (proto < 0 || (p.l4_proto && parse_l4(&c, &p) < 0)) {
-		if (cfg && cfg->unparsed_policy == XDPFW_POLICY_DROP)
-			return record(ctx, fc, cfg, &p, XDPFW_REASON_UNPARSED_DROP, slot, XDP_DROP);
-		return record(ctx, fc, cfg, &p, XDPFW_REASON_UNPARSED_PASS, slot, XDP_PASS);
+	/* Steps 1-3: link layer, ethertype, the fixed IP header. */
+	if (parse_ethhdr(&c, &p) < 0)
+		goto unreadable;
+	if (p.eth_proto == ETH_P_IP_BE) {
+		struct iphdr *iph = read_ipv4(&c, &p);
+		if (!iph)
+			goto unreadable;
+		outcome = ipv4_chain(&c, iph, &p);
+	} else if (p.eth_proto == ETH_P_IPV6_BE) {
+		struct ipv6hdr *ip6 = read_ipv6(&c, &p);
+		if (!ip6)
+			goto unreadable;
+		outcome = ipv6_chain(&c, ip6, &p);
+	} else {
+		goto policy; /* non-IP: no rule can match */
 	}
 
-	switch (match_rules(&p, fc ? fc->skip : 0, &slot)) {
-	case XDPFW_ACT_DROP:
-		return record(ctx, fc, cfg, &p, XDPFW_REASON_RULE_DROP, slot, XDP_DROP);
-	case XDPFW_ACT_PASS:
-		return record(ctx, fc, cfg, &p, XDPFW_REASON_RULE_PASS, slot, lb_forward(ctx, &p));
+	/* The source is known: its rules decide, whatever the rest of the chain holds. */
+	pv = lookup_prefix(&p, fc ? fc->skip : 0);
+	switch (outcome) {
+	case CHAIN_COMPLETE:
+	case CHAIN_FRAG_TAIL:
+		break;
+	case CHAIN_INCOMPLETE:
+		if (unparsed_drop)
+			goto drop_unparsed;
+		act = strictest(pv, &slot);
+		if (act == XDPFW_ACT_DROP || (act == XDPFW_ACT_NONE && drop_policy))
+			goto drop_unparsed;
+		reason = XDPFW_REASON_UNPARSED_PASS;
+		goto pass;
+	case CHAIN_FRAG_OVERLAP:
+		reason = XDPFW_REASON_FRAG_OVERLAP;
+		goto drop;
+	case CHAIN_FRAG_TINY:
+		reason = XDPFW_REASON_FRAG_TINY;
+		goto drop;
+	default:
+		reason = XDPFW_REASON_FRAG_CHAIN;
+		goto drop;
 	}
 
+	act = match_rules(pv, &p, &slot);
+	if (act == XDPFW_ACT_DROP) {
+		reason = XDPFW_REASON_RULE_DROP;
+		goto drop;
+	}
+	if (act == XDPFW_ACT_PASS) {
+		reason = XDPFW_REASON_RULE_PASS;
+		goto forward;
+	}
+
+policy:
 	/* No rule decided: the interface policy does. */
-	if (!cfg || cfg->policy != XDPFW_POLICY_DROP)
-		return record(ctx, fc, cfg, &p, XDPFW_REASON_POLICY_PASS, slot, lb_forward(ctx, &p));
-	if (is_l2_control(&p) && !(cfg->flags & XDPFW_IFF_GUARD_L2))
-		return record(ctx, fc, cfg, &p, XDPFW_REASON_L2_EXEMPT, slot, XDP_PASS);
-	return record(ctx, fc, cfg, &p, XDPFW_REASON_POLICY_DROP, slot, XDP_DROP);
+	if (!drop_policy) {
+		reason = XDPFW_REASON_POLICY_PASS;
+		goto forward;
+	}
+	if (is_l2_control(&p) && !(cfg->flags & XDPFW_IFF_GUARD_L2)) {
+		reason = XDPFW_REASON_L2_EXEMPT;
+		goto pass;
+	}
+	reason = XDPFW_REASON_POLICY_DROP;
+	goto drop;
+
+unreadable:
+	/* No source address: nothing but the unparsed policy can decide. */
+	if (!unparsed_drop) {
+		reason = XDPFW_REASON_UNPARSED_PASS;
+		goto pass;
+	}
+drop_unparsed:
+	reason = XDPFW_REASON_UNPARSED_DROP;
+drop:
+	return record(ctx, fc, cfg, &p, reason, slot, XDP_DROP);
+pass:
+	return record(ctx, fc, cfg, &p, reason, slot, XDP_PASS);
+forward:
+	/* Passing packets whose headers were read: the load balancer may take them. */
+	return record(ctx, fc, cfg, &p, reason, slot, lb_forward(ctx, &p));
 }

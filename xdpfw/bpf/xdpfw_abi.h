@@ -12,8 +12,6 @@
 #define XDPFW_ACT_NONE      0 /* no rule decides: the interface policy does */
 #define XDPFW_ACT_PASS      1 /* allow: hand to the stack, skip the policy */
 #define XDPFW_ACT_DROP      2
-#define XDPFW_ACT_TX        3 /* reserved for the load balancer (XDP_TX) */
-#define XDPFW_ACT_REDIRECT  4 /* reserved for the load balancer (devmap/cpumap) */
 
 /* Interface policies (struct iface_cfg.policy and .unparsed_policy). */
 #define XDPFW_POLICY_PASS   0
@@ -30,7 +28,10 @@
 #define XDPFW_REASON_UNPARSED_PASS  4 /* the parser could not read the packet */
 #define XDPFW_REASON_UNPARSED_DROP  5
 #define XDPFW_REASON_L2_EXEMPT      6 /* ARP/ND passed despite a drop policy */
-#define XDPFW_REASON_MAX            7
+#define XDPFW_REASON_FRAG_OVERLAP   7 /* IPv4 fragment at offset 8 bytes (RFC 1858) */
+#define XDPFW_REASON_FRAG_TINY      8 /* IPv4 first fragment too short for TCP/UDP (RFC 1858) */
+#define XDPFW_REASON_FRAG_CHAIN     9 /* IPv6 first fragment without its header chain (RFC 7112) */
+#define XDPFW_REASON_MAX            10
 
 /* iface_counters index: slot * XDPFW_IFACE_COUNTERS + XDPFW_IFACE_{PASSED,DROPPED}. */
 #define XDPFW_IFACE_PASSED   0
@@ -71,11 +72,17 @@ struct prefix_verdict {
 	__u8 pad[3];
 };
 
-/* Key of port_rules. dport 0 is the "any port of this protocol" entry. */
+/* struct port_key.kind */
+#define XDPFW_PORT_MATCH  0 /* a proto (dport 0) or proto+port entry */
+#define XDPFW_PORT_STRICT 1 /* proto 0, dport 0: the strictest verdict of the port set, for
+			     * packets whose transport header cannot be read (README) */
+
+/* Key of port_rules. dport 0 is the "any port of this protocol" entry. Every port set has
+ * one XDPFW_PORT_STRICT entry; packets always look up kind XDPFW_PORT_MATCH. */
 struct port_key {
 	__u32 port_set; /* host order */
 	__u8 proto;     /* IPPROTO_* */
-	__u8 pad;
+	__u8 kind;      /* XDPFW_PORT_* */
 	__u16 dport;    /* be */
 };
 

@@ -10,8 +10,6 @@ ABI_HEADER = Path(__file__).resolve().parent.parent / "bpf" / "xdpfw_abi.h"
 ACT_NONE = 0
 ACT_PASS = 1
 ACT_DROP = 2
-ACT_TX = 3
-ACT_REDIRECT = 4
 
 POLICY_PASS = 0
 POLICY_DROP = 1
@@ -25,7 +23,10 @@ REASON_POLICY_DROP = 3
 REASON_UNPARSED_PASS = 4
 REASON_UNPARSED_DROP = 5
 REASON_L2_EXEMPT = 6
-REASON_MAX = 7
+REASON_FRAG_OVERLAP = 7
+REASON_FRAG_TINY = 8
+REASON_FRAG_CHAIN = 9
+REASON_MAX = 10
 REASON_NAMES = {
     REASON_RULE_PASS: "rule_pass",
     REASON_RULE_DROP: "rule_drop",
@@ -34,6 +35,9 @@ REASON_NAMES = {
     REASON_UNPARSED_PASS: "unparsed_pass",
     REASON_UNPARSED_DROP: "unparsed_drop",
     REASON_L2_EXEMPT: "l2_exempt_pass",
+    REASON_FRAG_OVERLAP: "frag_overlap",
+    REASON_FRAG_TINY: "frag_tiny",
+    REASON_FRAG_CHAIN: "frag_chain",
 }
 
 IFACE_PASSED = 0
@@ -42,6 +46,8 @@ IFACE_COUNTERS = 2
 
 NO_RULE = 0xFFFFFFFF
 NO_PORT_SET = 0
+PORT_MATCH = 0
+PORT_STRICT = 1
 
 SKIP_HOSTS_V4 = 0x1
 SKIP_RULES_V4 = 0x2
@@ -79,7 +85,7 @@ class PortKey(ctypes.Structure):
     _fields_ = (
         ("port_set", ctypes.c_uint32),
         ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
         ("dport", ctypes.c_uint16),  # network order
     )
 

@@ -20,14 +20,15 @@ from operator import itemgetter, not_
 
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.fw_config import FwConfig
+from xdpfw.dataplane.pins import PinIdentity
 from xdpfw.errors import AttachError, MapFullError, XdpfwError
-from xdpfw.rules.compile import Changes, PortKey, PrefixValue
+from xdpfw.rules.compile import STRICT, Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
 
 _V4_KEY = struct.Struct("<I4s")
 _V6_KEY = struct.Struct("<I16s")
 _PREFIX_VALUE = struct.Struct("<IIB3x")
-_PORT_KEY = struct.Struct("<IBxH")
+_PORT_KEY = struct.Struct("<IBBH")
 _PORT_VALUE = struct.Struct("<IB3x")
 BATCH_CHUNK = 1 << 16
 PARALLEL_WRITES_FROM = 50_000  # entries in one change before maps are written in parallel
@@ -52,7 +53,16 @@ def _check(rc: int, what: str, map_name: str) -> None:
 
 def pack_port_key(key: PortKey) -> bytes:
     port_set, proto, dport = key
-    return _PORT_KEY.pack(port_set, proto, _htons(dport))  # dport travels be
+    if (proto, dport) == STRICT:
+        return _PORT_KEY.pack(port_set, 0, abi.PORT_STRICT, 0)
+    return _PORT_KEY.pack(port_set, proto, abi.PORT_MATCH, _htons(dport))  # dport travels be
+
+
+def unpack_port_key(raw: bytes) -> PortKey:
+    port_set, proto, kind, dport = _PORT_KEY.unpack(raw)
+    if kind == abi.PORT_STRICT:
+        return (port_set, *STRICT)
+    return (port_set, proto, _htons(dport))
 
 
 assert array("I").itemsize == 4, "the packing below assumes 32-bit unsigned ints"
@@ -370,11 +380,7 @@ class FirewallMaps:
         return out
 
     def port_keys(self) -> list[PortKey]:
-        out = []
-        for raw in self.port_rules.all_keys():
-            port_set, proto, dport = _PORT_KEY.unpack(raw)
-            out.append((port_set, proto, _htons(dport)))
-        return out
+        return [unpack_port_key(raw) for raw in self.port_rules.all_keys()]
 
     # -- interfaces -----------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ So each LPM entry carries a *resolved* verdict:
     rule, and the port rules of ancestors up to that one.
 Hence a change at prefix P affects P itself and the port-only prefixes inside P, and nothing
 else: adding one rule to a million costs a handful of dictionary lookups.
+
+Packets whose headers cannot be read to the end (README: "incomplete") get the *strictest*
+verdict a readable packet of the same source could get: drop if the prefix's fallback or any
+entry of its port table drops; else the fallback (ACT_NONE: the interface policy). For a
+prefix without a port table that is its own verdict; a port table carries it in one more
+entry, STRICT (kind XDPFW_PORT_STRICT in the kernel, which no packet's key can name).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ PortMatch = tuple[int, int]  # (ip proto, dport); dport 0: any port of that prot
 Verdict = tuple[int, int]  # (rule slot, action code)
 PrefixValue = tuple[int, int, int]  # (rule slot, action code, port set)
 PortKey = tuple[int, int, int]  # (port set, ip proto, dport)
+STRICT: PortMatch = (-1, 0)  # the port table's strictest verdict (see the module docstring)
 
 
 @dataclass
@@ -47,6 +54,18 @@ class Changes:
 
 def _verdict(rule: Rule) -> Verdict:
     return (rule.slot, ACTION_CODE[rule.action])
+
+
+def strictest(fallback: Verdict | None, table: dict[PortMatch, Verdict]) -> Verdict:
+    """Drop if the fallback or any entry drops (the fallback's rule first, then the lowest
+    match, so the counted rule is stable); else the fallback, or (NO_RULE, ACT_NONE) when the
+    interface policy is the fallback."""
+    if fallback is not None and fallback[1] == ACT_DROP:
+        return fallback
+    drops = [table[m] for m in sorted(table) if m != STRICT and table[m][1] == ACT_DROP]
+    if drops:
+        return drops[0]
+    return fallback if fallback is not None else (NO_RULE, ACT_NONE)
 
 
 def all_plain(rules: list[Rule]) -> bool:
@@ -79,6 +98,7 @@ class RuleIndex:
         self._free_sets: list[int] = []
         self._next_set = 1
         self._freed: list[int] = []
+        self.port_entry_count = 0  # entries of port_rules, STRICT ones included
 
     def __len__(self) -> int:
         return self._count
@@ -201,7 +221,10 @@ class RuleIndex:
             # Omitted entries fall through to the same fallback in the kernel.
             if winner is not None and winner is not fallback:
                 result[(proto, dport)] = _verdict(winner)
-        return (_verdict(fallback) if fallback else None), result
+        base = _verdict(fallback) if fallback else None
+        if result:
+            result[STRICT] = strictest(base, result)
+        return base, result
 
     def _recompile(self, touched: Iterable[Prefix]) -> Changes:
         changes = Changes()
@@ -245,6 +268,7 @@ class RuleIndex:
             if old.get(pm) != verdict:
                 ch.ports[(set_id, *pm)] = verdict
         ch.deleted_ports.extend((set_id, *pm) for pm in old if pm not in table)
+        self.port_entry_count += len(table) - len(old)
         if table:
             self.port_entries[prefix] = dict(table)
             return set_id
