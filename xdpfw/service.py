@@ -194,6 +194,12 @@ class Firewall:
             rows = zip(ids, *columns, slots, strict=True)
             rules = list(map(tuple.__new__, repeat(Rule), rows))
             changes = self.index.add(rules)
+            try:
+                self._check_port_room()
+            except MapFullError:
+                self.index.remove(rules)
+                self.rule_slots.give(slots)
+                raise
             with self._changing_maps():
                 self._commit_new_rules(rules, slots, changes)
             self._next_id = first_id + len(rules)
@@ -265,6 +271,7 @@ class Firewall:
                         from_columns = plain is not None and self.index.plain_only()
                         changes = self.index.add(rules, report=not from_columns)
                         added.extend(rules)
+                        self._check_port_room()
                         if from_columns:
                             code = ACTION_CODE[plain[0]]
                             packed = self.maps.pack_plain(list(chunk), slots, code)
@@ -283,6 +290,16 @@ class Firewall:
             self._next_id = first_id + len(added)
             self.rules.update(zip(range(first_id, self._next_id), added, strict=True))
             return added
+
+    def _check_port_room(self) -> None:
+        """Adds may fill port_rules up to max_port_rules; the kernel map holds twice that, so
+        a delete (which can split inherited entries into more) is never refused for room."""
+        if self.index.port_entry_count > self.config.max_port_rules:
+            raise MapFullError(
+                f"no room for these proto/port rules: they compile to "
+                f"{self.index.port_entry_count} port_rules entries, more than max_port_rules "
+                f"({self.config.max_port_rules}); raise limits.max_port_rules"
+            )
 
     def _submit_write(self, writer: ThreadPoolExecutor, changes: Changes) -> futures.Future:
         """Pack here, write there: packing holds the GIL, the writer's syscalls do not, so the

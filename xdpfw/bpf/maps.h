@@ -23,8 +23,10 @@ BPF_TABLE_PINNED("hash", struct host_v4_key, struct prefix_verdict, hosts_v4, MA
 BPF_TABLE_PINNED("hash", struct host_v6_key, struct prefix_verdict, hosts_v6, MAX_RULES,
 		 PIN("hosts_v6"), BPF_F_NO_PREALLOC);
 
-/* Proto/port refinements of a prefix; only looked up when its port_set is not 0. */
-BPF_TABLE_PINNED("hash", struct port_key, struct port_verdict, port_rules, MAX_PORT_RULES,
+/* Proto/port refinements of a prefix; only looked up when its port_set is not 0. Twice the
+ * entries adds may fill (MAX_PORT_RULES), so that a delete, which can split inherited
+ * entries, finds room (xdpfw/service.py: Firewall._check_port_room). */
+BPF_TABLE_PINNED("hash", struct port_key, struct port_verdict, port_rules, 2 * MAX_PORT_RULES,
 		 PIN("port_rules"));
 
 /* Per-interface policy, indexed by ingress ifindex: an array, because this lookup is on every
