@@ -22,7 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.state.bpffs_dir = args.bpffs_dir
     if args.max_rules:
         cfg.limits.max_rules = args.max_rules
-    serve(ServeOptions(cfg, demo=args.demo, log_level=args.log_level))
+    serve(ServeOptions(cfg, demo=args.demo, log_level=args.log_level,
+                       adopt_pins=args.adopt_pins))
     return 0
 
 
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rules", type=int, help="rule capacity per address family")
     s.add_argument(
         "--demo", action="store_true", help="with no interface configured, guard a demo topology"
+    )
+    s.add_argument(
+        "--adopt-pins", action="store_true",
+        help="take over pinned maps that another state dir's store claimed: they are made "
+             "equal to this store (their other rules removed, and logged)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)

@@ -29,6 +29,7 @@ class ServeOptions:
     config: AppConfig
     demo: bool = False
     log_level: str = "info"
+    adopt_pins: bool = False  # see Firewall: pins another store claimed are made equal to ours
 
 
 def program_config(cfg: AppConfig) -> ProgramConfig:
@@ -99,7 +100,7 @@ def serve(opts: ServeOptions) -> None:
             "api.listen opens the API over TCP, which needs a token: set api.token or "
             "XDPFW_API_TOKEN"
         )
-    fw = Firewall(cfg.state.dir, program_config(cfg))
+    fw = Firewall(cfg.state.dir, program_config(cfg), adopt_pins=opts.adopt_pins)
     stop_request = {"detach": False}
     pid = pid_file(cfg)
     events: EventHub | None = None

@@ -51,6 +51,22 @@ class BpffsError(XdpfwError):
     """bpffs is not mounted where the pins should go."""
 
 
+class PinLayoutError(XdpfwError):
+    """Maps pinned by another build (or other [limits]) differ from what this build declares."""
+
+    def __init__(self, pin_dir: str, differences: list[str]) -> None:
+        super().__init__(
+            f"the maps pinned under {pin_dir} are not what this build declares: "
+            + "; ".join(differences)
+        )
+        self.pin_dir = pin_dir
+        self.differences = differences
+
+
+class PinOwnerError(XdpfwError):
+    """The pinned maps belong to another store (another state dir)."""
+
+
 class ServiceValidationError(XdpfwError, ValueError):
     """A load-balancer service or backend is malformed (bad CPU, address family, ...)."""
 

@@ -12,6 +12,7 @@ import dataclasses
 import heapq
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -25,8 +26,15 @@ from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
 from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
+from xdpfw.dataplane.pins import move_aside
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
-from xdpfw.errors import ConflictError, MapFullError, NotFoundError
+from xdpfw.errors import (
+    ConflictError,
+    MapFullError,
+    NotFoundError,
+    PinLayoutError,
+    PinOwnerError,
+)
 from xdpfw.gcpause import gc_paused
 from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
 from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
@@ -84,13 +92,19 @@ class SlotAllocator:
 
 
 class Firewall:
-    def __init__(self, state_dir: Path | str, program_config: ProgramConfig) -> None:
+    def __init__(
+        self, state_dir: Path | str, program_config: ProgramConfig, adopt_pins: bool = False
+    ) -> None:
+        """adopt_pins: pins claimed by another store are made equal to this one (their other
+        rules removed, and logged) instead of refused."""
         self.lock = threading.RLock()
         self.config = program_config
-        self.store = Store(Path(state_dir) / "xdpfw.sqlite3")
-        self._dirty_marker = Path(state_dir) / "maps.dirty"
+        self.state_dir = Path(state_dir)
+        self.store = Store(self.state_dir / "xdpfw.sqlite3")
+        self._dirty_marker = self.state_dir / "maps.dirty"
         self._maps_suspect = False
-        self.program: LoadedProgram = load_program(program_config)
+        self._replaced_pins: str | None = None
+        self.program: LoadedProgram = self._load_claimable(program_config)
         self.maps = FirewallMaps(self.program)
         self.index = RuleIndex()
         self.rules: dict[int, Rule] = {}
@@ -99,14 +113,16 @@ class Firewall:
         self.program_listeners: list[Callable[[LoadedProgram], None]] = []
         self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
         with gc_paused():
-            self._restore_rules()
+            foreign = self._restore_rules(adopt_pins)
         # Pins from a build without fw_config, or a map emptied while no daemon ran.
         self.maps.fw_config.resync(self.maps.source_maps())
         self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
         self.rule_slots = SlotAllocator(
             program_config.max_rules, (r.slot for r in self.rules.values())
         )
-        if self._resynced_after_crash:  # a delete may have been cut short before its zeroing
+        if foreign:  # another store's rules counted in these slots
+            self.maps.reset_rule_counters(range(program_config.max_rules))
+        elif self._resynced_after_crash:  # a delete may have been cut short before its zeroing
             self.maps.reset_rule_counters(list(self.rule_slots.free))
         records = self.store.load_interfaces()
         # Slot 0 counts packets on interfaces with no config entry.
@@ -114,27 +130,55 @@ class Firewall:
             program_config.max_ifaces, (r.slot for r in records), first=1
         )
         self._restore_interfaces(records)
+        if self._replaced_pins:  # every interface now runs the new build on the new maps
+            shutil.rmtree(self._replaced_pins, ignore_errors=True)
+            log.info("removed the replaced pins %s", self._replaced_pins)
 
     # -- start-up -------------------------------------------------------------------------
 
-    def _restore_rules(self) -> None:
-        """Make the pinned maps equal to the store.
+    def _load_claimable(self, cfg: ProgramConfig) -> LoadedProgram:
+        """Load the program on the pins, or on fresh pins when the old ones have another
+        layout (xdpfw/dataplane/pins.py): the old program keeps filtering on the old maps
+        until _restore_interfaces swaps the new one in."""
+        try:
+            return load_program(cfg)
+        except PinLayoutError as e:
+            self._replaced_pins = move_aside(cfg.pin_dir)
+            log.warning("%s; moved them to %s, filling new maps from the store",
+                        e, self._replaced_pins)
+            return load_program(cfg)
+
+    def _restore_rules(self, adopt_pins: bool) -> bool:
+        """Make the pinned maps equal to the store. Returns True when the pins held another
+        store's state (their counters then mean nothing here).
 
         A control-plane restart finds the maps as the last commit left them: re-reading and
         rewriting a million entries would only delay the API. A full resync runs when the
-        maps are fresh (empty: boot, or pins removed) or when a change was cut short (the
-        dirty marker outlived its process)."""
+        maps are fresh (empty: boot, or pins removed), when a change was cut short (the
+        dirty marker outlived its process), or when the pins are not this store's."""
         rules = self.store.load_rules()
         self.rules = {r.id: r for r in rules}
         changes = self.index.add(rules)
+        store_id, owner = self.store.identity(), self.maps.identity.read()
+        pin_dir = self.config.pin_dir
+        if owner.store_id not in (0, store_id) and not adopt_pins:
+            raise PinOwnerError(
+                f"the maps pinned under {pin_dir} belong to the store in {owner.state_dir}, "
+                f"not to this one in {self.state_dir}: they would enforce rules this API does "
+                f"not list. Start with that state dir, or use another bpffs dir, or adopt the "
+                f"pins (--adopt-pins: they are made equal to this store, their other rules "
+                f"removed)"
+            )
+        empty = self.maps.rules_empty()
+        foreign = owner.store_id != store_id and not empty
         dirty = self._resynced_after_crash = self._dirty_marker.exists()
-        if not dirty and not self.maps.rules_empty():
-            log.info("restored %d rules; pinned maps are in step with the store", len(rules))
-            return
+        if not dirty and not foreign and not empty:
+            log.info("restored %d rules; pinned maps are this store's and in step", len(rules))
+            return False
         with self._changing_maps():
             self.maps.apply(changes)
             stale, stale_ports = [], []
-            if dirty:  # only a cut-short change can leave entries no rule explains
+            if dirty or foreign:  # entries no rule of this store explains
                 stale = [p for p in self.maps.prefix_keys() if p not in self.index.prefix_values]
                 wanted_ports = {
                     (self.index.port_set_ids[p], *pm)
@@ -143,12 +187,17 @@ class Firewall:
                 }
                 stale_ports = [k for k in self.maps.port_keys() if k not in wanted_ports]
                 self.maps.apply(Changes(deleted_prefixes=stale, deleted_ports=stale_ports))
-        log.info(
-            "restored %d rules into the maps (%s; %d stale entries removed)",
-            len(rules),
-            "after an interrupted change" if dirty else "maps were empty",
-            len(stale) + len(stale_ports),
-        )
+            self.maps.identity.write(store_id, str(self.state_dir))
+        why = ("after an interrupted change" if dirty
+               else f"the pins were {owner.state_dir or 'unclaimed'}'s" if foreign
+               else "maps were empty")
+        log.info("restored %d rules into the maps (%s; %d stale entries removed)",
+                 len(rules), why, len(stale) + len(stale_ports))
+        if stale:
+            shown = ", ".join(map(str, stale[:20])) + (" ..." if len(stale) > 20 else "")
+            log.warning("removed %d prefixes no rule of this store explains: %s",
+                        len(stale), shown)
+        return foreign
 
     @contextlib.contextmanager
     def _changing_maps(self):

@@ -88,6 +88,9 @@ BPF_TABLE_PINNED("array", __u32, __u64, hostless_v4, XDPFW_HOSTLESS_V4_WORDS,
 /* One entry, written by the control plane: the drop-event sample rate and the maps to skip. */
 BPF_TABLE_PINNED("array", __u32, struct fw_cfg, fw_config, 1, PIN("fw_config"));
 
+/* Which store claimed these pins (never read by the program). */
+BPF_TABLE_PINNED("array", __u32, struct pin_identity, pin_identity, 1, PIN("pin_identity"));
+
 /* ---- Sampled drop events ---- */
 
 /* Sampled drops for `xdpfw watch`. Not pinned: each build has its own, and the reader in the

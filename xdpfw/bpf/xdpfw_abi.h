@@ -203,6 +203,17 @@ struct fw_cfg {
 	__u32 skip;        /* host order: XDPFW_SKIP_* */
 };
 
+/* ---- Whose pins these are: pin_identity, one entry (xdpfw/dataplane/pins.py) ---- */
+
+#define XDPFW_STATE_DIR_LEN 248
+
+/* Value of pin_identity[0]. The store holds the same id: a daemon whose store has another id
+ * refuses the pins (or, told to adopt them, makes them equal to its store). */
+struct pin_identity {
+	__u64 store_id;                       /* host order: 0 = no store has claimed them */
+	__u8 state_dir[XDPFW_STATE_DIR_LEN];  /* the claiming store's directory, NUL-padded */
+};
+
 /* ---- Sampled drop events (ring buffer drop_events; reader xdpfw/events.py) ---- */
 
 /* One sampled drop, as pushed through drop_events. */

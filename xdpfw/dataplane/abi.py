@@ -203,6 +203,13 @@ class DropEvent(ctypes.Structure):
 
 
 # Which ctypes mirror is the key/value of which map (checked against BCC in tests/test_abi.py).
+STATE_DIR_LEN = 248
+
+
+class PinIdentity(ctypes.Structure):
+    _fields_ = (("store_id", ctypes.c_uint64), ("state_dir", ctypes.c_uint8 * STATE_DIR_LEN))
+
+
 MAP_TYPES: dict[str, tuple[type, type]] = {
     "rules_v4": (LpmV4Key, PrefixVerdict),
     "rules_v6": (LpmV6Key, PrefixVerdict),
@@ -224,4 +231,5 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "cpu_map": (ctypes.c_uint32, ctypes.c_int32),
     "lb_service_counters": (ctypes.c_uint32, Counter),
     "lb_backend_counters": (ctypes.c_uint32, Counter),
+    "pin_identity": (ctypes.c_uint32, PinIdentity),
 }

@@ -1,4 +1,4 @@
-"""The one module that owns BCC: compile the XDP program, load it, surface clang/verifier logs.
+"""Compile the XDP program with BCC, check its pinned maps, load it, surface clang/verifier logs.
 
 Maps are pinned under ProgramConfig.pin_dir; compiling again with the same pin_dir reuses them
 (BPF_TABLE_PINNED), which is how a restarted control plane keeps the rules the kernel holds.
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpfw.errors import BpffsError, CompileError, VerifierError
+from xdpfw.dataplane.pins import layout_differences
+from xdpfw.errors import BpffsError, CompileError, PinLayoutError, VerifierError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def inline_local_headers(source: Path, seen: set[Path] | None = None) -> str:
 
 
 def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgram:
-    from bcc import BPF  # Only this module imports BCC.
+    from bcc import BPF
 
     ensure_pin_dir(config.pin_dir)
     with captured_stderr() as clang_out:
@@ -170,6 +171,12 @@ def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgr
         raise CompileError(f"BCC could not compile {config.source.name}: {err}", clang_out[0])
     if clang_out[0].strip():
         log.debug("clang said: %s", clang_out[0])
+    # The maps exist now (created, or reused by name from pin_dir): before a program is
+    # verified against them, check that the reused ones are what this build declares.
+    differences = layout_differences(bpf, config.pin_dir)
+    if differences:
+        bpf.cleanup()
+        raise PinLayoutError(config.pin_dir, differences)
 
     with captured_stderr() as verifier_out:
         try:

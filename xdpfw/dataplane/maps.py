@@ -256,6 +256,7 @@ class FirewallMaps:
         self.reason_counters = handle("reason_counters")
         self.iface_counters = handle("iface_counters")
         self.fw_config = FwConfig(handle("fw_config"), self.hosts_v4, handle("hostless_v4"))
+        self.identity = PinIdentity(handle("pin_identity"))
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
         self.max_ifindex = program.config.max_ifindex
 
@@ -439,9 +440,10 @@ class FirewallMaps:
         if not slots:
             return
         zero = bytes(self.rule_counters.value_size)
-        self.rule_counters.update_many(
-            b"".join(struct.pack("<I", s) for s in slots), zero * len(slots), len(slots)
-        )
+        keys = array("I", slots).tobytes()
+        for start in range(0, len(slots), BATCH_CHUNK):  # bounds the zero buffer
+            n = min(BATCH_CHUNK, len(slots) - start)
+            self.rule_counters.update_many(keys[4 * start : 4 * (start + n)], zero * n, n)
 
     def reason_totals(self) -> dict[str, tuple[int, int]]:
         return {

@@ -63,3 +63,33 @@ def prog_info(fd: int) -> ProgInfo:
 def prog_fd_by_id(prog_id: int) -> int:
     """A new fd for a loaded program; the caller closes it."""
     return _bpf(BPF_PROG_GET_FD_BY_ID, _GetFdAttr(id=prog_id), f"opening program id {prog_id}")
+
+
+class _MapInfoHead(ctypes.Structure):
+    """The first fields of struct bpf_map_info."""
+
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    )
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What a map is, as the kernel reports it (and as a build declares it)."""
+
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def map_spec(fd: int) -> MapSpec:
+    info = _MapInfoHead()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading map info of fd {fd}")
+    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import secrets
 import sys
 import time
 from array import array
@@ -133,6 +134,17 @@ class Store(SqliteDb):
                  protos[proto], dport or None, comment, slot)
             for rid, a, n, proto, dport, act, comment, slot in rows
         ]
+
+    def identity(self) -> int:
+        """This store's random id (63 bits, never 0), made at first use. The pinned maps
+        carry it too (xdpfw/dataplane/pins.py), so each knows the other."""
+        with self.transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+            if row:
+                return row[0]
+            store_id = secrets.randbits(63) or 1
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id,))
+            return store_id
 
     def last_rule_id(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='last_rule_id'").fetchone()
