@@ -109,10 +109,13 @@ def link_mac(ns: str | None, ifname: str) -> str:
         return ip.get_links(ifindex(ns, ifname))[0].get_attr("IFLA_ADDRESS")
 
 
-def run_in(ns: str, argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
+def run_in(
+    ns: str, argv: Sequence[str], timeout: float = 30.0, input: str | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in a namespace (through `ip netns exec`: fine for tools that need no pins)."""
     return subprocess.run(
-        ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout
+        ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout,
+        input=input,
     )
 
 
