@@ -57,3 +57,15 @@ class ServiceValidationError(XdpfwError, ValueError):
 
 class BackendUnresolvedError(XdpfwError):
     """A backend's MAC cannot be resolved through the neighbour table; nothing was changed."""
+
+
+class StorageError(XdpfwError):
+    """The store could not be read or written; the request changed nothing. `status` is the
+    HTTP answer: 507 when the disk (or the database's size limit) is full, 503 otherwise."""
+
+    status = 503
+
+
+class StorageFullError(StorageError):
+    status = 507
+
