@@ -212,3 +212,77 @@ def test_a_streamed_body_is_read_no_further_than_the_limit():
     assert offered <= (1 << 20) + chunk, f"read {offered} bytes past a 1 MiB limit"
     assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
     assert b"1048576 bytes" in sent[1]["body"]
+
+
+class FailingCommit:
+    """The store's connection, except that COMMIT fails as it does when the disk fills up
+    between the writes and the commit. The error is a real one, from a scratch database
+    that hit its page limit."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        scratch = sqlite3.connect(":memory:")
+        scratch.execute("CREATE TABLE t (x BLOB)")
+        scratch.execute("PRAGMA max_page_count = 2")
+        try:
+            scratch.execute("INSERT INTO t VALUES (?)", (b"x" * 100_000,))
+        except sqlite3.OperationalError as e:
+            self.error = e
+        assert self.error.sqlite_errorname == "SQLITE_FULL"
+
+    def execute(self, sql: str, *args):
+        if sql == "COMMIT":
+            raise self.error
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+def test_a_failed_commit_undoes_rule_changes(client, fw):
+    rule = client.post("/api/v1/rules", json={"prefix": "192.0.2.0/24"}).json()
+    before = snapshot(fw)
+    real = fw.store._db
+    fw.store._db = FailingCommit(real)
+    try:
+        r = client.post("/api/v1/rules", json={"prefix": "198.51.100.0/24"})
+        assert r.status_code == 507, r.text
+        r = client.delete(f"/api/v1/rules/{rule['id']}")
+        assert r.status_code == 507, r.text
+        assert snapshot(fw) == before and rule["id"] in fw.rules
+    finally:
+        fw.store._db = real
+    assert not real.in_transaction
+
+
+def test_a_failed_commit_leaves_interfaces_as_they_were(client, fw, make_netns):
+    from xdpfw import netns as nsutil
+    from xdpfw.dataplane.abi import POLICY_PASS
+    from xdpfw.dataplane.attach import link_info
+
+    a, b = make_netns("sta"), make_netns("stb")
+    nsutil.veth_pair(a, "st0", b, "st1")
+    body = {"name": "st0", "netns": a, "mode": "generic"}
+    real = fw.store._db
+    fw.store._db = FailingCommit(real)
+    try:
+        r = client.post("/api/v1/interfaces", json=body)
+        assert r.status_code == 507, r.text
+        assert link_info("st0", a)[2] is None, "attached although the store refused it"
+        assert ("st0", a) not in fw.attachments and not fw.store.load_interfaces()
+    finally:
+        fw.store._db = real
+    assert client.post("/api/v1/interfaces", json=body).status_code == 201
+    prog = link_info("st0", a)[2]
+    fw.store._db = FailingCommit(real)
+    try:
+        r = client.post("/api/v1/interfaces", json={**body, "policy": "drop"})
+        assert r.status_code == 507, r.text
+        assert fw.maps.iface_entry(fw.attachments[("st0", a)].ifindex).policy == POLICY_PASS
+        r = client.delete("/api/v1/interfaces/st0", params={"netns": a})
+        assert r.status_code == 507, r.text
+        assert link_info("st0", a)[2] == prog, "unguarded although the store still has it"
+        assert ("st0", a) in fw.attachments
+    finally:
+        fw.store._db = real
+    assert client.delete("/api/v1/interfaces/st0", params={"netns": a}).status_code == 200
