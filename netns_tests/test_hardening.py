@@ -1,10 +1,15 @@
-"""The control plane under attack, on a real `xdpfw serve`: a full disk."""
+"""The control plane under attack, on a real `xdpfw serve`: a second daemon on the same state,
+file modes, a full disk."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import sqlite3
+import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +43,60 @@ def own_daemon(tmp_path):
     for d in made:
         d.stop()
         subprocess.run(["rm", "-rf", d.pin_dir], check=False)
+
+
+# -- one daemon per state directory ------------------------------------------------------------
+
+
+def footprint(d: Daemon) -> dict:
+    """What a second daemon must leave as it was: socket, pid file, store, pins."""
+    def ident(p: Path) -> tuple:
+        st = p.stat()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    store = d.state / "xdpfw.sqlite3"
+    return {
+        "socket": ident(Path(d.socket)),
+        "pid": (ident(d.state / "xdpfw.pid"), (d.state / "xdpfw.pid").read_text()),
+        "store": (ident(store), hashlib.sha256(store.read_bytes()).hexdigest()),
+        "pins": {p.name: p.stat().st_ino for p in Path(d.pin_dir).iterdir()},
+    }
+
+
+def test_a_second_daemon_on_the_same_state_touches_nothing(own_daemon):
+    first = own_daemon()
+    # A state directory from an older version: world-readable store and directory.
+    first.state.mkdir(mode=0o755)
+    os.chmod(first.state, 0o755)
+    sqlite3.connect(first.state / "xdpfw.sqlite3").close()
+    os.chmod(first.state / "xdpfw.sqlite3", 0o644)
+    first.start()
+    first.client().post("/api/v1/rules", json={"prefix": "192.0.2.0/24"})
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in first.state.iterdir()}
+    assert oct(stat.S_IMODE(first.state.stat().st_mode)) == "0o700"
+    assert set(modes.values()) == {"0o600"}, modes
+    assert {"xdpfw.sqlite3", "xdpfw.sqlite3-wal", "xdpfw.pid", "xdpfw.lock"} <= modes.keys()
+
+    before = footprint(first)
+    second_socket = first.workdir / "second.sock"
+    for argv in (first.argv(), [*first.argv(), "--socket", str(second_socket)]):
+        start = time.monotonic()
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, f"a second daemon ran:\n{r.stdout}{r.stderr}"
+        assert f"pid {first.proc.pid}" in r.stderr, r.stderr
+        assert time.monotonic() - start < 10, "it got as far as building the program"
+        assert footprint(first) == before, "the second daemon touched the first one's files"
+        assert not second_socket.exists()
+
+    # Another state directory, but the first one's socket: not taken over either.
+    other = own_daemon(socket_path=first.socket)
+    r = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "another server is listening" in r.stderr, r.stderr
+    assert footprint(first) == before
+
+    with first.client() as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/api/v1/rules", json={"prefix": "198.51.100.0/24"}).status_code == 201
 
 
 # -- a full disk -------------------------------------------------------------------------------

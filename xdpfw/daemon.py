@@ -1,8 +1,13 @@
-"""`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API."""
+"""`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API.
+
+The order matters: the state directory's lock comes first, so a second daemon on the same
+state leaves everything as it found it (xdpfw/statedir.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
-from xdpfw import demo
+from xdpfw import demo, statedir
 from xdpfw.api.app import create_app
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
@@ -47,14 +52,31 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
 
 
 def unix_listener(path: str) -> socket.socket:
+    """Called only under the state directory's lock."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True)
+        os.chmod(p.parent, 0o755)  # the socket's group must reach it (the umask is 077)
     if p.exists() and stat.S_ISSOCK(p.stat().st_mode):
-        p.unlink()  # left by a previous run; a live server would still hold the pid file
+        if _answers(path):  # a daemon on another state directory: not ours to take
+            raise ConfigError(f"another server is listening on {path}: choose another socket")
+        p.unlink()  # left by a previous run
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o660)  # root and the socket's group only: no token on this path
     return sock
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+        return True
 
 
 def tcp_listener(addr: str) -> socket.socket:
@@ -93,6 +115,18 @@ def remove_everything(fw: Firewall, pin_dir: str) -> None:
 
 def serve(opts: ServeOptions) -> None:
     cfg = opts.config
+    state = Path(cfg.state.dir)
+    lock = statedir.lock(state)  # first: a second daemon must touch nothing
+    try:
+        _serve(opts, state)
+    finally:
+        os.close(lock)
+
+
+def _serve(opts: ServeOptions, state: Path) -> None:
+    cfg = opts.config
+    os.umask(0o077)  # what the daemon creates is root's alone unless it says otherwise
+    statedir.secure(state)
     token = cfg.api.effective_token()
     if cfg.api.listen and not token:
         raise ConfigError(
@@ -104,6 +138,7 @@ def serve(opts: ServeOptions) -> None:
     pid = pid_file(cfg)
     events: EventHub | None = None
     lb = None
+    unix: socket.socket | None = None
     try:
         pid.write_text(f"{os.getpid()}\n")
         if added := seed_rules(fw, cfg.rules):
@@ -116,7 +151,8 @@ def serve(opts: ServeOptions) -> None:
             print(demo.howto(cfg.api.socket), flush=True)
         events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
-        sockets = [unix_listener(cfg.api.socket)] + [tcp_listener(a) for a in cfg.api.listen]
+        unix = unix_listener(cfg.api.socket)
+        sockets = [unix] + [tcp_listener(a) for a in cfg.api.listen]
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
@@ -149,7 +185,8 @@ def serve(opts: ServeOptions) -> None:
         else:
             # The attached programs and pinned maps stay: the data plane goes on filtering.
             fw.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cfg.api.socket)
+        if unix is not None:  # ours: bound by this process, under the lock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.api.socket)
         with contextlib.suppress(FileNotFoundError):
             pid.unlink()

@@ -69,3 +69,7 @@ class StorageError(XdpfwError):
 class StorageFullError(StorageError):
     status = 507
 
+
+
+class StateDirLockedError(XdpfwError):
+    """Another `xdpfw serve` holds the state directory."""
