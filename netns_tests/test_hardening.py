@@ -1,20 +1,26 @@
-"""The control plane under attack, on a real `xdpfw serve`: a second daemon on the same state,
-file modes, a full disk."""
+"""The control plane under attack, on a real `xdpfw serve`: a pre-auth connection flood, huge
+bodies, a second daemon on the same state, file modes, a full disk."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
+import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
-from netns_tests.conftest import Daemon, new_pin_dir
+from netns_tests.conftest import Daemon, free_port, new_pin_dir, tcp_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t0ken"
@@ -27,6 +33,191 @@ def status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def program_id(d: Daemon) -> int:
+    return d.client().get("/api/v1/program").json()["id"]
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    """A daemon that also listens on TCP (token t0ken), started with a soft open-file limit
+    of 1024; its socket sits in a directory other users may enter (the non-root test)."""
+    workdir = tmp_path_factory.mktemp("hard")
+    sock_dir = Path(f"/tmp/xdpfw-hard-{uuid.uuid4().hex[:6]}")
+    sock_dir.mkdir(mode=0o755)
+    port = free_port()
+    d = Daemon(workdir, new_pin_dir(), socket_path=str(sock_dir / "api.sock"),
+               extra_args=tcp_config(workdir, port, TOKEN, "header_timeout_s = 5\n"),
+               nofile_soft=1024)
+    try:
+        d.start()
+        yield d, port
+    finally:
+        d.stop()
+        subprocess.run(["rm", "-rf", d.pin_dir, str(sock_dir)], check=False)
+
+
+def tcp(port: int) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                        headers={"authorization": f"Bearer {TOKEN}"})
+
+
+# -- connection flood -------------------------------------------------------------------------
+
+
+def timed(fn) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def test_a_pre_auth_flood_leaves_the_unix_socket_answering(hard):
+    """25,000 TCP connections that never authenticate, held by three processes: over the
+    unix socket /healthz and a rule add still answer within 2 s, and the log stays small."""
+    d, port = hard
+    pid = d.proc.pid
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    nofile = next(line.split()[3:5] for line in limits.splitlines() if "open files" in line)
+    assert nofile[0] == nofile[1], f"the soft open-file limit was not raised: {nofile}"
+    log = Path(d.logs[-1])
+    log_before = log.stat().st_size
+    counts = (8334, 8333, 8333)
+    helpers = [subprocess.Popen(
+        [sys.executable, "-m", "netns_tests.holdconns", "127.0.0.1", str(port), f"127.0.0.{i}",
+         str(n)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i, n in zip((2, 3, 4), counts, strict=True)]
+    reports: list[dict] = []
+    readers = [threading.Thread(target=lambda p=p: reports.append(json.loads(p.stdout.readline()
+               or "{}")), daemon=True) for p in helpers]
+    for r in readers:
+        r.start()
+
+    def healthz():
+        with d.client() as c:  # a new connection each time: accept() is what a flood breaks
+            c.timeout = httpx.Timeout(2.0)
+            assert c.get("/healthz").status_code == 200
+
+    try:
+        during = []
+        deadline = time.monotonic() + 30
+        while any(r.is_alive() for r in readers) and time.monotonic() < deadline:
+            during.append(timed(healthz))
+            time.sleep(0.2)
+        assert len(reports) == 3 and all(reports), f"helpers: {reports}"
+        opened = sum(r["opened"] for r in reports)
+        handshakes = sum(r["handshakes"] for r in reports)
+        after = timed(healthz)
+
+        def add_rule():
+            with d.client() as c:
+                c.timeout = httpx.Timeout(2.0)
+                r = c.post("/api/v1/rules", json={"prefix": "198.18.0.0/15", "comment": "flood"})
+                assert r.status_code == 201, r.text
+
+        add = timed(add_rule)
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        grown = log.stat().st_size - log_before
+        print(f"\nflood: {opened} opened, {handshakes} handshakes ({reports}); unix /healthz "
+              f"worst {max(during, default=0):.3f}s over {len(during)} tries during, "
+              f"{after:.3f}s after; rule add {add:.3f}s; daemon fds {fds}; log +{grown} bytes")
+        assert opened == 25_000 and handshakes >= 20_000, reports
+        assert max(during, default=0) < 2 and after < 2 and add < 2
+        assert fds < 256 + 300, f"the daemon holds {fds} descriptors"
+        assert grown < 10 * MB, f"the log grew {grown} bytes"
+    finally:
+        for p in helpers:
+            p.kill()
+            p.wait()
+    # Once the flood is gone, TCP clients with the token are served again.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with tcp(port) as c:
+                if c.get("/api/v1/rules").status_code == 200:
+                    break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"TCP did not recover:\n{d.log()}"
+        time.sleep(0.2)
+    with d.client() as c:
+        rule = c.get("/api/v1/rules", params={"comment": "flood"}).json()["items"][0]
+        c.delete(f"/api/v1/rules/{rule['id']}")
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+def big_request(connect, path: str, total: int, chunked: bool, auth: bool = False):
+    """Send `total` bytes to `path` (with Content-Length, or chunked) from a thread while
+    reading the answer. Returns (status, JSON body, seconds, bytes sent)."""
+    sock = connect()
+    head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+    head += f"authorization: Bearer {TOKEN}\r\n" if auth else ""
+    head += "transfer-encoding: chunked\r\n\r\n" if chunked else f"content-length: {total}\r\n\r\n"
+    sent = [0]
+    piece = b"#" * (MB - 1) + b"\n"
+
+    def send():
+        with contextlib.suppress(OSError):
+            sock.sendall(head.encode())
+            while sent[0] < total:
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked
+                             else piece)
+                sent[0] += len(piece)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+
+    start = time.monotonic()
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sock.settimeout(10)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        seconds = time.monotonic() - start
+        sock.close()
+        sender.join(10)
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    code = int(head_part.split()[1]) if head_part else 0
+    return code, json.loads(body or b"{}"), seconds, sent[0]
+
+
+def test_a_100_MB_body_is_refused_at_once_and_costs_little_memory(hard):
+    d, port = hard
+    pid = d.proc.pid
+
+    def unix():
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(d.socket)
+        return s
+
+    def over_tcp():
+        return socket.create_connection(("127.0.0.1", port))
+
+    rss_before = status(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
+    cases = [(unix, "/api/v1/rules/bulk", False, False), (unix, "/api/v1/rules/bulk", True, False),
+             (unix, "/api/v1/rules", True, False), (over_tcp, "/api/v1/rules/bulk", True, True)]
+    lines = []
+    for connect, path, chunked, auth in cases:
+        code, body, seconds, sent = big_request(connect, path, 100 * MB, chunked, auth)
+        peak = status(pid, "VmHWM")
+        lines.append(f"{connect.__name__} {path} {'chunked' if chunked else 'length'}: {code} in "
+                     f"{seconds:.2f}s after {sent // MB} MiB sent; peak RSS +"
+                     f"{(peak - rss_before) // 1024} MiB")
+        assert code == 413, f"{lines[-1]}: {body}\n{d.log()}"
+        assert "bytes" in body["detail"], body
+        assert seconds < 5, lines[-1]
+    print("\n" + "\n".join(lines) + f"\nRSS before {rss_before // 1024} MiB, peak "
+          f"{status(pid, 'VmHWM') // 1024} MiB, now {status(pid, 'VmRSS') // 1024} MiB")
+    assert status(pid, "VmHWM") - rss_before < 200 * 1024, "\n".join(lines)
+    assert d.client().get("/api/v1/rules").json()["total"] == 0
 
 
 @pytest.fixture

@@ -10,19 +10,20 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-
-from xdpfw import demo, statedir
+from xdpfw import demo, logfilter, statedir
 from xdpfw.api.app import create_app
+from xdpfw.api.middleware import BodyLimits
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.events import EventHub
+from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.service import Firewall
 
@@ -49,6 +50,9 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
         lb_ct_size=cfg.lb.conntrack_size,
         lb_ct_timeout_s=cfg.lb.conntrack_timeout_s,
     )
+
+
+FD_RESERVE = 256  # descriptors kept for maps, programs, the store and the unix socket
 
 
 def unix_listener(path: str) -> socket.socket:
@@ -89,6 +93,26 @@ def tcp_listener(addr: str) -> socket.socket:
     return sock
 
 
+def raise_fd_limit() -> int:
+    """The soft RLIMIT_NOFILE up to the hard one (root cannot always raise the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def tcp_limits(cfg: AppConfig, fd_limit: int) -> TcpLimits:
+    cap = cfg.api.max_connections
+    if cap > fd_limit - FD_RESERVE:
+        cap = max(fd_limit - FD_RESERVE, 1)
+        log.warning("api.max_connections %d is more than the open-file limit (%d) allows: "
+                    "using %d", cfg.api.max_connections, fd_limit, cap)
+    return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s)
+
+
 def pid_file(cfg: AppConfig) -> Path:
     return Path(cfg.state.dir) / "xdpfw.pid"
 
@@ -127,17 +151,20 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     cfg = opts.config
     os.umask(0o077)  # what the daemon creates is root's alone unless it says otherwise
     statedir.secure(state)
+    logfilter.install()
     token = cfg.api.effective_token()
     if cfg.api.listen and not token:
         raise ConfigError(
             "api.listen opens the API over TCP, which needs a token: set api.token or "
             "XDPFW_API_TOKEN"
         )
+    fd_limit = raise_fd_limit()
     fw = Firewall(cfg.state.dir, program_config(cfg))
     stop_request = {"detach": False}
     pid = pid_file(cfg)
     events: EventHub | None = None
     lb = None
+    servers: ApiServers | None = None
     unix: socket.socket | None = None
     try:
         pid.write_text(f"{os.getpid()}\n")
@@ -152,20 +179,19 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
         unix = unix_listener(cfg.api.socket)
-        sockets = [unix] + [tcp_listener(a) for a in cfg.api.listen]
+        tcp = [tcp_listener(a) for a in cfg.api.listen]
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
         lb = LoadBalancer(fw, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
-        app = create_app(fw, token, lb=lb, events=events)
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="off")
-        )
+        limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
+        app = create_app(fw, token, lb=lb, events=events, body_limits=limits)
+        servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level)
 
         def shutdown(detach: bool) -> None:
             stop_request["detach"] |= detach
-            server.should_exit = True
+            servers.stop()
 
         app.state.shutdown = shutdown
         log.info(
@@ -174,7 +200,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             len(fw.attachments),
             ", ".join([cfg.api.socket, *cfg.api.listen]),
         )
-        server.run(sockets=sockets)
+        servers.run()
     finally:
         if events is not None:
             events.stop()

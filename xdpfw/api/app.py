@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
+from xdpfw.api.peer import peer_of
 from xdpfw.api.routes import events as events_routes
 from xdpfw.api.routes import interfaces, rules, services, stats
 from xdpfw.api.routes import metrics as metrics_routes
@@ -58,7 +59,7 @@ def create_app(
     lb=None,
     body_limits: BodyLimits | None = None,
 ) -> FastAPI:
-    """token: required from TCP clients (unix-socket clients are local root by permission).
+    """token: required from every client but the daemon's unix socket (local, by permission).
     events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
     lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
     body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS)."""
@@ -92,9 +93,9 @@ def create_app(
     app.add_middleware(BodyLimit, limits=BodyLimits(limits.default, limits.sets, SET_PATHS))
 
     @app.middleware("http")
-    async def bearer_token_for_tcp(request: Request, call_next):
-        # uvicorn reports no client address for unix-socket connections.
-        if request.client is not None and token is not None:
+    async def bearer_token_off_the_unix_socket(request: Request, call_next):
+        # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
+        if peer_of(request.scope) is None and token is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse(
