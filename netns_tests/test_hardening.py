@@ -1,5 +1,5 @@
 """The control plane under attack, on a real `xdpfw serve`: a pre-auth connection flood, huge
-bodies, a second daemon on the same state, file modes, a full disk."""
+bodies, a second daemon on the same state, file modes, a full disk, and SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import sqlite3
 import stat
@@ -20,7 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from netns_tests import traffic
 from netns_tests.conftest import Daemon, free_port, new_pin_dir, tcp_config
+from xdpfw.dataplane.attach import detach, link_info
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t0ken"
@@ -336,3 +339,45 @@ def test_a_full_disk_is_a_507_and_changes_nothing(tiny_state):
     with sqlite3.connect(f"file:{d.state / 'xdpfw.sqlite3'}?mode=ro", uri=True) as db:
         stored = [r[0] for r in db.execute("SELECT plen FROM rules")]
     assert len(stored) == 2, "the store holds what the refused requests sent"
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_control_plane_cleanly_and_the_data_plane_stays(
+    own_daemon, pair, sig
+):
+    d = own_daemon()
+    d.start()
+    api = d.client()
+    r = api.post("/api/v1/interfaces", json={
+        "name": pair.server_if, "netns": pair.server, "mode": "generic", "policy": "pass"})
+    assert r.status_code == 201, r.text
+    assert api.post("/api/v1/rules", json={"prefix": pair.client4}).status_code == 201
+    assert not traffic.ping(pair.client, pair.server4).ok, "the drop rule does not drop"
+    prog = link_info(pair.server_if, pair.server)[2]
+    # An open event stream must not hold the shutdown up.
+    def listen():
+        with contextlib.suppress(httpx.HTTPError), d.client() as c, \
+                c.stream("GET", "/api/v1/events") as events:
+            for _ in events.iter_lines():
+                pass
+
+    threading.Thread(target=listen, daemon=True).start()
+    time.sleep(0.3)
+
+    start = time.monotonic()
+    d.proc.send_signal(sig)
+    code = d.proc.wait(timeout=30)
+    took = time.monotonic() - start
+    assert code == 0, f"exit status {code} after {sig.name}:\n{d.log()}"
+    assert took < 15, f"took {took:.1f}s"
+    assert not os.path.exists(d.socket), "the socket outlived the daemon"
+    assert not (d.state / "xdpfw.pid").exists(), "the pid file outlived the daemon"
+    assert "Traceback" not in d.log(), d.log()
+    assert link_info(pair.server_if, pair.server)[2] == prog, "the program was detached"
+    assert any(Path(d.pin_dir).iterdir()), "the pins are gone"
+    assert not traffic.ping(pair.client, pair.server4).ok, "not guarding after the stop"
+    d.proc = None
+    detach(pair.server_if, pair.server)

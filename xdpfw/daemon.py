@@ -1,7 +1,9 @@
 """`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API.
 
 The order matters: the state directory's lock comes first, so a second daemon on the same
-state leaves everything as it found it (xdpfw/statedir.py).
+state leaves everything as it found it (xdpfw/statedir.py). SIGTERM and SIGINT stop the
+control plane with exit status 0, and remove the socket and the pid file; the data plane
+keeps guarding.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import socket
 import stat
 from dataclasses import dataclass
@@ -53,6 +56,10 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
 
 
 FD_RESERVE = 256  # descriptors kept for maps, programs, the store and the unix socket
+
+
+class _StopRequested(BaseException):
+    """SIGTERM/SIGINT during start-up (a BaseException: `except Exception` must not eat it)."""
 
 
 def unix_listener(path: str) -> socket.socket:
@@ -143,6 +150,8 @@ def serve(opts: ServeOptions) -> None:
     lock = statedir.lock(state)  # first: a second daemon must touch nothing
     try:
         _serve(opts, state)
+    except _StopRequested:
+        log.info("stopped during start-up")
     finally:
         os.close(lock)
 
@@ -166,8 +175,18 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     lb = None
     servers: ApiServers | None = None
     unix: socket.socket | None = None
+
+    def on_signal(signum: int, _frame) -> None:
+        # uvicorn handles these while it serves, then puts this handler back and raises the
+        # signal again: here that is harmless, and `serve` returns (exit status 0).
+        if servers is None:
+            raise _StopRequested(signum)
+        servers.stop()
+
     try:
         pid.write_text(f"{os.getpid()}\n")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
         if added := seed_rules(fw, cfg.rules):
             log.info("added %d rules from the config file", added)
         for iface in cfg.interfaces:
@@ -188,6 +207,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
         app = create_app(fw, token, lb=lb, events=events, body_limits=limits)
         servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level)
+        servers.before_shutdown.append(events.end_streams)
 
         def shutdown(detach: bool) -> None:
             stop_request["detach"] |= detach

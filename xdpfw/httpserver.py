@@ -23,6 +23,7 @@ import logging
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -166,6 +167,20 @@ def guarded_protocol(guard: ConnectionGuard) -> type[GuardedProtocol]:
     return type("GuardedProtocol", (GuardedProtocol,), {"guard": guard})
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, calling `before_shutdown` first when it stops (however it was told
+    to: a signal, or should_exit), so that endless responses (event streams) can end."""
+
+    def __init__(self, config: uvicorn.Config, before_shutdown: list[Callable[[], None]]):
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for hook in self.before_shutdown:
+            hook()
+        await super().shutdown(sockets)
+
+
 def _config(app, protocol: type[H11Protocol], log_level: str) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -191,9 +206,10 @@ class ApiServers:
         log_level: str = "info",
     ) -> None:
         self.guard = ConnectionGuard(limits)
-        self.unix = uvicorn.Server(_config(app, UnixProtocol, log_level))
+        self.before_shutdown: list[Callable[[], None]] = []
+        self.unix = Server(_config(app, UnixProtocol, log_level), self.before_shutdown)
         self.tcp = (
-            uvicorn.Server(_config(app, guarded_protocol(self.guard), log_level))
+            Server(_config(app, guarded_protocol(self.guard), log_level), self.before_shutdown)
             if tcp_sockets else None
         )
         self._unix_socket = unix_socket
