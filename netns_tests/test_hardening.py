@@ -1,5 +1,6 @@
 """The control plane under attack, on a real `xdpfw serve`: a pre-auth connection flood, huge
-bodies, a second daemon on the same state, file modes, a full disk, and SIGTERM/SIGINT."""
+bodies, program sources instead of paths, a second daemon on the same state, a full disk,
+file modes, and SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import httpx
 import pytest
 
 from netns_tests import traffic
-from netns_tests.conftest import Daemon, free_port, new_pin_dir, tcp_config
+from netns_tests.conftest import XDPFW, Daemon, free_port, new_pin_dir, tcp_config
 from xdpfw.dataplane.attach import detach, link_info
+from xdpfw.dataplane.loader import BPF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t0ken"
@@ -223,20 +225,51 @@ def test_a_100_MB_body_is_refused_at_once_and_costs_little_memory(hard):
     assert d.client().get("/api/v1/rules").json()["total"] == 0
 
 
-@pytest.fixture
-def own_daemon(tmp_path):
-    made: list[Daemon] = []
+# -- program sources --------------------------------------------------------------------------
 
-    def make(**kw) -> Daemon:
-        d = Daemon(tmp_path / f"d{len(made)}", new_pin_dir(), **kw)
-        d.workdir.mkdir()
-        made.append(d)
-        return d
 
-    yield make
-    for d in made:
-        d.stop()
-        subprocess.run(["rm", "-rf", d.pin_dir], check=False)
+def test_reload_takes_source_text_from_root_on_the_unix_socket_only(hard):
+    d, port = hard
+    before = program_id(d)
+    with d.client() as c:
+        r = c.post("/api/v1/program/reload", json={"source": "/etc/passwd"})
+        assert r.status_code == 422 and "root:" not in r.text, r.text
+        r = c.post("/api/v1/program/reload",
+                   json={"source_text": '#include "/etc/passwd"\nint x;\n'})
+        assert r.status_code == 422, r.text
+        assert "/etc/passwd" in r.json()["detail"] and "root:" not in r.text, r.text
+        r = c.post("/api/v1/program/reload", json={"source_text": "#include </etc/shadow>\n"})
+        assert r.status_code == 422 and "root:" not in r.text, r.text
+    assert program_id(d) == before, "a refused source replaced the program"
+    with tcp(port) as c:
+        r = c.post("/api/v1/program/reload", json={"source_text": "int x;\n"})
+        assert r.status_code == 403, r.text
+        r = c.post("/api/v1/program/reload", json={"source": "/etc/passwd"})
+        assert r.status_code == 422 and "root:" not in r.text, r.text
+
+    # A user other than root who can reach the socket may manage rules, not programs.
+    os.chmod(d.socket, 0o666)
+    try:
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            "b = b'{\"source_text\": \"int x;\\\\n\"}'\n"
+            "s.sendall(b'POST /api/v1/program/reload HTTP/1.1\\r\\nhost: x\\r\\n'\n"
+            "          b'content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n'"
+            " % len(b) + b)\n"
+            "print(s.recv(4096).decode())\n"
+        )
+        out = subprocess.run(["/usr/bin/python3", "-c", probe, d.socket], user=65534,
+                             capture_output=True, text=True, timeout=20)
+        assert out.stdout.startswith("HTTP/1.1 403"), (out.stdout, out.stderr)
+    finally:
+        os.chmod(d.socket, 0o660)
+
+    # The CLI reads the file itself and sends its text: the installed source builds.
+    cli = subprocess.run([*XDPFW, "upgrade", "--socket", d.socket, "--source",
+                          str(BPF_DIR / "xdpfw.c")], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, f"{cli.stdout}{cli.stderr}\n{d.log()}"
+    assert program_id(d) != before
 
 
 # -- one daemon per state directory ------------------------------------------------------------
@@ -255,6 +288,22 @@ def footprint(d: Daemon) -> dict:
         "store": (ident(store), hashlib.sha256(store.read_bytes()).hexdigest()),
         "pins": {p.name: p.stat().st_ino for p in Path(d.pin_dir).iterdir()},
     }
+
+
+@pytest.fixture
+def own_daemon(tmp_path):
+    made: list[Daemon] = []
+
+    def make(**kw) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(made)}", new_pin_dir(), **kw)
+        d.workdir.mkdir()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+        subprocess.run(["rm", "-rf", d.pin_dir], check=False)
 
 
 def test_a_second_daemon_on_the_same_state_touches_nothing(own_daemon):

@@ -70,6 +70,10 @@ class StorageFullError(StorageError):
     status = 507
 
 
-
 class StateDirLockedError(XdpfwError):
     """Another `xdpfw serve` holds the state directory."""
+
+
+class SourceRefusedError(XdpfwError):
+    """An uploaded program source does something the daemon will not compile (an include
+    outside the package's headers, a directive that reads files)."""

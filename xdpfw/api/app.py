@@ -26,6 +26,7 @@ from xdpfw.errors import (
     NotFoundError,
     RuleValidationError,
     ServiceValidationError,
+    SourceRefusedError,
     StorageError,
     VerifierError,
 )
@@ -46,6 +47,7 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (VerifierError, 500),
     (CompileError, 500),
     (BpffsError, 500),
+    (SourceRefusedError, 422),
 ]
 
 # Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default.
