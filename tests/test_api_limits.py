@@ -214,6 +214,28 @@ def test_a_streamed_body_is_read_no_further_than_the_limit():
     assert b"1048576 bytes" in sent[1]["body"]
 
 
+def test_a_client_gone_mid_body_is_not_an_error(caplog):
+    """A client that hangs up (or is cut off by the idle timeout) while its body is read: no
+    answer to send, and no traceback in the log."""
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def app(scope, receive, send):
+        await Request(scope, receive).body()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/rules/bulk", "headers": []}
+    with caplog.at_level(logging.INFO):
+        asyncio.run(JsonErrors(BodyLimit(app, BodyLimits()))(scope, receive, send))
+    assert sent == [] and not caplog.records, caplog.text
+
+
 class FailingCommit:
     """The store's connection, except that COMMIT fails as it does when the disk fills up
     between the writes and the commit. The error is a real one, from a scratch database

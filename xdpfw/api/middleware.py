@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class JsonErrors:
 
         try:
             await self.app(scope, receive, watched)
+        except ClientDisconnect:  # gone mid-body (or cut off by a timeout): no one to answer
+            log.debug("%s %s: the client went away", scope.get("method"), scope.get("path"))
         except Exception as e:
             if started:  # too late for a status: uvicorn logs it and closes the connection
                 raise
