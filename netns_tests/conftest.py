@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,22 +33,34 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     starts: int = 0
     logs: list[str] = field(default_factory=list)
+    socket_path: str | None = None  # default: workdir/api.sock
+    nofile_soft: int | None = None  # start with this soft RLIMIT_NOFILE
 
     @property
     def socket(self) -> str:
-        return str(self.workdir / "api.sock")
+        return self.socket_path or str(self.workdir / "api.sock")
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "state"
 
     def argv(self) -> list[str]:
         return [*XDPFW, "serve", "--socket", self.socket, "--state-dir",
-                str(self.workdir / "state"), "--bpffs-dir", self.pin_dir,
+                str(self.state), "--bpffs-dir", self.pin_dir,
                 "--max-rules", "65536", *self.extra_args]
+
+    def _limits(self) -> None:
+        if self.nofile_soft is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_soft, hard))
 
     def start(self, timeout: float = 60.0) -> None:
         log = self.workdir / f"serve-{self.starts}.log"
         self.logs.append(str(log))
         self.starts += 1
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=self._limits)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -76,6 +90,23 @@ class Daemon:
 
     def log(self) -> str:
         return "".join(Path(p).read_text()[-3000:] for p in self.logs if os.path.exists(p))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_config(workdir: Path, port: int, token: str = "t0ken", extra: str = "") -> list[str]:
+    """extra_args for a daemon that also listens on 127.0.0.1:port (with `token`)."""
+    cfg = workdir / "xdpfw.toml"
+    cfg.write_text(f'[api]\nlisten = ["127.0.0.1:{port}"]\ntoken = "{token}"\n{extra}')
+    return ["--config", str(cfg)]
+
+
+def new_pin_dir() -> str:
+    return f"/sys/fs/bpf/xdpfw-test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import uuid
 
 import httpx
 import pytest
 
-from netns_tests.conftest import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from netns_tests.conftest import Daemon, free_port
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -281,7 +282,11 @@ def watch(args) -> int:
 
 
 def upgrade(args) -> int:
-    body = {"source": str(Path(args.source).resolve())} if args.source else {}
+    body = {}
+    if args.source:  # read here, with the caller's permissions: the daemon reads no path
+        source = Path(args.source)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem)[:60].lstrip(".-") or "upload"
+        body = {"source_text": source.read_text(), "source_name": f"{name}.c"}
     with Client(args.socket, timeout=300.0) as c:
         try:
             r = c.post("/api/v1/program/reload", json=body)

@@ -4,6 +4,11 @@
     socket = "/run/xdpfw/api.sock"   # always served; local clients need no token
     listen = ["127.0.0.1:8080"]      # optional TCP; then a bearer token is required
     token = "..."                    # or the XDPFW_API_TOKEN environment variable
+    max_connections = 256            # TCP connections at once; more are closed unread
+    header_timeout_s = 10            # a TCP request's headers must be in within this
+    idle_timeout_s = 30              # a TCP client silent this long mid-request is cut off
+    max_body_bytes = 1048576         # request bodies: 413 above this (1 MiB) ...
+    max_bulk_body_bytes = 67108864   # ... and above this (64 MiB) for POST /api/v1/rules/bulk
 
     [state]
     dir = "/var/lib/xdpfw"
@@ -62,6 +67,13 @@ class ApiConfig(_Strict):
     socket: str = "/run/xdpfw/api.sock"
     listen: list[str] = Field(default_factory=list)
     token: str | None = None
+    # TCP only, and before authentication: what one client without a token can hold.
+    max_connections: int = Field(256, ge=1, le=65_536)
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    idle_timeout_s: float = Field(30.0, gt=0, le=86_400)
+    # Both sockets. A 2M-prefix blocklist is ~33 MB of text: bulk endpoints take 64 MiB.
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    max_bulk_body_bytes: int = Field(64 << 20, ge=1024, le=1 << 32)
 
     @field_validator("listen")
     @classmethod

@@ -1,23 +1,32 @@
-"""`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API."""
+"""`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API.
+
+The order matters: the state directory's lock comes first, so a second daemon on the same
+state leaves everything as it found it (xdpfw/statedir.py). SIGTERM and SIGINT stop the
+control plane with exit status 0, and remove the socket and the pid file; the data plane
+keeps guarding.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import resource
 import shutil
+import signal
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-
-from xdpfw import demo
+from xdpfw import demo, logfilter, statedir
 from xdpfw.api.app import create_app
+from xdpfw.api.middleware import BodyLimits
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.events import EventHub
+from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.service import Firewall
 
@@ -47,15 +56,39 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
     )
 
 
+FD_RESERVE = 256  # descriptors kept for maps, programs, the store and the unix socket
+
+
+class _StopRequested(BaseException):
+    """SIGTERM/SIGINT during start-up (a BaseException: `except Exception` must not eat it)."""
+
+
 def unix_listener(path: str) -> socket.socket:
+    """Called only under the state directory's lock."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True)
+        os.chmod(p.parent, 0o755)  # the socket's group must reach it (the umask is 077)
     if p.exists() and stat.S_ISSOCK(p.stat().st_mode):
-        p.unlink()  # left by a previous run; a live server would still hold the pid file
+        if _answers(path):  # a daemon on another state directory: not ours to take
+            raise ConfigError(f"another server is listening on {path}: choose another socket")
+        p.unlink()  # left by a previous run
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o660)  # root and the socket's group only: no token on this path
     return sock
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+        return True
 
 
 def tcp_listener(addr: str) -> socket.socket:
@@ -66,6 +99,26 @@ def tcp_listener(addr: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, int(port)))
     return sock
+
+
+def raise_fd_limit() -> int:
+    """The soft RLIMIT_NOFILE up to the hard one (root cannot always raise the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def tcp_limits(cfg: AppConfig, fd_limit: int) -> TcpLimits:
+    cap = cfg.api.max_connections
+    if cap > fd_limit - FD_RESERVE:
+        cap = max(fd_limit - FD_RESERVE, 1)
+        log.warning("api.max_connections %d is more than the open-file limit (%d) allows: "
+                    "using %d", cfg.api.max_connections, fd_limit, cap)
+    return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s)
 
 
 def pid_file(cfg: AppConfig) -> Path:
@@ -94,19 +147,47 @@ def remove_everything(fw: Firewall, pin_dir: str) -> None:
 
 def serve(opts: ServeOptions) -> None:
     cfg = opts.config
+    state = Path(cfg.state.dir)
+    lock = statedir.lock(state)  # first: a second daemon must touch nothing
+    try:
+        _serve(opts, state)
+    except _StopRequested:
+        log.info("stopped during start-up")
+    finally:
+        os.close(lock)
+
+
+def _serve(opts: ServeOptions, state: Path) -> None:
+    cfg = opts.config
+    os.umask(0o077)  # what the daemon creates is root's alone unless it says otherwise
+    statedir.secure(state)
+    logfilter.install()
     token = cfg.api.effective_token()
     if cfg.api.listen and not token:
         raise ConfigError(
             "api.listen opens the API over TCP, which needs a token: set api.token or "
             "XDPFW_API_TOKEN"
         )
+    fd_limit = raise_fd_limit()
     fw = Firewall(cfg.state.dir, program_config(cfg), adopt_pins=opts.adopt_pins)
     stop_request = {"detach": False}
     pid = pid_file(cfg)
     events: EventHub | None = None
     lb = None
+    servers: ApiServers | None = None
+    unix: socket.socket | None = None
+
+    def on_signal(signum: int, _frame) -> None:
+        # uvicorn handles these while it serves, then puts this handler back and raises the
+        # signal again: here that is harmless, and `serve` returns (exit status 0).
+        if servers is None:
+            raise _StopRequested(signum)
+        servers.stop()
+
     try:
         pid.write_text(f"{os.getpid()}\n")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
         if added := seed_rules(fw, cfg.rules):
             log.info("added %d rules from the config file", added)
         for iface in cfg.interfaces:
@@ -117,20 +198,21 @@ def serve(opts: ServeOptions) -> None:
             print(demo.howto(cfg.api.socket), flush=True)
         events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
-        sockets = [unix_listener(cfg.api.socket)] + [tcp_listener(a) for a in cfg.api.listen]
+        unix = unix_listener(cfg.api.socket)
+        tcp = [tcp_listener(a) for a in cfg.api.listen]
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
         lb = LoadBalancer(fw, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
-        app = create_app(fw, token, lb=lb, events=events)
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="off")
-        )
+        limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
+        app = create_app(fw, token, lb=lb, events=events, body_limits=limits)
+        servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level)
+        servers.before_shutdown.append(events.end_streams)
 
         def shutdown(detach: bool) -> None:
             stop_request["detach"] |= detach
-            server.should_exit = True
+            servers.stop()
 
         app.state.shutdown = shutdown
         log.info(
@@ -139,7 +221,7 @@ def serve(opts: ServeOptions) -> None:
             len(fw.attachments),
             ", ".join([cfg.api.socket, *cfg.api.listen]),
         )
-        server.run(sockets=sockets)
+        servers.run()
     finally:
         if events is not None:
             events.stop()
@@ -150,7 +232,8 @@ def serve(opts: ServeOptions) -> None:
         else:
             # The attached programs and pinned maps stay: the data plane goes on filtering.
             fw.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cfg.api.socket)
+        if unix is not None:  # ours: bound by this process, under the lock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.api.socket)
         with contextlib.suppress(FileNotFoundError):
             pid.unlink()

@@ -73,3 +73,23 @@ class ServiceValidationError(XdpfwError, ValueError):
 
 class BackendUnresolvedError(XdpfwError):
     """A backend's MAC cannot be resolved through the neighbour table; nothing was changed."""
+
+
+class StorageError(XdpfwError):
+    """The store could not be read or written; the request changed nothing. `status` is the
+    HTTP answer: 507 when the disk (or the database's size limit) is full, 503 otherwise."""
+
+    status = 503
+
+
+class StorageFullError(StorageError):
+    status = 507
+
+
+class StateDirLockedError(XdpfwError):
+    """Another `xdpfw serve` holds the state directory."""
+
+
+class SourceRefusedError(XdpfwError):
+    """An uploaded program source does something the daemon will not compile (an include
+    outside the package's headers, a directive that reads files)."""

@@ -10,6 +10,7 @@ and the reader never blocks on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import socket
@@ -77,6 +78,7 @@ class EventHub:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._bpf = None
+        self.ended = False  # the daemon is stopping: event streams end
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -154,6 +156,16 @@ class EventHub:
             sub.queue.append(event)
             sub.loop.call_soon_threadsafe(sub.wake.set)
         return 0
+
+    def end_streams(self) -> None:
+        """Wake every subscriber for the last time: an open stream would otherwise hold the
+        server's shutdown until its grace period runs out."""
+        self.ended = True
+        with self.lock:
+            subs = list(self.subscribers)
+        for sub in subs:
+            with contextlib.suppress(RuntimeError):  # its loop is closed already
+                sub.loop.call_soon_threadsafe(sub.wake.set)
 
     def subscribe(self, loop: asyncio.AbstractEventLoop) -> Subscriber:
         sub = Subscriber(loop, deque(maxlen=self.queue_size))

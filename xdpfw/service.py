@@ -448,15 +448,29 @@ class Firewall:
             old = self.attachments.get((name, netns))
             slot = old.record.slot if old else self.iface_slots.take(1, "interfaces")[0]
             rec = InterfaceRecord(name, netns, str(mode), policy, unparsed_policy, guard_l2, slot)
+            att = None
             try:
                 with self.store.transaction():
                     self.store.upsert_interface(rec)
                     att = self._attach(rec, previous=old)
             except BaseException:
+                if att is not None:  # attached, then the commit failed: as it was before
+                    self._undo_attach(att, old)
                 if old is None:
                     self.iface_slots.give([slot])
                 raise
             return att, old is None
+
+    def _undo_attach(self, att: Attachment, old: Attachment | None) -> None:
+        try:
+            if old is not None:
+                self._attach(old.record, previous=old)
+                return
+            detach(att.record.name, att.record.netns)
+            self.maps.del_iface(att.ifindex)
+            del self.attachments[(att.record.name, att.record.netns)]
+        except Exception as e:
+            log.error("undoing the attachment of %s failed: %s", where(*att_key(att)), e)
 
     def _attach(self, rec: InterfaceRecord, previous: Attachment | None = None) -> Attachment:
         ifindex, _, _, _ = link_info(rec.name, rec.netns)
@@ -495,9 +509,16 @@ class Firewall:
             att = self.attachments.get((name, netns))
             if att is None:
                 raise NotFoundError(f"{where(name, netns)} is not attached")
-            with self.store.transaction():
-                self.store.delete_interface(name, netns)
-                detach(name, netns)
+            detached = False
+            try:
+                with self.store.transaction():
+                    self.store.delete_interface(name, netns)
+                    detach(name, netns)
+                    detached = True
+            except BaseException:
+                if detached:  # the commit failed: the store still says guarded, so guard it
+                    attach(name, netns, self.program.fd, att.mode_in_use)
+                raise
             self.maps.del_iface(att.ifindex)
             del self.attachments[(name, netns)]
             self.iface_slots.give([att.record.slot])

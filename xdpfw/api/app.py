@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
+from xdpfw.api.peer import peer_of
 from xdpfw.api.routes import events as events_routes
 from xdpfw.api.routes import interfaces, rules, services, stats
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
+from xdpfw.db import storage_error
 from xdpfw.errors import (
     AttachError,
     BackendUnresolvedError,
@@ -22,6 +26,8 @@ from xdpfw.errors import (
     NotFoundError,
     RuleValidationError,
     ServiceValidationError,
+    SourceRefusedError,
+    StorageError,
     VerifierError,
 )
 from xdpfw.lb.metrics import LbCollector
@@ -41,13 +47,24 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (VerifierError, 500),
     (CompileError, 500),
     (BpffsError, 500),
+    (SourceRefusedError, 422),
 ]
 
+# Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default.
+SET_PATHS = frozenset({"/api/v1/rules/bulk"})
 
-def create_app(firewall: Firewall, token: str | None = None, events=None, lb=None) -> FastAPI:
-    """token: required from TCP clients (unix-socket clients are local root by permission).
+
+def create_app(
+    firewall: Firewall,
+    token: str | None = None,
+    events=None,
+    lb=None,
+    body_limits: BodyLimits | None = None,
+) -> FastAPI:
+    """token: required from every client but the daemon's unix socket (local, by permission).
     events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
-    lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404)."""
+    lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
+    body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS)."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -69,20 +86,29 @@ def create_app(firewall: Firewall, token: str | None = None, events=None, lb=Non
 
     for exc_type, code in ERROR_STATUS:
         app.add_exception_handler(exc_type, _handler(code))
+    for exc_type in (StorageError, sqlite3.Error, OSError):  # storage, or else a plain 500
+        app.add_exception_handler(exc_type, _storage_handler)
+
+    # Middleware added later wraps what was added before: JsonErrors(token(BodyLimit(app))),
+    # so a client without the token is turned away before any of its body is read.
+    limits = body_limits or BodyLimits()
+    app.add_middleware(BodyLimit, limits=BodyLimits(limits.default, limits.sets, SET_PATHS))
 
     @app.middleware("http")
-    async def bearer_token_for_tcp(request: Request, call_next):
-        # uvicorn reports no client address for unix-socket connections.
-        if request.client is not None and token is not None:
+    async def bearer_token_off_the_unix_socket(request: Request, call_next):
+        # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
+        if peer_of(request.scope) is None and token is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse(
                     {"detail": "a bearer token is required over TCP"},
                     status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
+                    # No second request on a connection that has not shown the token.
+                    headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
                 )
         return await call_next(request)
 
+    app.add_middleware(JsonErrors)
     return app
 
 
@@ -93,3 +119,14 @@ def _handler(code: int):
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
     return handle
+
+
+async def _storage_handler(request: Request, exc: Exception) -> JSONResponse:
+    """503/507 for a failing disk or database file; any other OSError or SQLite error is a
+    500 that names only its type (its message may hold paths)."""
+    typed = storage_error(exc)
+    if typed is None:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": internal_error(exc)}, status_code=500)
+    log.error("%s %s: %s", request.method, request.url.path, typed)
+    return JSONResponse({"detail": str(typed)}, status_code=typed.status)

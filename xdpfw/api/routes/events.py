@@ -48,6 +48,8 @@ async def stream(request: Request) -> StreamingResponse:
                     yield ": keep-alive\n\n"
                     continue
                 sub.wake.clear()
+                if hub.ended:
+                    return
                 if sub.missed:
                     missed, sub.missed = sub.missed, 0
                     yield f"data: {json.dumps({'type': 'lagged', 'missed': missed})}\n\n"

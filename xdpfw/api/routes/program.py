@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xdpfw.api.deps import FirewallDep
+from xdpfw.api.peer import peer_of
+from xdpfw.api.upload import staged
 from xdpfw.dataplane.attach import link_info
 
 router = APIRouter(tags=["program"])
@@ -21,9 +25,23 @@ class ProgramPublic(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: str | None = Field(
-        None, description="C source to build instead of the installed xdpfw.c (a file on the box)"
+    source_text: str | None = Field(
+        None,
+        description="C source to build instead of the installed xdpfw.c: its text, not a path. "
+        "Accepted from root on the unix socket only (`xdpfw upgrade --source FILE` sends it).",
     )
+    source_name: str = Field(
+        "upload.c", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\.c$",
+        description="the name the compiler's messages give the text",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" in data:
+            raise ValueError("the API reads no file: send the program's text as source_text "
+                             "(`xdpfw upgrade --source FILE` does)")
+        return data
 
 
 class ReloadResult(BaseModel):
@@ -52,12 +70,22 @@ def program(fw: FirewallDep) -> ProgramPublic:
 
 
 @router.post("/api/v1/program/reload", response_model=ReloadResult)
-async def reload_program(fw: FirewallDep, body: ReloadRequest | None = None) -> ReloadResult:
+async def reload_program(
+    request: Request, fw: FirewallDep, body: ReloadRequest | None = None
+) -> ReloadResult:
     """Build and load the program again (a new version after an upgrade of the package) and
     swap it in atomically on every guarded interface, on the same pinned maps. A build the
     verifier rejects leaves the running one in place; the error carries the verifier log."""
-    source = body.source if body else None
-    old, new = await run_in_threadpool(fw.upgrade, source)
+    if body is None or body.source_text is None:
+        old, new = await run_in_threadpool(fw.upgrade, None)
+    else:
+        peer = peer_of(request.scope)
+        if peer is None or peer.uid != 0:
+            # A program runs on every packet and is compiled as root: a root act.
+            raise HTTPException(403, "a program source is accepted only from root on the "
+                                "unix socket")
+        with staged(body.source_text, body.source_name) as path:
+            old, new = await run_in_threadpool(fw.upgrade, path)
     return ReloadResult(old_id=old.id, new_id=new.id, interfaces=len(fw.attachments))
 
 
