@@ -32,6 +32,10 @@ def declared_spec(bpf, table) -> MapSpec:
     """The map as the compiled source declares it."""
     from bcc.libbcc import lib  # the C library BCC wraps: its module knows the declarations
 
+    # BCC's bindings leave these two undeclared: ctypes would pass the module pointer as a
+    # C int and truncate it (a segfault once the module lives above 4 GiB, as in a thread).
+    for fn in (lib.bpf_table_key_size_id, lib.bpf_table_leaf_size_id):
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_ulonglong], ctypes.c_size_t
     m, i = bpf.module, table.map_id
     return MapSpec(
         lib.bpf_table_type_id(m, i),
