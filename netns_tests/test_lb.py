@@ -357,7 +357,8 @@ def test_tx_native_on_veth(topo, service):
     counted but never received by lbp0 (NAPI from GRO alone)."""
     app = topo.appliance
     pin_dir = f"{topo.config.pin_dir}-peer"
-    peer = load_program(ProgramConfig(pin_dir=pin_dir, source=XDP_PASS), entry="xdp_pass")
+    peer = load_program(ProgramConfig(pin_dir=pin_dir, source=XDP_PASS), entry="xdp_pass",
+                        slotted=False)
     sh(topo.client, "ethtool", "-K", "cli0", "tx", "off")
     topo.fw.detach_interface("lb0", app)
     try:

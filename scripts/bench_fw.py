@@ -58,7 +58,6 @@ from xdpfw.service import Firewall, RuleSpec  # noqa: E402
 BENCH_PROGS = ROOT / "scripts" / "bench_progs"
 PERF_MD = ROOT / "docs" / "perf.md"
 SEED = 20240611
-LO_IFINDEX = 1  # where BPF_PROG_TEST_RUN packets arrive unless ctx_in says otherwise
 PLAIN_UDP_PORT = 53
 FLOOD_NET = "10.64.0.0/16"  # flood sources: 10.64.<rnd>.<rnd>, blocked as 256 /24s
 FLOOD_SENDER, FLOOD_RECEIVER = "10.250.0.1", "10.250.0.2"
@@ -282,7 +281,7 @@ def fmt_ns(s: Stat) -> str:
 def load_reference(pin_dir: str, max_rules: int, name: str) -> LoadedProgram:
     """A program of scripts/bench_progs/, compiled with the firewall's -D flags and pin dir."""
     cfg = ProgramConfig(pin_dir=pin_dir, max_rules=max_rules, source=BENCH_PROGS / f"{name}.c")
-    return load_program(cfg, entry=name)
+    return load_program(cfg, entry=name, slotted=False)
 
 
 @dataclass
@@ -335,7 +334,7 @@ def timed_add(fw: Firewall, rule_specs: Sequence[RuleSpec]) -> LoadTiming:
 def guard_test_ifindex(fw: Firewall) -> None:
     """BPF_PROG_TEST_RUN packets arrive on lo: give it a config entry (policy pass), so the
     program takes the path of a guarded interface, as in production."""
-    fw.maps.set_iface(LO_IFINDEX, 0, abi.POLICY_PASS, abi.POLICY_PASS, 0)
+    fw.maps.set_policy(0, abi.POLICY_PASS, abi.POLICY_PASS, 0)  # the test instance
 
 
 # -- per-packet cost --------------------------------------------------------------------------
@@ -367,7 +366,7 @@ def bench_per_packet(sz: Sizes, scratch: Scratch, v4: list[Prefix], v6: list[Pre
         # /32s in a hash beside its trie): one LPM lookup on the same set, as the issue asks.
         lpm = load_reference(scratch.pin_dir("lpm-ref"), cfg.max_rules, "lpm_min")
         progs.append(lpm)
-        lpm_trie = MapHandle(lpm.table("rules_v4"), "rules_v4", 8, 12)
+        lpm_trie = MapHandle.of_table(lpm.table("rules_v4"), "rules_v4", 8, 12)
         loaded = 0
         for n in sz.v4_steps:
             log(f"per-packet: loading IPv4 prefixes {loaded:,} -> {n:,} in-process")
@@ -447,7 +446,8 @@ def _port_rule_step(
     port_net = ipaddress.IPv4Network(PORT_RULE_PREFIX)
     port_prefix = Prefix(V4, int(port_net.network_address), port_net.prefixlen)
     fw.add_rules([RuleSpec(port_prefix, Action.DROP, Proto.TCP, 22)])
-    MapHandle(lpm.table("rules_v4"), "rules_v4", 8, 12).update(v4_key(port_prefix), bytes(12))
+    lpm_v4 = MapHandle.of_table(lpm.table("rules_v4"), "rules_v4", 8, 12)
+    lpm_v4.update(v4_key(port_prefix), bytes(12))
     port_src = str(port_net.network_address + 7)
     st = measure(
         [
@@ -674,7 +674,7 @@ def raw_trie_load(scratch: Scratch, prefixes: Sequence[Prefix]) -> tuple[float, 
         keys = b"".join(map(v4_key, prefixes))
         values = bytes(12) * len(prefixes)
         t1 = time.perf_counter()
-        MapHandle(prog.table("rules_v4"), "rules_v4", 8, 12).update_many(
+        MapHandle.of_table(prog.table("rules_v4"), "rules_v4", 8, 12).update_many(
             keys, values, len(prefixes))
         return t1 - t0, time.perf_counter() - t1
     finally:

@@ -115,7 +115,8 @@ def main() -> None:
                             max_services=8, max_backends=64, lb_ct_size=65_536)
         fw = Firewall(state, cfg)
         bare = load_program(ProgramConfig(pin_dir=pin_dir + "-bare",
-                                          source=BENCH_PROGS / "xdp_tx.c"), entry="xdp_tx")
+                                          source=BENCH_PROGS / "xdp_tx.c"), entry="xdp_tx",
+                            slotted=False)
         namespaces = build(tag)
         app, cli, be = namespaces
         fd = fw.program.fd
@@ -155,7 +156,8 @@ def main() -> None:
         # Native on a veth needs an XDP program on the peer (lbp0) and full checksums from the
         # sender (netns_tests/test_lb.py: test_tx_native_on_veth): both paths without offload.
         peer = load_program(ProgramConfig(pin_dir=pin_dir + "-peer",
-                                          source=BENCH_PROGS / "xdp_pass.c"), entry="xdp_pass")
+                                          source=BENCH_PROGS / "xdp_pass.c"), entry="xdp_pass",
+                            slotted=False)
         sh(cli, "ethtool", "-K", "cli0", "tx", "off")
         fw.detach_interface("lb0", app)
         xdp_attach.attach("lbp0", app, peer.fd, Mode.NATIVE)

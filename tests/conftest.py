@@ -13,7 +13,7 @@ from xdpfw.dataplane import abi
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.dataplane.testrun import test_run
 
-LO_IFINDEX = 1  # BPF_PROG_TEST_RUN packets arrive on lo unless ctx says otherwise
+TEST_SLOT = 0  # the interface slot of the test instance, which BPF_PROG_TEST_RUN runs
 TEST_CAPACITY = dict(
     max_rules=65_536, max_port_rules=4096, max_ifaces=16,
     # Load balancer: a small prime table keeps tests fast (production uses 65537).
@@ -46,11 +46,11 @@ def firewall(tmp_path_factory):
 
 @pytest.fixture
 def fw(firewall):
-    firewall.maps.set_iface(LO_IFINDEX, 0, abi.POLICY_PASS, abi.POLICY_PASS, 0)
+    firewall.maps.set_policy(TEST_SLOT, abi.POLICY_PASS, abi.POLICY_PASS, 0)
     yield firewall
     for rule in list(firewall.rules.values()):
         firewall.delete_rule(rule.id)
-    firewall.maps.del_iface(LO_IFINDEX)
+    firewall.maps.clear_policy(TEST_SLOT)
 
 
 class Runner:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tests.conftest import LO_IFINDEX
+from tests.conftest import TEST_SLOT
 from tests.packet_gen import SCENARIOS, PacketGen, Scenario
 from tests.packet_model import Model
 from xdpfw.dataplane import abi
@@ -119,13 +119,13 @@ def scenario_installed(fw, scenario: Scenario) -> Iterator[None]:
     iface = scenario.iface
     policy = abi.POLICY_DROP if iface.policy == "drop" else abi.POLICY_PASS
     unparsed = abi.POLICY_DROP if iface.unparsed_policy == "drop" else abi.POLICY_PASS
-    fw.maps.set_iface(LO_IFINDEX, 0, policy, unparsed, abi.IFF_GUARD_L2 if iface.guard_l2 else 0)
+    fw.maps.set_policy(TEST_SLOT, policy, unparsed, abi.IFF_GUARD_L2 if iface.guard_l2 else 0)
     try:
         yield
     finally:
         for rule in rules:
             fw.delete_rule(rule.id)
-        fw.maps.del_iface(LO_IFINDEX)
+        fw.maps.clear_policy(TEST_SLOT)
 
 
 def run_scenario(fw, scenario: Scenario, seed: int | str, packets: int) -> Report:

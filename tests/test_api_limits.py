@@ -300,7 +300,7 @@ def test_a_failed_commit_leaves_interfaces_as_they_were(client, fw, make_netns):
     try:
         r = client.post("/api/v1/interfaces", json={**body, "policy": "drop"})
         assert r.status_code == 507, r.text
-        assert fw.maps.iface_entry(fw.attachments[("st0", a)].ifindex).policy == POLICY_PASS
+        assert fw.maps.policy(fw.attachments[("st0", a)].record.slot).policy == POLICY_PASS
         r = client.delete("/api/v1/interfaces/st0", params={"netns": a})
         assert r.status_code == 507, r.text
         assert link_info("st0", a)[2] == prog, "unguarded although the store still has it"

@@ -10,7 +10,7 @@ from xdpfw.config import ConfigError, load_config
 def test_defaults_without_a_file():
     cfg = load_config(None)
     assert cfg.api.socket == "/run/xdpfw/api.sock" and cfg.api.listen == []
-    assert cfg.limits.max_ifindex == 65_536 and cfg.lb.proxy_mode == "auto"
+    assert cfg.limits.max_ifaces == 256 and cfg.lb.proxy_mode == "auto"
 
 
 def test_proxy_mode_is_read_and_checked(tmp_path):

@@ -27,7 +27,7 @@ LO_IFINDEX = 1
 
 @pytest.fixture
 def lb(fw):
-    maps = LbMaps(fw.program)
+    maps = fw.dp.lb
     maps.reset_service_counters(0)
     for slot in MACS:
         maps.reset_backend_counters(slot)

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from tests import packets as P
-from tests.conftest import LO_IFINDEX, isolated_program_config, remove_pins
+from tests.conftest import TEST_SLOT, isolated_program_config, remove_pins
 from xdpfw import netns as nsutil
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import link_info
@@ -114,13 +114,14 @@ def test_pins_of_another_layout_are_replaced_and_the_interfaces_swapped(
     bigger = dataclasses.replace(pins, max_port_rules=pins.max_port_rules * 2)
     fw = Firewall(tmp_path / "s", bigger)
     try:
-        assert link_info(*guarded_veth)[2] == fw.program_info().id, "interface not swapped"
+        slot = fw.attachments[guarded_veth].record.slot
+        assert link_info(*guarded_veth)[2] == fw.dp.instance_id(slot), "interface not swapped"
         assert verdict(fw, "192.0.2.9") == "XDP_DROP", "the store's rule is not enforced"
-        assert fw.maps.port_rules.table.max_entries == 2 * bigger.max_port_rules
+        assert fw.maps.port_rules.max_entries == 2 * bigger.max_port_rules
         leftovers = [n for n in os.listdir("/sys/fs/bpf")
                      if n.startswith(os.path.basename(pins.pin_dir) + "-replaced-")]
         assert leftovers == [], "the replaced pins were not removed"
-        fw.maps.set_iface(LO_IFINDEX, 0, abi.POLICY_PASS, abi.POLICY_PASS, 0)
+        fw.maps.set_policy(TEST_SLOT, abi.POLICY_PASS, abi.POLICY_PASS, 0)
         assert verdict(fw, "192.0.2.9") == "XDP_DROP"
     finally:
         fw.detach_all()

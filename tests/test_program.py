@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import packets as P
-from tests.conftest import LO_IFINDEX
+from tests.conftest import TEST_SLOT
 from xdpfw.dataplane import abi
 from xdpfw.rules.model import Action, Proto, parse_prefix
 from xdpfw.service import RuleSpec
@@ -31,7 +31,7 @@ def check(run, fw, cases):
 
 
 def set_policy(fw, policy=abi.POLICY_PASS, unparsed=abi.POLICY_PASS, flags=0):
-    fw.maps.set_iface(LO_IFINDEX, 0, policy, unparsed, flags)
+    fw.maps.set_policy(TEST_SLOT, policy, unparsed, flags)
 
 
 def test_no_rules_pass_policy_passes_everything(run, fw):

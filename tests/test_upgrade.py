@@ -28,6 +28,11 @@ def guarded_veth(fw, make_netns):
     fw.detach_interface("up0", a)
 
 
+def instance_id(fw, where: tuple[str, str]) -> int:
+    """The id of the instance the firewall runs on that interface."""
+    return fw.dp.instance_id(fw.attachments[where].record.slot)
+
+
 def attached_id(where: tuple[str, str]) -> int | None:
     return link_info(*where)[2]
 
@@ -35,13 +40,17 @@ def attached_id(where: tuple[str, str]) -> int | None:
 def test_upgrade_swaps_the_attached_program_and_keeps_maps(fw, run, guarded_veth):
     rule = add(fw, "192.0.2.0/24", "drop")
     before = fw.program_info()
-    assert attached_id(guarded_veth) == before.id
+    before_instance = instance_id(fw, guarded_veth)
+    assert attached_id(guarded_veth) == before_instance
     assert run(P.udp4("192.0.2.9", 53)).verdict == "XDP_DROP"
 
-    old, new = fw.upgrade()
+    up = fw.upgrade()
+    old, new = up.old, up.new
 
     assert (old.id, new.id) == (before.id, fw.program_info().id) and new.id != old.id
-    assert attached_id(guarded_veth) == new.id, f"{guarded_veth} still runs id {old.id}"
+    now = instance_id(fw, guarded_veth)
+    assert now != before_instance and attached_id(guarded_veth) == now, \
+        f"{guarded_veth} still runs id {before_instance}"
     # Same pinned maps: the rule still drops, and its counter went on counting.
     assert run(P.udp4("192.0.2.9", 53)).verdict == "XDP_DROP"
     assert fw.rule_counter(rule)[0] == 2, fw.stats()
@@ -57,5 +66,6 @@ def test_a_build_the_verifier_rejects_leaves_the_old_program(fw, run, guarded_ve
     log = err.value.log
     assert "invalid access to packet" in log, f"no verifier log in the error:\n{err.value}"
     assert fw.program_info() == before
-    assert attached_id(guarded_veth) == before.id, "the rejected build changed the attachment"
+    assert attached_id(guarded_veth) == instance_id(fw, guarded_veth), \
+        "the rejected build changed the attachment"
     assert run(P.udp4("192.0.2.9", 53)).verdict == "XDP_DROP"

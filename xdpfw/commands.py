@@ -243,7 +243,7 @@ def format_event(e: dict) -> str:
     src = e["saddr"] if not e.get("sport") else _hostport(e["saddr"], e["sport"])
     dst = e["daddr"] if not e.get("dport") else _hostport(e["daddr"], e["dport"])
     rule = f"rule {e['rule_id']}" if e.get("rule_id") is not None else "no rule"
-    iface = e.get("interface") or f"ifindex {e['ifindex']}"
+    iface = e.get("interface") or f"interface slot {e['iface_slot']}"
     ns = f" (netns {e['netns']})" if e.get("netns") else ""
     when = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
     return (f"{when} {e['action']} {e['proto']} {src} -> {dst} on {iface}{ns}: "
@@ -296,8 +296,11 @@ def upgrade(args) -> int:
             if rest:
                 print(rest[0].rstrip(), file=sys.stderr)
             raise
-    print(f"program upgraded: id {r['old_id']} -> {r['new_id']} on {r['interfaces']} "
+    print(f"program upgraded: build {r['old_id']} -> {r['new_id']} on {r['interfaces']} "
           "interfaces (maps kept)")
+    for s in r.get("swapped", []):
+        where = f"{s['name']} (netns {s['netns']})" if s["netns"] else s["name"]
+        print(f"  {where}: id {s['old_id']} -> {s['new_id']}")
     return 0
 
 

@@ -97,7 +97,6 @@ class LimitsConfig(_Strict):
     max_rules: int = Field(2_097_152, ge=16, le=1 << 26)
     max_port_rules: int = Field(65_536, ge=16, le=1 << 22)
     max_ifaces: int = Field(256, ge=2, le=4096)
-    max_ifindex: int = Field(65_536, ge=16, le=1 << 22)  # guardable ifindexes: 1..max-1
 
 
 class LbConfig(_Strict):

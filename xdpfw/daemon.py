@@ -47,7 +47,6 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
         max_rules=cfg.limits.max_rules,
         max_port_rules=cfg.limits.max_port_rules,
         max_ifaces=cfg.limits.max_ifaces,
-        max_ifindex=cfg.limits.max_ifindex,
         max_services=cfg.lb.max_services,
         max_backends=cfg.lb.max_backends,
         lb_table_size=cfg.lb.table_size,

@@ -2,7 +2,7 @@
 
 The XDP program pushes 1 drop in `sample_rate` (pinned map fw_config; 0: none), so a flood
 costs the reader at most rate-limited work. One thread polls the ring buffer of the program
-that is attached and follows it across upgrades (Firewall.program_listeners). Each subscriber
+that is attached and follows it across upgrades (Dataplane.listeners). Each subscriber
 (an SSE client) has a bounded queue: when it lags, its oldest events are dropped and counted,
 and the reader never blocks on it.
 """
@@ -44,7 +44,7 @@ def decode(raw: abi.DropEvent) -> dict:
         "action": "drop",
         "reason": abi.REASON_NAMES.get(raw.reason, str(raw.reason)),
         "rule_slot": None if raw.rule_slot == abi.NO_RULE else raw.rule_slot,
-        "ifindex": raw.ifindex,
+        "iface_slot": raw.iface,
         "len": raw.pkt_len,
         "family": family,
         "ethertype": f"0x{eth:04x}",
@@ -84,13 +84,13 @@ class EventHub:
 
     def start(self, sample_rate: int) -> None:
         self.set_sample_rate(sample_rate)
-        self.bind(self.fw.program)
-        self.fw.program_listeners.append(self.bind)
+        self.bind(self.fw.dp.program)
+        self.fw.dp.listeners.append(self.bind)
 
     def stop(self) -> None:
         self._unbind()
-        if self.bind in self.fw.program_listeners:
-            self.fw.program_listeners.remove(self.bind)
+        if self.bind in self.fw.dp.listeners:
+            self.fw.dp.listeners.remove(self.bind)
 
     def bind(self, program) -> None:
         """Read the ring buffer of `program` (called again with the new one on upgrade)."""
@@ -142,7 +142,7 @@ class EventHub:
         slot = event["rule_slot"]
         event["rule_id"] = self.fw.rule_id_of_slot(slot) if slot is not None else None
         for att in list(self.fw.attachments.values()):
-            if att.ifindex == raw.ifindex:
+            if att.record.slot == raw.iface:
                 event["interface"], event["netns"] = att.record.name, att.record.netns
                 break
         with self.lock:

@@ -18,20 +18,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import link_info
 from xdpfw.rules.model import V4
 
 log = logging.getLogger(__name__)
 
-VERDICT_OF_REASON = {
-    "rule_pass": "pass",
-    "rule_drop": "drop",
-    "policy_pass": "pass",
-    "policy_drop": "drop",
-    "unparsed_pass": "pass",
-    "unparsed_drop": "drop",
-    "l2_exempt_pass": "pass",
-}
+# The XDP action of each reason: a forwarded or dropped packet is never labelled "pass".
+VERDICT_OF_REASON = {abi.REASON_NAMES[r]: v for r, v in abi.REASON_VERDICTS.items()}
 
 
 class EventStats(Protocol):
@@ -89,7 +83,6 @@ class FirewallCollector(Collector):
             "1 when the kernel runs this appliance's program on the interface, else 0",
             labels=["interface", "netns", "mode"],
         )
-        prog_id = self.fw.program_info().id
         for att in self.fw.attachments.values():
             name, netns = att.record.name, att.record.netns or ""
             for verdict, (p, b) in self.fw.maps.iface_totals(att.record.slot).items():
@@ -100,8 +93,9 @@ class FirewallCollector(Collector):
             except Exception as e:  # the link vanished: report it as not guarded
                 log.debug("link_info(%s): %s", name, e)
                 mode, attached_id = None, None
+            ours = self.fw.dp.instance_id(att.record.slot)
             attached.add_metric(
-                [name, netns, str(mode or att.mode_in_use)], int(attached_id == prog_id)
+                [name, netns, str(mode or att.mode_in_use)], int(attached_id == ours)
             )
         yield pk
         yield by

@@ -8,13 +8,10 @@ either takes full effect and is on disk, or changes nothing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import heapq
 import logging
-import os
-import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,16 +20,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from xdpfw.dataplane import abi
-from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
-from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
+from xdpfw.dataplane.attach import Mode, link_info, where
+from xdpfw.dataplane.dataplane import Dataplane, Upgrade
+from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig
 from xdpfw.dataplane.maps import FirewallMaps
-from xdpfw.dataplane.pins import move_aside
-from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
+from xdpfw.dataplane.progs import ProgInfo
 from xdpfw.errors import (
     ConflictError,
     MapFullError,
     NotFoundError,
-    PinLayoutError,
     PinOwnerError,
 )
 from xdpfw.gcpause import gc_paused
@@ -93,24 +89,25 @@ class SlotAllocator:
 
 class Firewall:
     def __init__(
-        self, state_dir: Path | str, program_config: ProgramConfig, adopt_pins: bool = False
+        self,
+        state_dir: Path | str,
+        dataplane: Dataplane | ProgramConfig,
+        adopt_pins: bool = False,
     ) -> None:
-        """adopt_pins: pins claimed by another store are made equal to this one (their other
-        rules removed, and logged) instead of refused."""
+        """dataplane: the daemon's Dataplane, or a ProgramConfig to load one of its own (closed
+        with the firewall). adopt_pins: pins claimed by another store are made equal to this
+        one (their other rules removed, and logged) instead of refused."""
         self.lock = threading.RLock()
-        self.config = program_config
         self.state_dir = Path(state_dir)
         self.store = Store(self.state_dir / "xdpfw.sqlite3")
+        self._owns_dataplane = not isinstance(dataplane, Dataplane)
+        self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
+        self.config = self.dp.config
         self._dirty_marker = self.state_dir / "maps.dirty"
         self._maps_suspect = False
-        self._replaced_pins: str | None = None
-        self.program: LoadedProgram = self._load_claimable(program_config)
-        self.maps = FirewallMaps(self.program)
         self.index = RuleIndex()
         self.rules: dict[int, Rule] = {}
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
-        # Called with the new program after an upgrade, before the old one is closed.
-        self.program_listeners: list[Callable[[LoadedProgram], None]] = []
         self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
         with gc_paused():
             foreign = self._restore_rules(adopt_pins)
@@ -118,35 +115,29 @@ class Firewall:
         self.maps.fw_config.resync(self.maps.source_maps())
         self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
         self.rule_slots = SlotAllocator(
-            program_config.max_rules, (r.slot for r in self.rules.values())
+            self.config.max_rules, (r.slot for r in self.rules.values())
         )
         if foreign:  # another store's rules counted in these slots
-            self.maps.reset_rule_counters(range(program_config.max_rules))
+            self.maps.reset_rule_counters(range(self.config.max_rules))
         elif self._resynced_after_crash:  # a delete may have been cut short before its zeroing
             self.maps.reset_rule_counters(list(self.rule_slots.free))
         records = self.store.load_interfaces()
-        # Slot 0 counts packets on interfaces with no config entry.
+        # Slot 0 is the test instance's (BPF_PROG_TEST_RUN), never an interface's.
         self.iface_slots = SlotAllocator(
-            program_config.max_ifaces, (r.slot for r in records), first=1
+            self.config.max_ifaces, (r.slot for r in records), first=1
         )
         self._restore_interfaces(records)
-        if self._replaced_pins:  # every interface now runs the new build on the new maps
-            shutil.rmtree(self._replaced_pins, ignore_errors=True)
-            log.info("removed the replaced pins %s", self._replaced_pins)
+        self.dp.drop_replaced_pins()  # every interface now runs the new build
+
+    @property
+    def program(self) -> LoadedProgram:
+        return self.dp.program
+
+    @property
+    def maps(self) -> FirewallMaps:
+        return self.dp.maps
 
     # -- start-up -------------------------------------------------------------------------
-
-    def _load_claimable(self, cfg: ProgramConfig) -> LoadedProgram:
-        """Load the program on the pins, or on fresh pins when the old ones have another
-        layout (xdpfw/dataplane/pins.py): the old program keeps filtering on the old maps
-        until _restore_interfaces swaps the new one in."""
-        try:
-            return load_program(cfg)
-        except PinLayoutError as e:
-            self._replaced_pins = move_aside(cfg.pin_dir)
-            log.warning("%s; moved them to %s, filling new maps from the store",
-                        e, self._replaced_pins)
-            return load_program(cfg)
 
     def _restore_rules(self, adopt_pins: bool) -> bool:
         """Make the pinned maps equal to the store. Returns True when the pins held another
@@ -224,10 +215,10 @@ class Firewall:
                 self._attach(rec)
             except Exception as e:  # one bad NIC must not keep the others unguarded
                 log.error("could not re-attach %s: %s", where(rec.name, rec.netns), e)
-        known = {a.ifindex for a in self.attachments.values()}
-        for ifindex in self.maps.iface_entries():
-            if ifindex not in known:
-                self.maps.del_iface(ifindex)
+        used = {a.record.slot for a in self.attachments.values()}
+        for slot in range(1, self.config.max_ifaces):
+            if slot not in used:
+                self.maps.clear_policy(slot)
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -442,66 +433,68 @@ class Firewall:
         policy: str = "pass",
         unparsed_policy: str = "pass",
         guard_l2: bool = False,
+        chain_existing: bool = True,
+        chain_prog_id: int | None = None,
     ) -> tuple[Attachment, bool]:
-        """Attach, or update an attachment in place. Returns (attachment, created)."""
+        """Attach, or update an attachment in place. Returns (attachment, created).
+
+        A program already on the interface that is not xdpfw's runs after xdpfw's pass
+        verdicts (chain_existing) and gets the interface back when xdpfw detaches;
+        chain_prog_id chains a loaded XDP program by id (README "Other XDP programs")."""
         with self.lock:
             old = self.attachments.get((name, netns))
             slot = old.record.slot if old else self.iface_slots.take(1, "interfaces")[0]
             rec = InterfaceRecord(name, netns, str(mode), policy, unparsed_policy, guard_l2, slot)
             att = None
+            before_chain = self.dp.chained(slot)
             try:
                 with self.store.transaction():
                     self.store.upsert_interface(rec)
-                    att = self._attach(rec, previous=old)
+                    att = self._attach(rec, previous=old, chain_existing=chain_existing,
+                                       chain_prog_id=chain_prog_id)
             except BaseException:
                 if att is not None:  # attached, then the commit failed: as it was before
-                    self._undo_attach(att, old)
+                    self._undo_attach(att, old, before_chain)
                 if old is None:
                     self.iface_slots.give([slot])
                 raise
             return att, old is None
 
-    def _undo_attach(self, att: Attachment, old: Attachment | None) -> None:
+    def _undo_attach(self, att: Attachment, old: Attachment | None,
+                     chain: int | None) -> None:
         try:
             if old is not None:
                 self._attach(old.record, previous=old)
+                self.dp.set_chain(old.record.slot, chain)
                 return
-            detach(att.record.name, att.record.netns)
-            self.maps.del_iface(att.ifindex)
+            self.dp.detach(att.record.slot)
+            self.dp.release(att.record.slot)
+            self.maps.clear_policy(att.record.slot)
             del self.attachments[(att.record.name, att.record.netns)]
         except Exception as e:
             log.error("undoing the attachment of %s failed: %s", where(*att_key(att)), e)
 
-    def _attach(self, rec: InterfaceRecord, previous: Attachment | None = None) -> Attachment:
+    def _attach(self, rec: InterfaceRecord, previous: Attachment | None = None,
+                chain_existing: bool = True, chain_prog_id: int | None = None) -> Attachment:
         ifindex, _, _, _ = link_info(rec.name, rec.netns)
-        for key, other in self.attachments.items():
-            if other.ifindex == ifindex and key != (rec.name, rec.netns):
-                raise ConflictError(
-                    f"{where(rec.name, rec.netns)} has ifindex {ifindex}, like the guarded "
-                    f"{where(*key)}: the data plane keys policies by ifindex; rename or "
-                    "recreate one of them"
-                )
         flags = abi.IFF_GUARD_L2 if rec.guard_l2 else 0
-        before = self.maps.iface_entry(ifindex)
-        # Policy first, so the program never runs on this interface without it.
-        self.maps.set_iface(
-            ifindex, rec.slot, POLICY_CODE[rec.policy], POLICY_CODE[rec.unparsed_policy], flags
+        before = self.maps.policy(rec.slot)
+        # Policy first, so the instance never runs on this interface without it.
+        self.maps.set_policy(
+            rec.slot, POLICY_CODE[rec.policy], POLICY_CODE[rec.unparsed_policy], flags
         )
         if previous is None:
             self.maps.reset_iface_counters(rec.slot)
         try:
-            mode = attach(rec.name, rec.netns, self.program.fd, Mode(rec.mode))
+            link = self.dp.attach(rec.slot, rec.name, rec.netns, Mode(rec.mode),
+                                  chain_existing=chain_existing, chain_prog_id=chain_prog_id)
         except BaseException:
-            if before is None:
-                self.maps.del_iface(ifindex)
-            else:
-                self.maps.set_iface(
-                    ifindex, before.slot, before.policy, before.unparsed_policy, before.flags
-                )
+            self.maps.set_policy(rec.slot, before.policy, before.unparsed_policy, before.flags)
             raise
-        att = Attachment(rec, ifindex, mode)
+        att = Attachment(rec, ifindex, link.mode)
         self.attachments[(rec.name, rec.netns)] = att
-        log.info("guarding %s in %s mode, policy %s", where(rec.name, rec.netns), mode, rec.policy)
+        log.info("guarding %s in %s mode, policy %s", where(rec.name, rec.netns), link.mode,
+                 rec.policy)
         return att
 
     def detach_interface(self, name: str, netns: str | None = None) -> Attachment:
@@ -509,19 +502,21 @@ class Firewall:
             att = self.attachments.get((name, netns))
             if att is None:
                 raise NotFoundError(f"{where(name, netns)} is not attached")
+            slot, chain = att.record.slot, self.dp.chained(att.record.slot)
             detached = False
             try:
                 with self.store.transaction():
                     self.store.delete_interface(name, netns)
-                    detach(name, netns)
+                    self.dp.detach(slot)
                     detached = True
             except BaseException:
                 if detached:  # the commit failed: the store still says guarded, so guard it
-                    attach(name, netns, self.program.fd, att.mode_in_use)
+                    self.dp.attach(slot, name, netns, att.mode_in_use, chain_prog_id=chain)
                 raise
-            self.maps.del_iface(att.ifindex)
+            self.maps.clear_policy(slot)
+            self.dp.release(slot)
             del self.attachments[(name, netns)]
-            self.iface_slots.give([att.record.slot])
+            self.iface_slots.give([slot])
             return att
 
     def detach_all(self) -> None:
@@ -531,54 +526,12 @@ class Firewall:
     # -- program --------------------------------------------------------------------------
 
     def program_info(self) -> ProgInfo:
-        return prog_info(self.program.fd)
+        return self.dp.program_info()
 
-    def upgrade(self, source: Path | str | None = None) -> tuple[ProgInfo, ProgInfo]:
-        """Load a new build of the program on the same pinned maps and swap it in on every
-        guarded interface with an expected-program replace, so no packet meets "no program".
-        A build that fails to compile or verify raises (with the log) and changes nothing.
-        Returns (old, new) program info."""
+    def upgrade(self, source: Path | str | None = None) -> Upgrade:
+        """A new build swapped in on every guarded interface (Dataplane.upgrade)."""
         with self.lock:
-            cfg = self.config if source is None else dataclasses.replace(
-                self.config, source=Path(source)
-            )
-            new = load_program(cfg)
-            old = self.program
-            swapped: list[Attachment] = []
-            try:
-                for att in self.attachments.values():
-                    self._swap(att, new.fd)
-                    swapped.append(att)
-            except BaseException:
-                for att in swapped:  # put the old build back where the new one went in
-                    try:
-                        self._swap(att, old.fd)
-                    except Exception as e:
-                        log.error("rollback on %s failed: %s", where(*att_key(att)), e)
-                new.close()
-                raise
-            infos = (prog_info(old.fd), prog_info(new.fd))
-            self.program, self.maps = new, FirewallMaps(new)
-            self.maps.fw_config.resync(self.maps.source_maps())  # a build before the bits
-            for listener in self.program_listeners:
-                listener(new)
-            old.close()
-            log.info("program upgraded: id %d -> %d on %d interfaces", infos[0].id,
-                     infos[1].id, len(swapped))
-            return infos
-
-    def _swap(self, att: Attachment, new_fd: int) -> None:
-        name, netns = att_key(att)
-        _, mode, prog_id, _ = link_info(name, netns)
-        if prog_id is None or mode is None:  # someone detached it behind our back: re-guard
-            log.warning("%s had no XDP program attached; attaching", where(name, netns))
-            attach(name, netns, new_fd, att.mode_in_use)
-            return
-        expected = prog_fd_by_id(prog_id)
-        try:
-            replace(name, netns, new_fd, expected, mode)
-        finally:
-            os.close(expected)
+            return self.dp.upgrade(source)
 
     def rule_id_of_slot(self, slot: int) -> int | None:
         """Rule id behind a counter slot (events name the slot). Rebuilt only after a change:
@@ -619,7 +572,8 @@ class Firewall:
 
     def close(self) -> None:
         """Stop the control plane; attached programs and pinned maps keep filtering."""
-        self.program.close()
+        if self._owns_dataplane:
+            self.dp.close()
         self.store.close()
 
 

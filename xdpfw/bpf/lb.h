@@ -1,7 +1,8 @@
 /* lb.h: the L4 load balancer, for packets the firewall passes.
  *
- * lb_forward() returns the verdict of a passing packet: XDP_PASS when it belongs to no service
- * (or XDP_REDIRECT to a CPU when cpu steering is on), else the service's forwarding:
+ * lb_forward() returns the verdict of a passing packet, and when it is not XDP_PASS sets the
+ * reason it is counted under (XDPFW_REASON_LB_*): XDP_PASS when it belongs to no service (or
+ * XDP_REDIRECT to a CPU when cpu steering is on), else the service's forwarding:
  *   conntrack hit (same backend generation, not aged out) -> that backend
  *   else Maglev: lb_tables[slot * LB_TABLE_SIZE + jhash(5-tuple) % LB_TABLE_SIZE]
  *   tx:       dst MAC = backend, src MAC = ours (the frame's old dst), XDP_TX
@@ -29,7 +30,7 @@ static __always_inline __u32 lb_flow_hash(struct lb_flow *f)
 }
 
 /* Spread over the CPUs of `s` by flow hash; the stack then processes the packet there. */
-static __always_inline int lb_steer(struct lb_steer *s, __u32 hash)
+static __always_inline int lb_steer(struct lb_steer *s, __u32 hash, __u32 *reason)
 {
 	__u32 n = s->count;
 	if (n == 0 || n > XDPFW_LB_MAX_STEER_CPUS)
@@ -38,7 +39,10 @@ static __always_inline int lb_steer(struct lb_steer *s, __u32 hash)
 	/* clang knows idx < n <= 8 and would drop the mask; the verifier does not know it. */
 	asm volatile("" : "+r"(idx));
 	__u32 cpu = s->cpus[idx & (XDPFW_LB_MAX_STEER_CPUS - 1)];
-	return cpu_map.redirect_map(cpu, XDP_PASS);
+	int verdict = cpu_map.redirect_map(cpu, XDP_PASS);
+	if (verdict == XDP_REDIRECT)
+		*reason = XDPFW_REASON_LB_CPU;
+	return verdict;
 }
 
 /* The backend slot of a flow: conntrack first, else the Maglev table (and remember it). */
@@ -72,7 +76,7 @@ static __always_inline struct lb_backend *lb_pick(struct lb_service *svc, struct
 }
 
 static __always_inline int lb_to_service(struct xdp_md *ctx, struct lb_service *svc,
-					 struct lb_flow *f)
+					 struct lb_flow *f, __u32 *reason)
 {
 	__u64 bytes = ctx->data_end - ctx->data;
 	__u32 hash = lb_flow_hash(f);
@@ -80,13 +84,14 @@ static __always_inline int lb_to_service(struct xdp_md *ctx, struct lb_service *
 
 	if (svc->steer.count) {
 		count(lb_service_counters.lookup(&cidx), bytes);
-		return lb_steer(&svc->steer, hash);
+		return lb_steer(&svc->steer, hash, reason);
 	}
 	__u32 slot = 0;
 	struct lb_backend *be = lb_pick(svc, f, hash, &slot);
 	if (!be) {
 		cidx += XDPFW_LB_SVC_NO_BACKEND;
 		count(lb_service_counters.lookup(&cidx), bytes);
+		*reason = XDPFW_REASON_LB_NO_BACKEND;
 		return XDP_DROP;
 	}
 	struct ethhdr *eth = (void *)(long)ctx->data;
@@ -97,16 +102,19 @@ static __always_inline int lb_to_service(struct xdp_md *ctx, struct lb_service *
 	if (svc->fwd == XDPFW_LB_FWD_TX) {
 		__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 		__builtin_memcpy(eth->h_dest, be->dmac, ETH_ALEN);
+		*reason = XDPFW_REASON_LB_TX;
 		return XDP_TX;
 	}
 	__builtin_memcpy(eth->h_source, be->smac, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, be->dmac, ETH_ALEN);
 	/* No devmap entry (the control plane lost the port): drop rather than misdeliver. */
-	return tx_ports.redirect_map(be->tx_port, XDP_DROP);
+	int verdict = tx_ports.redirect_map(be->tx_port, XDP_DROP);
+	*reason = verdict == XDP_REDIRECT ? XDPFW_REASON_LB_REDIRECT : XDPFW_REASON_LB_NO_EGRESS;
+	return verdict;
 }
 
-/* The verdict of a packet the firewall passes. */
-static __always_inline int lb_forward(struct xdp_md *ctx, struct packet *p)
+/* The verdict of a packet the firewall passes; *reason is set unless it is XDP_PASS. */
+static __always_inline int lb_forward(struct xdp_md *ctx, struct packet *p, __u32 *reason)
 {
 	__u32 zero = 0;
 	struct lb_config *cfg = lb_config.lookup(&zero);
@@ -128,12 +136,12 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct packet *p)
 		}
 		struct lb_service *svc = lb_services.lookup(&vip);
 		if (svc)
-			return lb_to_service(ctx, svc, &f);
+			return lb_to_service(ctx, svc, &f, reason);
 	}
 	if (cfg->steer.count) {
 		/* Any passing traffic: addresses alone keep a flow (and its fragments) on one CPU. */
 		__u32 h = xdpfw_jhash2((__u32 *)p->saddr, 4, xdpfw_jhash2((__u32 *)p->daddr, 4, p->l4_proto));
-		return lb_steer(&cfg->steer, h);
+		return lb_steer(&cfg->steer, h, reason);
 	}
 	return XDP_PASS;
 }

@@ -29,9 +29,14 @@ BPF_TABLE_PINNED("hash", struct host_v6_key, struct prefix_verdict, hosts_v6, MA
 BPF_TABLE_PINNED("hash", struct port_key, struct port_verdict, port_rules, 2 * MAX_PORT_RULES,
 		 PIN("port_rules"));
 
-/* Per-interface policy, indexed by ingress ifindex: an array, because this lookup is on every
- * packet and a hash lookup cost ~25 ns of the per-packet budget. */
-BPF_TABLE_PINNED("array", __u32, struct iface_cfg, iface_config, MAX_IFINDEX, PIN("iface_config"));
+/* Per-interface policy, indexed by the instance's interface slot (not the ifindex, which
+ * repeats across network namespaces). */
+BPF_TABLE_PINNED("array", __u32, struct iface_policy, iface_policy, MAX_IFACES,
+		 PIN("iface_policy"));
+
+/* Per interface slot: a program that runs after xdpfw's pass verdicts (a tail call), so
+ * another XDP program keeps working on a guarded interface (README "Other XDP programs"). */
+BPF_TABLE_PINNED("prog", __u32, __u32, chain_progs, MAX_IFACES, PIN("chain_progs"));
 
 /* Packets/bytes per rule (indexed by rule slot), per reason, and passed/dropped per interface. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, rule_counters, MAX_RULES,

@@ -3,8 +3,13 @@
  * read the frame up to the source address -> look the source prefix up -> read the rest of
  * the header chain -> bad fragments drop, unreadable chains get the source's strictest
  * verdict, readable ones are refined by proto/port -> else the interface policy -> passing
- * packets go to the load balancer (lb.h). Every verdict leaves through record(), so every
- * packet is counted once per reason, rule and interface.
+ * packets go to the load balancer (lb.h) -> what still passes goes to the interface's chained
+ * program, if any. Every verdict leaves through record(), so every packet is counted once per
+ * reason, rule and interface.
+ *
+ * One build, many instances: each attached instance is this program with XDPFW_SLOT_MARKER
+ * patched to its interface slot (xdpfw/dataplane/instances.py), because the ifindex repeats
+ * across network namespaces and XDP cannot see the namespace.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -21,6 +26,9 @@ struct frag_hdr {
 	__be16 frag_off;
 	__be32 identification;
 };
+
+#define XDPFW_STR_(x) #x
+#define XDPFW_STR(x) XDPFW_STR_(x)
 
 #include "xdpfw_abi.h"
 #include "maps.h"
@@ -41,10 +49,19 @@ static __always_inline void count(void *map_lookup_result, __u64 bytes)
 #define ICMPV6_ND_LAST  137
 
 
+/* The interface slot of this instance: one ld_imm64 of the marker, patched at load. The asm
+ * keeps clang from folding the constant into the instructions that use it. */
+static __always_inline __u32 iface_slot(void)
+{
+	__u64 slot;
+	asm volatile("%0 = " XDPFW_STR(XDPFW_SLOT_MARKER) " ll" : "=r"(slot));
+	return slot;
+}
+
 /* Push 1 drop in sample_rate to user space. Off (rate 0), it costs a drop one test; a full
  * ring buffer loses the event, never the drop or its count. */
 static __always_inline void sample_drop(struct xdp_md *ctx, struct fw_cfg *fc, struct packet *p,
-					__u32 reason, __u32 rule_slot)
+					__u32 iface, __u32 reason, __u32 rule_slot)
 {
 	if (!fc || !fc->sample_rate)
 		return;
@@ -56,7 +73,7 @@ static __always_inline void sample_drop(struct xdp_md *ctx, struct fw_cfg *fc, s
 	__builtin_memcpy(e->saddr, p->saddr, 16);
 	__builtin_memcpy(e->daddr, p->daddr, 16);
 	e->rule_slot = rule_slot;
-	e->ifindex = ctx->ingress_ifindex;
+	e->iface = iface;
 	e->pkt_len = ctx->data_end - ctx->data;
 	e->sport = p->has_ports ? p->sport : 0;
 	e->dport = p->has_ports ? p->dport : 0;
@@ -66,19 +83,21 @@ static __always_inline void sample_drop(struct xdp_md *ctx, struct fw_cfg *fc, s
 	drop_events.ringbuf_submit(e, 0);
 }
 
-static __always_inline int record(struct xdp_md *ctx, struct fw_cfg *fc, struct iface_cfg *cfg,
+static __always_inline int record(struct xdp_md *ctx, struct fw_cfg *fc, __u32 iface,
 				  struct packet *p, __u32 reason, __u32 rule_slot, int verdict)
 {
 	__u64 bytes = ctx->data_end - ctx->data;
 
 	if (verdict == XDP_DROP)
-		sample_drop(ctx, fc, p, reason, rule_slot);
+		sample_drop(ctx, fc, p, iface, reason, rule_slot);
 
 	count(reason_counters.lookup(&reason), bytes);
 	if (rule_slot != XDPFW_NO_RULE)
 		count(rule_counters.lookup(&rule_slot), bytes);
-	__u32 idx = (cfg ? cfg->slot : 0) * XDPFW_IFACE_COUNTERS +
-		    (verdict == XDP_DROP ? XDPFW_IFACE_DROPPED : XDPFW_IFACE_PASSED);
+	__u32 idx = iface * XDPFW_IFACE_COUNTERS +
+		    (verdict == XDP_DROP ? XDPFW_IFACE_DROPPED :
+		     reason >= XDPFW_REASON_LB_TX && reason <= XDPFW_REASON_LB_REDIRECT ?
+		     XDPFW_IFACE_FORWARDED : XDPFW_IFACE_PASSED);
 	count(iface_counters.lookup(&idx), bytes);
 	return verdict;
 }
@@ -187,8 +206,8 @@ int xdpfw_main(struct xdp_md *ctx)
 	/* Keep p a struct in memory: split into scalars, its fields were spilled to stack slots
 	 * of their own along every path, and that cost a miss ~8 ns (docs/perf.md, Findings). */
 	asm volatile("" : : "r"(&p) : "memory");
-	__u32 ifindex = ctx->ingress_ifindex;
-	struct iface_cfg *cfg = iface_config.lookup(&ifindex);
+	__u32 iface = iface_slot();
+	struct iface_policy *cfg = iface_policy.lookup(&iface);
 	__u32 zero = 0;
 	struct fw_cfg *fc = fw_config.lookup(&zero);
 	__u32 slot = XDPFW_NO_RULE;
@@ -196,7 +215,7 @@ int xdpfw_main(struct xdp_md *ctx)
 	int unparsed_drop = cfg && cfg->unparsed_policy == XDPFW_POLICY_DROP;
 	struct prefix_verdict *pv;
 	__u32 reason;
-	int outcome;
+	int outcome, verdict;
 	__u8 act;
 
 	/* Steps 1-3: link layer, ethertype, the fixed IP header. */
@@ -273,10 +292,17 @@ unreadable:
 drop_unparsed:
 	reason = XDPFW_REASON_UNPARSED_DROP;
 drop:
-	return record(ctx, fc, cfg, &p, reason, slot, XDP_DROP);
-pass:
-	return record(ctx, fc, cfg, &p, reason, slot, XDP_PASS);
+	return record(ctx, fc, iface, &p, reason, slot, XDP_DROP);
 forward:
-	/* Passing packets whose headers were read: the load balancer may take them. */
-	return record(ctx, fc, cfg, &p, reason, slot, lb_forward(ctx, &p));
+	/* Passing packets whose headers were read: the load balancer may take them, and then
+	 * the verdict and the reason are its own. */
+	verdict = lb_forward(ctx, &p, &reason);
+	if (verdict != XDP_PASS)
+		return record(ctx, fc, iface, &p, reason, slot, verdict);
+pass:
+	record(ctx, fc, iface, &p, reason, slot, XDP_PASS);
+	/* Another XDP program chained behind xdpfw on this interface decides next; with none
+	 * (or if the call fails) the packet goes to the stack. */
+	chain_progs.call(ctx, iface);
+	return XDP_PASS;
 }

@@ -13,11 +13,11 @@
 #define XDPFW_ACT_PASS      1 /* allow: hand to the stack, skip the policy */
 #define XDPFW_ACT_DROP      2
 
-/* Interface policies (struct iface_cfg.policy and .unparsed_policy). */
+/* Interface policies (struct iface_policy.policy and .unparsed_policy). */
 #define XDPFW_POLICY_PASS   0
 #define XDPFW_POLICY_DROP   1
 
-/* struct iface_cfg.flags */
+/* struct iface_policy.flags */
 #define XDPFW_IFF_GUARD_L2  0x1 /* a drop policy drops ARP and IPv6 ND too (off by default) */
 
 /* Why a packet got its verdict: index of reason_counters, exported as metrics. */
@@ -31,12 +31,24 @@
 #define XDPFW_REASON_FRAG_OVERLAP   7 /* IPv4 fragment at offset 8 bytes (RFC 1858) */
 #define XDPFW_REASON_FRAG_TINY      8 /* IPv4 first fragment too short for TCP/UDP (RFC 1858) */
 #define XDPFW_REASON_FRAG_CHAIN     9 /* IPv6 first fragment without its header chain (RFC 7112) */
-#define XDPFW_REASON_MAX            10
+/* A packet the firewall lets through and the load balancer takes (lb.h): */
+#define XDPFW_REASON_LB_TX          10 /* to a backend, out of the same NIC (XDP_TX) */
+#define XDPFW_REASON_LB_REDIRECT    11 /* to a backend, out of another NIC (devmap) */
+#define XDPFW_REASON_LB_CPU         12 /* to the stack on a CPU of the steering set (cpumap) */
+#define XDPFW_REASON_LB_NO_BACKEND  13 /* dropped: the service has no usable backend */
+#define XDPFW_REASON_LB_NO_EGRESS   14 /* dropped: the backend's egress port is gone */
+#define XDPFW_REASON_MAX            15
 
-/* iface_counters index: slot * XDPFW_IFACE_COUNTERS + XDPFW_IFACE_{PASSED,DROPPED}. */
-#define XDPFW_IFACE_PASSED   0
-#define XDPFW_IFACE_DROPPED  1
-#define XDPFW_IFACE_COUNTERS 2
+/* iface_counters index: slot * XDPFW_IFACE_COUNTERS + XDPFW_IFACE_{PASSED,DROPPED,FORWARDED}. */
+#define XDPFW_IFACE_PASSED    0 /* handed to the stack (XDP_PASS, or to a steering CPU) */
+#define XDPFW_IFACE_DROPPED   1
+#define XDPFW_IFACE_FORWARDED 2 /* sent to a backend (XDP_TX, devmap redirect) */
+#define XDPFW_IFACE_COUNTERS  3
+
+/* The interface slot of a program instance: the loader patches this constant, in the one
+ * instruction that loads it, with the slot of the interface the instance is attached to
+ * (xdpfw/dataplane/instances.py). Slot 0 is the test instance, never attached. */
+#define XDPFW_SLOT_MARKER 0x5107c0de
 
 #define XDPFW_NO_RULE     0xffffffff /* rule_slot when no rule decided */
 #define XDPFW_NO_PORT_SET 0          /* prefix_verdict.port_set when no proto/port rule applies */
@@ -92,12 +104,11 @@ struct port_verdict {
 	__u8 pad[3];
 };
 
-/* Value of iface_config, an array indexed by ingress ifindex; all zero = not guarded. */
-struct iface_cfg {
-	__u32 slot;          /* index of iface_counters */
-	__u8 policy;         /* XDPFW_POLICY_*: packets no rule decides */
-	__u8 unparsed_policy;/* XDPFW_POLICY_*: packets the parser cannot read */
-	__u8 flags;          /* XDPFW_IFF_* */
+/* Value of iface_policy, an array indexed by interface slot; all zero = pass everything. */
+struct iface_policy {
+	__u8 policy;          /* XDPFW_POLICY_*: packets no rule decides */
+	__u8 unparsed_policy; /* XDPFW_POLICY_*: packets the parser cannot read */
+	__u8 flags;           /* XDPFW_IFF_* */
 	__u8 pad;
 };
 
@@ -221,7 +232,7 @@ struct drop_event {
 	__u8 saddr[16];  /* be: IPv4 in the first 4 bytes */
 	__u8 daddr[16];  /* be: as saddr */
 	__u32 rule_slot; /* host order: counter slot of the deciding rule, or XDPFW_NO_RULE */
-	__u32 ifindex;   /* host order: ingress interface */
+	__u32 iface;     /* host order: interface slot of the program instance */
 	__u32 pkt_len;   /* host order: bytes seen by XDP */
 	__u16 sport;     /* be: 0 when the packet has no ports */
 	__u16 dport;     /* be */

@@ -26,7 +26,12 @@ REASON_L2_EXEMPT = 6
 REASON_FRAG_OVERLAP = 7
 REASON_FRAG_TINY = 8
 REASON_FRAG_CHAIN = 9
-REASON_MAX = 10
+REASON_LB_TX = 10
+REASON_LB_REDIRECT = 11
+REASON_LB_CPU = 12
+REASON_LB_NO_BACKEND = 13
+REASON_LB_NO_EGRESS = 14
+REASON_MAX = 15
 REASON_NAMES = {
     REASON_RULE_PASS: "rule_pass",
     REASON_RULE_DROP: "rule_drop",
@@ -38,11 +43,26 @@ REASON_NAMES = {
     REASON_FRAG_OVERLAP: "frag_overlap",
     REASON_FRAG_TINY: "frag_tiny",
     REASON_FRAG_CHAIN: "frag_chain",
+    REASON_LB_TX: "lb_tx",
+    REASON_LB_REDIRECT: "lb_redirect",
+    REASON_LB_CPU: "lb_cpu",
+    REASON_LB_NO_BACKEND: "lb_no_backend",
+    REASON_LB_NO_EGRESS: "lb_no_egress",
+}
+# The XDP action behind each reason (metrics label them so; nothing forwarded is a "pass").
+REASON_VERDICTS = {
+    REASON_RULE_PASS: "pass", REASON_RULE_DROP: "drop", REASON_POLICY_PASS: "pass",
+    REASON_POLICY_DROP: "drop", REASON_UNPARSED_PASS: "pass", REASON_UNPARSED_DROP: "drop",
+    REASON_L2_EXEMPT: "pass", REASON_FRAG_OVERLAP: "drop", REASON_FRAG_TINY: "drop",
+    REASON_FRAG_CHAIN: "drop", REASON_LB_TX: "tx", REASON_LB_REDIRECT: "redirect",
+    REASON_LB_CPU: "redirect", REASON_LB_NO_BACKEND: "drop", REASON_LB_NO_EGRESS: "drop",
 }
 
 IFACE_PASSED = 0
 IFACE_DROPPED = 1
-IFACE_COUNTERS = 2
+IFACE_FORWARDED = 2
+IFACE_COUNTERS = 3
+SLOT_MARKER = 0x5107C0DE
 
 NO_RULE = 0xFFFFFFFF
 NO_PORT_SET = 0
@@ -98,9 +118,8 @@ class PortVerdict(ctypes.Structure):
     )
 
 
-class IfaceCfg(ctypes.Structure):
+class IfacePolicy(ctypes.Structure):
     _fields_ = (
-        ("slot", ctypes.c_uint32),
         ("policy", ctypes.c_uint8),
         ("unparsed_policy", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
@@ -192,7 +211,7 @@ class DropEvent(ctypes.Structure):
         ("saddr", ctypes.c_uint8 * 16),  # network order
         ("daddr", ctypes.c_uint8 * 16),
         ("rule_slot", ctypes.c_uint32),
-        ("ifindex", ctypes.c_uint32),
+        ("iface", ctypes.c_uint32),  # interface slot
         ("pkt_len", ctypes.c_uint32),
         ("sport", ctypes.c_uint16),  # network order
         ("dport", ctypes.c_uint16),  # network order
@@ -216,7 +235,8 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "hosts_v4": (HostV4Key, PrefixVerdict),
     "hosts_v6": (HostV6Key, PrefixVerdict),
     "port_rules": (PortKey, PortVerdict),
-    "iface_config": (ctypes.c_uint32, IfaceCfg),
+    "iface_policy": (ctypes.c_uint32, IfacePolicy),
+    "chain_progs": (ctypes.c_uint32, ctypes.c_uint32),
     "rule_counters": (ctypes.c_uint32, Counter),
     "reason_counters": (ctypes.c_uint32, Counter),
     "iface_counters": (ctypes.c_uint32, Counter),

@@ -50,13 +50,17 @@ def _steer(cpus: Sequence[int]) -> abi.LbSteer:
 
 
 class LbMaps:
-    """The LB's (pinned) maps, opened from a LoadedProgram."""
+    """The LB's maps, opened from their pins (shared by every build and instance)."""
 
-    def __init__(self, program) -> None:
+    def __init__(self, config) -> None:
+        self._handles: list[MapHandle] = []
+
         def handle(name: str) -> MapHandle:
-            return open_map(program, name)
+            h = open_map(config.pin_dir, name)
+            self._handles.append(h)
+            return h
 
-        self.table_size = program.config.lb_table_size
+        self.table_size = config.lb_table_size
         self.config = handle("lb_config")
         self.services = handle("lb_services")
         self.tables = handle("lb_tables")
@@ -67,6 +71,10 @@ class LbMaps:
         self.service_counters = handle("lb_service_counters")
         self.backend_counters = handle("lb_backend_counters")
         self.ncpus = self.backend_counters.value_size // ctypes.sizeof(abi.Counter)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.close()
 
     # -- services -------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from xdpfw.dataplane.instances import Instance, load_xdp, patched, slot_site
 from xdpfw.dataplane.pins import layout_differences
-from xdpfw.errors import BpffsError, CompileError, PinLayoutError, VerifierError
+from xdpfw.errors import BpffsError, CompileError, PinLayoutError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ class ProgramConfig:
     max_rules: int = 2_097_152  # per family; also the number of per-rule counter slots
     max_port_rules: int = 65_536
     max_ifaces: int = 256
-    max_ifindex: int = 65_536  # interfaces with a larger ifindex cannot be guarded
     # Load balancer: Maglev table size per service (a prime; >= 65537 in production).
     max_services: int = 64
     max_backends: int = 4096
@@ -52,7 +52,6 @@ class ProgramConfig:
             f"-DMAX_RULES={self.max_rules}",
             f"-DMAX_PORT_RULES={self.max_port_rules}",
             f"-DMAX_IFACES={self.max_ifaces}",
-            f"-DMAX_IFINDEX={self.max_ifindex}",
             f"-DMAX_SERVICES={self.max_services}",
             f"-DMAX_BACKENDS={self.max_backends}",
             f"-DLB_TABLE_SIZE={self.lb_table_size}",
@@ -108,22 +107,47 @@ def ensure_pin_dir(pin_dir: str) -> None:
 
 
 class LoadedProgram:
-    """A compiled and verified XDP program with its (pinned) maps."""
+    """One compiled build: its (pinned) maps, its instructions, and the instances loaded from
+    them, one per interface slot (xdpfw/dataplane/instances.py). Slot 0 is loaded first and
+    never attached: BPF_PROG_TEST_RUN runs it, and a build it cannot verify goes no further."""
 
-    def __init__(self, bpf, fn, config: ProgramConfig) -> None:
+    def __init__(self, bpf, insns: bytes, config: ProgramConfig, slotted: bool = True,
+                 entry: str = ENTRY_POINT) -> None:
         self.bpf = bpf
-        self.fn = fn
+        self.entry = entry
+        self.insns = insns
         self.config = config
+        # slotted=False: a program without iface_slot() (benchmark baselines); one instance.
+        self._site = slot_site(insns) if slotted else None
+        self.instances: dict[int, Instance] = {}
+        self.instance(0)
 
     @property
     def fd(self) -> int:
-        return self.fn.fd
+        """The test instance (slot 0)."""
+        return self.instances[0].fd
+
+    def instance(self, slot: int) -> Instance:
+        """The instance for an interface slot, loaded on first use."""
+        inst = self.instances.get(slot)
+        if inst is None:
+            code = self.insns if self._site is None else patched(self.insns, self._site, slot)
+            inst = self.instances[slot] = load_xdp(code, f"xdpfw_if{slot}", slot, self.entry)
+        return inst
+
+    def release(self, slot: int) -> None:
+        """Close a detached interface's instance (slot 0 stays)."""
+        if slot and (inst := self.instances.pop(slot, None)) is not None:
+            inst.close()
 
     def table(self, name: str):
         return self.bpf[name.encode()]
 
     def close(self) -> None:
-        """Close fds only: attached programs and pinned maps stay in the kernel."""
+        """Close fds only: attached instances and pinned maps stay in the kernel."""
+        for inst in self.instances.values():
+            inst.close()
+        self.instances.clear()
         self.bpf.cleanup()
 
 
@@ -157,7 +181,9 @@ def inline_local_headers(source: Path, seen: set[Path] | None = None) -> str:
     return "".join(out)
 
 
-def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgram:
+def load_program(
+    config: ProgramConfig, entry: str = ENTRY_POINT, slotted: bool = True
+) -> LoadedProgram:
     from bcc import BPF
 
     ensure_pin_dir(config.pin_dir)
@@ -178,13 +204,8 @@ def load_program(config: ProgramConfig, entry: str = ENTRY_POINT) -> LoadedProgr
         bpf.cleanup()
         raise PinLayoutError(config.pin_dir, differences)
 
-    with captured_stderr() as verifier_out:
-        try:
-            fn = bpf.load_func(entry.encode(), BPF.XDP)
-        except Exception as e:
-            fn = None
-            err = e
-    if fn is None:
+    try:
+        return LoadedProgram(bpf, bpf.dump_func(entry.encode()), config, slotted, entry)
+    except BaseException:
         bpf.cleanup()
-        raise VerifierError(f"the verifier rejected {entry}: {err}", verifier_out[0])
-    return LoadedProgram(bpf, fn, config)
+        raise

@@ -21,7 +21,8 @@ from operator import itemgetter, not_
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.fw_config import FwConfig
 from xdpfw.dataplane.pins import PinIdentity
-from xdpfw.errors import AttachError, MapFullError, XdpfwError
+from xdpfw.dataplane.progs import map_spec, obj_get
+from xdpfw.errors import MapFullError, XdpfwError
 from xdpfw.rules.compile import STRICT, Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
 
@@ -116,14 +117,29 @@ def _htons(v: int) -> int:
 
 
 class MapHandle:
-    """Raw access to one map: fd, key/value sizes, batch and single-element operations."""
+    """Raw access to one map: fd, key/value sizes, batch and single-element operations.
 
-    def __init__(self, table, name: str, key_size: int, value_size: int) -> None:
-        self.table = table
+    Handles opened from the pins (`open_map`) own their fd, so they stay valid whichever
+    build of the program is loaded: an upgrade swaps programs, never these."""
+
+    def __init__(self, fd: int, name: str, key_size: int, value_size: int,
+                 max_entries: int = 0, owned: bool = False) -> None:
         self.name = name
-        self.fd = table.map_fd
+        self.fd = fd
         self.key_size = key_size
         self.value_size = value_size
+        self.max_entries = max_entries
+        self._owned = owned
+
+    @classmethod
+    def of_table(cls, table, name: str, key_size: int, value_size: int) -> MapHandle:
+        """A handle on a BCC table's fd (lives as long as the BCC object; benchmarks)."""
+        return cls(table.map_fd, name, key_size, value_size, table.max_entries)
+
+    def close(self) -> None:
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def update_many(self, keys: bytes, values: bytes, count: int) -> None:
         if count == 0:
@@ -228,37 +244,64 @@ def read_percpu_counters(
                 yield slot, packets, sum(vals[1::2])
 
 
-def open_map(program, name: str) -> MapHandle:
-    """One of the program's maps, sized from its ABI mirror (abi.MAP_TYPES); the value size
-    comes from BCC, which knows the per-CPU width."""
+PERCPU_TYPES = (5, 6, 10)  # BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
+
+
+def possible_cpus() -> int:
+    """What the kernel sizes per-CPU values by (not the online count)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        return sum(int(b) - int(a) + 1 if "-" in r else 1
+                   for r in f.read().strip().split(",") for a, _, b in [r.partition("-")])
+
+
+def open_map(pin_dir: str, name: str) -> MapHandle:
+    """A pinned map, with an fd of its own: the kernel's description sizes it (a per-CPU
+    value is one 8-byte-aligned element per possible CPU), checked against abi.MAP_TYPES."""
+    fd = obj_get(f"{pin_dir}/{name}")
+    spec = map_spec(fd)
     key_t, _ = abi.MAP_TYPES[name]
-    table = program.table(name)
-    return MapHandle(table, name, ctypes.sizeof(key_t), ctypes.sizeof(table.Leaf))
+    if spec.key_size != ctypes.sizeof(key_t):
+        os.close(fd)
+        raise XdpfwError(f"pinned map {name} has {spec.key_size}-byte keys, "
+                         f"abi.py says {ctypes.sizeof(key_t)}")
+    value_size = spec.value_size
+    if spec.type in PERCPU_TYPES:
+        value_size = (value_size + 7) // 8 * 8 * possible_cpus()
+    return MapHandle(fd, name, spec.key_size, value_size, spec.max_entries, owned=True)
 
 
 PackedWrites = list[tuple[MapHandle, bytes, bytes, int]]  # (map, keys, values, count)
 
 
 class FirewallMaps:
-    """The firewall's maps, opened from a LoadedProgram (pinned: shared by every load)."""
+    """The firewall's maps, opened from their pins (shared by every build and instance)."""
 
-    def __init__(self, program) -> None:
+    def __init__(self, config) -> None:
+        self._handles: list[MapHandle] = []
+
         def handle(name: str) -> MapHandle:
-            return open_map(program, name)
+            h = open_map(config.pin_dir, name)
+            self._handles.append(h)
+            return h
 
         self.rules_v4 = handle("rules_v4")
         self.rules_v6 = handle("rules_v6")
         self.hosts_v4 = handle("hosts_v4")
         self.hosts_v6 = handle("hosts_v6")
         self.port_rules = handle("port_rules")
-        self.iface_config = handle("iface_config")
+        self.iface_policy = handle("iface_policy")
+        self.chain_progs = handle("chain_progs")
         self.rule_counters = handle("rule_counters")
         self.reason_counters = handle("reason_counters")
         self.iface_counters = handle("iface_counters")
         self.fw_config = FwConfig(handle("fw_config"), self.hosts_v4, handle("hostless_v4"))
         self.identity = PinIdentity(handle("pin_identity"))
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
-        self.max_ifindex = program.config.max_ifindex
+        self.max_ifaces = config.max_ifaces
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.close()
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -385,34 +428,30 @@ class FirewallMaps:
 
     # -- interfaces -----------------------------------------------------------------------
 
-    def set_iface(self, ifindex: int, slot: int, policy: int, unparsed: int, flags: int) -> None:
-        if not 0 < ifindex < self.max_ifindex:
-            raise AttachError(
-                f"ifindex {ifindex} is beyond what the data plane can guard "
-                f"(max_ifindex {self.max_ifindex}; raise limits.max_ifindex)"
-            )
-        cfg = abi.IfaceCfg(slot=slot, policy=policy, unparsed_policy=unparsed, flags=flags)
-        self.iface_config.update(struct.pack("<I", ifindex), bytes(cfg))
+    def set_policy(self, slot: int, policy: int, unparsed: int, flags: int) -> None:
+        """The policy of the interface whose instance serves `slot` (0: the test instance)."""
+        cfg = abi.IfacePolicy(policy=policy, unparsed_policy=unparsed, flags=flags)
+        self.iface_policy.update(struct.pack("<I", slot), bytes(cfg))
 
-    def del_iface(self, ifindex: int) -> None:
-        """An all-zero entry is an unguarded interface (array entries cannot be deleted)."""
-        if 0 < ifindex < self.max_ifindex:
-            self.iface_config.update(struct.pack("<I", ifindex), bytes(abi.IfaceCfg()))
+    def clear_policy(self, slot: int) -> None:
+        """All zero: pass everything (array entries cannot be deleted)."""
+        self.iface_policy.update(struct.pack("<I", slot), bytes(abi.IfacePolicy()))
 
-    def iface_entry(self, ifindex: int) -> abi.IfaceCfg | None:
-        raw = self.iface_config.lookup(struct.pack("<I", ifindex))
-        if raw is None or not any(raw):
-            return None
-        return abi.IfaceCfg.from_buffer_copy(raw)
+    def policy(self, slot: int) -> abi.IfacePolicy:
+        raw = self.iface_policy.lookup(struct.pack("<I", slot))
+        return abi.IfacePolicy.from_buffer_copy(raw) if raw else abi.IfacePolicy()
 
-    def iface_entries(self) -> dict[int, abi.IfaceCfg]:
-        """Every guarded ifindex (a scan of the array: start-up only)."""
-        out = {}
-        for ifindex in range(1, self.max_ifindex):
-            cfg = self.iface_entry(ifindex)
-            if cfg is not None:
-                out[ifindex] = cfg
-        return out
+    def set_chain(self, slot: int, prog_fd: int) -> None:
+        """Run prog_fd after this interface's pass verdicts (the map holds its own reference)."""
+        self.chain_progs.update(struct.pack("<I", slot), struct.pack("<i", prog_fd))
+
+    def clear_chain(self, slot: int) -> None:
+        self.chain_progs.delete(struct.pack("<I", slot))
+
+    def chain_id(self, slot: int) -> int | None:
+        """Id of the program chained behind `slot` (a prog array reads back ids, not fds)."""
+        raw = self.chain_progs.lookup(struct.pack("<I", slot))
+        return struct.unpack("<I", raw)[0] if raw else None
 
     # -- counters -------------------------------------------------------------------------
 
@@ -456,6 +495,7 @@ class FirewallMaps:
         return {
             "passed": self.counter(self.iface_counters, base + abi.IFACE_PASSED),
             "dropped": self.counter(self.iface_counters, base + abi.IFACE_DROPPED),
+            "forwarded": self.counter(self.iface_counters, base + abi.IFACE_FORWARDED),
         }
 
     def reset_iface_counters(self, slot: int) -> None:

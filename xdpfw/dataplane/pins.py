@@ -51,7 +51,8 @@ def layout_differences(bpf, pin_dir: str) -> list[str]:
     for name in sorted(os.listdir(pin_dir)):
         try:
             table = bpf[name.encode()]
-        except KeyError:  # a map this build no longer declares: not used, not in the way
+        except KeyError:  # a map of an older build: replacing the pins drops it
+            out.append(f"{name}: not declared by this build")
             continue
         want, have = declared_spec(bpf, table), map_spec(table.map_fd)
         if want != have:

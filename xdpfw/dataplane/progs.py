@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 SYS_BPF = 321  # x86_64
+BPF_OBJ_GET = 7
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 
@@ -36,6 +37,15 @@ class _ProgInfoHead(ctypes.Structure):
         ("type", ctypes.c_uint32),
         ("id", ctypes.c_uint32),
         ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
     )
 
 
@@ -43,6 +53,8 @@ class _ProgInfoHead(ctypes.Structure):
 class ProgInfo:
     id: int
     tag: str  # hex, as bpftool prints it
+    name: str = ""
+    type: int = 0
 
 
 def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
@@ -57,7 +69,8 @@ def prog_info(fd: int) -> ProgInfo:
     info = _ProgInfoHead()
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading program info of fd {fd}")
-    return ProgInfo(info.id, bytes(info.tag).hex())
+    return ProgInfo(info.id, bytes(info.tag).hex(), info.name.decode(errors="replace"),
+                    info.type)
 
 
 def prog_fd_by_id(prog_id: int) -> int:
@@ -93,3 +106,14 @@ def map_spec(fd: int) -> MapSpec:
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading map info of fd {fd}")
     return MapSpec(info.type, info.key_size, info.value_size, info.max_entries)
+
+
+class _ObjGetAttr(ctypes.Structure):
+    _fields_ = (("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32))
+
+
+def obj_get(path: str) -> int:
+    """A new fd for the object pinned at `path` (bpffs); the caller closes it."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(name)), f"opening pin {path}")

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from xdpfw.dataplane import abi
-from xdpfw.dataplane.lb_maps import LbMaps, Vip
+from xdpfw.dataplane.lb_maps import Vip
 from xdpfw.errors import (
     BackendUnresolvedError,
     ConflictError,
@@ -157,7 +157,7 @@ class LoadBalancer:
         self.netns = netns
         self.config = firewall.config
         self.table_size = firewall.config.lb_table_size
-        self.maps = LbMaps(firewall.program)
+        self.maps = firewall.dp.lb  # handles on the pins: valid across upgrades
         self.store = LbStore(firewall.store.path)
         self.resolve_timeout_s = resolve_timeout_s
         self.refresh_s = refresh_s

@@ -20,7 +20,10 @@ class ProgramPublic(BaseModel):
     id: int
     tag: str
     source: str
-    interfaces: list[dict] = Field(description="per guarded interface: the program id attached")
+    interfaces: list[dict] = Field(
+        description="per guarded interface: the program id attached (each interface runs an "
+        "instance of the build: `id` is the build's test instance), whether it is this build's, "
+        "and the program chained behind it")
 
 
 class ReloadRequest(BaseModel):
@@ -44,10 +47,18 @@ class ReloadRequest(BaseModel):
         return data
 
 
-class ReloadResult(BaseModel):
+class SwapPublic(BaseModel):
+    name: str
+    netns: str | None
     old_id: int
     new_id: int
+
+
+class ReloadResult(BaseModel):
+    old_id: int = Field(description="the old build's test instance")
+    new_id: int = Field(description="the new build's test instance")
     interfaces: int
+    swapped: list[SwapPublic] = Field(description="per interface: the instance ids swapped")
 
 
 class ShutdownRequest(BaseModel):
@@ -63,8 +74,10 @@ def program(fw: FirewallDep) -> ProgramPublic:
     ifaces = []
     for att in list(fw.attachments.values()):
         _, mode, prog_id, _ = link_info(att.record.name, att.record.netns)
-        ifaces.append({"name": att.record.name, "netns": att.record.netns,
-                       "mode": mode, "prog_id": prog_id, "current": prog_id == info.id})
+        ours = fw.dp.instance_id(att.record.slot)  # each interface runs its own instance
+        ifaces.append({"name": att.record.name, "netns": att.record.netns, "mode": mode,
+                       "prog_id": prog_id, "current": prog_id == ours,
+                       "chained_prog_id": fw.dp.chained(att.record.slot)})
     return ProgramPublic(id=info.id, tag=info.tag, source=str(fw.program.config.source),
                          interfaces=ifaces)
 
@@ -77,7 +90,7 @@ async def reload_program(
     swap it in atomically on every guarded interface, on the same pinned maps. A build the
     verifier rejects leaves the running one in place; the error carries the verifier log."""
     if body is None or body.source_text is None:
-        old, new = await run_in_threadpool(fw.upgrade, None)
+        up = await run_in_threadpool(fw.upgrade, None)
     else:
         peer = peer_of(request.scope)
         if peer is None or peer.uid != 0:
@@ -85,8 +98,9 @@ async def reload_program(
             raise HTTPException(403, "a program source is accepted only from root on the "
                                 "unix socket")
         with staged(body.source_text, body.source_name) as path:
-            old, new = await run_in_threadpool(fw.upgrade, path)
-    return ReloadResult(old_id=old.id, new_id=new.id, interfaces=len(fw.attachments))
+            up = await run_in_threadpool(fw.upgrade, path)
+    return ReloadResult(old_id=up.old.id, new_id=up.new.id, interfaces=len(up.swapped),
+                        swapped=[SwapPublic(**vars(s)) for s in up.swapped])
 
 
 @router.post("/api/v1/shutdown", status_code=202)
