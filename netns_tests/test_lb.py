@@ -549,3 +549,56 @@ def test_cpu_steer_redirects_passing_flow_and_delivers(topo):
     finally:
         r = topo.api.put("/api/v1/cpu-steer", json={"cpus": []})
         assert r.status_code == 200, r.text
+
+
+def test_upgrade_keeps_the_load_balancer_working(topo, service):
+    """After `xdpfw upgrade` with a tx service present, backends could no longer be added:
+    the LB wrote through map fds of the build the upgrade had closed (500, EBADF). Now the
+    handles belong to the pins, tx forwarding goes on across the swap, and the pinned maps
+    hold what the API says."""
+    from xdpfw.dataplane.maps import open_map
+
+    svc = service(name="web", vip=VIP, port=PORT, proto="tcp", forward="tx",
+                  backends=[{"address": a} for a in BACKENDS[:2]])
+    during = subprocess.Popen(
+        ["ip", "netns", "exec", topo.client, PY, "-c", SPREADER, VIP, str(PORT), "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.2)  # connections are flowing when the program is swapped
+        r = topo.api.post("/api/v1/program/reload")
+        assert r.status_code == 200, r.text
+        out, err = during.communicate(timeout=60)
+    finally:
+        during.kill()
+    result = json.loads(out)
+    assert result["failed"] == 0, f"connections failed across the swap: {result} {err}"
+
+    base = f"/api/v1/services/{svc['id']}/backends"
+    r = topo.api.post(base, json={"address": BACKENDS[2]})
+    assert r.status_code == 201, f"adding a backend after the upgrade: {r.text}"
+    added = r.json()
+    first = next(b for b in svc["backends"] if b["address"] == BACKENDS[0])
+    r = topo.api.patch(f"{base}/{first['id']}", json={"state": "draining"})
+    assert r.status_code == 200, f"draining after the upgrade: {r.text}"
+    second = next(b for b in svc["backends"] if b["address"] == BACKENDS[1])
+    r = topo.api.delete(f"{base}/{second['id']}")
+    assert r.status_code == 200, f"deleting after the upgrade: {r.text}"
+
+    # The pinned maps, read through handles of our own, hold what the API lists.
+    services = open_map(topo.config.pin_dir, "lb_services")
+    backends = open_map(topo.config.pin_dir, "lb_backends")
+    try:
+        keys, _ = services.dump()
+        assert len(keys) // services.key_size == 1, "lb_services should hold the one VIP"
+        _, values = backends.dump()
+        live = sum(abi.LbBackend.from_buffer_copy(values, i).flags & abi.LB_BE_LIVE
+                   for i in range(0, len(values), backends.value_size))
+        listed = topo.api.get(base).json()
+        assert live == len(listed) == 2, f"{live} live backend slots, API lists {listed}"
+    finally:
+        services.close()
+        backends.close()
+    result = spread(topo, VIP, 60)
+    assert result["failed"] == 0 and set(result["seen"]) == {"be3"}, (
+        f"only be3 takes new connections (be1 drains, be2 is gone): {result}"
+        f"{evidence(topo, svc['id'])} {added}")

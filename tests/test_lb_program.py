@@ -188,3 +188,40 @@ def test_cpu_steer_redirects_to_cpumap(run, lb):
     # Global steering of passing traffic.
     lb.set_config(len(lb.vips), steer_cpus=[0])
     assert run(frame(dport=22)).verdict == "XDP_REDIRECT"
+
+
+def outcome(fw, run, pkt: bytes) -> tuple[str, str, dict]:
+    """(verdict, the reason counted, how the test instance's interface counters moved)."""
+    before, ifaces = fw.maps.reason_totals(), fw.maps.iface_totals(0)
+    verdict = run(pkt).verdict
+    after, ifaces_after = fw.maps.reason_totals(), fw.maps.iface_totals(0)
+    moved = [r for r in after if after[r][0] != before[r][0]]
+    assert len(moved) == 1, f"one packet counted under {moved}"
+    cols = {k: ifaces_after[k][0] - ifaces[k][0] for k in ifaces}
+    return verdict, moved[0], cols
+
+
+def test_lb_outcomes_are_never_counted_as_pass(run, fw, lb):
+    """Forwarded and dropped LB packets used to be counted as rule_pass/policy_pass."""
+    lb.set_cpu(0)
+    service(lb, VIP4)
+    service(lb, "10.99.0.101", fwd=abi.LB_FWD_REDIRECT, slot=1)
+    service(lb, "10.99.0.102", slot=2, backends=())
+    service(lb, "10.99.0.103", slot=3, steer=[0])
+    forwarded = {"passed": 0, "dropped": 0, "forwarded": 1}
+    dropped = {"passed": 0, "dropped": 1, "forwarded": 0}
+    passed = {"passed": 1, "dropped": 0, "forwarded": 0}
+    cases = [
+        ("tx", frame(), ("XDP_TX", "lb_tx", forwarded)),
+        ("redirect without its egress port", frame(dst="10.99.0.101"),
+         ("XDP_DROP", "lb_no_egress", dropped)),
+        ("no backend", frame(dst="10.99.0.102"), ("XDP_DROP", "lb_no_backend", dropped)),
+        ("steered to a CPU", frame(dst="10.99.0.103"), ("XDP_REDIRECT", "lb_cpu", passed)),
+        ("no service", frame(dport=22), ("XDP_PASS", "policy_pass", passed)),
+    ]
+    got = [(desc, outcome(fw, run, pkt), want) for desc, pkt, want in cases]
+    lb.set_tx_port(TX_PORT, LO_IFINDEX)
+    got.append(("redirect", outcome(fw, run, frame(dst="10.99.0.101")),
+                ("XDP_REDIRECT", "lb_redirect", forwarded)))
+    bad = [f"{desc}: {have}, wanted {want}" for desc, have, want in got if have != want]
+    assert not bad, "\n".join(bad)

@@ -180,11 +180,13 @@ class _Progress:
 
 def attach(args) -> int:
     body = {"name": args.ifname, "netns": args.netns, "mode": args.mode, "policy": args.policy,
-            "unparsed_policy": args.unparsed_policy, "guard_l2": args.guard_l2}
+            "unparsed_policy": args.unparsed_policy, "guard_l2": args.guard_l2,
+            "chain_existing": not args.no_chain, "chain_prog_id": args.chain_prog_id}
     with _client(args) as c:
         r = c.post("/api/v1/interfaces", json=body)
     ns = f" (netns {r['netns']})" if r["netns"] else ""
-    print(f"guarding {r['name']}{ns} in {r['mode_in_use']} mode, policy {r['policy']}")
+    chained = f", then program {r['chained_prog_id']}" if r.get("chained_prog_id") else ""
+    print(f"guarding {r['name']}{ns} in {r['mode_in_use']} mode, policy {r['policy']}{chained}")
     return 0
 
 
@@ -480,6 +482,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="pass", choices=["pass", "drop"])
     p.add_argument("--unparsed-policy", default="pass", choices=["pass", "drop"])
     p.add_argument("--guard-l2", action="store_true")
+    p.add_argument("--chain-prog-id", type=int,
+                   help="run this loaded XDP program (bpftool prog id) after xdpfw's passes")
+    p.add_argument("--no-chain", action="store_true",
+                   help="refuse to attach over another XDP program instead of chaining it")
     p.set_defaults(func=attach)
     p = sub.add_parser("detach", parents=[api], help="stop guarding an interface")
     p.add_argument("ifname")

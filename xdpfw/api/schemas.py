@@ -119,28 +119,39 @@ class InterfaceCreate(BaseModel):
         "pass", description="verdict for packets the parser cannot read"
     )
     guard_l2: bool = Field(False, description="let a drop policy drop ARP and IPv6 ND as well")
+    chain_existing: bool = Field(
+        True, description="an XDP program already on the interface runs after xdpfw's pass "
+        "verdicts, and gets the interface back when xdpfw detaches (false: refuse to attach "
+        "over it)")
+    chain_prog_id: int | None = Field(
+        None, ge=1, description="a loaded XDP program (its id, as `bpftool prog` shows) to run "
+        "after xdpfw's pass verdicts; it gets the interface when xdpfw detaches")
 
 
 class InterfacePublic(BaseModel):
     name: str
     netns: str | None
     ifindex: int
+    slot: int = Field(description="the interface slot: its policy, counters and instance")
     mode: Mode = Field(description="mode requested")
     mode_in_use: Mode
     policy: Policy
     unparsed_policy: Policy
     guard_l2: bool
+    chained_prog_id: int | None = Field(description="the program run after xdpfw's passes")
 
     @classmethod
-    def of(cls, att: Attachment) -> InterfacePublic:
+    def of(cls, att: Attachment, chained: int | None = None) -> InterfacePublic:
         r = att.record
         return cls(
             name=r.name,
             netns=r.netns,
             ifindex=att.ifindex,
+            slot=r.slot,
             mode=Mode(r.mode),
             mode_in_use=att.mode_in_use,
             policy=r.policy,
             unparsed_policy=r.unparsed_policy,
             guard_l2=r.guard_l2,
+            chained_prog_id=chained,
         )

@@ -20,6 +20,9 @@ from xdpfw.errors import VerifierError
 
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_XDP = 6
+# What libbpf (and so libxdp, bpftool, ip) gives SEC("xdp") programs. A prog array takes
+# tail-call targets of its owner's attach type only, so chaining their programs needs it.
+BPF_XDP = 37
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots, imm split low/high
 INSN = struct.Struct("<BBhi")  # opcode, dst/src registers, offset, immediate
 LOG_SIZE = 16 << 20  # the verifier log of a failed load (only then: a log costs time)
@@ -41,7 +44,9 @@ class _ProgLoadAttr(ctypes.Structure):
         ("kern_version", ctypes.c_uint32),
         ("prog_flags", ctypes.c_uint32),
         ("prog_name", ctypes.c_char * 16),
-        ("_rest", ctypes.c_uint8 * 96),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 88),
     )
 
 
@@ -91,6 +96,7 @@ def load_xdp(insns: bytes, name: str, slot: int, entry: str = "xdpfw_main",
     attr = _ProgLoadAttr(
         prog_type=BPF_PROG_TYPE_XDP, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
         license=ctypes.addressof(lic), prog_name=name.encode()[:15],
+        expected_attach_type=BPF_XDP,
     )
     fd = _libc.syscall(SYS_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd >= 0:

@@ -12,7 +12,8 @@ router = APIRouter(prefix="/api/v1/interfaces", tags=["interfaces"])
 
 @router.get("", response_model=list[InterfacePublic])
 def list_interfaces(fw: FirewallDep) -> list[InterfacePublic]:
-    return [InterfacePublic.of(a) for a in fw.attachments.values()]
+    return [InterfacePublic.of(a, fw.dp.chained(a.record.slot))
+            for a in list(fw.attachments.values())]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=InterfacePublic)
@@ -21,7 +22,7 @@ def attach_interface(body: InterfaceCreate, fw: FirewallDep, response: Response)
     att, created = fw.attach_interface(**body.model_dump())
     if not created:
         response.status_code = status.HTTP_200_OK
-    return InterfacePublic.of(att)
+    return InterfacePublic.of(att, fw.dp.chained(att.record.slot))
 
 
 @router.delete("/{name}", response_model=InterfacePublic)
