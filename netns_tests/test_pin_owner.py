@@ -52,4 +52,5 @@ def test_a_daemon_on_another_store_refuses_the_pins_or_adopts_them(two_daemons, 
     b.start()
     assert b.client().get("/api/v1/rules").json()["items"] == []
     assert ping(pair.client, pair.server4).ok, "a rule b's API does not list still drops"
-    assert "removed 1 prefixes" in b.log(), b.log()
+    assert f"1 IPv4 /24s changed verdict: {pair.client4.rsplit('.', 1)[0]}.0/24" in b.log(), \
+        b.log()

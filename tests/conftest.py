@@ -15,7 +15,7 @@ from xdpfw.dataplane.testrun import test_run
 
 TEST_SLOT = 0  # the interface slot of the test instance, which BPF_PROG_TEST_RUN runs
 TEST_CAPACITY = dict(
-    max_rules=65_536, max_port_rules=4096, max_ifaces=16,
+    max_rules=65_536, max_port_rules=4096, max_tbl8_groups=1024, max_ifaces=16,
     # Load balancer: a small prime table keeps tests fast (production uses 65537).
     max_services=8, max_backends=64, lb_table_size=251, lb_ct_size=4096, max_cpus=8,
 )

@@ -57,11 +57,11 @@ def test_metrics_count_rules_verdicts_maps_and_program(fw, run, client):
     assert value(m, "xdpfw_rules", action="drop") == 1
     dropped = ("xdpfw_packets_total", frozenset({"verdict": "drop", "reason": "rule_drop"}.items()))
     assert m[dropped] - before.get(dropped, 0) == 3, m[dropped]
-    assert value(m, "xdpfw_map_entries", map="rules_v4") == 1
+    assert value(m, "xdpfw_map_entries", map="v4_verdicts") == 1
     assert value(m, "xdpfw_map_entries", map="rules_v6") == 1
     # The tcp/22 entry and its port set's STRICT entry (xdpfw/rules/compile.py).
     assert value(m, "xdpfw_map_entries", map="port_rules") == 2
-    assert value(m, "xdpfw_map_capacity", map="rules_v4") == fw.config.max_rules
+    assert value(m, "xdpfw_map_capacity", map="v4_verdicts") == fw.config.max_rules
     info = fw.program_info()
     assert value(m, "xdpfw_program_loaded", prog_id=str(info.id), tag=info.tag,
                  source="xdpfw.c") == 1

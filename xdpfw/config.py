@@ -94,8 +94,10 @@ class StateConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    max_rules: int = Field(2_097_152, ge=16, le=1 << 26)
+    # Per family. IPv4 verdict ids are 23 bits and twice max_rules are kept: 2^21 at most.
+    max_rules: int = Field(2_097_152, ge=16, le=1 << 21)
     max_port_rules: int = Field(65_536, ge=16, le=1 << 22)
+    max_tbl8_groups: int = Field(65_536, ge=16, le=1 << 22)  # 1 KiB of kernel memory each
     max_ifaces: int = Field(256, ge=2, le=4096)
 
 

@@ -46,6 +46,7 @@ def program_config(cfg: AppConfig) -> ProgramConfig:
         pin_dir=cfg.state.bpffs_dir,
         max_rules=cfg.limits.max_rules,
         max_port_rules=cfg.limits.max_port_rules,
+        max_tbl8_groups=cfg.limits.max_tbl8_groups,
         max_ifaces=cfg.limits.max_ifaces,
         max_services=cfg.lb.max_services,
         max_backends=cfg.lb.max_backends,

@@ -20,7 +20,6 @@ from prometheus_client.registry import Collector
 
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import link_info
-from xdpfw.rules.model import V4
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +126,9 @@ class FirewallCollector(Collector):
 
     def _maps(self) -> Iterator[Metric]:
         fw, cfg = self.fw, self.fw.config
-        v4 = sum(1 for p in fw.index.prefix_values if p.family == V4)
+        v4 = len(fw.maps.v4)
         occupancy = {
-            "rules_v4": (v4, cfg.max_rules),
+            "v4_verdicts": (v4, cfg.max_rules),
             "rules_v6": (len(fw.index.prefix_values) - v4, cfg.max_rules),
             "port_rules": (fw.index.port_entry_count, cfg.max_port_rules),
             "iface_config": (len(fw.attachments), cfg.max_ifaces),

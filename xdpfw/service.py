@@ -7,7 +7,6 @@ either takes full effect and is on disk, or changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
 import threading
@@ -33,7 +32,7 @@ from xdpfw.errors import (
 )
 from xdpfw.gcpause import gc_paused
 from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
-from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
+from xdpfw.rules.model import V4, Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
 
 log = logging.getLogger(__name__)
@@ -103,23 +102,19 @@ class Firewall:
         self._owns_dataplane = not isinstance(dataplane, Dataplane)
         self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
         self.config = self.dp.config
-        self._dirty_marker = self.state_dir / "maps.dirty"
-        self._maps_suspect = False
         self.index = RuleIndex()
         self.rules: dict[int, Rule] = {}
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
         self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
         with gc_paused():
             foreign = self._restore_rules(adopt_pins)
-        # Pins from a build without fw_config, or a map emptied while no daemon ran.
-        self.maps.fw_config.resync(self.maps.source_maps())
         self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
         self.rule_slots = SlotAllocator(
             self.config.max_rules, (r.slot for r in self.rules.values())
         )
         if foreign:  # another store's rules counted in these slots
             self.maps.reset_rule_counters(range(self.config.max_rules))
-        elif self._resynced_after_crash:  # a delete may have been cut short before its zeroing
+        else:  # a delete cut short by a crash may have left a free slot counting
             self.maps.reset_rule_counters(list(self.rule_slots.free))
         records = self.store.load_interfaces()
         # Slot 0 is the test instance's (BPF_PROG_TEST_RUN), never an interface's.
@@ -140,19 +135,17 @@ class Firewall:
     # -- start-up -------------------------------------------------------------------------
 
     def _restore_rules(self, adopt_pins: bool) -> bool:
-        """Make the pinned maps equal to the store. Returns True when the pins held another
-        store's state (their counters then mean nothing here).
-
-        A control-plane restart finds the maps as the last commit left them: re-reading and
-        rewriting a million entries would only delay the API. A full resync runs when the
-        maps are fresh (empty: boot, or pins removed), when a change was cut short (the
-        dirty marker outlived its process), or when the pins are not this store's."""
+        """Make the pinned maps equal to the store, as every start does: the layout is built
+        beside the running one and switched to word by word (FirewallMaps.rebuild), so
+        filtering never stops, nothing of the previous process's numbering needs to be
+        trusted, and entries no rule of this store explains go. Returns True when the pins
+        held another store's state (their counters then mean nothing here)."""
         rules = self.store.load_rules()
         self.rules = {r.id: r for r in rules}
-        changes = self.index.add(rules)
         store_id, owner = self.store.identity(), self.maps.identity.read()
         pin_dir = self.config.pin_dir
-        if owner.store_id not in (0, store_id) and not adopt_pins:
+        foreign = owner.store_id not in (0, store_id)
+        if foreign and not adopt_pins:
             raise PinOwnerError(
                 f"the maps pinned under {pin_dir} belong to the store in {owner.state_dir}, "
                 f"not to this one in {self.state_dir}: they would enforce rules this API does "
@@ -160,53 +153,24 @@ class Firewall:
                 f"pins (--adopt-pins: they are made equal to this store, their other rules "
                 f"removed)"
             )
-        empty = self.maps.rules_empty()
-        foreign = owner.store_id != store_id and not empty
-        dirty = self._resynced_after_crash = self._dirty_marker.exists()
-        if not dirty and not foreign and not empty:
-            log.info("restored %d rules; pinned maps are this store's and in step", len(rules))
-            return False
-        with self._changing_maps():
-            self.maps.apply(changes)
-            stale, stale_ports = [], []
-            if dirty or foreign:  # entries no rule of this store explains
-                stale = [p for p in self.maps.prefix_keys() if p not in self.index.prefix_values]
-                wanted_ports = {
-                    (self.index.port_set_ids[p], *pm)
-                    for p, table in self.index.port_entries.items()
-                    for pm in table
-                }
-                stale_ports = [k for k in self.maps.port_keys() if k not in wanted_ports]
-                self.maps.apply(Changes(deleted_prefixes=stale, deleted_ports=stale_ports))
-            self.maps.identity.write(store_id, str(self.state_dir))
-        why = ("after an interrupted change" if dirty
-               else f"the pins were {owner.state_dir or 'unclaimed'}'s" if foreign
-               else "maps were empty")
-        log.info("restored %d rules into the maps (%s; %d stale entries removed)",
-                 len(rules), why, len(stale) + len(stale_ports))
-        if stale:
-            shown = ", ".join(map(str, stale[:20])) + (" ..." if len(stale) > 20 else "")
-            log.warning("removed %d prefixes no rule of this store explains: %s",
-                        len(stale), shown)
+        self.index = RuleIndex(
+            port_set_base=self.maps.new_generation() * self.maps.port_set_half)
+        self.index.add(rules)
+        report = self.maps.rebuild(self.index, store_id, str(self.state_dir),
+                                   explain=owner.store_id != store_id)
+        log.info("restored %d rules into the maps (%s)", len(rules), report)
+        if report.removed():
+            log.warning("the pins were %s's: made them equal to this store, %s",
+                        owner.state_dir or "no store", report.removed())
         return foreign
-
-    @contextlib.contextmanager
-    def _changing_maps(self):
-        """Marks the maps as possibly out of step with the store until the change (or its
-        rollback) completes; a crash in between leaves the marker for the next start."""
-        self._dirty_marker.touch()
-        yield
-        if not self._maps_suspect:
-            self._dirty_marker.unlink(missing_ok=True)
 
     def _rollback(self, undo) -> None:
         try:
             undo()
         except BaseException:
-            # The maps may now hold entries no rule explains: keep the marker, so the next
-            # start resyncs, whatever later changes do.
-            self._maps_suspect = True
-            log.error("reverting the maps failed; they resync at the next start")
+            # The maps may now hold entries no rule explains; the next start rebuilds them.
+            log.error("reverting the maps failed; they are made equal to the store at the "
+                      "next start")
             raise
 
     def _restore_interfaces(self, records: Sequence[InterfaceRecord]) -> None:
@@ -240,8 +204,7 @@ class Firewall:
                 self.index.remove(rules)
                 self.rule_slots.give(slots)
                 raise
-            with self._changing_maps():
-                self._commit_new_rules(rules, slots, changes)
+            self._commit_new_rules(rules, slots, changes)
             self._next_id = first_id + len(rules)
             self.rules.update(zip(range(first_id, first_id + len(rules)), rules, strict=True))
             return rules
@@ -251,14 +214,14 @@ class Firewall:
             with self.store.transaction():
                 # The map writes (mostly syscalls, which release the GIL) overlap the
                 # SQLite insert; both must succeed before the commit.
-                writer = _Background(self.maps.apply, changes)
+                writer = _Background(self._apply, changes)
                 try:
                     self.store.insert_rules(rules)
                 finally:
                     writer.join()  # never roll back under a writer still running
                 writer.result()
         except BaseException:
-            self._rollback(lambda: self.maps.apply(self.index.remove(rules)))
+            self._rollback(lambda: self._apply(self.index.remove(rules)))
             self.rule_slots.give(slots)
             raise
 
@@ -284,7 +247,6 @@ class Firewall:
         with (
             self.lock,
             gc_paused(),
-            self._changing_maps(),
             ThreadPoolExecutor(1, "xdpfw-bulk") as writer,
         ):
             first_id = self._next_id
@@ -314,17 +276,17 @@ class Firewall:
                         self._check_port_room()
                         if from_columns:
                             code = ACTION_CODE[plain[0]]
-                            packed = self.maps.pack_plain(list(chunk), slots, code)
-                            writes.append(writer.submit(self.maps.write_packed, packed))
+                            writes.append(writer.submit(self.maps.add_plain, list(chunk),
+                                                        slots, code))
                         else:
-                            writes.append(self._submit_write(writer, changes))
+                            writes.append(writer.submit(self._apply, changes))
                         self.store.insert_rules(rules)
                     for w in writes:
                         w.result()
             except BaseException:
                 futures.wait(writes)  # never undo under a write still running
                 if added:
-                    self._rollback(lambda: self.maps.apply(self.index.remove(added)))
+                    self._rollback(lambda: self._apply(self.index.remove(added)))
                     self.rule_slots.give(r.slot for r in added)
                 raise
             self._next_id = first_id + len(added)
@@ -341,13 +303,13 @@ class Firewall:
                 f"({self.config.max_port_rules}); raise limits.max_port_rules"
             )
 
-    def _submit_write(self, writer: ThreadPoolExecutor, changes: Changes) -> futures.Future:
-        """Pack here, write there: packing holds the GIL, the writer's syscalls do not, so the
-        writer never competes with the parser of the next chunk."""
-        if changes.ports or changes.deleted_prefixes or changes.deleted_ports:
-            return writer.submit(self.maps.apply, changes)
-        packed = self.maps.pack_prefixes(changes.prefixes.items())
-        return writer.submit(self.maps.write_packed, packed)
+    def _apply(self, changes: Changes) -> None:
+        self.maps.apply(changes, self._parent_of)
+
+    def _parent_of(self, net: int, plen: int) -> tuple[int, int] | None:
+        """For the IPv4 layout: the prefix a deleted one's addresses fall back to."""
+        parent = self.index.parent_of(Prefix(V4, net, plen))
+        return (parent.net, parent.length) if parent else None
 
     def _check_new_prefixes(
         self, prefixes: Sequence[Prefix], first_new_id: int | None = None
@@ -396,17 +358,16 @@ class Firewall:
         with self.lock:
             rule = self.get_rule(rule_id)
             changes = self.index.remove([rule])
-            with self._changing_maps():
-                try:
-                    with self.store.transaction():
-                        self.store.delete_rules([rule_id])
-                        self.maps.apply(changes)
-                        # Zeroed now rather than when the slot is reused: a bulk add then
-                        # pays nothing for counters (slots never used are zero already).
-                        self.maps.reset_rule_counter(rule.slot)
-                except BaseException:
-                    self._rollback(lambda: self.maps.apply(self.index.add([rule])))
-                    raise
+            try:
+                with self.store.transaction():
+                    self.store.delete_rules([rule_id])
+                    self._apply(changes)
+                    # Zeroed now rather than when the slot is reused: a bulk add then
+                    # pays nothing for counters (slots never used are zero already).
+                    self.maps.reset_rule_counter(rule.slot)
+            except BaseException:
+                self._rollback(lambda: self._apply(self.index.add([rule])))
+                raise
             del self.rules[rule_id]
             self.rule_slots.give([rule.slot])
             return rule

@@ -11,22 +11,33 @@
 
 #define PIN(name) PIN_DIR "/" name
 
-/* Source-prefix rules, longest prefix wins. */
-BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct prefix_verdict, rules_v4, MAX_RULES,
-		 PIN("rules_v4"), BPF_F_NO_PREALLOC);
+/* IPv4 source rules, DIR-24-8 (xdpfw_abi.h: XDPFW_V4_*): one entry per /24; 256-entry groups
+ * for /24s that hold more than one prefix longer than /24; verdicts by id. Groups and ids
+ * come in two halves of MAX_TBL8 and max_rules: each start builds the layout in the half
+ * the running one does not use, then switches (xdpfw/dataplane/v4table.py). Memory-mapped
+ * by the control plane, which writes them with aligned stores: a million words cost
+ * milliseconds, not a syscall's ~200 ns each. */
+BPF_TABLE_PINNED("array", __u32, __u64, v4_tbl24, XDPFW_V4_TBL24, PIN("v4_tbl24"),
+		 BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, __u32, v4_tbl8, 2 * MAX_TBL8 * 256, PIN("v4_tbl8"),
+		 BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("array", __u32, __u64, v4_verdicts, MAX_V4_VERDICTS, PIN("v4_verdicts"),
+		 BPF_F_MMAPABLE);
+
+/* IPv6 source rules, longest prefix wins; /128s in a hash tried first (the longest match
+ * there can be), skipped when the source's /64 bucket holds none (hostless_v6). */
 BPF_TABLE_PINNED("lpm_trie", struct lpm_v6_key, struct prefix_verdict, rules_v6, MAX_RULES,
 		 PIN("rules_v6"), BPF_F_NO_PREALLOC);
-
-/* Host rules (/32, /128): one hash lookup instead of a trie walk, tried first. */
-BPF_TABLE_PINNED("hash", struct host_v4_key, struct prefix_verdict, hosts_v4, MAX_RULES,
-		 PIN("hosts_v4"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct host_v6_key, struct prefix_verdict, hosts_v6, MAX_RULES,
 		 PIN("hosts_v6"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, __u64, hostless_v6, XDPFW_HOSTLESS_V6_WORDS,
+		 PIN("hostless_v6"));
 
-/* Proto/port refinements of a prefix; only looked up when its port_set is not 0. Twice the
- * entries adds may fill (MAX_PORT_RULES), so that a delete, which can split inherited
- * entries, finds room (xdpfw/service.py: Firewall._check_port_room). */
-BPF_TABLE_PINNED("hash", struct port_key, struct port_verdict, port_rules, 2 * MAX_PORT_RULES,
+/* Proto/port refinements of a prefix; only looked up when its port_set is not 0. Three times
+ * what adds may fill (MAX_PORT_RULES): a start builds its port sets beside the running ones
+ * (port set ids come in two halves, like the IPv4 layout), and a delete, which can split
+ * inherited entries, must find room (xdpfw/service.py: Firewall._check_port_room). */
+BPF_TABLE_PINNED("hash", struct port_key, struct port_verdict, port_rules, 3 * MAX_PORT_RULES,
 		 PIN("port_rules"));
 
 /* Per-interface policy, indexed by the instance's interface slot (not the ifindex, which
@@ -86,9 +97,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_service_counters,
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, lb_backend_counters, MAX_BACKENDS,
 		 PIN("lb_backend_counters"));
 
-/* One bit per IPv4 /24 without host rules (xdpfw_abi.h: XDPFW_HOSTLESS_V4_WORDS). */
-BPF_TABLE_PINNED("array", __u32, __u64, hostless_v4, XDPFW_HOSTLESS_V4_WORDS,
-		 PIN("hostless_v4"));
+/* Per CPU: drops left before the next sampled one (fw_cfg.sample_rate restarts it). */
+BPF_PERCPU_ARRAY(sample_countdown, __u32, 1);
 
 /* One entry, written by the control plane: the drop-event sample rate and the maps to skip. */
 BPF_TABLE_PINNED("array", __u32, struct fw_cfg, fw_config, 1, PIN("fw_config"));

@@ -53,30 +53,21 @@
 #define XDPFW_NO_RULE     0xffffffff /* rule_slot when no rule decided */
 #define XDPFW_NO_PORT_SET 0          /* prefix_verdict.port_set when no proto/port rule applies */
 
-/* Key of rules_v4: source prefix. */
-struct lpm_v4_key {
-	__u32 prefixlen; /* host order, 0..32 */
-	__u8 addr[4];    /* be */
-};
-
 /* Key of rules_v6: source prefix. */
 struct lpm_v6_key {
 	__u32 prefixlen; /* host order, 0..128 */
 	__u8 addr[16];   /* be */
 };
 
-/* Keys of hosts_v4/hosts_v6: a full-length prefix (/32, /128) is the longest possible match,
- * so it lives in an exact-match hash that is looked up before the trie. */
-struct host_v4_key {
-	__u8 addr[4];  /* be */
-};
-
+/* Key of hosts_v6: a /128 is the longest possible match, so it lives in an exact-match hash
+ * that is looked up before the trie. */
 struct host_v6_key {
 	__u8 addr[16]; /* be */
 };
 
-/* Value of rules_v4/rules_v6 (and hosts_v4/hosts_v6), compiled by xdpfw/rules/compile.py: the verdict for packets
- * from this prefix that no proto/port rule of port_set matches. */
+/* Value of rules_v6 and hosts_v6, compiled by xdpfw/rules/compile.py: the verdict for packets
+ * from this prefix that no proto/port rule of port_set matches. (IPv4 keeps the same three
+ * fields packed into 64 bits: XDPFW_PV_*.) */
 struct prefix_verdict {
 	__u32 rule_slot; /* counter slot of the deciding rule, or XDPFW_NO_RULE */
 	__u32 port_set;  /* key space in port_rules, or XDPFW_NO_PORT_SET: then no second lookup */
@@ -103,6 +94,35 @@ struct port_verdict {
 	__u8 action;
 	__u8 pad[3];
 };
+
+/* ---- IPv4 source rules: DIR-24-8 (control plane xdpfw/dataplane/v4table.py) ----
+ *
+ * A lookup costs the same whatever the rules: v4_tbl24[address >> 8], then for some /24s one
+ * v4_tbl8 entry, then one v4_verdicts entry. Every value a packet reads is one aligned word,
+ * written whole by the control plane, so a packet meets either the old or the new verdict of
+ * its address, never a mix. */
+
+/* A verdict packed in 64 bits (v4_verdicts values): what struct prefix_verdict holds. */
+#define XDPFW_PV_SLOT_MASK   0xffffffULL /* bits 0-23: rule slot; all ones: no rule */
+#define XDPFW_PV_SET_SHIFT   24          /* bits 24-47: port set */
+#define XDPFW_PV_SET_MASK    0xffffffULL
+#define XDPFW_PV_ACT_SHIFT   48          /* bits 48-49: XDPFW_ACT_* */
+
+/* v4_tbl24 entries (u64, host order), one per /24:
+ *   bits 0-22  the verdict id of the longest prefix of length <= 24 covering the /24 (0: none)
+ *   bits 23-45 HOST: the host rule's verdict id; GROUP: the v4_tbl8 group
+ *   bits 46-53 HOST: the host's last octet
+ *   bits 62-63 the kind: PLAIN (no longer prefix inside), HOST (one /32 and nothing else
+ *              longer than /24), GROUP (anything else: 256 entries in v4_tbl8) */
+#define XDPFW_V4_ID_BITS    23
+#define XDPFW_V4_ID_MASK    0x7fffffULL
+#define XDPFW_V4_AUX_SHIFT  23
+#define XDPFW_V4_HOST_SHIFT 46
+#define XDPFW_V4_KIND_SHIFT 62
+#define XDPFW_V4_PLAIN      0
+#define XDPFW_V4_HOST       1
+#define XDPFW_V4_GROUP      2
+#define XDPFW_V4_TBL24      16777216 /* 2^24 /24s */
 
 /* Value of iface_policy, an array indexed by interface slot; all zero = pass everything. */
 struct iface_policy {
@@ -193,21 +213,21 @@ struct lb_ct {
 
 /* ---- Program-wide settings: fw_config, one entry (key 0), read once per packet ---- */
 
-/* struct fw_cfg.skip: source maps the program need not search, because they are empty. The
- * control plane clears a bit before it writes to that map and sets it only when the map is
- * empty with no write in flight (xdpfw/dataplane/fw_config.py: FwConfig), so no rule is ever
- * skipped; all zero (a fresh map) searches everything. A miss then costs one lookup, not two. */
-#define XDPFW_SKIP_HOSTS_V4 0x1
-#define XDPFW_SKIP_RULES_V4 0x2
+/* struct fw_cfg.skip: IPv6 source maps the program need not search, because they are empty.
+ * The control plane clears a bit before it writes to that map and sets it only when the map
+ * is empty with no write in flight (xdpfw/dataplane/fw_config.py: FwConfig), so no rule is
+ * ever skipped; all zero (a fresh map) searches everything. */
 #define XDPFW_SKIP_HOSTS_V6 0x4
 #define XDPFW_SKIP_RULES_V6 0x8
 
-/* hostless_v4, an array of __u64: one bit per IPv4 /24, set when that /24 holds no host (/32)
- * rule, so a source there need not be looked up in hosts_v4 (a hash miss costs ~15 ns; this
- * bit one inlined array read). Address a in host order: word a >> 14, bit (a >> 8) & 63.
- * Zero means "look it up": the control plane clears a bit before it writes a host of that /24
- * and sets it only after finding the /24 empty in hosts_v4, under the same rule as skip. */
-#define XDPFW_HOSTLESS_V4_WORDS 262144 /* 2^24 /24s, 64 to a word: 2 MiB */
+/* hostless_v6, an array of __u64: one bit per bucket of IPv6 /64s (the bucket of a /64 is
+ * xdpfw_v6_bucket() of its upper 64 bits), set when no host (/128) rule falls in that bucket,
+ * so a source there need not be looked up in hosts_v6. Zero means "look it up": a bit is
+ * cleared before a host of its bucket is written, and set only by a rebuild from hosts_v6
+ * itself. */
+#define XDPFW_HOSTLESS_V6_BITS  24
+#define XDPFW_HOSTLESS_V6_WORDS 262144 /* 2^24 buckets, 64 to a word: 2 MiB */
+#define XDPFW_V6_BUCKET_MUL     0x9e3779b97f4a7c15ULL /* Fibonacci hashing */
 
 struct fw_cfg {
 	__u32 sample_rate; /* host order: 1 drop in sample_rate becomes an event (drop_events); 0: none */
@@ -223,6 +243,9 @@ struct fw_cfg {
 struct pin_identity {
 	__u64 store_id;                       /* host order: 0 = no store has claimed them */
 	__u8 state_dir[XDPFW_STATE_DIR_LEN];  /* the claiming store's directory, NUL-padded */
+	__u32 generation;  /* host order: which half of the IPv4 verdict ids, tbl8 groups and
+			    * port sets the layout uses; each start builds in the other half */
+	__u32 pad;
 };
 
 /* ---- Sampled drop events (ring buffer drop_events; reader xdpfw/events.py) ---- */

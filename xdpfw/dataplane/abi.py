@@ -69,23 +69,30 @@ NO_PORT_SET = 0
 PORT_MATCH = 0
 PORT_STRICT = 1
 
-SKIP_HOSTS_V4 = 0x1
-SKIP_RULES_V4 = 0x2
 SKIP_HOSTS_V6 = 0x4
 SKIP_RULES_V6 = 0x8
-HOSTLESS_V4_WORDS = 262144
 
-
-class LpmV4Key(ctypes.Structure):
-    _fields_ = (("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4))
+# IPv4 DIR-24-8 and packed verdicts (xdpfw_abi.h: XDPFW_V4_*, XDPFW_PV_*).
+PV_SLOT_MASK = 0xFFFFFF
+PV_SET_SHIFT = 24
+PV_SET_MASK = 0xFFFFFF
+PV_ACT_SHIFT = 48
+V4_ID_BITS = 23
+V4_ID_MASK = 0x7FFFFF
+V4_AUX_SHIFT = 23
+V4_HOST_SHIFT = 46
+V4_KIND_SHIFT = 62
+V4_PLAIN = 0
+V4_HOST = 1
+V4_GROUP = 2
+V4_TBL24 = 16777216
+HOSTLESS_V6_BITS = 24
+HOSTLESS_V6_WORDS = 262144
+V6_BUCKET_MUL = 0x9E3779B97F4A7C15
 
 
 class LpmV6Key(ctypes.Structure):
     _fields_ = (("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16))
-
-
-class HostV4Key(ctypes.Structure):
-    _fields_ = (("addr", ctypes.c_uint8 * 4),)
 
 
 class HostV6Key(ctypes.Structure):
@@ -226,13 +233,16 @@ STATE_DIR_LEN = 248
 
 
 class PinIdentity(ctypes.Structure):
-    _fields_ = (("store_id", ctypes.c_uint64), ("state_dir", ctypes.c_uint8 * STATE_DIR_LEN))
+    _fields_ = (
+        ("store_id", ctypes.c_uint64),
+        ("state_dir", ctypes.c_uint8 * STATE_DIR_LEN),
+        ("generation", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
 
 
 MAP_TYPES: dict[str, tuple[type, type]] = {
-    "rules_v4": (LpmV4Key, PrefixVerdict),
     "rules_v6": (LpmV6Key, PrefixVerdict),
-    "hosts_v4": (HostV4Key, PrefixVerdict),
     "hosts_v6": (HostV6Key, PrefixVerdict),
     "port_rules": (PortKey, PortVerdict),
     "iface_policy": (ctypes.c_uint32, IfacePolicy),
@@ -241,7 +251,10 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "reason_counters": (ctypes.c_uint32, Counter),
     "iface_counters": (ctypes.c_uint32, Counter),
     "fw_config": (ctypes.c_uint32, FwCfg),
-    "hostless_v4": (ctypes.c_uint32, ctypes.c_uint64),
+    "hostless_v6": (ctypes.c_uint32, ctypes.c_uint64),
+    "v4_tbl24": (ctypes.c_uint32, ctypes.c_uint64),
+    "v4_tbl8": (ctypes.c_uint32, ctypes.c_uint32),
+    "v4_verdicts": (ctypes.c_uint32, ctypes.c_uint64),
     "lb_config": (ctypes.c_uint32, LbConfig),
     "lb_services": (LbVip, LbService),
     "lb_tables": (ctypes.c_uint32, ctypes.c_uint32),

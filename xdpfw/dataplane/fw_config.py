@@ -1,5 +1,6 @@
 """The program-wide settings entry (pinned map fw_config, key 0): the drop-event sample rate,
-and which source maps the program may skip because they are empty.
+which IPv6 source maps the program may skip because they are empty, and the hostless_v6
+bitmap over the IPv6 host hash.
 
 Skipping an empty map saves a packet a lookup that can only miss (an empty LPM trie still
 costs a call; an empty hash a hash and a bucket). The bits must never hide a rule, so:
@@ -10,25 +11,23 @@ costs a call; an empty hash a hash and a bucket). The bits must never hide a rul
 One lock orders both, so a refresh cannot read "empty" between a writer's clear and its
 write and then set the bit after it.
 
-The same rule, per IPv4 /24, keeps the hostless_v4 bitmap: a bit says "no host (/32) rule in
-this /24", so most misses skip the host hash. Writing hosts clears their /24s' bits first;
-deleting hosts sets a bit once hosts_v4 holds none of the /24's 256 addresses; start-up
-rebuilds the whole bitmap from hosts_v4 itself, so a bitmap from before a crash, or none at
-all, is never trusted.
+hostless_v6 follows the same rule per bucket of /64s (xdpfw_abi.h: XDPFW_HOSTLESS_V6_*): a
+set bit says "no /128 rule in any /64 of this bucket", so most IPv6 misses skip the host
+hash. Writing hosts clears their buckets' bits first; only a rebuild from hosts_v6 itself
+sets bits (at start, at upgrade, and a moment after deletes), so a bitmap from before a
+crash, or none at all, is never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import struct
-import sys
 import threading
-from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from itertools import repeat
-from operator import rshift
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from xdpfw.dataplane import abi
 from xdpfw.errors import XdpfwError
@@ -37,39 +36,32 @@ if TYPE_CHECKING:
     from xdpfw.dataplane.maps import MapHandle
 
 _KEY = struct.pack("<I", 0)
-_ALL_ONES = (1 << 64) - 1
-PROBE_24S_UP_TO = 64  # deleted hosts' /24s probed one by one; more: rebuild from hosts_v4
-# Source map -> its fw_cfg.skip bit.
-SKIP_BITS = {
-    "hosts_v4": abi.SKIP_HOSTS_V4,
-    "rules_v4": abi.SKIP_RULES_V4,
-    "hosts_v6": abi.SKIP_HOSTS_V6,
-    "rules_v6": abi.SKIP_RULES_V6,
-}
+_ALL_ONES = np.uint64((1 << 64) - 1)
+REBUILD_AFTER_S = 1.0  # deletes are batched into one rebuild of the bitmap
+# IPv6 source map -> its fw_cfg.skip bit.
+SKIP_BITS = {"hosts_v6": abi.SKIP_HOSTS_V6, "rules_v6": abi.SKIP_RULES_V6}
 
 
-def _slash24s(keys: bytes) -> set[int]:
-    """The /24 numbers (address >> 8) of packed hosts_v4 keys (4 bytes each, big-endian)."""
-    addrs = array("I", keys)
-    if sys.byteorder == "little":
-        addrs.byteswap()
-    return set(map(rshift, addrs, repeat(8)))
+def v6_buckets(keys: bytes) -> np.ndarray:
+    """hostless_v6 buckets of packed /128 keys (16 bytes each): the /64, Fibonacci-hashed
+    to 24 bits, exactly as the program's v6_bucket() does."""
+    his = np.frombuffer(keys, dtype=">u8")[0::2].astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return (his * np.uint64(abi.V6_BUCKET_MUL)) >> np.uint64(64 - abi.HOSTLESS_V6_BITS)
 
 
 class FwConfig:
-    def __init__(self, handle: MapHandle, hosts_v4: MapHandle, hostless_v4: MapHandle) -> None:
-        """handle: the fw_config map; hostless_v4: the /24 bitmap over hosts_v4."""
+    def __init__(self, handle: MapHandle, hosts_v6: MapHandle, hostless_v6: MapHandle) -> None:
+        """handle: the fw_config map; hostless_v6: the /64-bucket bitmap over hosts_v6."""
         self._handle = handle
-        self._hosts_v4 = hosts_v4
-        self._hostless = hostless_v4
-        # What the kernel's bitmap holds, read back: a bit is only ever changed in a word
-        # written whole, so this copy must be the kernel's, not a guess.
-        self._words = array("Q", hostless_v4.dump()[1])
-        if len(self._words) != abi.HOSTLESS_V4_WORDS:
-            raise XdpfwError(f"hostless_v4 has {len(self._words)} words, not "
-                             f"{abi.HOSTLESS_V4_WORDS}")
+        self._hosts_v6 = hosts_v6
+        self._hostless = hostless_v6
+        if hostless_v6.max_entries != abi.HOSTLESS_V6_WORDS:
+            raise XdpfwError(f"hostless_v6 has {hostless_v6.max_entries} words, not "
+                             f"{abi.HOSTLESS_V6_WORDS}")
         self._lock = threading.Lock()
         self._inflight: Counter[str] = Counter()
+        self._rebuild_timer: threading.Timer | None = None
         raw = handle.lookup(_KEY)
         self._value = abi.FwCfg.from_buffer_copy(raw) if raw else abi.FwCfg()
 
@@ -78,10 +70,10 @@ class FwConfig:
             self._store(rate=rate)
 
     @contextlib.contextmanager
-    def writing(self, maps: Iterable[MapHandle], host_keys_v4: bytes = b"") -> Iterator[None]:
-        """Around a write to `maps` (host_keys_v4: the keys going into hosts_v4): their bits,
-        and the hostless bits of those hosts' /24s, are clear before it starts, and stay clear
-        until it has ended (a concurrent refresh sees the write in flight)."""
+    def writing(self, maps: Iterable[MapHandle], host_keys_v6: bytes = b"") -> Iterator[None]:
+        """Around a write to `maps` (host_keys_v6: the keys going into hosts_v6): their bits,
+        and the hostless bits of those hosts' buckets, are clear before it starts, and stay
+        clear until it has ended (a concurrent refresh sees the write in flight)."""
         names = [m.name for m in maps if m.name in SKIP_BITS]
         with self._lock:
             self._inflight.update(names)
@@ -90,24 +82,18 @@ class FwConfig:
                 bits = sum({SKIP_BITS[n] for n in names})
                 if self._value.skip & bits:
                     self._store(skip=self._value.skip & ~bits)
-                if host_keys_v4:
-                    self._set_hostless(_slash24s(host_keys_v4), False)
+                if host_keys_v6:
+                    self._clear_hostless(v6_buckets(host_keys_v6))
             yield
         finally:
             with self._lock:
                 self._inflight.subtract(names)
 
-    def refresh(self, maps: Iterable[MapHandle], deleted_hosts_v4: Iterable[int] = ()) -> None:
+    def refresh(self, maps: Iterable[MapHandle], deleted_hosts_v6: bool = False) -> None:
         """Set the bits of those `maps` that are empty and not being written; clear the rest
-        (a map written behind our back is searched again). deleted_hosts_v4: addresses just
-        removed from hosts_v4, whose /24s may now be hostless."""
+        (a map written behind our back is searched again). deleted_hosts_v6: some /128s went,
+        so their buckets may be hostless now: the bitmap is rebuilt a moment later."""
         with self._lock:
-            gone = {a >> 8 for a in deleted_hosts_v4}
-            if gone and not self._inflight[self._hosts_v4.name]:
-                if len(gone) > PROBE_24S_UP_TO:
-                    self._rebuild_hostless()
-                else:
-                    self._set_hostless({s for s in gone if self._hostless_in_kernel(s)}, True)
             skip = self._value.skip
             for m in maps:
                 bit = SKIP_BITS.get(m.name)
@@ -119,57 +105,55 @@ class FwConfig:
                     skip |= bit
             if skip != self._value.skip:
                 self._store(skip=skip)
+            if deleted_hosts_v6 and self._rebuild_timer is None:
+                self._rebuild_timer = threading.Timer(REBUILD_AFTER_S, self._rebuild_later)
+                self._rebuild_timer.daemon = True
+                self._rebuild_timer.start()
 
     def resync(self, maps: Iterable[MapHandle]) -> None:
-        """Start-up and upgrades: the skip bits of `maps` (every source map) and the whole
+        """Start-up and upgrades: the skip bits of `maps` (the IPv6 source maps) and the whole
         bitmap from what the maps hold now, whatever the pinned entries said."""
         self.refresh(maps)
         with self._lock:
-            if not self._inflight[self._hosts_v4.name]:
+            self._rebuild_hostless()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._rebuild_timer is not None:
+                self._rebuild_timer.cancel()
+                self._rebuild_timer = None
+
+    def _rebuild_later(self) -> None:
+        with self._lock:
+            self._rebuild_timer = None
+            with contextlib.suppress(OSError):  # closed meanwhile: the next start rebuilds
                 self._rebuild_hostless()
 
-    @property
-    def hostless_map(self) -> MapHandle:
-        return self._hostless
-
     def _rebuild_hostless(self) -> None:
-        words = array("Q", repeat(_ALL_ONES, abi.HOSTLESS_V4_WORDS))
-        for s in _slash24s(self._hosts_v4.dump()[0]):
-            words[s >> 6] &= ~(1 << (s & 63))
-        keys = array("I", range(abi.HOSTLESS_V4_WORDS))
-        # Computed from the map itself, under the lock that orders every host write.
-        self._write_words(keys, words)
-        self._words = words
-
-    def _hostless_in_kernel(self, slash24: int) -> bool:
-        """No address of this /24 in hosts_v4 (256 lookups)."""
-        base = slash24 << 8
-        lookup = self._hosts_v4.lookup
-        return not any(lookup((base | i).to_bytes(4, "big")) is not None for i in range(256))
-
-    def _set_hostless(self, slash24s: Iterable[int], hostless: bool) -> None:
-        words, new = self._words, {}
-        for s in slash24s:
-            w, bit = s >> 6, 1 << (s & 63)
-            old = new.get(w, words[w])
-            new[w] = old | bit if hostless else old & ~bit
-        # Clearing writes every word it touches, changed or not: the safe direction does not
-        # depend on this copy being the kernel's. Setting writes only what changes.
-        if hostless:
-            new = {w: v for w, v in new.items() if v != words[w]}
-        if not new:
+        """From hosts_v6 itself, under the lock that orders every host write; not while a
+        host write is in flight (its clear must stand until it ends)."""
+        if self._inflight[self._hosts_v6.name]:
             return
-        self._write_words(array("I", new), array("Q", new.values()))
-        for w, v in new.items():
-            words[w] = v
+        words = np.full(abi.HOSTLESS_V6_WORDS, _ALL_ONES, dtype=np.uint64)
+        buckets = v6_buckets(self._hosts_v6.dump()[0])
+        np.bitwise_and.at(words, (buckets >> np.uint64(6)).astype(np.int64),
+                          ~(np.uint64(1) << (buckets & np.uint64(63))))
+        self._write_words(np.arange(abi.HOSTLESS_V6_WORDS, dtype=np.uint32), words)
 
-    def _write_words(self, keys: array, values: array) -> None:
-        try:
-            self._hostless.update_many(keys.tobytes(), values.tobytes(), len(keys))
-        except BaseException:
-            # A batch can stop part way: take the kernel's words as they now are.
-            self._words = array("Q", self._hostless.dump()[1])
-            raise
+    def _clear_hostless(self, buckets: np.ndarray) -> None:
+        """Clear these buckets' bits: every word touched is read from the kernel and written
+        back without them (the safe direction never trusts a copy)."""
+        word_idx = np.unique((buckets >> np.uint64(6)).astype(np.uint32))
+        raw = [self._hostless.lookup(int(w).to_bytes(4, "little")) for w in word_idx]
+        words = np.array([int.from_bytes(r, "little") if r else 0 for r in raw],
+                         dtype=np.uint64)
+        pos = np.searchsorted(word_idx, (buckets >> np.uint64(6)).astype(np.uint32))
+        np.bitwise_and.at(words, pos, ~(np.uint64(1) << (buckets & np.uint64(63))))
+        self._write_words(word_idx, words)
+
+    def _write_words(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self._hostless.update_many(np.ascontiguousarray(keys, dtype=np.uint32).tobytes(),
+                                   np.ascontiguousarray(values).tobytes(), len(keys))
 
     def _store(self, *, rate: int | None = None, skip: int | None = None) -> None:
         value = abi.FwCfg(

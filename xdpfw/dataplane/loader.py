@@ -34,6 +34,7 @@ class ProgramConfig:
     pin_dir: str = "/sys/fs/bpf/xdpfw"
     max_rules: int = 2_097_152  # per family; also the number of per-rule counter slots
     max_port_rules: int = 65_536
+    max_tbl8_groups: int = 65_536  # IPv4 /24s holding more than one prefix longer than /24
     max_ifaces: int = 256
     # Load balancer: Maglev table size per service (a prime; >= 65537 in production).
     max_services: int = 64
@@ -45,12 +46,20 @@ class ProgramConfig:
     source: Path = BPF_DIR / "xdpfw.c"
     extra_cflags: tuple[str, ...] = ()
 
+    @property
+    def v4_verdicts(self) -> int:
+        """IPv4 verdict ids: two halves of max_rules (a start builds in the half the running
+        layout does not use; xdpfw/dataplane/v4table.py), and id 0, "no rule"."""
+        return 2 * self.max_rules + 1
+
     def cflags(self) -> list[str]:
         return [
             f"-I{BPF_DIR}",
             f'-DPIN_DIR="{self.pin_dir}"',
             f"-DMAX_RULES={self.max_rules}",
             f"-DMAX_PORT_RULES={self.max_port_rules}",
+            f"-DMAX_TBL8={self.max_tbl8_groups}",
+            f"-DMAX_V4_VERDICTS={self.v4_verdicts}",
             f"-DMAX_IFACES={self.max_ifaces}",
             f"-DMAX_SERVICES={self.max_services}",
             f"-DMAX_BACKENDS={self.max_backends}",

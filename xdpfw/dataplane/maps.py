@@ -6,33 +6,32 @@ with keys and values packed straight into ctypes buffers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
-import operator
+import mmap
 import os
 import struct
-import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import compress, repeat
-from operator import itemgetter, not_
+from dataclasses import dataclass
+from operator import attrgetter, itemgetter
+
+import numpy as np
 
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.fw_config import FwConfig
 from xdpfw.dataplane.pins import PinIdentity
 from xdpfw.dataplane.progs import map_spec, obj_get
+from xdpfw.dataplane.v4table import ParentOf, V4Table, pack_verdict
 from xdpfw.errors import MapFullError, XdpfwError
 from xdpfw.rules.compile import STRICT, Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
 
-_V4_KEY = struct.Struct("<I4s")
 _V6_KEY = struct.Struct("<I16s")
-_PREFIX_VALUE = struct.Struct("<IIB3x")
 _PORT_KEY = struct.Struct("<IBBH")
 _PORT_VALUE = struct.Struct("<IB3x")
 BATCH_CHUNK = 1 << 16
-PARALLEL_WRITES_FROM = 50_000  # entries in one change before maps are written in parallel
 COUNTER_BATCH = 4096  # counter slots per BPF_MAP_LOOKUP_BATCH call
 FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
@@ -69,14 +68,6 @@ def unpack_port_key(raw: bytes) -> PortKey:
 assert array("I").itemsize == 4, "the packing below assumes 32-bit unsigned ints"
 
 
-def _be32(values: list[int]) -> bytes:
-    """uint32s in network order, packed in C."""
-    arr = array("I", values)
-    if sys.byteorder == "little":
-        arr.byteswap()
-    return arr.tobytes()
-
-
 def _values(entries: list[tuple[Prefix, PrefixValue]]) -> bytes:
     """struct prefix_verdict {u32 rule_slot; u32 port_set; u8 action; u8 pad[3]} per entry,
     as three little-endian u32 columns (action and its zero padding read as one u32)."""
@@ -90,26 +81,6 @@ def _values(entries: list[tuple[Prefix, PrefixValue]]) -> bytes:
 def _column(entries: list, outer: int, inner: int) -> list:
     """[e[outer][inner] for e in entries], through itemgetter in C."""
     return list(map(itemgetter(inner), map(itemgetter(outer), entries)))
-
-
-def _partition(items: list[tuple[Prefix, PrefixValue]]) -> tuple[list, list, list, list]:
-    """(IPv4 hosts, IPv4 prefixes, IPv6 hosts, IPv6 prefixes), split in C when the change is
-    IPv4 only (a blocklist usually is): compress() over masks made by map()."""
-    prefixes = list(map(itemgetter(0), items))
-    families = set(map(itemgetter(0), prefixes))
-    if families <= {V4}:
-        hosts = list(map((32).__eq__, map(itemgetter(2), prefixes)))
-        return (
-            list(compress(items, hosts)),
-            list(compress(items, map(operator.not_, hosts))),
-            [],
-            [],
-        )
-    h4 = [(p, v) for p, v in items if p.family == V4 and p.length == 32]
-    t4 = [(p, v) for p, v in items if p.family == V4 and p.length < 32]
-    h6 = [(p, v) for p, v in items if p.family != V4 and p.length == 128]
-    t6 = [(p, v) for p, v in items if p.family != V4 and p.length < 128]
-    return h4, t4, h6, t6
 
 
 def _htons(v: int) -> int:
@@ -140,6 +111,24 @@ class MapHandle:
         if self._owned and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    @contextlib.contextmanager
+    def mapped(self, dtype) -> Iterator[np.ndarray]:
+        """A BPF_F_MMAPABLE array's values as a numpy array over the kernel's own memory,
+        for the duration of the block. Writes are plain stores: an aligned 8-byte element is
+        written whole (x86-64), and stores become visible in program order. Mapped only while
+        needed, so the pages touched do not stay in the daemon's resident set."""
+        elem = (self.value_size + 7) // 8 * 8  # the kernel's array element size
+        size = elem * self.max_entries
+        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        per = elem // np.dtype(dtype).itemsize  # a u32 value sits in an 8-byte element
+        view = np.frombuffer(mm, dtype=dtype, count=self.max_entries * per)[::per]
+        try:
+            yield view
+        finally:
+            del view  # no export may outlive the mapping
+            mm.close()
 
     def update_many(self, keys: bytes, values: bytes, count: int) -> None:
         if count == 0:
@@ -208,6 +197,33 @@ class MapHandle:
             first = False
             in_batch.value = out_batch.value
 
+    def read_array(self, start: int, count: int) -> bytes:
+        """Values of array indexes [start, start + count), concatenated: an array map's batch
+        token is the last index read (the kernel continues after it), so a batch lookup can
+        start anywhere."""
+        lib = _lib()
+        out = []
+        batch = min(count, 1 << 16)
+        keys = ctypes.create_string_buffer(self.key_size * batch)
+        values = ctypes.create_string_buffer(self.value_size * batch)
+        in_batch, out_batch = ctypes.c_uint32(max(start - 1, 0)), ctypes.c_uint32(0)
+        first = start == 0  # no token: from index 0
+        left = count
+        while left > 0:
+            n = ctypes.c_uint32(min(batch, left))
+            rc = lib.bpf_lookup_batch(self.fd, None if first else ctypes.byref(in_batch),
+                                      ctypes.byref(out_batch), keys, values, ctypes.byref(n))
+            first = False
+            err = ctypes.get_errno() if rc != 0 else 0
+            if rc != 0 and err != errno.ENOENT:
+                raise OSError(err, f"reading map {self.name} from index {start} failed")
+            out.append(values.raw[: n.value * self.value_size])
+            left -= n.value
+            if rc != 0 or n.value == 0:
+                break
+            in_batch.value = out_batch.value
+        return b"".join(out)
+
     def dump(self) -> tuple[bytes, bytes]:
         """Every key and every value, each concatenated."""
         parts = list(self.batches())
@@ -273,6 +289,38 @@ def open_map(pin_dir: str, name: str) -> MapHandle:
 PackedWrites = list[tuple[MapHandle, bytes, bytes, int]]  # (map, keys, values, count)
 
 
+@dataclass(frozen=True)
+class RebuildReport:
+    """What FirewallMaps.rebuild found and did."""
+
+    v4_prefixes: int
+    v4_words: int  # /24 entries written
+    v4_changed: list[int]  # /24s whose verdict changed (when asked to explain)
+    v6_removed: list[Prefix]  # entries no rule explains
+    ports_removed: int
+
+    def __str__(self) -> str:
+        return (f"{self.v4_prefixes} IPv4 prefixes laid out, {self.v4_words} /24 entries "
+                f"written; {len(self.v6_removed)} IPv6 and {self.ports_removed} port entries "
+                "no rule explains removed")
+
+    def removed(self) -> str:
+        """What was enforced and no longer is, for the log; '' when nothing."""
+        parts = []
+        if self.v4_changed:
+            shown = ", ".join(f"{s >> 16}.{(s >> 8) & 255}.{s & 255}.0/24"
+                              for s in self.v4_changed[:20])
+            more = " ..." if len(self.v4_changed) > 20 else ""
+            parts.append(f"{len(self.v4_changed)} IPv4 /24s changed verdict: {shown}{more}")
+        if self.v6_removed:
+            shown = ", ".join(map(str, self.v6_removed[:20]))
+            more = " ..." if len(self.v6_removed) > 20 else ""
+            parts.append(f"removed {len(self.v6_removed)} IPv6 prefixes: {shown}{more}")
+        if self.ports_removed:
+            parts.append(f"removed {self.ports_removed} port entries")
+        return "; ".join(parts)
+
+
 class FirewallMaps:
     """The firewall's maps, opened from their pins (shared by every build and instance)."""
 
@@ -284,9 +332,10 @@ class FirewallMaps:
             self._handles.append(h)
             return h
 
-        self.rules_v4 = handle("rules_v4")
+        self.v4_tbl24 = handle("v4_tbl24")
+        self.v4_tbl8 = handle("v4_tbl8")
+        self.v4_verdicts = handle("v4_verdicts")
         self.rules_v6 = handle("rules_v6")
-        self.hosts_v4 = handle("hosts_v4")
         self.hosts_v6 = handle("hosts_v6")
         self.port_rules = handle("port_rules")
         self.iface_policy = handle("iface_policy")
@@ -294,111 +343,93 @@ class FirewallMaps:
         self.rule_counters = handle("rule_counters")
         self.reason_counters = handle("reason_counters")
         self.iface_counters = handle("iface_counters")
-        self.fw_config = FwConfig(handle("fw_config"), self.hosts_v4, handle("hostless_v4"))
+        self.fw_config = FwConfig(handle("fw_config"), self.hosts_v6, handle("hostless_v6"))
         self.identity = PinIdentity(handle("pin_identity"))
+        self.v4 = V4Table(self.v4_tbl24, self.v4_tbl8, self.v4_verdicts,
+                          self.identity.read().generation)
         self.ncpus = self.rule_counters.value_size // ctypes.sizeof(abi.Counter)
         self.max_ifaces = config.max_ifaces
+        self.port_set_half = config.max_port_rules  # port set ids come in two halves
 
     def close(self) -> None:
+        self.fw_config.close()
         for h in self._handles:
             h.close()
 
     # -- rules ----------------------------------------------------------------------------
 
-    def apply(self, ch: Changes) -> None:
+    def apply(self, ch: Changes, parent_of: ParentOf) -> None:
         """Write a compiled change set. Order matters for packets in flight: new port entries
-        exist before the prefixes that point at them; stale ones go after."""
+        exist before the prefixes that point at them; stale ones go after. parent_of: see
+        V4Table.apply."""
         if ch.ports:
             self._write_ports(ch.ports.items())
-        self._write_prefixes(ch.prefixes.items())
-        emptied = set()
+        v4_sets = {(p.net, p.length): pack_verdict(slot, act, ps)
+                   for p, (slot, act, ps) in ch.prefixes.items() if p.family == V4}
+        v4_gone = [(p.net, p.length) for p in ch.deleted_prefixes if p.family == V4]
+        if v4_sets or v4_gone:
+            self.v4.apply(v4_sets, v4_gone, parent_of)
+        self._write_v6([(p, v) for p, v in ch.prefixes.items() if p.family != V4])
+        emptied, hosts_gone = set(), False
         for p in ch.deleted_prefixes:
-            handle, key = self._where(p)
-            handle.delete(key)
-            emptied.add(handle)
-        hosts = [p.net for p in ch.deleted_prefixes if p.family == V4 and p.length == 32]
-        self.fw_config.refresh(emptied, deleted_hosts_v4=hosts)
+            if p.family != V4:
+                handle, key = self._where6(p)
+                handle.delete(key)
+                emptied.add(handle)
+                hosts_gone |= p.length == 128
+        if emptied:
+            self.fw_config.refresh(emptied, deleted_hosts_v6=hosts_gone)
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
 
-    def _where(self, p: Prefix) -> tuple[MapHandle, bytes]:
-        """The map and key of a prefix: full-length ones go to the host hashes."""
-        if p.family == V4:
-            if p.length == 32:
-                return self.hosts_v4, p.net.to_bytes(4, "big")
-            return self.rules_v4, _V4_KEY.pack(p.length, p.net.to_bytes(4, "big"))
+    def add_plain(self, prefixes: list[Prefix], slots: list[int], action: int) -> None:
+        """Plain rules of one action (slot, action, no port set each), from their columns:
+        IPv4 through numpy into the DIR-24-8 layout, no per-rule tuple built or taken apart.
+        Only for an index with no port rules (RuleIndex.plain_only), where that is exactly
+        what compiling them yields."""
+        fams = np.fromiter(map(attrgetter("family"), prefixes), dtype=np.uint8,
+                           count=len(prefixes))
+        v4 = fams == V4
+        slots_a = np.asarray(slots, dtype=np.uint64)
+        if v4.any():
+            sel = np.nonzero(v4)[0]
+            nets = np.fromiter((prefixes[i].net for i in sel.tolist()), dtype=np.uint32,
+                               count=len(sel))
+            plens = np.fromiter((prefixes[i].length for i in sel.tolist()), dtype=np.uint8,
+                                count=len(sel))
+            packed = (slots_a[sel] & np.uint64(abi.PV_SLOT_MASK)) | np.uint64(
+                action << abi.PV_ACT_SHIFT)
+            self.v4.add(nets, plens, packed)
+        if not v4.all():
+            rest = [(prefixes[i], (slots[i], action, 0)) for i in np.nonzero(~v4)[0].tolist()]
+            self._write_v6(rest)
+
+    def _where6(self, p: Prefix) -> tuple[MapHandle, bytes]:
+        """The map and key of an IPv6 prefix: /128s go to the host hash."""
         if p.length == 128:
             return self.hosts_v6, p.net.to_bytes(16, "big")
         return self.rules_v6, _V6_KEY.pack(p.length, p.net.to_bytes(16, "big"))
 
-    def _write_prefixes(self, items: Iterable[tuple[Prefix, PrefixValue]]) -> None:
-        self.write_packed(self.pack_prefixes(items))
-
-    def pack_prefixes(self, items: Iterable[tuple[Prefix, PrefixValue]]) -> PackedWrites:
-        """Keys and values for each map, packed column-wise with array slices (in C), not one
-        struct.pack per entry: a million-entry load is otherwise a second of Python. Packing is
-        Python (it holds the GIL); write_packed is syscalls (it does not)."""
-        h4, t4, h6, t6 = _partition(list(items))
-        writes: PackedWrites = []
-        if h4:
-            writes.append((self.hosts_v4, _be32(_column(h4, 0, 1)), _values(h4), len(h4)))
-        if t4:
-            keys = array("I", bytes(8 * len(t4)))
-            keys[0::2] = array("I", _column(t4, 0, 2))
-            keys[1::2] = array("I", _be32(_column(t4, 0, 1)))
-            writes.append((self.rules_v4, keys.tobytes(), _values(t4), len(t4)))
-        if h6:
-            keys6 = b"".join([p.net.to_bytes(16, "big") for p, _ in h6])
-            writes.append((self.hosts_v6, keys6, _values(h6), len(h6)))
-        if t6:
-            keys6 = b"".join([_V6_KEY.pack(p.length, p.net.to_bytes(16, "big")) for p, _ in t6])
-            writes.append((self.rules_v6, keys6, _values(t6), len(t6)))
-        return writes
-
-    def pack_plain(self, prefixes: list[Prefix], slots: list[int], action: int) -> PackedWrites:
-        """pack_prefixes for plain rules of one action, from their columns: each entry is
-        (slot, action, no port set), so no per-entry verdict tuple is built or taken apart.
-        Only for an index with no port rules (RuleIndex.plain_only), where that is exactly
-        what compiling them yields."""
-        if not set(map(itemgetter(0), prefixes)) <= {V4}:
-            entries = list(zip(prefixes, zip(slots, repeat(action), repeat(0)), strict=False))
-            return self.pack_prefixes(entries)
-        hosts = list(map((32).__eq__, map(itemgetter(2), prefixes)))
-        nets = list(map(itemgetter(1), prefixes))
-        writes: PackedWrites = []
-        for handle, mask in ((self.hosts_v4, hosts), (self.rules_v4, list(map(not_, hosts)))):
-            n = sum(mask)
-            if not n:
-                continue
-            group_nets = list(compress(nets, mask))
-            if handle is self.hosts_v4:
-                keys = _be32(group_nets)
-            else:
-                arr = array("I", bytes(8 * n))
-                arr[0::2] = array("I", compress(map(itemgetter(2), prefixes), mask))
-                arr[1::2] = array("I", _be32(group_nets))
-                keys = arr.tobytes()
-            values = array("I", bytes(12 * n))
-            values[0::3] = array("I", compress(slots, mask))
-            values[2::3] = array("I", repeat(action, n))
-            writes.append((handle, keys, values.tobytes(), n))
-        return writes
-
-    def write_packed(self, writes: PackedWrites) -> None:
-        hosts = b"".join(k for h, k, _, n in writes if h is self.hosts_v4 and n)
-        with self.fw_config.writing([h for h, _, _, n in writes if n], host_keys_v4=hosts):
-            if sum(n for *_, n in writes) < PARALLEL_WRITES_FROM or len(writes) < 2:
-                for handle, keys, values, n in writes:
-                    handle.update_many(keys, values, n)
-                return
-            # Large loads: the inserts are kernel time (the GIL is released in the syscall),
-            # and each map has its own lock, so the maps are written side by side.
-            with ThreadPoolExecutor(len(writes), thread_name_prefix="xdpfw-map") as pool:
-                for f in [pool.submit(h.update_many, k, v, n) for h, k, v, n in writes]:
-                    f.result()
+    def _write_v6(self, items: list[tuple[Prefix, PrefixValue]]) -> None:
+        if not items:
+            return
+        hosts = [(p, v) for p, v in items if p.length == 128]
+        tries = [(p, v) for p, v in items if p.length < 128]
+        host_keys = b"".join([p.net.to_bytes(16, "big") for p, _ in hosts])
+        with self.fw_config.writing(
+            [h for h, part in ((self.hosts_v6, hosts), (self.rules_v6, tries)) if part],
+            host_keys_v6=host_keys,
+        ):
+            if hosts:
+                self.hosts_v6.update_many(host_keys, _values(hosts), len(hosts))
+            if tries:
+                keys = b"".join([_V6_KEY.pack(p.length, p.net.to_bytes(16, "big"))
+                                 for p, _ in tries])
+                self.rules_v6.update_many(keys, _values(tries), len(tries))
 
     def source_maps(self) -> tuple[MapHandle, ...]:
-        return (self.hosts_v4, self.rules_v4, self.hosts_v6, self.rules_v6)
+        """The maps fw_config's skip bits stand for (IPv6: IPv4 has no empty-map cost)."""
+        return (self.hosts_v6, self.rules_v6)
 
     def _write_ports(self, items: Iterable[tuple[PortKey, tuple[int, int]]]) -> None:
         keys, vals = [], []
@@ -407,20 +438,66 @@ class FirewallMaps:
             vals.append(_PORT_VALUE.pack(slot, action))
         self.port_rules.update_many(b"".join(keys), b"".join(vals), len(keys))
 
-    def rules_empty(self) -> bool:
-        return not any(h.has_keys() for h in self.source_maps())
+    def rebuild(self, index, store_id: int, state_dir: str,
+                explain: bool = False) -> RebuildReport:
+        """Make the kernel equal to `index`, as every start does: the IPv4 layout and the port
+        sets are built in the half of their id spaces the running layout does not use, then
+        switched to word by word, so filtering never stops and nothing of the previous
+        process's numbering needs to be known; IPv6 entries are rewritten in place, and every
+        entry the index does not explain is removed. `index` must have been compiled with its
+        port sets in the new half (RuleIndex(port_set_base=...); see new_generation()).
+        explain: report which IPv4 /24s changed verdict (pins another store left)."""
+        entries = index.prefix_values
+        wanted_ports = {(index.port_set_ids[p], *pm): v
+                        for p, table in index.port_entries.items() for pm, v in table.items()}
+        if wanted_ports:
+            self._write_ports(wanted_ports.items())
+        v4 = [(p, v) for p, v in entries.items() if p.family == V4]
+        nets = np.fromiter((p.net for p, _ in v4), dtype=np.uint32, count=len(v4))
+        plens = np.fromiter((p.length for p, _ in v4), dtype=np.uint8, count=len(v4))
+        packed = np.fromiter((pack_verdict(*v) for _, v in v4), dtype=np.uint64, count=len(v4))
+        words, changed = self.v4.build(nets, plens, packed, explain)
+        self._write_v6([(p, v) for p, v in entries.items() if p.family != V4])
+        stale6 = [p for p in self._v6_keys() if p not in entries]
+        for p in stale6:
+            handle, key = self._where6(p)
+            handle.delete(key)
+        stale_ports = [k for k in self.port_keys() if k not in wanted_ports]
+        for k in stale_ports:
+            self.port_rules.delete(pack_port_key(k))
+        self.fw_config.resync(self.source_maps())
+        self.identity.write(store_id, state_dir, self.v4.generation)
+        return RebuildReport(len(v4), words, changed, stale6, len(stale_ports))
 
     def prefix_keys(self) -> list[Prefix]:
-        """What the tries and host hashes hold now (to remove entries no rule explains)."""
-        out = []
-        for handle, family, size in ((self.rules_v4, V4, 4), (self.rules_v6, 6, 16)):
-            for raw in handle.all_keys():
-                length = int.from_bytes(raw[:4], "little")
-                out.append(Prefix(family, int.from_bytes(raw[4 : 4 + size], "big"), length))
-        for handle, family, bits in ((self.hosts_v4, V4, 32), (self.hosts_v6, 6, 128)):
-            out.extend(
-                Prefix(family, int.from_bytes(raw, "big"), bits) for raw in handle.all_keys()
-            )
+        """Every prefix with an entry: IPv4 as laid out (V4Table's own account of the layout
+        it wrote), IPv6 as the kernel's trie and hash hold them."""
+        return [Prefix(V4, n, p) for n, p in self.v4.entries()] + self._v6_keys()
+
+    def v4_verdict(self, addr: int) -> int:
+        """The packed verdict the kernel's IPv4 layout gives `addr` (0: no rule), read from
+        the maps the way the program reads them: for tests that check the kernel itself."""
+        raw = self.v4_tbl24.lookup((addr >> 8).to_bytes(4, "little"))
+        entry = int.from_bytes(raw, "little")
+        vid, kind = entry & abi.V4_ID_MASK, entry >> abi.V4_KIND_SHIFT
+        aux = (entry >> abi.V4_AUX_SHIFT) & abi.V4_ID_MASK
+        if kind == abi.V4_HOST and (entry >> abi.V4_HOST_SHIFT) & 0xFF == addr & 0xFF:
+            vid = aux
+        elif kind == abi.V4_GROUP:
+            raw = self.v4_tbl8.lookup((aux * 256 + (addr & 0xFF)).to_bytes(4, "little"))
+            vid = int.from_bytes(raw, "little") or vid
+        if not vid:
+            return 0
+        return int.from_bytes(self.v4_verdicts.lookup(vid.to_bytes(4, "little")), "little")
+
+    def new_generation(self) -> int:
+        """The half a rebuild lays out in: the one the kernel's layout does not use."""
+        return 1 - self.v4.generation
+
+    def _v6_keys(self) -> list[Prefix]:
+        out = [Prefix(6, int.from_bytes(raw[4:20], "big"), int.from_bytes(raw[:4], "little"))
+               for raw in self.rules_v6.all_keys()]
+        out += [Prefix(6, int.from_bytes(raw, "big"), 128) for raw in self.hosts_v6.all_keys()]
         return out
 
     def port_keys(self) -> list[PortKey]:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from xdpfw.dataplane import abi
-from xdpfw.dataplane.progs import MapSpec, map_spec
+from xdpfw.dataplane.progs import MAP_FLAGS_COMPARED, MapSpec, map_spec
 
 _KEY = struct.pack("<I", 0)
 
@@ -36,12 +36,15 @@ def declared_spec(bpf, table) -> MapSpec:
     # C int and truncate it (a segfault once the module lives above 4 GiB, as in a thread).
     for fn in (lib.bpf_table_key_size_id, lib.bpf_table_leaf_size_id):
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_ulonglong], ctypes.c_size_t
+    lib.bpf_table_flags_id.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    lib.bpf_table_flags_id.restype = ctypes.c_int
     m, i = bpf.module, table.map_id
     return MapSpec(
         lib.bpf_table_type_id(m, i),
         lib.bpf_table_key_size_id(m, i),
         lib.bpf_table_leaf_size_id(m, i),
         table.max_entries,
+        lib.bpf_table_flags_id(m, i) & MAP_FLAGS_COMPARED,
     )
 
 
@@ -58,7 +61,7 @@ def layout_differences(bpf, pin_dir: str) -> list[str]:
         if want != have:
             diffs = [
                 f"{field} {getattr(have, field)} (wanted {getattr(want, field)})"
-                for field in ("type", "key_size", "value_size", "max_entries")
+                for field in ("type", "key_size", "value_size", "max_entries", "flags")
                 if getattr(want, field) != getattr(have, field)
             ]
             out.append(f"{name}: " + ", ".join(diffs))
@@ -77,6 +80,7 @@ def move_aside(pin_dir: str) -> str:
 class Owner:
     store_id: int  # 0: no store has claimed the pins
     state_dir: str
+    generation: int = 0  # the half of the id spaces the kernel's layout uses
 
 
 class PinIdentity:
@@ -90,10 +94,11 @@ class PinIdentity:
         if raw is None:
             return Owner(0, "")
         ident = abi.PinIdentity.from_buffer_copy(raw)
-        return Owner(ident.store_id, bytes(ident.state_dir).rstrip(b"\0").decode(errors="replace"))
+        return Owner(ident.store_id, bytes(ident.state_dir).rstrip(b"\0").decode(
+            errors="replace"), ident.generation)
 
-    def write(self, store_id: int, state_dir: str) -> None:
+    def write(self, store_id: int, state_dir: str, generation: int) -> None:
         path = os.fsencode(os.path.abspath(state_dir))[: abi.STATE_DIR_LEN]
-        ident = abi.PinIdentity(store_id=store_id)
+        ident = abi.PinIdentity(store_id=store_id, generation=generation)
         ctypes.memmove(ident.state_dir, path, len(path))
         self.handle.update(_KEY, bytes(ident))

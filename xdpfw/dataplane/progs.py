@@ -99,13 +99,20 @@ class MapSpec:
     key_size: int
     value_size: int
     max_entries: int
+    flags: int = 0  # only the BPF_F_* bits that change what the map can do (MAP_FLAGS_COMPARED)
+
+
+BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_MMAPABLE = 1 << 10
+MAP_FLAGS_COMPARED = BPF_F_NO_PREALLOC | BPF_F_MMAPABLE
 
 
 def map_spec(fd: int) -> MapSpec:
     info = _MapInfoHead()
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading map info of fd {fd}")
-    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries)
+    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries,
+                   info.map_flags & MAP_FLAGS_COMPARED)
 
 
 class _ObjGetAttr(ctypes.Structure):

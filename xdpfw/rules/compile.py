@@ -23,6 +23,8 @@ entry, STRICT (kind XDPFW_PORT_STRICT in the kernel, which no packet's key can n
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -31,6 +33,7 @@ from xdpfw.dataplane.abi import ACT_DROP, ACT_NONE, ACT_PASS, NO_PORT_SET, NO_RU
 from xdpfw.rules.model import Action, Prefix, Rule, ip_proto
 
 ACTION_CODE = {Action.PASS: ACT_PASS, Action.DROP: ACT_DROP}
+QUARANTINE_S = 1.0  # as xdpfw/dataplane/v4table.py: ids are reused only after packets drain
 
 PortMatch = tuple[int, int]  # (ip proto, dport); dport 0: any port of that proto
 Verdict = tuple[int, int]  # (rule slot, action code)
@@ -86,7 +89,9 @@ class RuleIndex:
     tuple each; only prefixes with proto/port rules take the general path.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port_set_base: int = 0) -> None:
+        """port_set_base: port set ids are numbered from base + 1 (the data plane keeps two
+        halves of ids; a start compiles into the half the running layout does not use)."""
         self.any_rules: dict[Prefix, Rule] = {}
         self.port_rules: dict[Prefix, dict[PortMatch, Rule]] = {}
         self.port_only: set[Prefix] = set()  # prefixes with port rules and no "any" rule
@@ -96,8 +101,11 @@ class RuleIndex:
         self.port_entries: dict[Prefix, dict[PortMatch, Verdict]] = {}
         self.port_set_ids: dict[Prefix, int] = {}
         self._free_sets: list[int] = []
-        self._next_set = 1
+        self._next_set = port_set_base + 1
         self._freed: list[int] = []
+        # Freed set ids wait QUARANTINE_S: a packet that read a prefix's old verdict must not
+        # find the set's next owner's entries under the same id.
+        self._waiting: deque[tuple[float, int]] = deque()
         self.port_entry_count = 0  # entries of port_rules, STRICT ones included
 
     def __len__(self) -> int:
@@ -179,6 +187,10 @@ class RuleIndex:
 
     # -- compilation ------------------------------------------------------------------------
 
+    def parent_of(self, prefix: Prefix) -> Prefix | None:
+        """The longest prefix shorter than `prefix` that covers it and has an entry."""
+        return next((q for q in prefix.parent_candidates() if q in self.prefix_values), None)
+
     def _affected(self, touched: list[Prefix]) -> Iterable[Prefix]:
         if not self.port_only:
             return touched
@@ -250,8 +262,9 @@ class RuleIndex:
             if values.get(prefix) != value:
                 values[prefix] = value
                 out[prefix] = value
-        # Freed only now: reusing a set id within one batch would clash with its queued deletes.
-        self._free_sets.extend(self._freed)
+        # Freed only now, and reusable only after the quarantine (see __init__).
+        now = time.monotonic()
+        self._waiting.extend((now, i) for i in self._freed)
         return changes
 
     def _set_ports(self, prefix: Prefix, table: dict[PortMatch, Verdict], ch: Changes) -> int:
@@ -260,6 +273,9 @@ class RuleIndex:
             return NO_PORT_SET
         set_id = self.port_set_ids.get(prefix)
         if set_id is None:
+            now = time.monotonic()
+            while self._waiting and now - self._waiting[0][0] >= QUARANTINE_S:
+                self._free_sets.append(self._waiting.popleft()[1])
             set_id = self._free_sets.pop() if self._free_sets else self._next_set
             if set_id == self._next_set:
                 self._next_set += 1

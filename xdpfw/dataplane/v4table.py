@@ -1,0 +1,506 @@
+"""IPv4 source prefixes as DIR-24-8 (xdpfw_abi.h: XDPFW_V4_*), kept in the kernel's maps.
+
+The compiler (xdpfw/rules/compile.py) resolves every prefix to a verdict; this module lays
+those verdicts out so that a packet's lookup costs the same whatever the rules are:
+  v4_tbl24[a >> 8]   one u64 per /24: the verdict id of the longest prefix of length <= 24
+                     covering it (its *fallback*), and either nothing more (PLAIN), one /32
+                     (HOST), or a 256-entry group in v4_tbl8 for anything longer (GROUP);
+  v4_tbl8[g*256+b]   the verdict id of the longest prefix longer than /24 covering the
+                     address (0: none, the /24's fallback applies);
+  v4_verdicts[id]    the verdict, packed in 64 bits (XDPFW_PV_*).
+
+The invariant that makes updates safe for packets in flight: every value a packet reads is
+one aligned word, and a word is only ever written whole, in this order:
+  - a verdict id is written before anything points at it, and changed in place (a port-set
+    change) in one write;
+  - a group's 256 entries are written before the /24's entry points at the group;
+  - an id or a group that nothing points at any more is reused only after QUARANTINE_S, so
+    a packet that read the old entry never meets the id's next owner.
+So a packet meets either the old or the new verdict of its address, never a mix
+(tests/test_v4table.py runs packets while a /8 comes and goes).
+
+The kernel's tbl24 is the truth for each /24's entry (read back in ranges where a change
+needs it); this module keeps what the kernel cannot say cheaply: each prefix's id, and the
+prefixes longer than /24 of every /24 that has a group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from xdpfw.dataplane import abi
+from xdpfw.errors import MapFullError
+
+QUARANTINE_S = 1.0  # packets take microseconds; a freed id waits a second before reuse
+TBL24, TBL8, VERDICTS = 0, 1, 2  # the mapped arrays
+BUILD_CHUNK = 1 << 18  # /24s laid out at a time by build (2 MiB of words)
+ID_MASK = np.uint64(abi.V4_ID_MASK)
+FREE = 255  # vid_plen of an id no prefix holds
+
+Prefix4 = tuple[int, int]  # (network as int, length)
+ParentOf = Callable[[int, int], Prefix4 | None]
+
+
+def pack_verdict(slot: int, action: int, port_set: int) -> int:
+    """struct prefix_verdict's fields in 64 bits (XDPFW_PV_*)."""
+    return ((slot & abi.PV_SLOT_MASK) | ((port_set & abi.PV_SET_MASK) << abi.PV_SET_SHIFT)
+            | (action << abi.PV_ACT_SHIFT))
+
+
+def key_of(net: int, plen: int) -> int:
+    return (net << 6) | plen
+
+
+class _Ids:
+    """Free numbers with quarantine: released ones come back after QUARANTINE_S."""
+
+    def __init__(self, first: int, limit: int, what: str) -> None:
+        self.next, self.limit, self.what = first, limit, what
+        self.free: list[int] = []
+        self.waiting: deque[tuple[float, int]] = deque()
+
+    def _release_due(self) -> None:
+        now = time.monotonic()
+        while self.waiting and now - self.waiting[0][0] >= QUARANTINE_S:
+            self.free.append(self.waiting.popleft()[1])
+
+    def take_many(self, n: int) -> np.ndarray:
+        self._release_due()
+        reuse = [self.free.pop() for _ in range(min(n, len(self.free)))]
+        fresh = min(n - len(reuse), self.limit - self.next)
+        out = reuse + list(range(self.next, self.next + fresh))
+        self.next += fresh
+        while len(out) < n:
+            if not self.waiting:
+                self.free.extend(reuse)
+                self.next -= fresh
+                raise MapFullError(f"no room for {n} more {self.what} (capacity "
+                                   f"{self.limit}); raise limits in the config")
+            time.sleep(max(0.0, QUARANTINE_S - (time.monotonic() - self.waiting[0][0])))
+            self._release_due()
+            out += [self.free.pop() for _ in range(min(n - len(out), len(self.free)))]
+        return np.array(out, dtype=np.uint32)
+
+    def take(self) -> int:
+        return int(self.take_many(1)[0])
+
+    def give(self, ids: Iterable[int]) -> None:
+        now = time.monotonic()
+        self.waiting.extend((now, int(i)) for i in ids)
+
+
+def _spans(starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Every index of the ranges [starts, ends) that lies in [lo, hi), relative to lo. The
+    ranges must not overlap each other (prefixes of one length never do)."""
+    s_, e_ = np.maximum(starts, lo) - lo, np.minimum(ends, hi) - lo
+    counts = np.maximum(e_ - s_, 0)
+    return np.repeat(s_, counts) + (
+        np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+
+
+class _Overlaps:
+    """Which ranges [starts, ends) overlap a window, without a pass over all of them per
+    window: ranges shorter than a window are found by their sorted starts, the few longer
+    ones are checked each time."""
+
+    def __init__(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        self.starts, self.ends = starts, ends
+        big = (ends - starts) >= BUILD_CHUNK
+        self.big = np.nonzero(big)[0]
+        small = np.nonzero(~big)[0]
+        self.small = small[np.argsort(starts[small], kind="stable")]
+        self.small_starts = starts[self.small]
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        a, b = np.searchsorted(self.small_starts, [lo - BUILD_CHUNK + 1, hi])
+        cand = self.small[a:b]
+        cand = cand[self.ends[cand] > lo]
+        big = self.big[(self.starts[self.big] < hi) & (self.ends[self.big] > lo)]
+        return np.concatenate([big, cand])
+
+    def windows(self) -> list[tuple[int, int, np.ndarray]]:
+        """(lo, hi, ranges) for each BUILD_CHUNK-aligned window the ranges touch, narrowed
+        to the part they cover (a single /24 reads one word, not a chunk)."""
+        first = self.starts // BUILD_CHUNK
+        last = (self.ends - 1) // BUILD_CHUNK
+        spans = [np.arange(f, t + 1) for f, t in zip(first[self.big].tolist(),
+                                                      last[self.big].tolist(), strict=True)]
+        out = []
+        for c in np.unique(np.concatenate([first, last, *spans])).tolist():
+            lo, hi = c * BUILD_CHUNK, (c + 1) * BUILD_CHUNK
+            sel = self(lo, hi)
+            out.append((max(int(self.starts[sel].min()), lo),
+                        min(int(self.ends[sel].max()), hi), sel))
+        return out
+
+
+def _by_length(sel: np.ndarray, plens: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The ranges of `sel` grouped by prefix length, shortest first."""
+    lens = plens[sel]
+    order = np.argsort(lens, kind="stable")
+    sel, lens = sel[order], lens[order]
+    cuts = np.nonzero(np.diff(lens))[0] + 1
+    return [(int(g_lens[0]), g) for g, g_lens in zip(np.split(sel, cuts),
+                                                      np.split(lens, cuts), strict=True)
+            if len(g)]
+
+
+def _mapping(method):
+    """Run a public V4Table operation with the arrays mapped."""
+
+    def run(self, *args, **kwargs):
+        with self._mapped():
+            return method(self, *args, **kwargs)
+
+    run.__doc__, run.__name__ = method.__doc__, method.__name__
+    return run
+
+
+class V4Table:
+    def __init__(self, tbl24, tbl8, verdicts, generation: int) -> None:
+        """tbl24, tbl8, verdicts: MapHandles of v4_tbl24, v4_tbl8, v4_verdicts. Ids and groups
+        come in two halves; `generation` (0 or 1) is the half the kernel's layout uses now.
+        Nothing is known of that layout until `build` lays one out (every start does)."""
+        self.tbl24, self.tbl8, self.verdicts = tbl24, tbl8, verdicts
+        n = verdicts.max_entries
+        self.half_ids = (n - 1) // 2
+        self.half_groups = tbl8.max_entries // 256 // 2
+        self.generation = generation
+        self.vid_net = np.zeros(n, dtype=np.uint32)
+        self.vid_plen = np.full(n, FREE, dtype=np.uint8)
+        self._views: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        g = self.generation
+        self.ids = _Ids(1 + g * self.half_ids, 1 + (g + 1) * self.half_ids, "IPv4 verdict ids")
+        self.groups = _Ids(g * self.half_groups, (g + 1) * self.half_groups,
+                           "IPv4 tbl8 groups (limits.max_tbl8_groups)")
+        self.vid: dict[int, int] = {}  # key_of(net, plen) -> verdict id
+        self.vid_plen[:] = FREE
+        self.longs: dict[int, dict[int, int]] = {}  # grouped /24 -> {key: vid} beyond /24
+        self.group_of: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.vid)
+
+    # -- the kernel's words ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """The three arrays mapped for one operation (nested calls share the mapping)."""
+        if self._views is not None:
+            yield
+            return
+        with (self.tbl24.mapped(np.uint64) as t24, self.tbl8.mapped(np.uint32) as t8,
+              self.verdicts.mapped(np.uint64) as vd):
+            self._views = (t24, t8, vd)
+            del t24, t8, vd  # only _views refers to them: unmapping needs no export left
+            try:
+                yield
+            finally:
+                self._views = None
+
+    def _window(self, lo: int, hi: int) -> np.ndarray:
+        """A copy of tbl24[lo:hi] (copies only: no view may outlive the mapping)."""
+        return self._views[0][lo:hi].copy()
+
+    def _read24(self, idx: np.ndarray) -> np.ndarray:
+        return self._views[0][idx]
+
+    def _write(self, which: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store values at keys of tbl24 (0), tbl8 (1) or verdicts (2): one aligned store
+        per element, in order."""
+        self._views[which][keys] = values
+
+    def _depth(self, vids: np.ndarray) -> np.ndarray:
+        """plen + 1 of the prefix holding each id (0 for id 0: no prefix)."""
+        depth = self.vid_plen[vids].astype(np.int16) + 1
+        depth[vids == 0] = 0
+        return depth
+
+    # -- changes --------------------------------------------------------------------------
+
+    @_mapping
+    def apply(self, sets: dict[Prefix4, int], deletes: Iterable[Prefix4],
+              parent_of: ParentOf) -> None:
+        """sets: (net, plen) -> packed verdict, new or changed; deletes: (net, plen) gone.
+        parent_of(net, plen): the longest prefix shorter than it that covers it and still has
+        an entry (after this change), or None. Writes in the order the module doc says."""
+        new, changed = {}, {}
+        for p, v in sets.items():
+            (changed if key_of(*p) in self.vid else new)[p] = v
+        if changed:  # in place, one word each
+            vids = np.array([self.vid[key_of(*p)] for p in changed], dtype=np.uint32)
+            self._write(VERDICTS, vids, np.array(list(changed.values()), dtype=np.uint64))
+        if new:
+            self.add(np.array([p[0] for p in new], dtype=np.uint32),
+                     np.array([p[1] for p in new], dtype=np.uint8),
+                     np.array(list(new.values()), dtype=np.uint64))
+        deletes = list(deletes)
+        if deletes:
+            self.remove(deletes, parent_of)
+
+    @_mapping
+    def add(self, nets: np.ndarray, plens: np.ndarray, verdicts: np.ndarray) -> None:
+        """New prefixes (none may have an entry yet), as columns: a blocklist of a million
+        goes through numpy, not a Python loop."""
+        vids = self.ids.take_many(len(nets))
+        self._write(VERDICTS, vids, verdicts.astype(np.uint64))
+        self.vid_net[vids], self.vid_plen[vids] = nets, plens
+        keys = (nets.astype(np.uint64) << np.uint64(6)) | plens
+        self.vid.update(zip(keys.tolist(), vids.tolist(), strict=True))
+        short = plens <= 24
+        if short.any():
+            self._paint(nets[short], plens[short], vids[short])
+        if not short.all():
+            self._add_longs(nets[~short], plens[~short], vids[~short])
+
+    def _paint(self, nets: np.ndarray, plens: np.ndarray, vids: np.ndarray) -> None:
+        """Point each /24 of these prefixes (<= /24) at the longest of them covering it,
+        unless a longer prefix already does: a window of /24s at a time, one prefix length
+        at a time, shortest first (prefixes of one length never overlap)."""
+        starts = (nets >> 8).astype(np.int64)
+        ends = starts + (1 << (24 - plens.astype(np.int64)))
+        for lo, hi, sel in _Overlaps(starts, ends).windows():
+            current = self._window(lo, hi)
+            fb = (current & ID_MASK).astype(np.uint32)
+            depth = self._depth(fb)
+            new_fb = fb.copy()
+            for length, mine in _by_length(sel, plens):
+                idx = _spans(starts[mine], ends[mine], lo, hi)
+                vid = np.repeat(vids[mine], np.minimum(ends[mine], hi) - np.maximum(
+                    starts[mine], lo))
+                wins = depth[idx] < length + 1
+                new_fb[idx[wins]], depth[idx[wins]] = vid[wins], length + 1
+            moved = np.nonzero(new_fb != fb)[0]
+            if len(moved):
+                entries = (current[moved] & ~ID_MASK) | new_fb[moved].astype(np.uint64)
+                self._write(TBL24, moved + lo, entries)
+
+    def _add_longs(self, nets: np.ndarray, plens: np.ndarray, vids: np.ndarray) -> None:
+        by24: dict[int, dict[int, int]] = {}
+        for net, plen, vid in zip(nets.tolist(), plens.tolist(), vids.tolist(), strict=True):
+            by24.setdefault(net >> 8, {})[key_of(net, plen)] = vid
+        slash24s = np.array(sorted(by24), dtype=np.int64)
+        for s, entry in zip(slash24s.tolist(), self._read24(slash24s).tolist(), strict=True):
+            longs = self._longs(s, entry)
+            longs.update(by24[s])
+            self._lay_out(s, entry, longs)
+
+    def _longs(self, s: int, entry: int) -> dict[int, int]:
+        """A copy of /24 s's prefixes longer than /24: a group's are kept here, a HOST's
+        one is in its entry."""
+        if s in self.longs:
+            return dict(self.longs[s])
+        if entry >> abi.V4_KIND_SHIFT == abi.V4_HOST:
+            vid = (entry >> abi.V4_AUX_SHIFT) & abi.V4_ID_MASK
+            return {key_of(int(self.vid_net[vid]), int(self.vid_plen[vid])): vid}
+        return {}
+
+    def _lay_out(self, s: int, entry: int, longs: dict[int, int]) -> None:
+        """Write /24 s for its prefixes longer than /24, keeping its fallback."""
+        fb = entry & abi.V4_ID_MASK
+        old_group = self.group_of.get(s)
+        if not longs:
+            new_entry = fb
+        elif len(longs) == 1 and next(iter(longs)) & 63 == 32:
+            key, vid = next(iter(longs.items()))
+            new_entry = ((abi.V4_HOST << abi.V4_KIND_SHIFT) | (((key >> 6) & 0xFF)
+                         << abi.V4_HOST_SHIFT) | (vid << abi.V4_AUX_SHIFT) | fb)
+        else:
+            group = old_group if old_group is not None else self.groups.take()
+            table = np.zeros(256, dtype=np.uint32)
+            for key, vid in sorted(longs.items(), key=lambda kv: kv[0] & 63):
+                lo, plen = (key >> 6) & 0xFF, key & 63
+                table[lo:lo + (1 << (32 - plen))] = vid  # longer prefixes come later
+            # The group first, then the entry that points at it (module doc).
+            self._write(TBL8, np.arange(group * 256, group * 256 + 256), table)
+            self.group_of[s] = group
+            new_entry = (abi.V4_GROUP << abi.V4_KIND_SHIFT) | (group << abi.V4_AUX_SHIFT) | fb
+        if new_entry != entry:
+            self._write(TBL24, np.array([s]), np.array([new_entry], dtype=np.uint64))
+        if new_entry >> abi.V4_KIND_SHIFT == abi.V4_GROUP:
+            self.longs[s] = longs
+        else:
+            self.longs.pop(s, None)
+            if old_group is not None:  # nothing points at it now; reused after quarantine
+                del self.group_of[s]
+                self.groups.give([old_group])
+
+    @_mapping
+    def remove(self, deletes: list[Prefix4], parent_of: ParentOf) -> None:
+        """Prefixes gone: their /24s fall back to each one's parent, then their ids go. A
+        prefix never laid out is skipped (a rollback of a change whose writes never ran)."""
+        deletes = [p for p in deletes if key_of(*p) in self.vid]
+        if not deletes:
+            return
+        gone = np.array([self.vid[key_of(*p)] for p in deletes], dtype=np.uint32)
+        short = [(p, v) for p, v in zip(deletes, gone.tolist(), strict=True) if p[1] <= 24]
+        if short:
+            self._fall_back(short, parent_of)
+        by24: dict[int, list[int]] = {}
+        for net, plen in deletes:
+            if plen > 24:
+                by24.setdefault(net >> 8, []).append(key_of(net, plen))
+        if by24:
+            slash24s = np.array(sorted(by24), dtype=np.int64)
+            for s, entry in zip(slash24s.tolist(), self._read24(slash24s).tolist(),
+                                strict=True):
+                longs = self._longs(s, entry)
+                for k in by24[s]:
+                    longs.pop(k, None)
+                self._lay_out(s, entry, longs)
+        for p in deletes:
+            del self.vid[key_of(*p)]
+        self.vid_plen[gone] = FREE
+        self.ids.give(gone.tolist())
+
+    def _fall_back(self, short: list[tuple[Prefix4, int]], parent_of: ParentOf) -> None:
+        """The /24s whose fallback is a deleted prefix get that prefix's parent instead (the
+        parent is what remains after this change)."""
+        old = np.array([vid for _, vid in short], dtype=np.uint32)
+        new = np.zeros(len(short), dtype=np.uint32)
+        for i, ((net, plen), _) in enumerate(short):
+            parent = parent_of(net, plen)
+            new[i] = self.vid[key_of(*parent)] if parent else 0
+        order = np.argsort(old)
+        old, new = old[order], new[order]
+        starts = np.array([n >> 8 for (n, _), _ in short], dtype=np.int64)
+        ends = starts + (1 << (24 - np.array([p for (_, p), _ in short], dtype=np.int64)))
+        for lo, hi, _ in _Overlaps(starts, ends).windows():
+            current = self._window(lo, hi)
+            fb = (current & ID_MASK).astype(np.uint32)
+            pos = np.minimum(np.searchsorted(old, fb), len(old) - 1)
+            hit = np.nonzero(old[pos] == fb)[0]
+            if len(hit):
+                entries = (current[hit] & ~ID_MASK) | new[pos[hit]].astype(np.uint64)
+                self._write(TBL24, hit + lo, entries)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    @_mapping
+    def build(self, nets: np.ndarray, plens: np.ndarray, verdicts: np.ndarray,
+              explain: bool = False) -> tuple[int, list[int]]:
+        """Lay out these prefixes (every IPv4 prefix entry there is) from scratch in the other
+        half of the ids and groups, then point every /24 at the new layout, one word at a
+        time, writing only the words that change: a packet meets the old layout or the new
+        one. The old half is free afterwards. Every start does this, so no id of a previous
+        process needs to be known, and the kernel ends equal to the store.
+
+        Returns (/24 words written, /24s whose verdict changed): the second only with
+        `explain`, for pins another store left (comparing old and new verdicts, not ids)."""
+        old_values = self._half_values(self.generation) if explain else None
+        self.generation = 1 - self.generation
+        self._forget()
+        vids = self.ids.take_many(len(nets))
+        self._write(VERDICTS, vids, verdicts.astype(np.uint64))
+        self.vid_net[vids], self.vid_plen[vids] = nets, plens
+        keys = (nets.astype(np.uint64) << np.uint64(6)) | plens.astype(np.uint64)
+        self.vid = dict(zip(keys.tolist(), vids.tolist(), strict=True))
+        aux = self._build_longs(nets, plens, vids)  # groups written, /24 -> kind bits
+        short = plens <= 24
+        new_values = np.zeros(len(self.vid_plen), dtype=np.uint64)
+        new_values[vids] = verdicts
+        return self._build_tbl24(nets[short], plens[short], vids[short], aux,
+                                 (old_values, new_values) if explain else None)
+
+    def _half_values(self, generation: int) -> np.ndarray:
+        """The verdicts of a half as the kernel has them, indexed by id."""
+        out = np.zeros(len(self.vid_plen), dtype=np.uint64)
+        lo = 1 + generation * self.half_ids
+        out[lo:lo + self.half_ids] = self._views[2][lo:lo + self.half_ids]
+        return out
+
+    def _build_longs(self, nets, plens, vids) -> dict[int, int]:
+        """Groups for every /24 with prefixes longer than /24 (written now, before any
+        entry points at them); returns /24 -> the kind and aux bits of its entry."""
+        long = plens > 24
+        nets, plens, vids = nets[long], plens[long], vids[long]
+        s24 = (nets >> 8).astype(np.int64)
+        order = np.lexsort((plens, s24))
+        nets, plens, vids, s24 = nets[order], plens[order], vids[order], s24[order]
+        uniq, first, counts = np.unique(s24, return_index=True, return_counts=True)
+        aux: dict[int, int] = {}
+        hosts = (counts == 1) & (plens[first] == 32)
+        for s, i in zip(uniq[hosts].tolist(), first[hosts].tolist(), strict=True):
+            aux[s] = ((abi.V4_HOST << abi.V4_KIND_SHIFT)
+                      | ((int(nets[i]) & 0xFF) << abi.V4_HOST_SHIFT)
+                      | (int(vids[i]) << abi.V4_AUX_SHIFT))
+        grouped = ~hosts
+        if grouped.any():
+            g_slash24 = uniq[grouped]
+            groups = self.groups.take_many(len(g_slash24))
+            member = np.repeat(grouped, counts)  # the prefixes of grouped /24s
+            gid = np.repeat(groups.astype(np.int64), counts[grouped])
+            gn, gp, gv = nets[member], plens[member], vids[member]
+            size = 1 << (32 - gp.astype(np.int64))
+            base = gid * 256 + (gn & 0xFF).astype(np.int64)
+            idx = np.repeat(base, size) + (
+                np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size))
+            depth = np.repeat(gp, size)
+            vid = np.repeat(gv, size)
+            order = np.lexsort((depth, idx))  # per address, the longest prefix last
+            idx, vid = idx[order], vid[order]
+            last = np.ones(len(idx), dtype=bool)
+            last[:-1] = idx[1:] != idx[:-1]
+            # One row of 256 per group (zero: no longer prefix), written whole.
+            table = np.zeros(len(groups) * 256, dtype=np.uint32)
+            by_id = np.argsort(groups)
+            g_of = idx[last] // 256
+            rows = by_id[np.searchsorted(groups[by_id], g_of)]
+            table[rows * 256 + idx[last] % 256] = vid[last]
+            keys = (groups.astype(np.int64)[:, None] * 256 + np.arange(256)).ravel()
+            self._write(TBL8, keys, table)
+            for k, (s, g) in enumerate(zip(g_slash24.tolist(), groups.tolist(), strict=True)):
+                aux[s] = (abi.V4_GROUP << abi.V4_KIND_SHIFT) | (g << abi.V4_AUX_SHIFT)
+                self.group_of[s] = g
+                lo, hi = first[grouped][k], first[grouped][k] + counts[grouped][k]
+                self.longs[s] = {
+                    key_of(int(n), int(p)): int(v)
+                    for n, p, v in zip(nets[lo:hi], plens[lo:hi], vids[lo:hi], strict=True)}
+        return aux
+
+    def _build_tbl24(self, nets, plens, vids, aux: dict[int, int],
+                     values: tuple[np.ndarray, np.ndarray] | None) -> tuple[int, list[int]]:
+        """Every /24's new word, a chunk of BUILD_CHUNK /24s at a time, written where it
+        differs from the kernel's. values: (old, new) verdicts by id, to report the /24s
+        whose fallback verdict or kind changed."""
+        written, changed = 0, []
+        starts = (nets >> 8).astype(np.int64)
+        ends = starts + (1 << (24 - plens.astype(np.int64)))
+        aux_idx = np.array(sorted(aux), dtype=np.int64)
+        aux_val = np.array([aux[i] for i in aux_idx.tolist()], dtype=np.uint64)
+        overlaps = _Overlaps(starts, ends)
+        for lo in range(0, abi.V4_TBL24, BUILD_CHUNK):
+            hi = lo + BUILD_CHUNK
+            words = np.zeros(BUILD_CHUNK, dtype=np.uint64)
+            for _, mine in _by_length(overlaps(lo, hi), plens):  # longer ones overwrite
+                idx = _spans(starts[mine], ends[mine], lo, hi)
+                words[idx] = np.repeat(vids[mine], np.minimum(ends[mine], hi) - np.maximum(
+                    starts[mine], lo)).astype(np.uint64)
+            a, b = np.searchsorted(aux_idx, [lo, hi])
+            words[aux_idx[a:b] - lo] |= aux_val[a:b]
+            current = self._window(lo, hi)
+            diff = np.nonzero(words != current)[0]
+            if len(diff):
+                self._write(TBL24, diff + lo, words[diff])
+                written += len(diff)
+                if values is not None:
+                    old_v, new_v = values
+                    was, now = current[diff], words[diff]
+                    differs = (old_v[(was & ID_MASK).astype(np.int64)]
+                               != new_v[(now & ID_MASK).astype(np.int64)]) | (
+                        (was >> np.uint64(abi.V4_KIND_SHIFT)) != (now >> np.uint64(
+                            abi.V4_KIND_SHIFT)))
+                    changed.extend((diff[differs] + lo).tolist())
+        return written, changed
+
+    def entries(self) -> list[Prefix4]:
+        """Every prefix with an entry (for tests)."""
+        return [(k >> 6, k & 63) for k in self.vid]
