@@ -497,6 +497,33 @@ def bpf_update_many(map_fd: int, keys: bytes, values: bytes, count: int, chunk: 
                 _bpf(BPF_MAP_UPDATE_ELEM, attr)
 
 
+def scratch_map(scratch: Scratch, kind: str, key_size: int, value_size: int, entries: int,
+                ) -> int:
+    """A fresh map made by `bpftool map create` (no preallocation), as an fd of this process;
+    its pin is removed at once, so the map goes when the fd is closed."""
+    pin = f"{scratch.pin_dir('map')}-{kind}"
+    scratch.pin_dirs.append(pin)
+    sh(["bpftool", "map", "create", pin, "type", kind, "key", str(key_size), "value",
+        str(value_size), "entries", str(entries), "name", f"bench_{kind}"[:15], "flags", "1"],
+       f"creating a {kind} map")
+    path = ctypes.create_string_buffer(pin.encode())
+    try:
+        fd = _bpf_fd(7, struct.pack("<QII", ctypes.addressof(path), 0, 0))
+    finally:
+        os.unlink(pin)
+    return fd
+
+
+def _bpf_fd(cmd: int, attr: bytes) -> int:
+    """bpf() for commands that return a new fd (BPF_OBJ_GET = 7)."""
+    buf = ctypes.create_string_buffer(attr, max(len(attr), 128))
+    fd = _libc.syscall(_SYS_BPF, cmd, buf, len(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
+    return int(fd)
+
+
 def fd_prog_id(fd: int) -> int:
     with open(f"/proc/self/fdinfo/{fd}") as f:
         for line in f:
@@ -707,7 +734,7 @@ def _v4_24_hit(prefixes: Sequence[int], idx: PrefixIndex, rng: random.Random) ->
         for _ in range(16):
             a = net | rng.getrandbits(8)
             if idx.longest(a) == 24:
-                return [Probe("/24 hit", ip4(a), f"in {ip4(net)}/24 (its longest match), a "
+                return [Probe("/24 hit", ip4(a), f"in {ip4(net)}/24, its longest match, a "
                               "/24 with no host rule")]
     return []
 
@@ -723,7 +750,7 @@ def v6_probes(prefixes: Sequence[int], seed: int) -> list[Probe]:
         if length == 64:
             a = net | rng.getrandbits(64)
             if idx.longest(a) == 64:
-                out.append(Probe("/64 hit", ip6(a), f"in {ip6(net)}/64 (longest match)"))
+                out.append(Probe("/64 hit", ip6(a), f"in {ip6(net)}/64, its longest match"))
                 break
     while True:
         a = (0x2000 << 112) | rng.getrandbits(125)
