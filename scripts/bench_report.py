@@ -91,11 +91,47 @@ def render(records: list[dict], path) -> str:
         out.append(f"| `{name}` | {u['status']} | {len(tries)} | {u.get('seconds', 0):.0f} | "
                    f"{_load(u.get('loadavg_before'), 1)} / {_load(u.get('loadavg_after'), 1)} "
                    f"| {notes} |")
+    try:
+        out += _glance(final)
+    except (KeyError, TypeError, ValueError) as e:
+        out += ["", f"(the at-a-glance table was not rendered: {type(e).__name__} {e})"]
     out += ["", METHOD]
     for name, u in final.items():
         if u["status"] == "ok":
-            out += _unit_section(name, u["result"])
+            try:
+                out += _unit_section(name, u["result"])
+            except (KeyError, TypeError, ValueError) as e:  # a record of an older format
+                out += ["", f"### `{name}`", "", f"(not rendered: {type(e).__name__} {e}; "
+                        "the record is in the results file)"]
     return "\n".join(out).rstrip() + "\n"
+
+
+GLANCE = ("/32 hit", "/24 hit", "miss", "miss in host /24")
+
+
+def _glance(final: dict[str, dict]) -> list[str]:
+    """The issue's table: ns per packet of the attached program at each N, and x bare."""
+    lines = []
+    for name, u in final.items():
+        if u["status"] != "ok" or not (name.startswith("v4@") or name == "exact"):
+            continue
+        rows = u["result"]["rows"]
+        xdpfw = {r["packet"]: r for r in rows if r["program"].startswith("xdpfw")}
+        bare = next((r for r in rows if r["program"].startswith("bare")), None)
+        n = u["result"]["config"]["rules"]
+        label = f"{n:,} exact" if name == "exact" else f"{n:,}"
+        cells = []
+        for k in GLANCE:
+            r = xdpfw.get(k)
+            cells.append(f"{r['ns']['median']:.0f} ({r['ratios']['vs bare']:.1f}x)" if r
+                         else "-")
+        bare_ns = f"{bare['ns']['median']:.0f}" if bare else "-"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {bare_ns} |")
+    if not lines:
+        return []
+    return ["", "### Per packet at a glance: xdpfw as attached, ns (x bare XDP_DROP)", "",
+            "| IPv4 prefixes | " + " | ".join(GLANCE) + " | bare XDP_DROP |",
+            "|---|" + "---:|" * (len(GLANCE) + 1), *lines]
 
 
 def _load(la, digits: int = 2) -> str:
