@@ -77,6 +77,7 @@ def render(records: list[dict], path) -> str:
     for u in bad:
         out.append(f"| phase `{u['unit']}` | | | | | **{u['status']}**: "
                    f"{_cell(u.get('error', ''))[:200]} |")
+    out += _other_bulk_loads(final)
     out += ["", "### Phases", "", "| phase | status | attempts | seconds | load avg before/after |"
             " notes |", "|---|---|---:|---:|---|---|"]
     for name, u in final.items():
@@ -104,6 +105,24 @@ def render(records: list[dict], path) -> str:
                 out += ["", f"### `{name}`", "", f"(not rendered: {type(e).__name__} {e}; "
                         "the record is in the results file)"]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _other_bulk_loads(final: dict[str, dict]) -> list[str]:
+    """The bulk-load target is one measurement; other phases of the run made loads of the same
+    size on a fresh daemon too, which shows how much a single figure moves."""
+    load = next((u for n, u in final.items() if n.startswith("load@") and u["status"] == "ok"),
+                None)
+    if load is None:
+        return []
+    n = load["result"]["config"]["rules"]
+    same = [(name, u["result"]["info"]["bulk_load_s"]) for name, u in final.items()
+            if u["status"] == "ok" and not name.startswith("load@")
+            and u["result"].get("config", {}).get("rules") == n
+            and "bulk_load_s" in (u["result"].get("info") or {})]
+    if not same:
+        return []
+    return ["", f"The same {n:,}-prefix bulk load made by other phases of this run (fresh "
+            "daemon, same request): " + ", ".join(f"`{k}` {v:.2f} s" for k, v in same) + "."]
 
 
 GLANCE = ("/32 hit", "/24 hit", "miss", "miss in host /24")
