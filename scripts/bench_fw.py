@@ -28,7 +28,7 @@ at the end, on failure and on Ctrl-C too. The summary goes to the "## Firewall (
 section of docs/perf.md.
 
 Run as root from the repository root:
-    .venv/bin/python scripts/bench_fw.py                          # everything, about 6 min
+    .venv/bin/python scripts/bench_fw.py                          # everything, about 4-5 min
     .venv/bin/python scripts/bench_fw.py --phases v4 --sizes 1M    # one phase, one size
     .venv/bin/python scripts/bench_fw.py --report docs/perf/X.jsonl   # re-render a run
 """
@@ -977,7 +977,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU that bpftool runs on (taskset): a number, 'last' or 'none'")
     p.add_argument("--flood-packets", type=int, default=2_000_000)
     p.add_argument("--flood-rounds", type=int, default=3)
-    p.add_argument("--budget-min", type=float, default=25,
+    p.add_argument("--budget-min", type=float, default=15,
                    help="start no phase after this many minutes (the rest is reported as "
                    "skipped)")
     p.add_argument("--out", help="JSON-lines file, or a directory for it (default docs/perf/)")
