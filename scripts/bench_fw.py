@@ -1,30 +1,45 @@
 #!/usr/bin/env python3
-"""Firewall benchmark: every figure next to a reference measured in the same run.
+"""Benchmark of xdpfw as it ships: the daemon started as the README starts it, driven over its
+API, every figure beside a baseline measured in the same run.
 
-  per-packet  BPF_PROG_TEST_RUN ns/packet (64-byte UDP) of xdpfw with 1, 10k, 1M IPv4 and 100k
-              IPv6 prefixes, hit and miss, beside a bare XDP_DROP program and a minimal
-              "parse + one LPM lookup" program that searches the firewall's own trie
-              (scripts/bench_progs/); and xdpfw beside xdp-filter on 10k exact addresses.
-  load        1M prefixes through POST /api/v1/rules/bulk (HTTP included), beside the same load
-              in-process, with where the time goes; POST /api/v1/rules latency over 1,000 adds.
-  flood       trafgen from a namespace into a guarded veth: drop rate and delivered packets for
-              xdpfw, a bare XDP_DROP program and an nftables netdev-ingress interval set.
+Each phase starts its own `xdpfw serve` (the command scripts/appliance.sh runs, default
+settings; only --socket, --state-dir and --bpffs-dir are its own, so it runs beside tests and
+other daemons; the lb phase adds a config file whose only setting is `[lb] netns`, where its
+backend lives). Rules go in through POST /api/v1/rules/bulk as a text/plain blocklist, the
+interface is attached through POST /api/v1/interfaces, and the per-packet figures are
+`bpftool prog run` of the program attached to that interface (its id from `ip -j link` and
+GET /api/v1/program, which must agree).
 
-Run as root from the repository root (it writes the "## Firewall" section of docs/perf.md):
-    .venv/bin/python scripts/bench_fw.py            # full run, about 5 minutes
-    .venv/bin/python scripts/bench_fw.py --quick    # reduced sizes, about 1.5 minutes
+Phases (`--phases`, default all, in this order):
+  calib     bare XDP_DROP and XDP_TX: bpftool prog run against BPF_PROG_TEST_RUN from Python
+  exact     10,000 exact IPv4 addresses: xdpfw against xdp-filter (Debian's xdp-tools)
+  v4        per --sizes N: /32 hit, /24 hit, miss, miss in a /24 holding a host rule, against a
+            bare XDP_DROP and a minimal parse + one LPM lookup program on the same prefixes
+  v6        100,000 IPv6 prefixes: against a minimal parse + LPM program on the same set
+  load      the largest N: bulk load time, daemon VmRSS/VmHWM, 500 single adds, /8 adds
+  lb        a tx service made over the API: conntrack hit against a bare XDP_TX
+  sampling  drop-event sampling at 1 in 100 (the default) and 1 in 1 against off, /32 hit
+  flood     trafgen from a namespace into a guarded veth: xdpfw, bare XDP_DROP, nftables
+
+Every phase (each N of v4 is one) is written to a JSON-lines file the moment it ends; a phase
+that fails is cleaned up and run once more, and both attempts are recorded. Everything the run
+creates (namespaces, daemons, pins, xdp-filter, nftables tables, temporary files) is removed
+at the end, on failure and on Ctrl-C too. The summary goes to the "## Firewall (as shipped)"
+section of docs/perf.md.
+
+Run as root from the repository root:
+    .venv/bin/python scripts/bench_fw.py                          # everything, about 4-5 min
+    .venv/bin/python scripts/bench_fw.py --phases v4 --sizes 1M    # one phase, one size
+    .venv/bin/python scripts/bench_fw.py --report docs/perf/X.jsonl   # re-render a run
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ipaddress
-import math
+import datetime
 import os
 import platform
-import random
 import re
 import shlex
 import shutil
@@ -32,862 +47,657 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests/packets.py builds the frames
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
+import benchlib as B
+from benchlib import XDP_DROP, XDP_NAMES, XDP_PASS, XDP_TX, Case, Daemon, Stat, log
 
-from tests import packets as P  # noqa: E402
-from xdpfw.dataplane import abi  # noqa: E402
-from xdpfw.dataplane.attach import Mode, attach, detach, link_info  # noqa: E402
-from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program  # noqa: E402
-from xdpfw.dataplane.maps import MapHandle  # noqa: E402
-from xdpfw.dataplane.testrun import test_run  # noqa: E402
-from xdpfw.netns import Addr, create_netns, link_mac, remove_netns, rtnl, veth_pair  # noqa: E402
-from xdpfw.rules.blocklist import parse_blocklist  # noqa: E402
-from xdpfw.rules.model import V4, V6, Action, Prefix, Proto  # noqa: E402
-from xdpfw.service import Firewall, RuleSpec  # noqa: E402
-
-BENCH_PROGS = ROOT / "scripts" / "bench_progs"
+ROOT = B.ROOT
 PERF_MD = ROOT / "docs" / "perf.md"
-SEED = 20240611
-PLAIN_UDP_PORT = 53
-FLOOD_NET = "10.64.0.0/16"  # flood sources: 10.64.<rnd>.<rnd>, blocked as 256 /24s
-FLOOD_SENDER, FLOOD_RECEIVER = "10.250.0.1", "10.250.0.2"
-PORT_RULE_PREFIX = "100.64.0.0/24"  # outside every generated set (first octet 100 is skipped)
-SKIPPED_FIRST_OCTETS = {0, 10, 100, 127, 169, 172, 192, 198, 203}
+PERF_DIR = ROOT / "docs" / "perf"
+SECTION = "## Firewall (as shipped)"
+SEED = 20261130
+PHASES = ("calib", "exact", "v4", "v6", "load", "lb", "sampling", "flood")
+DEFAULT_SIZES = (1_000, 100_000, 1_000_000, 2_000_000)
+TARGET_SIZES = (1_000_000, 2_000_000)  # where the per-packet targets apply
+
+# Addresses of the benchmark's own links (198.18.0.0/15, the benchmarking range), never in a
+# generated rule set (their first octet is skipped, see benchlib.SKIPPED_FIRST_OCTETS).
+LB_APP, LB_BACKEND, LB_CLIENT, LB_VIP, LB_PORT = (
+    "198.18.0.1", "198.18.0.2", "198.18.0.50", "198.19.0.100", 80)
+FLOOD_SENDER, FLOOD_RECEIVER = "198.19.250.1", "198.19.250.2"
+FLOOD_SOURCES = "198.18.0.0/16"  # trafgen's sources 198.18.<rnd>.<rnd>; blocked as 256 /24s
+SINGLE_ADD_NET = (100 << 24) | (64 << 16)  # 100.64.0.0/10: first octet 100 is never generated
+SLASH8_OCTETS = (169, 172, 192, 203, 10)  # /8s that no generated prefix overlaps
 
 
-# -- sizes ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sizes:
-    v4_steps: tuple[int, ...] = (1, 10_000, 1_000_000)
-    v6_count: int = 100_000
-    exact_count: int = 10_000  # xdp-filter's filter_ipv4 holds 10,000 entries at most
-    bulk_count: int = 1_000_000
-    single_adds: int = 1_000
-    runs: int = 5  # BPF_PROG_TEST_RUN calls per case; the median is reported
-    repeat: int = 1_000_000  # repetitions per call
-    flood_packets: int = 2_000_000
-    flood_reps: int = 3
-
-
-FULL = Sizes()
-QUICK = Sizes(
-    v4_steps=(1, 10_000, 200_000),
-    v6_count=20_000,
-    bulk_count=200_000,
-    single_adds=200,
-    runs=3,
-    repeat=200_000,
-    flood_packets=300_000,
-    flood_reps=1,
-)
-
-# -- results ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Median and range over repeated measurements."""
-
-    median: float
-    lo: float
-    hi: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        return cls(statistics.median(values), min(values), max(values))
+# -- context -----------------------------------------------------------------------------------
 
 
 @dataclass
-class Target:
-    what: str
-    goal: str
-    measured: str
-    met: bool
-    note: str = ""
+class Ctx:
+    args: argparse.Namespace
+    scratch: B.Scratch
+    cpu: int | None
+    runs: int
+    repeat: int
+    _v4: list[int] = field(default_factory=list)
+    _frames: dict[bytes, Path] = field(default_factory=dict)
+
+    def v4_set(self, n: int) -> list[int]:
+        """The first n prefixes of one seeded list, so every N has the same mix."""
+        if len(self._v4) < n:
+            log(f"generating {n:,} random IPv4 prefixes ({B.V4_MIX_TEXT})")
+            self._v4 = B.v4_prefixes(max(n, max(self.args.sizes)), SEED)
+        return self._v4[:n]
+
+    def frame(self, data: bytes) -> Path:
+        if data not in self._frames:
+            d = self.scratch.tmp / "frames"
+            d.mkdir(exist_ok=True)
+            path = d / f"f{len(self._frames)}.bin"
+            path.write_bytes(data)
+            self._frames[data] = path
+        return self._frames[data]
+
+    def measure(self, cases: Sequence[Case], **kw) -> dict[str, Stat]:
+        return B.measure(cases, self.runs, self.repeat, self.cpu, **kw)
+
+    @property
+    def method(self) -> dict:
+        return {"runs": self.runs, "repeat": self.repeat, "cpu": self.cpu,
+                "tool": "bpftool prog run (BPF_PROG_TEST_RUN), median of runs, interleaved"}
 
 
-@dataclass
-class Section:
-    """One part of the report: markdown lines plus the targets it checked."""
-
-    title: str
-    lines: list[str] = field(default_factory=list)
-    targets: list[Target] = field(default_factory=list)
+# -- targets -----------------------------------------------------------------------------------
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
+def ratio_target(tid: str, what: str, value: float, baseline: float, baseline_what: str,
+                 op: str, limit: float, unit: str = "ns") -> dict:
+    r = value / baseline if baseline else float("nan")
+    ok = r <= limit if op == "<=" else r >= limit
+    return {"id": tid, "what": what, "kind": "ratio", "value": value, "unit": unit,
+            "baseline": baseline, "baseline_what": baseline_what, "ratio": r, "op": op,
+            "limit": limit, "pass": ok}
 
 
-def ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base else "n/a"
+def abs_target(tid: str, what: str, value: float, unit: str, op: str, limit: float,
+               reference: float | None = None, reference_what: str = "") -> dict:
+    ok = value <= limit if op == "<=" else value >= limit
+    r = value / reference if reference else None
+    return {"id": tid, "what": what, "kind": "absolute", "value": value, "unit": unit,
+            "baseline": reference, "baseline_what": reference_what, "ratio": r, "op": op,
+            "limit": limit, "pass": ok}
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def info_target(tid: str, what: str, value: float, unit: str, baseline: float,
+                baseline_what: str) -> dict:
+    return {"id": tid, "what": what, "kind": "info", "value": value, "unit": unit,
+            "baseline": baseline, "baseline_what": baseline_what,
+            "ratio": value / baseline if baseline else None, "op": "", "limit": None,
+            "pass": None}
 
 
-# -- scratch space: pins, state, namespaces; all removed at exit ------------------------------
+def row(program: str, packet: str, source: str, expect: int, st: Stat,
+        ratios: dict[str, float] | None = None) -> dict:
+    return {"program": program, "packet": packet, "source": source,
+            "verdict": XDP_NAMES[expect], "ns": st.json(), "ratios": ratios or {}}
 
 
-class Scratch:
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex[:6]
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"xdpfw-bench-{self.tag}-"))
-        self.pins: list[str] = []
-
-    def pin_dir(self, name: str) -> str:
-        path = f"/sys/fs/bpf/xdpfw-bench-{self.tag}-{name}"
-        self.pins.append(path)
-        return path
-
-    def netns(self, name: str) -> str:
-        return f"xb{self.tag}{name}"
-
-    def cleanup(self) -> None:
-        for path in self.pins:
-            shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+# -- shared steps ------------------------------------------------------------------------------
 
 
-# -- rule sets --------------------------------------------------------------------------------
+def guarded_daemon(ctx: Ctx, stack: contextlib.ExitStack, what: str,
+                   config: str | None = None, ns: str | None = None,
+                   ifname: str = "xb0") -> tuple[Daemon, str, str]:
+    """A namespace with a veth, a daemon, and the veth's end attached in generic mode."""
+    if ns is None:
+        ns = B.netns_add(ctx.scratch, what)
+        stack.callback(_drop_netns, ctx.scratch, ns)
+        B.veth(ns, ifname, ns, ifname.replace("0", "1"))
+    d = start_daemon(ctx, stack, what, config)
+    d.attach(ifname, ns, "generic")
+    return d, ns, ifname
 
 
-def _first_octet_ok(addr: int) -> bool:
-    first = addr >> 24
-    return 1 <= first < 224 and first not in SKIPPED_FIRST_OCTETS
+def start_daemon(ctx: Ctx, stack: contextlib.ExitStack, what: str,
+                 config: str | None = None) -> Daemon:
+    d = Daemon(ctx.scratch, what, config)
+    stack.callback(d.stop)  # registered after the namespace: it goes first
+    log(f"{what}: {d.command}")
+    d.wait_healthy()
+    return d
 
 
-def gen_v4_prefixes(n: int, rng: random.Random) -> list[Prefix]:
-    """n distinct IPv4 prefixes: about half /32, a third /24, the rest /20-/23. The first one
-    is a /32 (the "hit" source), so every leading slice of the list holds it."""
-    out: list[Prefix] = []
-    seen: set[tuple[int, int]] = set()
-    while len(out) < n:
-        addr = rng.getrandbits(32)
-        if not _first_octet_ok(addr):
-            continue
-        r = rng.random()
-        length = 32 if r < 0.5 or not out else 24 if r < 0.85 else rng.randint(20, 23)
-        net = addr & (((1 << length) - 1) << (32 - length))
-        if (net, length) not in seen:
-            seen.add((net, length))
-            out.append(Prefix(V4, net, length))
-    return out
+def _drop_netns(scratch: B.Scratch, ns: str) -> None:
+    B.netns_del(ns)
+    if ns in scratch.namespaces:
+        scratch.namespaces.remove(ns)
 
 
-def gen_v6_prefixes(n: int, rng: random.Random) -> list[Prefix]:
-    """n distinct prefixes in 2000::/3: /48, /56, /64 and /128; the first one is a /128."""
-    out: list[Prefix] = []
-    seen: set[tuple[int, int]] = set()
-    while len(out) < n:
-        addr = (0x2000 << 112) | rng.getrandbits(125)
-        r = rng.random()
-        length = 128 if r < 0.1 or not out else 48 if r < 0.5 else 56 if r < 0.7 else 64
-        net = addr & (((1 << length) - 1) << (128 - length))
-        if (net, length) not in seen:
-            seen.add((net, length))
-            out.append(Prefix(V6, net, length))
-    return out
+def bulk_load(d: Daemon, text: str, n: int, what: str) -> float:
+    log(f"{what}: POST /api/v1/rules/bulk, {n:,} prefixes ({len(text) / 2**20:.1f} MiB)")
+    seconds, answer = d.bulk_text(text)
+    if answer.get("added") != n:
+        raise B.BenchError(f"bulk load added {answer.get('added')}, sent {n}")
+    rules = d.api.get("/healthz")["rules"]
+    if rules != n:
+        raise B.BenchError(f"after the bulk load the daemon holds {rules} rules, sent {n}")
+    return seconds
 
 
-def gen_exact_v4(n: int, rng: random.Random) -> list[Prefix]:
-    nets: set[int] = set()
-    while len(nets) < n:
-        addr = rng.getrandbits(32)
-        if _first_octet_ok(addr):
-            nets.add(addr)
-    return [Prefix(V4, a, 32) for a in sorted(nets, key=lambda _: rng.random())]
+def ref_prog(stack: contextlib.ExitStack, name: str, cflags: Sequence[str] = ()) -> B.RefProg:
+    p = B.RefProg(name, cflags)
+    stack.callback(p.close)
+    return p
 
 
-def uncovered_address(prefixes: Sequence[Prefix], bits: int, rng: random.Random) -> int:
-    """A random address of the populated space that no prefix covers (a true miss)."""
-    by_len: dict[int, set[int]] = {}
-    for p in prefixes:
-        by_len.setdefault(p.length, set()).add(p.net)
-    template = prefixes[0].net
-    while True:
-        # Same top 12 bits as a real entry: the lookup walks a populated part of the trie.
-        addr = (template >> (bits - 12) << (bits - 12)) | rng.getrandbits(bits - 12)
-        if bits == 32 and not _first_octet_ok(addr):
-            continue
-        if not any(
-            addr >> (bits - length) << (bits - length) in nets for length, nets in by_len.items()
-        ):
-            return addr
-        template = rng.choice(prefixes).net
-
-
-def ip4(addr: int) -> str:
-    return str(ipaddress.IPv4Address(addr))
-
-
-def ip6(addr: int) -> str:
-    return str(ipaddress.IPv6Address(addr))
-
-
-def specs(prefixes: Sequence[Prefix]) -> list[RuleSpec]:
-    return [RuleSpec(p, Action.DROP) for p in prefixes]
-
-
-def flood_prefixes() -> list[Prefix]:
-    net = ipaddress.IPv4Network(FLOOD_NET)
-    return [Prefix(V4, int(s.network_address), 24) for s in net.subnets(new_prefix=24)]
-
-
-# -- BPF_PROG_TEST_RUN ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    fd: int
-    packet: bytes
-    verdict: str  # what the program must return: a wrong verdict means a wrong benchmark
-
-
-def measure(cases: Sequence[Case], sz: Sizes) -> dict[str, Stat]:
-    """Median ns/packet per case; cases are interleaved so that noise from the shared machine
-    falls on all of them alike."""
+def checked_counters(d: Daemon, ns: str, ifname: str, cases: Sequence[Case],
+                     before: dict[str, int], runs: int, repeat: int) -> str:
+    """The daemon's own counters of the interface must have grown by exactly the runs of the
+    cases that ran its program: proof that the figures are of the attached instance."""
+    after = d.iface_counters(ifname, ns)
+    prog = {c.prog_id for c in cases if c.name.startswith("xdpfw")}
+    want = {"dropped": 0, "passed": 0, "forwarded": 0}
+    key = {XDP_DROP: "dropped", XDP_PASS: "passed", XDP_TX: "forwarded"}
     for c in cases:
-        got = test_run(c.fd, c.packet).verdict
-        if got != c.verdict:
-            raise RuntimeError(f"{c.name}: expected {c.verdict}, got {got}")
-    samples: dict[str, list[float]] = {c.name: [] for c in cases}
-    for _ in range(sz.runs):
-        for c in cases:
-            samples[c.name].append(test_run(c.fd, c.packet, repeat=sz.repeat).duration_ns)
-    return {name: Stat.of(v) for name, v in samples.items()}
+        if c.prog_id in prog:
+            want[key[c.expect]] += runs * repeat
+    got = {k: after[k] - before[k] for k in want}
+    if got != want:
+        raise B.BenchError(f"the daemon's counters of {ifname} moved by {got}, the runs of its "
+                           f"program {sorted(prog)} account for {want}")
+    return (f"GET /api/v1/stats: {ifname} counted {got['dropped']:,} dropped, "
+            f"{got['passed']:,} passed, {got['forwarded']:,} forwarded during the runs: exactly "
+            f"the runs of program {', '.join(map(str, sorted(prog)))}")
 
 
-def fmt_ns(s: Stat) -> str:
-    return f"{s.median:.0f} ({s.lo:.0f}-{s.hi:.0f})"
+def sample_rate(d: Daemon) -> int:
+    return int(d.api.get("/api/v1/events/config")["sample_rate"])
 
 
-def load_reference(pin_dir: str, max_rules: int, name: str) -> LoadedProgram:
-    """A program of scripts/bench_progs/, compiled with the firewall's -D flags and pin dir."""
-    cfg = ProgramConfig(pin_dir=pin_dir, max_rules=max_rules, source=BENCH_PROGS / f"{name}.c")
-    return load_program(cfg, entry=name, slotted=False)
+# -- phases ------------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadTiming:
-    """Where the time of one Firewall.add_rules call goes (instance attributes wrapped)."""
+def phase_calib(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    """What the measuring tool adds: bpftool against the same BPF_PROG_TEST_RUN issued from
+    this process, on bare programs."""
+    drop, tx = ref_prog(stack, "xdp_drop"), ref_prog(stack, "xdp_tx")
+    frame = B.udp4("198.18.1.1")
+    path = ctx.frame(frame)
+    bpftool: dict[str, list[float]] = {"xdp_drop": [], "xdp_tx": []}
+    raw: dict[str, list[float]] = {"xdp_drop": [], "xdp_tx": []}
+    aff = os.sched_getaffinity(0)
+    try:
+        if ctx.cpu is not None:
+            os.sched_setaffinity(0, {ctx.cpu})
+        for _ in range(ctx.runs):
+            for name, prog, expect in (("xdp_drop", drop, XDP_DROP), ("xdp_tx", tx, XDP_TX)):
+                got, ns = B.bpftool_run(prog.id, path, ctx.repeat, ctx.cpu)
+                rv, ns_raw = B.bpf_test_run(prog.fd, frame, ctx.repeat)
+                if got != expect or rv != expect:
+                    raise B.BenchError(f"{name} returned {got}/{rv}")
+                bpftool[name].append(ns)
+                raw[name].append(float(ns_raw))
+    finally:
+        os.sched_setaffinity(0, aff)
+    rows = []
+    for name in ("xdp_drop", "xdp_tx"):
+        a, b = Stat.of(bpftool[name]), Stat.of(raw[name])
+        rows.append(row(f"bare {name.upper()}", "60-byte UDP", "198.18.1.1",
+                        XDP_DROP if name == "xdp_drop" else XDP_TX, a,
+                        {"vs raw test run": a.median / b.median}))
+        rows.append(row(f"bare {name.upper()}, BPF_PROG_TEST_RUN from Python", "60-byte UDP",
+                        "198.18.1.1", XDP_DROP if name == "xdp_drop" else XDP_TX, b,
+                        {"vs raw test run": 1.0}))
+    return {"config": {"method": ctx.method, "programs": ["scripts/bench_progs/xdp_drop.c",
+                                                          "scripts/bench_progs/xdp_tx.c"]},
+            "rows": rows, "targets": [], "checks": []}
 
-    total: float = 0.0
-    parts: dict[str, float] = field(default_factory=dict)
 
-
-@contextlib.contextmanager
-def timed_parts(fw: Firewall, timing: LoadTiming) -> Iterator[None]:
-    targets = {
-        "compile (RuleIndex.add)": (fw.index, "add"),
-        "SQLite insert (Store.insert_rules)": (fw.store, "insert_rules"),
-        "map writes (FirewallMaps.apply)": (fw.maps, "apply"),
-        "counter reset (reset_rule_counters)": (fw.maps, "reset_rule_counters"),
+def phase_v4(ctx: Ctx, stack: contextlib.ExitStack, n: int) -> dict:
+    what = f"v4-{n}"
+    prefixes = ctx.v4_set(n)
+    probes = B.v4_probes(prefixes, SEED + n)
+    d, ns, ifname = guarded_daemon(ctx, stack, what)
+    bulk_s = bulk_load(d, B.v4_text(prefixes), n, what)
+    prog_id = d.prog_id(ifname, ns)
+    bare = ref_prog(stack, "xdp_drop")
+    lpm = ref_prog(stack, "lpm_min", [f"-DLPM_MAX={max(n, 1024)}"])
+    B.bpf_update_many(lpm.map_fd("trie"), B.v4_lpm_keys(prefixes), bytes(n), n)
+    expect = {"/32 hit": XDP_DROP, "/24 hit": XDP_DROP, "miss": XDP_PASS,
+              "miss in host /24": XDP_PASS}
+    cases = []
+    for p in probes:
+        f = ctx.frame(B.udp4(p.addr))
+        cases.append(Case(f"xdpfw {p.name}", prog_id, f, expect[p.name]))
+        cases.append(Case(f"lpm {p.name}", lpm.id, f, expect[p.name]))
+    cases.append(Case("bare", bare.id, ctx.frame(B.udp4(probes[0].addr)), XDP_DROP))
+    before = d.iface_counters(ifname, ns)
+    log(f"{what}: bpftool prog run, {len(cases)} cases x {ctx.runs}")
+    st = ctx.measure(cases)
+    check = checked_counters(d, ns, ifname, cases, before, ctx.runs, ctx.repeat)
+    base = st["bare"].median
+    rows, targets = [], []
+    for p in probes:
+        x, m = st[f"xdpfw {p.name}"], st[f"lpm {p.name}"]
+        rows.append(row(f"xdpfw (attached, prog {prog_id})", p.name, p.addr, expect[p.name], x,
+                        {"vs bare": x.median / base, "vs min LPM": x.median / m.median}))
+        rows.append(row("minimal LPM (lpm_min.c)", p.name, p.addr, expect[p.name], m,
+                        {"vs bare": m.median / base, "vs min LPM": 1.0}))
+        if n in TARGET_SIZES:
+            targets.append(ratio_target(f"v4.{n}.{p.name}", f"{short_n(n)} IPv4 prefixes, {p.name}",
+                                        x.median, base, "bare XDP_DROP", "<=", 2.0))
+    rows.append(row("bare XDP_DROP (xdp_drop.c)", "any", probes[0].addr, XDP_DROP, st["bare"],
+                    {"vs bare": 1.0}))
+    return {
+        "config": {"daemon": d.command, "attach": "generic", "netns": ns, "ifname": ifname,
+                   "prog_id": prog_id, "rules": n, "mix": B.V4_MIX_TEXT,
+                   "sample_rate": sample_rate(d), "frame": "60-byte IPv4/UDP (64 on the wire)",
+                   "method": ctx.method},
+        "probes": [vars(p) for p in probes],
+        "rows": rows, "targets": targets,
+        "info": {"bulk_load_s": bulk_s, "healthy_after_s": d.healthy_after},
+        "checks": [check, f"program {prog_id}: `ip -j link` and GET /api/v1/program agree"],
     }
 
-    def wrap(label: str, fn: Callable) -> Callable:
-        def inner(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                timing.parts[label] = timing.parts.get(label, 0.0) + time.perf_counter() - t0
 
-        return inner
-
-    # Only what this version of the service has (it is being optimised as this is written).
-    present = {k: v for k, v in targets.items() if hasattr(*v)}
-    for label, (obj, attr) in present.items():
-        setattr(obj, attr, wrap(label, getattr(obj, attr)))
-    try:
-        yield
-    finally:
-        for obj, attr in present.values():
-            delattr(obj, attr)  # back to the class's method
-
-
-def timed_add(fw: Firewall, rule_specs: Sequence[RuleSpec]) -> LoadTiming:
-    timing = LoadTiming()
-    with timed_parts(fw, timing):
-        t0 = time.perf_counter()
-        fw.add_rules(rule_specs)
-        timing.total = time.perf_counter() - t0
-    return timing
-
-
-def guard_test_ifindex(fw: Firewall) -> None:
-    """BPF_PROG_TEST_RUN packets arrive on lo: give it a config entry (policy pass), so the
-    program takes the path of a guarded interface, as in production."""
-    fw.maps.set_policy(0, abi.POLICY_PASS, abi.POLICY_PASS, 0)  # the test instance
-
-
-# -- per-packet cost --------------------------------------------------------------------------
-
-
-@dataclass
-class PerPacket:
-    section: Section
-    bare_ns: list[float] = field(default_factory=list)
-    load_1m: tuple[int, LoadTiming] | None = None
-    plain_hit: Stat | None = None  # xdpfw hit at the largest IPv4 step, before any port rule
-
-
-def bench_per_packet(sz: Sizes, scratch: Scratch, v4: list[Prefix], v6: list[Prefix]) -> PerPacket:
-    rng = random.Random(SEED + 1)
-    hit4, miss4 = ip4(v4[0].net), ip4(uncovered_address(v4, 32, rng))
-    hit6, miss6 = ip6(v6[0].net), ip6(uncovered_address(v6, 128, rng))
-    cfg = ProgramConfig(pin_dir=scratch.pin_dir("pp"))  # production capacities
-    res = PerPacket(Section("Per-packet cost (BPF_PROG_TEST_RUN, 64-byte UDP)"))
-    rows: list[list[object]] = []
-    log(f"per-packet: compiling xdpfw and the references (pins {cfg.pin_dir})")
-    fw = Firewall(scratch.tmp / "state-pp", cfg)
-    progs: list[LoadedProgram] = []
-    try:
-        guard_test_ifindex(fw)
-        bare = load_reference(cfg.pin_dir, cfg.max_rules, "xdp_drop")
-        progs.append(bare)
-        # The reference has a trie of its own holding every prefix, /32s included (xdpfw keeps
-        # /32s in a hash beside its trie): one LPM lookup on the same set, as the issue asks.
-        lpm = load_reference(scratch.pin_dir("lpm-ref"), cfg.max_rules, "lpm_min")
-        progs.append(lpm)
-        lpm_trie = MapHandle.of_table(lpm.table("rules_v4"), "rules_v4", 8, 12)
-        loaded = 0
-        for n in sz.v4_steps:
-            log(f"per-packet: loading IPv4 prefixes {loaded:,} -> {n:,} in-process")
-            lpm_trie.update_many(b"".join(map(v4_key, v4[loaded:n])), bytes(12) * (n - loaded),
-                                 n - loaded)
-            timing = timed_add(fw, specs(v4[loaded:n]))
-            if n == max(sz.v4_steps):
-                res.load_1m = (n - loaded, timing)
-            loaded = n
-            rows += _v4_step(sz, res, fw, bare, lpm, n, hit4, miss4)
-        rows += _port_rule_step(sz, res, fw, bare, lpm, loaded, hit4)
-        log(f"per-packet: loading {len(v6):,} IPv6 prefixes")
-        fw.add_rules(specs(v6))
-        rows += _v6_step(sz, res, fw, bare, len(v6), hit6, miss6)
-    finally:
-        for prog in progs:
-            prog.close()
-        fw.close()
-    bare_med = statistics.median(res.bare_ns)
-    sec = res.section
-    sec.lines += [
-        f"Hit source {hit4} (a /32 of the set; IPv6 {hit6}, a /128), miss source {miss4} "
-        f"(IPv6 {miss6}): no prefix covers it, but it lies in a populated part of the trie. "
-        f"Median of {sz.runs} runs of repeat={sz.repeat:,} (range in brackets); runs of all "
-        "programs are interleaved. `vs min LPM` divides by the minimal program on the same "
-        "trie, packet and run; `vs bare` by the bare XDP_DROP program "
-        f"(median {bare_med:.0f} ns over all steps).",
-        "",
-        *table(
-            ["program", "prefixes", "packet", "ns/packet", "vs min LPM", "vs bare"],
-            [[*r[:4], r[4], ratio(r[5], bare_med)] for r in rows],
-        ),
-    ]
-    return res
-
-
-def _v4_step(
-    sz: Sizes, res: PerPacket, fw: Firewall, bare: LoadedProgram, lpm: LoadedProgram,
-    n: int, hit: str, miss: str,
-) -> list[list[object]]:
-    log(f"per-packet: measuring with {n:,} IPv4 prefixes")
-    hit_pkt, miss_pkt = P.udp4(hit, PLAIN_UDP_PORT), P.udp4(miss, PLAIN_UDP_PORT)
-    st = measure(
-        [
-            Case("fw hit", fw.program.fd, hit_pkt, "XDP_DROP"),
-            Case("lpm hit", lpm.fd, hit_pkt, "XDP_DROP"),
-            Case("fw miss", fw.program.fd, miss_pkt, "XDP_PASS"),
-            Case("lpm miss", lpm.fd, miss_pkt, "XDP_PASS"),
-            Case("bare", bare.fd, hit_pkt, "XDP_DROP"),
-        ],
-        sz,
-    )
-    res.bare_ns.append(st["bare"].median)
-    rows: list[list[object]] = []
-    for kind in ("hit", "miss"):
-        fw_s, lpm_s = st[f"fw {kind}"], st[f"lpm {kind}"]
-        rows.append(["xdpfw", f"{n:,} v4", kind, fmt_ns(fw_s), ratio(fw_s.median, lpm_s.median),
-                     fw_s.median])
-        rows.append(["minimal LPM", f"{n:,} v4", kind, fmt_ns(lpm_s), "1.00x", lpm_s.median])
-        if n == max(sz.v4_steps):
-            if kind == "hit":
-                res.plain_hit = fw_s
-            r = fw_s.median / lpm_s.median
-            res.section.targets.append(Target(
-                f"xdpfw vs minimal LPM program, {n:,} prefixes, {kind}", "<= 1.30x",
-                f"{r:.2f}x ({fw_s.median:.0f} vs {lpm_s.median:.0f} ns)", r <= 1.3,
-            ))
-    rows.append(["bare XDP_DROP", "-", "any", fmt_ns(st["bare"]), "-", st["bare"].median])
-    return rows
-
-
-def _port_rule_step(
-    sz: Sizes, res: PerPacket, fw: Firewall, bare: LoadedProgram, lpm: LoadedProgram,
-    n: int, hit: str,
-) -> list[list[object]]:
-    """Port rules elsewhere must cost a plain prefix nothing; show what a port rule costs."""
-    port_net = ipaddress.IPv4Network(PORT_RULE_PREFIX)
-    port_prefix = Prefix(V4, int(port_net.network_address), port_net.prefixlen)
-    fw.add_rules([RuleSpec(port_prefix, Action.DROP, Proto.TCP, 22)])
-    lpm_v4 = MapHandle.of_table(lpm.table("rules_v4"), "rules_v4", 8, 12)
-    lpm_v4.update(v4_key(port_prefix), bytes(12))
-    port_src = str(port_net.network_address + 7)
-    st = measure(
-        [
-            Case("fw plain", fw.program.fd, P.udp4(hit, PLAIN_UDP_PORT), "XDP_DROP"),
-            Case("lpm plain", lpm.fd, P.udp4(hit, PLAIN_UDP_PORT), "XDP_DROP"),
-            Case("fw port", fw.program.fd, P.tcp4(port_src, 22), "XDP_DROP"),
-            Case("fw port miss", fw.program.fd, P.tcp4(port_src, 80), "XDP_PASS"),
-            Case("lpm port", lpm.fd, P.tcp4(port_src, 22), "XDP_DROP"),
-            Case("bare", bare.fd, P.udp4(hit, PLAIN_UDP_PORT), "XDP_DROP"),
-        ],
-        sz,
-    )
-    res.bare_ns.append(st["bare"].median)
-    label = f"{n:,} v4 + 1 port rule"
-    if res.plain_hit is not None:
-        after, before = st["fw plain"].median, res.plain_hit.median
-        res.section.targets.append(Target(
-            f"plain prefix hit, {n:,} prefixes: with a port rule elsewhere vs without",
-            "<= 1.05x (no second lookup)",
-            f"{after / before:.2f}x ({after:.0f} vs {before:.0f} ns)", after <= 1.05 * before,
-        ))
-    plain_src = f"{hit} (plain prefix), udp"
-    port_base = st["lpm port"].median
-    rows: list[list[object]] = [
-        ["xdpfw", label, plain_src, fmt_ns(st["fw plain"]),
-         ratio(st["fw plain"].median, st["lpm plain"].median), st["fw plain"].median],
-        ["minimal LPM", label, plain_src, fmt_ns(st["lpm plain"]), "1.00x",
-         st["lpm plain"].median],
-    ]
-    for case, what in (("fw port", "tcp/22: port rule hit"),
-                       ("fw port miss", "tcp/80: 2nd lookup misses")):
-        rows.append(["xdpfw", label, f"{port_src} ({PORT_RULE_PREFIX} has a port rule), {what}",
-                     fmt_ns(st[case]), ratio(st[case].median, port_base), st[case].median])
-    rows.append(["minimal LPM", label, f"{port_src}, tcp/22", fmt_ns(st["lpm port"]), "1.00x",
-                 port_base])
-    return rows
-
-
-def _v6_step(
-    sz: Sizes, res: PerPacket, fw: Firewall, bare: LoadedProgram, n: int, hit: str, miss: str,
-) -> list[list[object]]:
-    st = measure(
-        [
-            Case("fw hit", fw.program.fd, P.udp6(hit, PLAIN_UDP_PORT), "XDP_DROP"),
-            Case("fw miss", fw.program.fd, P.udp6(miss, PLAIN_UDP_PORT), "XDP_PASS"),
-            Case("bare", bare.fd, P.udp6(hit, PLAIN_UDP_PORT), "XDP_DROP"),
-        ],
-        sz,
-    )
-    res.bare_ns.append(st["bare"].median)
-    label = f"{n:,} v6 (+ v4 set)"
-    return [
-        ["xdpfw", label, kind, fmt_ns(st[f"fw {kind}"]), "- (v4 only)", st[f"fw {kind}"].median]
-        for kind in ("hit", "miss")
-    ]
-
-
-# -- xdp-filter, the nearest peer -------------------------------------------------------------
+def short_n(n: int) -> str:
+    """1,000,000 -> 1M."""
+    for div, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if n >= div and n % (div // 10) == 0:
+            v = n / div
+            return f"{v:g}{suffix}"
+    return f"{n:,}"
 
 
 XDP_FILTER_MAP = "/sys/fs/bpf/xdp-filter/filter_ipv4"
-XDP_FILTER_SRC_FLAG = "01 00 00 00 00 00 00 00"  # MAP_FLAG_SRC, a per-CPU u64
+XDP_FILTER_SRC = "01 00 00 00 00 00 00 00"  # MAP_FLAG_SRC, a per-CPU u64 (all CPUs)
 
 
-def _sh(argv: Sequence[str], what: str, timeout: float = 120) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{what} failed ({shlex.join(argv)}): rc {proc.returncode}\n"
-            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
-        )
-    return proc.stdout
-
-
-def load_xdp_filter(ns: str, ifname: str, addrs: Sequence[Prefix], scratch: Scratch) -> int:
-    """xdp-filter on ifname in ns, filled with addrs as source addresses; returns its prog id.
-
-    `ip netns exec` starts with a fresh /sys, so a bpffs is mounted inside that shell; the
-    program stays alive after it exits, held by the interface (and it holds its maps). The
-    10k addresses go in with one `bpftool batch` (the CLI adds one address per process)."""
-    batch = scratch.tmp / "xdp-filter.batch"
+def load_xdp_filter(ctx: Ctx, ns: str, ifname: str, hosts: Sequence[int]) -> tuple[int, float]:
+    """xdp-filter on ifname (skb mode), its source-address map filled in one `bpftool batch`
+    (the CLI `xdp-filter ip` adds one address per process). `ip netns exec` starts with a
+    fresh /sys, so the shell mounts a bpffs of its own: the pins vanish with it, the program
+    stays, held by the interface. Returns (program id, seconds to fill)."""
+    batch = ctx.scratch.tmp / f"xdp-filter-{ns}.batch"
     with batch.open("w") as f:
-        for p in addrs:
-            key = " ".join(f"{b:02x}" for b in p.packed())
-            f.write(f"map update pinned {XDP_FILTER_MAP} key hex {key} "
-                    f"value hex {XDP_FILTER_SRC_FLAG}\n")
-    script = (
-        "set -e; mount -t bpf bpf /sys/fs/bpf; "
-        f"xdp-filter load --mode skb --features ipv4 {ifname}; "
-        f"bpftool batch file {batch}"
-    )
-    _sh(["ip", "netns", "exec", ns, "sh", "-c", script], "loading xdp-filter")
-    _, _, prog_id, _ = link_info(ifname, ns)
+        for h in hosts:
+            key = " ".join(f"{b:02x}" for b in (h >> 8).to_bytes(4, "big"))
+            f.write(f"map update pinned {XDP_FILTER_MAP} key hex {key} value hex "
+                    f"{XDP_FILTER_SRC}\n")
+    script = ("set -e; mount -t bpf bpf /sys/fs/bpf; "
+              f"xdp-filter load --mode skb --features ipv4 {ifname}; "
+              f"t0=$(date +%s.%N); bpftool batch file {batch} >/dev/null; t1=$(date +%s.%N); "
+              'echo "fill $t0 $t1"')
+    out = B.sh(["ip", "netns", "exec", ns, "sh", "-c", script], "loading xdp-filter").stdout
+    m = re.search(r"fill ([\d.]+) ([\d.]+)", out)
+    prog_id = B.xdp_prog_id(ns, ifname)
     if prog_id is None:
-        raise RuntimeError(f"xdp-filter reports success but {ifname} has no XDP program")
-    return prog_id
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    from bcc.libbcc import lib
-
-    fd = lib.bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), f"no fd for BPF program id {prog_id}")
-    return fd
+        raise B.BenchError(f"xdp-filter reported success but {ifname} has no XDP program")
+    return prog_id, float(m.group(2)) - float(m.group(1)) if m else float("nan")
 
 
 def xdp_filter_version() -> str:
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "xdp-tools"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    out = B.sh(["dpkg-query", "-W", "-f", "${Version}", "xdp-tools"], "xdp-tools version",
+               check=False).stdout
+    return out.strip() or "unknown"
 
 
-def bench_exact(sz: Sizes, scratch: Scratch, fw: Firewall, exact: list[Prefix]) -> Section:
-    sec = Section(f"xdpfw beside xdp-filter, {len(exact):,} exact IPv4 addresses")
-    rng = random.Random(SEED + 2)
-    hit, miss = ip4(exact[0].net), ip4(uncovered_address(exact, 32, rng))
-    ns_name = scratch.netns("x")
-    log(f"xdp-filter: namespace {ns_name}, {len(exact):,} addresses")
-    create_netns(ns_name)
-    fd = -1
-    try:
-        with rtnl(ns_name) as ip:
-            ip.link("add", ifname="xbx0", kind="veth", peer={"ifname": "xbx1"})
-        prog_id = load_xdp_filter(ns_name, "xbx0", exact, scratch)
-        fd = prog_fd_by_id(prog_id)
-        hit_pkt, miss_pkt = P.udp4(hit, PLAIN_UDP_PORT), P.udp4(miss, PLAIN_UDP_PORT)
-        st = measure(
-            [
-                Case("fw hit", fw.program.fd, hit_pkt, "XDP_DROP"),
-                Case("xf hit", fd, hit_pkt, "XDP_DROP"),
-                Case("fw miss", fw.program.fd, miss_pkt, "XDP_PASS"),
-                Case("xf miss", fd, miss_pkt, "XDP_PASS"),
-            ],
-            sz,
-        )
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        remove_netns(ns_name)
-    rows = []
-    for kind in ("hit", "miss"):
-        f, x = st[f"fw {kind}"], st[f"xf {kind}"]
-        rows.append(["xdpfw (host hash, /32 rules)", kind, fmt_ns(f), ratio(f.median, x.median)])
-        rows.append([f"xdp-filter {xdp_filter_version()} (hash)", kind, fmt_ns(x), "1.00x"])
-        r = f.median / x.median
-        sec.targets.append(Target(
-            f"xdpfw vs xdp-filter, {len(exact):,} exact addresses, {kind}", "<= 1.00x",
-            f"{r:.2f}x ({f.median:.0f} vs {x.median:.0f} ns)", r <= 1.0,
-        ))
-    sec.lines += [
-        f"Same {len(exact):,} random addresses in both (xdpfw: one /32 rule each; xdp-filter: "
-        "`xdp-filter load --features ipv4`, entries with the src flag written by `bpftool "
-        "batch`); xdp-filter's own program (no libxdp dispatcher in front) run by id. "
-        f"Hit {hit}, miss {miss}; median of {sz.runs} x repeat={sz.repeat:,}, interleaved.",
-        "",
-        *table(["program", "packet", "ns/packet", "vs xdp-filter"], rows),
-    ]
-    return sec
+def phase_exact(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    n = ctx.args.exact_size
+    hosts = B.v4_exact(n, SEED + 1)
+    probes = [p for p in B.v4_probes(hosts, SEED + 2) if p.name != "/24 hit"]
+    ns = B.netns_add(ctx.scratch, "exact")
+    stack.callback(_drop_netns, ctx.scratch, ns)
+    B.veth(ns, "xb0", ns, "xb1")
+    B.veth(ns, "xf0", ns, "xf1")
+    d, ns, ifname = guarded_daemon(ctx, stack, "exact", ns=ns)
+    bulk_s = bulk_load(d, B.v4_text(hosts), n, "exact")
+    prog_id = d.prog_id(ifname, ns)
+    log(f"exact: xdp-filter {xdp_filter_version()} on xf0, {n:,} source addresses")
+    xf_id, fill_s = load_xdp_filter(ctx, ns, "xf0", hosts)
+    xf_name = B.sh(["bpftool", "-j", "prog", "show", "id", str(xf_id)], "xdp-filter prog").stdout
+    bare = ref_prog(stack, "xdp_drop")
+    expect = {"/32 hit": XDP_DROP, "miss": XDP_PASS, "miss in host /24": XDP_PASS}
+    cases = []
+    for p in probes:
+        f = ctx.frame(B.udp4(p.addr))
+        cases += [Case(f"xdpfw {p.name}", prog_id, f, expect[p.name]),
+                  Case(f"xdp-filter {p.name}", xf_id, f, expect[p.name])]
+    cases.append(Case("bare", bare.id, ctx.frame(B.udp4(probes[0].addr)), XDP_DROP))
+    before = d.iface_counters(ifname, ns)
+    log(f"exact: bpftool prog run, {len(cases)} cases x {ctx.runs}")
+    st = ctx.measure(cases)
+    check = checked_counters(d, ns, ifname, cases, before, ctx.runs, ctx.repeat)
+    base = st["bare"].median
+    rows, targets = [], []
+    for p in probes:
+        x, f = st[f"xdpfw {p.name}"], st[f"xdp-filter {p.name}"]
+        rows.append(row(f"xdpfw (attached, prog {prog_id})", p.name, p.addr, expect[p.name], x,
+                        {"vs xdp-filter": x.median / f.median, "vs bare": x.median / base}))
+        rows.append(row(f"xdp-filter {xdp_filter_version()} (prog {xf_id})", p.name, p.addr,
+                        expect[p.name], f, {"vs xdp-filter": 1.0, "vs bare": f.median / base}))
+        if p.name in ("/32 hit", "miss"):
+            kind = "hit" if p.name == "/32 hit" else "miss"
+            targets.append(ratio_target(f"exact.{kind}", f"{n:,} exact addresses, {kind}",
+                                        x.median, f.median, "xdp-filter", "<=", 0.8))
+    rows.append(row("bare XDP_DROP (xdp_drop.c)", "any", probes[0].addr, XDP_DROP, st["bare"],
+                    {"vs bare": 1.0}))
+    return {
+        "config": {"daemon": d.command, "attach": "generic", "netns": ns, "prog_id": prog_id,
+                   "rules": n, "sample_rate": sample_rate(d), "frame": "60-byte IPv4/UDP",
+                   "xdp_filter": f"xdp-tools {xdp_filter_version()}: `xdp-filter load --mode "
+                   "skb --features ipv4 xf0`, its filter_ipv4 map filled with the same "
+                   "addresses (src flag) by one `bpftool batch`; its attached program run by "
+                   "id (libxdp loads it without a dispatcher here)",
+                   "xdp_filter_prog": xf_name.strip(), "method": ctx.method},
+        "probes": [vars(p) for p in probes], "rows": rows, "targets": targets,
+        "info": {"bulk_load_s": bulk_s, "xdp_filter_fill_s": fill_s},
+        "checks": [check, f"program {prog_id}: `ip -j link` and GET /api/v1/program agree",
+                   f"xdp-filter: program {xf_id} is the one `ip -j link` shows on xf0"],
+    }
 
 
-# -- REST: bulk load and single adds ----------------------------------------------------------
+def phase_v6(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    n = ctx.args.v6_size
+    log(f"v6: generating {n:,} IPv6 prefixes ({B.V6_MIX_TEXT})")
+    prefixes = B.v6_prefixes(n, SEED + 3)
+    probes = B.v6_probes(prefixes, SEED + 4)
+    d, ns, ifname = guarded_daemon(ctx, stack, "v6")
+    bulk_s = bulk_load(d, B.v6_text(prefixes), n, "v6")
+    prog_id = d.prog_id(ifname, ns)
+    bare = ref_prog(stack, "xdp_drop")
+    lpm = ref_prog(stack, "lpm6_min", [f"-DLPM_MAX={max(n, 1024)}"])
+    B.bpf_update_many(lpm.map_fd("trie"), B.v6_lpm_keys(prefixes), bytes(n), n)
+    expect = {"/128 hit": XDP_DROP, "/64 hit": XDP_DROP, "miss": XDP_PASS}
+    cases = []
+    for p in probes:
+        f = ctx.frame(B.udp6(p.addr))
+        cases += [Case(f"xdpfw {p.name}", prog_id, f, expect[p.name]),
+                  Case(f"lpm6 {p.name}", lpm.id, f, expect[p.name])]
+    cases.append(Case("bare", bare.id, ctx.frame(B.udp6(probes[0].addr)), XDP_DROP))
+    before = d.iface_counters(ifname, ns)
+    log(f"v6: bpftool prog run, {len(cases)} cases x {ctx.runs}")
+    st = ctx.measure(cases)
+    check = checked_counters(d, ns, ifname, cases, before, ctx.runs, ctx.repeat)
+    base = st["bare"].median
+    rows, targets = [], []
+    for p in probes:
+        x, m = st[f"xdpfw {p.name}"], st[f"lpm6 {p.name}"]
+        rows.append(row(f"xdpfw (attached, prog {prog_id})", p.name, p.addr, expect[p.name], x,
+                        {"vs min LPM": x.median / m.median, "vs bare": x.median / base}))
+        rows.append(row("minimal IPv6 LPM (lpm6_min.c)", p.name, p.addr, expect[p.name], m,
+                        {"vs min LPM": 1.0, "vs bare": m.median / base}))
+        targets.append(ratio_target(f"v6.{p.name}", f"{short_n(n)} IPv6 prefixes, {p.name}",
+                                    x.median, m.median, "minimal parse + LPM", "<=", 1.3))
+    rows.append(row("bare XDP_DROP (xdp_drop.c)", "any", probes[0].addr, XDP_DROP, st["bare"],
+                    {"vs bare": 1.0}))
+    return {
+        "config": {"daemon": d.command, "attach": "generic", "netns": ns, "prog_id": prog_id,
+                   "rules": n, "mix": B.V6_MIX_TEXT, "sample_rate": sample_rate(d),
+                   "frame": "64-byte IPv6/UDP", "method": ctx.method},
+        "probes": [vars(p) for p in probes], "rows": rows, "targets": targets,
+        "info": {"bulk_load_s": bulk_s},
+        "checks": [check, f"program {prog_id}: `ip -j link` and GET /api/v1/program agree"],
+    }
 
 
-class ApiServer:
-    """`xdpfw serve` on a unix socket, with its own state and pin dirs."""
-
-    def __init__(self, scratch: Scratch) -> None:
-        self.socket = scratch.tmp / "api.sock"
-        self.pin_dir = scratch.pin_dir("rest")
-        self.log_path = scratch.tmp / "serve.log"
-        argv = [sys.executable, "-m", "xdpfw", "serve", "--socket", str(self.socket),
-                "--state-dir", str(scratch.tmp / "state-rest"), "--bpffs-dir", self.pin_dir,
-                "--log-level", "warning"]
-        self.command = shlex.join(argv)
-        with self.log_path.open("w") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                                   base_url="http://xdpfw", timeout=600)
-
-    def wait_healthy(self, timeout: float = 120) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.command} exited: {self.log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if self.client.get("/healthz").status_code == 200:
-                    return time.monotonic() - t0
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.command} not healthy after {timeout} s")
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def pinned_has(pin: str, key: bytes, value_size: int) -> bool:
-    """Is key in the pinned map? (the API answered 201: check the kernel agrees)"""
-    from bcc.libbcc import lib
-
-    fd = lib.bpf_obj_get(pin.encode())
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), f"cannot open pinned map {pin}")
-    try:
-        kb = ctypes.create_string_buffer(key, len(key))
-        vb = ctypes.create_string_buffer(value_size)
-        return lib.bpf_lookup_elem(fd, kb, vb) == 0
-    finally:
-        os.close(fd)
-
-
-def raw_trie_load(scratch: Scratch, prefixes: Sequence[Prefix]) -> tuple[float, float]:
-    """The floor for a bulk load: (packing seconds, kernel seconds) to write the same prefixes
-    into a fresh LPM trie of the same type with BPF_MAP_UPDATE_BATCH, no rules around them."""
-    prog = load_reference(scratch.pin_dir("floor"), 2_097_152, "lpm_min")
-    try:
+def phase_load(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    n = max(ctx.args.sizes)
+    prefixes = ctx.v4_set(n)
+    text = B.v4_text(prefixes)
+    d, ns, ifname = guarded_daemon(ctx, stack, "load")
+    mem_idle = d.memory()
+    prog_id = d.prog_id(ifname, ns)
+    # The HTTP round trip itself, for scale: GET /healthz on the same connection.
+    rtt = []
+    for _ in range(200):
         t0 = time.perf_counter()
-        keys = b"".join(map(v4_key, prefixes))
-        values = bytes(12) * len(prefixes)
-        t1 = time.perf_counter()
-        MapHandle.of_table(prog.table("rules_v4"), "rules_v4", 8, 12).update_many(
-            keys, values, len(prefixes))
-        return t1 - t0, time.perf_counter() - t1
-    finally:
-        prog.close()
-
-
-def v4_key(p: Prefix) -> bytes:
-    return p.length.to_bytes(4, "little") + p.packed()
-
-
-def fw_has(pin_dir: str, p: Prefix) -> bool:
-    """Is the rule's prefix in the firewall's maps? (/32s live in hosts_v4, the rest in the
-    trie: the API answered 201, check that the kernel agrees)."""
-    if p.length == 32:
-        return pinned_has(f"{pin_dir}/hosts_v4", p.packed(), 12)
-    return pinned_has(f"{pin_dir}/rules_v4", v4_key(p), 12)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(len(s) * q / 100) - 1)] if s else float("nan")
-
-
-def bench_rest(sz: Sizes, scratch: Scratch, v4: list[Prefix], pp: PerPacket) -> Section:
-    sec = Section("Rule loading and REST latency")
-    bulk = v4[: sz.bulk_count]
-    text = "# bench blocklist\n" + "\n".join(map(str, bulk)) + "\n"
-    t0 = time.perf_counter()
-    parsed = parse_blocklist(text)
-    parse_s = time.perf_counter() - t0
-    assert len(parsed) == len(bulk)
-    server = ApiServer(scratch)
-    log(f"rest: started {server.command}")
-    try:
-        startup = server.wait_healthy()
-        log(f"rest: POST /api/v1/rules/bulk with {len(bulk):,} prefixes ({len(text) >> 20} MiB)")
+        d.api.get("/healthz")
+        rtt.append(time.perf_counter() - t0)
+    bulk_s = bulk_load(d, text, n, "load")
+    mem_loaded = d.memory()
+    probe = B.ip4(prefixes[-1] >> 8)
+    got, _ = B.bpftool_run(prog_id, ctx.frame(B.udp4(probe)), 1, ctx.cpu)
+    if got != XDP_DROP:
+        raise B.BenchError(f"after the bulk load, {probe} (the last prefix) gets {got}")
+    log(f"load: {ctx.args.single_adds} single POST /api/v1/rules")
+    lat = []
+    for i in range(ctx.args.single_adds):
+        body = {"prefix": f"{B.ip4(SINGLE_ADD_NET | i)}/32", "action": "drop",
+                "comment": "bench single add"}
         t0 = time.perf_counter()
-        r = server.client.post("/api/v1/rules/bulk", params={"action": "drop"},
-                               content=text.encode(), headers={"Content-Type": "text/plain"})
-        bulk_s = time.perf_counter() - t0
-        if r.status_code != 201:
-            raise RuntimeError(f"bulk load: HTTP {r.status_code}: {r.text[:500]}")
-        if not fw_has(server.pin_dir, bulk[-1]):
-            raise RuntimeError(f"bulk load answered 201 but {bulk[-1]} is not in the maps")
-        log(f"rest: {sz.single_adds} single POST /api/v1/rules on top")
-        lat = single_adds(server, sz.single_adds)
-    finally:
-        server.stop()
-    log(f"rest: floor: {len(bulk):,} prefixes straight into a fresh LPM trie")
-    floor = raw_trie_load(scratch, bulk)
-    sec.lines += _rest_lines(sz, len(bulk), bulk_s, startup, parse_s, floor, lat, pp,
-                             server.command)
-    sec.targets += [
-        Target(f"{len(bulk):,} prefixes through the bulk endpoint, end to end",
-               "< 5 s" if len(bulk) >= 1_000_000 else "< 5 s (at 1M; quick run is smaller)",
-               f"{bulk_s:.2f} s ({len(bulk) / bulk_s / 1e3:.0f}k prefixes/s)", bulk_s < 5),
-        Target(f"single rule add (POST /api/v1/rules), p99 of {len(lat)}", "< 20 ms",
-               f"{percentile(lat, 99) * 1e3:.1f} ms", percentile(lat, 99) < 0.020),
-    ]
-    return sec
-
-
-def single_adds(server: ApiServer, n: int) -> list[float]:
-    """n sequential adds of /32s in 100.64.0.0/10 (no generated set uses first octet 100)."""
-    lat: list[float] = []
-    last = None
-    for i in range(n):
-        last = Prefix(V4, (100 << 24) | (65 << 16) | i, 32)
-        body = {"prefix": str(last), "action": "drop", "comment": "bench"}
-        t0 = time.perf_counter()
-        r = server.client.post("/api/v1/rules", json=body)
+        d.api.post("/api/v1/rules", json_body=body, ok=(201,))
         lat.append(time.perf_counter() - t0)
-        if r.status_code != 201:
-            raise RuntimeError(f"add {body}: HTTP {r.status_code}: {r.text[:300]}")
-    if last is not None and not fw_has(server.pin_dir, last):
-        raise RuntimeError(f"add answered 201 but {last} is not in the maps")
-    return lat
-
-
-def _rest_lines(
-    sz: Sizes, n: int, bulk_s: float, startup: float, parse_s: float,
-    floor: tuple[float, float], lat: list[float], pp: PerPacket, command: str,
-) -> list[str]:
-    ms = [x * 1e3 for x in lat]
-    pack_s, kernel_s = floor
-    lines = [
-        f"Server: `{command}` (fresh state; healthy {startup:.1f} s after start, BCC compile "
-        "included). Client: httpx over the unix socket, same machine.",
-        "",
-        *table(
-            ["measurement", "result", "reference in this run"],
-            [
-                [f"bulk load, {n:,} prefixes, text/plain, HTTP included", f"{bulk_s:.2f} s",
-                 f"{n / bulk_s / 1e3:.0f}k prefixes/s; {ratio(bulk_s, kernel_s)} the floor"],
-                ["  of which parsing the blocklist (`parse_blocklist`, measured apart)",
-                 f"{parse_s:.2f} s", ratio(parse_s, bulk_s) + " of the bulk time"],
-                ["floor: the same keys into a fresh LPM trie, one BPF_MAP_UPDATE_BATCH",
-                 f"{kernel_s:.2f} s", f"+ {pack_s:.2f} s to pack the keys in Python"],
-                [f"single add, p50 / p99 / max over {len(ms)} (on top of {n:,})",
-                 f"{percentile(ms, 50):.1f} / {percentile(ms, 99):.1f} / {max(ms):.1f} ms",
-                 f"mean {statistics.mean(ms):.1f} ms"],
-            ],
-        ),
+    last = B.ip4(SINGLE_ADD_NET | (ctx.args.single_adds - 1))
+    got, _ = B.bpftool_run(prog_id, ctx.frame(B.udp4(last)), 1, ctx.cpu)
+    if got != XDP_DROP:
+        raise B.BenchError(f"the last single add ({last}) answered 201 but its packet gets {got}")
+    slash8 = []
+    for octet in SLASH8_OCTETS:
+        t0 = time.perf_counter()
+        d.api.post("/api/v1/rules", json_body={"prefix": f"{octet}.0.0.0/8", "action": "drop"},
+                   ok=(201,))
+        slash8.append(time.perf_counter() - t0)
+        got, _ = B.bpftool_run(prog_id, ctx.frame(B.udp4(f"{octet}.1.2.3")), 1, ctx.cpu)
+        if got != XDP_DROP:
+            raise B.BenchError(f"{octet}.0.0.0/8 answered 201 but {octet}.1.2.3 gets {got}")
+    mem_end = d.memory()
+    floor = load_floor(ctx, prefixes)
+    floor_s = floor["hash_s"] + floor["split_trie_s"]
+    lat_ms, rtt_ms = [x * 1e3 for x in lat], [x * 1e3 for x in rtt]
+    mib = {k: v / 1024 for k, v in mem_end.items()}
+    p99 = B.percentile(lat_ms, 99)
+    targets = [
+        abs_target(f"load.{n}.rss", f"daemon VmRSS with {short_n(n)} rules (after the adds)",
+                   mib["VmRSS"], "MiB", "<=", 600, mem_idle["VmRSS"] / 1024,
+                   "VmRSS of the idle daemon at start"),
+        abs_target(f"load.{n}.hwm", f"daemon VmHWM (peak RSS) with {short_n(n)} rules",
+                   mib["VmHWM"], "MiB", "<=", 600, mem_idle["VmRSS"] / 1024,
+                   "VmRSS of the idle daemon at start"),
+        abs_target(f"load.{n}.bulk", f"bulk load of {short_n(n)} prefixes (text/plain, HTTP "
+                   "included)", bulk_s, "s", "<=", 6.0, floor_s,
+                   "kernel floor: /32s into a hash + the rest into a trie, one batch each"),
+        abs_target(f"load.{n}.add_p99", f"single add p99 on {short_n(n)} rules ({len(lat)} adds)",
+                   p99, "ms", "<=", 20.0, B.percentile(rtt_ms, 99),
+                   "p99 of GET /healthz on the same connection"),
+        abs_target(f"load.{n}.slash8", f"adding a /8 on {short_n(n)} rules (worst of "
+                   f"{len(slash8)})", max(slash8) * 1e3, "ms", "<=", 50.0,
+                   statistics.median(lat_ms), "median single /32 add"),
     ]
-    if pp.load_1m is not None:
-        count, t = pp.load_1m
-        parts = sorted(t.parts.items(), key=lambda kv: -kv[1])
-        lines += [
-            "",
-            f"Where the time goes: `Firewall.add_rules` of {count:,} prefixes in-process "
-            f"(the per-packet phase's last load step) took {t.total:.2f} s, "
-            f"{ratio(t.total, bulk_s)} of the HTTP bulk load. Parts are timed by wrapping the "
-            "service's collaborators; map writes may run in a thread beside the SQLite insert, "
-            "so shares can overlap; the rest is duplicate checks, slots, Rule objects and "
-            "COMMIT.",
-            "",
-            *table(["part", "seconds", "share of add_rules"],
-                   [[k, f"{v:.2f}", ratio(v, t.total)] for k, v in parts]),
-        ]
-    return lines
+    return {
+        "config": {"daemon": d.command, "attach": "generic", "netns": ns, "prog_id": prog_id,
+                   "rules": n, "mix": B.V4_MIX_TEXT, "sample_rate": sample_rate(d),
+                   "client": "one kept-alive HTTP/1.1 connection over the unix socket, "
+                   "sequential requests (Python http.client)"},
+        "rows": [], "targets": targets,
+        "info": {
+            "bulk_load_s": bulk_s, "bulk_bytes": len(text), "healthy_after_s": d.healthy_after,
+            "memory_kib": {"idle": mem_idle, "after_bulk": mem_loaded, "end": mem_end},
+            "single_add_ms": {"p50": B.percentile(lat_ms, 50), "p99": p99, "max": max(lat_ms),
+                              "mean": statistics.mean(lat_ms), "n": len(lat_ms)},
+            "slash8_ms": [x * 1e3 for x in slash8],
+            "healthz_ms": {"p50": B.percentile(rtt_ms, 50), "p99": B.percentile(rtt_ms, 99)},
+            "floor": floor,
+        },
+        "checks": [f"bpftool prog run of {probe} (the last prefix loaded), of {last} (the last "
+                   "single add) and of x.1.2.3 after each /8 add: XDP_DROP on the attached "
+                   f"program {prog_id}"],
+    }
 
 
-# -- flood ------------------------------------------------------------------------------------
+def load_floor(ctx: Ctx, prefixes: Sequence[int]) -> dict:
+    """What the kernel alone takes to hold the same prefixes: fresh maps made with bpftool,
+    filled with one BPF_MAP_UPDATE_BATCH each, from this process. Two layouts: one LPM trie of
+    everything, and the README's (host prefixes in an exact-match hash, the rest in a trie)."""
+    n = len(prefixes)
+    hosts = [p for p in prefixes if p & 0xff == 32]
+    rest = [p for p in prefixes if p & 0xff != 32]
+    out: dict[str, float] = {"hosts": len(hosts), "rest": len(rest)}
+    t0 = time.perf_counter()
+    all_keys, rest_keys = B.v4_lpm_keys(prefixes), B.v4_lpm_keys(rest)
+    host_keys = b"".join((p >> 8).to_bytes(4, "big") for p in hosts)
+    out["pack_s"] = time.perf_counter() - t0
+    for name, kind, ksz, keys, count in (
+            ("trie_s", "lpm_trie", 8, all_keys, n), ("hash_s", "hash", 4, host_keys, len(hosts)),
+            ("split_trie_s", "lpm_trie", 8, rest_keys, len(rest))):
+        if not count:
+            out[name] = 0.0
+            continue
+        log(f"load: floor: {count:,} keys into a fresh {kind}, one batch")
+        fd = B.scratch_map(ctx.scratch, kind, ksz, 1, count)
+        try:
+            t0 = time.perf_counter()
+            B.bpf_update_many(fd, keys, bytes(count), count, chunk=count)
+            out[name] = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+    return out
 
+
+def phase_lb(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    app = B.netns_add(ctx.scratch, "lbapp")
+    stack.callback(_drop_netns, ctx.scratch, app)
+    be = B.netns_add(ctx.scratch, "lbbe")
+    stack.callback(_drop_netns, ctx.scratch, be)
+    B.veth(app, "lb0", be, "eth0", f"{LB_APP}/24", f"{LB_BACKEND}/24")
+    B.sh(["ip", "-n", be, "addr", "add", f"{LB_VIP}/32", "dev", "lo"], "VIP on the backend")
+    config = f'# bench_fw.py lb phase: the backends are reached in this namespace\n[lb]\n' \
+             f'netns = "{app}"\n'
+    d, _, ifname = guarded_daemon(ctx, stack, "lb", config=config, ns=app, ifname="lb0")
+    prog_id = d.prog_id(ifname, app)
+    svc = d.api.post("/api/v1/services", json_body={
+        "vip": LB_VIP, "port": LB_PORT, "proto": "tcp", "forward": "tx",
+        "backends": [{"address": LB_BACKEND}]}, ok=(201,))
+    backends = d.api.get(f"/api/v1/services/{svc['id']}/backends")
+    if not backends or not backends[0]["resolved"] or not backends[0]["in_table"]:
+        raise B.BenchError(f"the backend is not usable: {backends}")
+    frame = ctx.frame(B.tcp4(LB_CLIENT, LB_VIP, 40000, LB_PORT))
+    before = d.iface_counters(ifname, app)
+    got, first_ns = B.bpftool_run(prog_id, frame, 1, ctx.cpu)  # the flow's first packet
+    if got != XDP_TX:
+        raise B.BenchError(f"the first packet of the flow got {XDP_NAMES.get(got, got)}, not "
+                           "XDP_TX")
+    bare = ref_prog(stack, "xdp_tx")
+    cases = [Case("xdpfw ct hit", prog_id, frame, XDP_TX), Case("bare", bare.id, frame, XDP_TX)]
+    log(f"lb: bpftool prog run, {len(cases)} cases x {ctx.runs}")
+    st = ctx.measure(cases)
+    after = d.iface_counters(ifname, app)
+    fwd = after["forwarded"] - before["forwarded"]
+    want = ctx.runs * ctx.repeat + 1
+    if fwd != want:
+        raise B.BenchError(f"{ifname} counted {fwd} forwarded packets, the runs were {want}")
+    svc_after = d.api.get(f"/api/v1/services/{svc['id']}")
+    x, b = st["xdpfw ct hit"], st["bare"]
+    return {
+        "config": {"daemon": d.command, "config_file": config, "attach": "generic",
+                   "netns": app, "prog_id": prog_id,
+                   "service": {"vip": LB_VIP, "port": LB_PORT, "forward": "tx",
+                               "backend": LB_BACKEND},
+                   "frame": f"60-byte TCP ACK {LB_CLIENT}:40000 -> {LB_VIP}:{LB_PORT}",
+                   "method": ctx.method},
+        "rows": [row(f"xdpfw (attached, prog {prog_id}), conntrack hit", "tcp flow", LB_CLIENT,
+                     XDP_TX, x, {"vs bare": x.median / b.median}),
+                 row("bare XDP_TX (xdp_tx.c)", "tcp flow", LB_CLIENT, XDP_TX, b,
+                     {"vs bare": 1.0})],
+        "targets": [ratio_target("lb.ct_hit", "LB conntrack hit (tx service, established "
+                                 "flow)", x.median, b.median, "bare XDP_TX", "<=", 3.0)],
+        "info": {"first_packet_ns_one_cold_run": first_ns, "service": svc_after},
+        "checks": [f"the flow's first run returned XDP_TX; {ifname} then counted {fwd:,} "
+                   "forwarded: the first packet and every timed run (GET /api/v1/stats)"],
+    }
+
+
+def phase_sampling(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    n = ctx.args.sampling_size
+    prefixes = ctx.v4_set(n)
+    probe = B.v4_probes(prefixes, SEED + n)[0]
+    d, ns, ifname = guarded_daemon(ctx, stack, "sampling")
+    default_rate = sample_rate(d)
+    bulk_load(d, B.v4_text(prefixes), n, "sampling")
+    prog_id = d.prog_id(ifname, ns)
+    bare = ref_prog(stack, "xdp_drop")
+    frame = ctx.frame(B.udp4(probe.addr))
+    rates = {"sampling off (0)": 0, f"1 in {default_rate} (default)": default_rate,
+             "1 in 1": 1}
+    cases = [Case(name, prog_id, frame, XDP_DROP) for name in rates]
+    cases.append(Case("bare", bare.id, frame, XDP_DROP))
+
+    def set_rate(c: Case) -> None:
+        if c.name in rates:
+            d.api.put("/api/v1/events/config", json_body={"sample_rate": rates[c.name]})
+
+    log(f"sampling: rates {list(rates.values())}, interleaved")
+    before = d.api.get("/api/v1/events/config")["read"]
+    try:
+        st = ctx.measure(cases, between=set_rate)
+    finally:
+        d.api.put("/api/v1/events/config", json_body={"sample_rate": default_rate})
+    events = d.api.get("/api/v1/events/config")["read"] - before
+    off = st["sampling off (0)"].median
+    rows, targets = [], []
+    for name, rate in rates.items():
+        s = st[name]
+        rows.append(row(f"xdpfw (attached, prog {prog_id}), {name}", "/32 hit", probe.addr,
+                        XDP_DROP, s, {"vs off": s.median / off,
+                                      "vs bare": s.median / st["bare"].median}))
+        if rate:
+            targets.append(info_target(f"sampling.{rate}", f"drop-event sampling {name}: "
+                                       f"+{s.median - off:.0f} ns per dropped packet",
+                                       s.median, "ns", off, "sampling off"))
+    rows.append(row("bare XDP_DROP", "any", probe.addr, XDP_DROP, st["bare"],
+                    {"vs bare": 1.0}))
+    return {
+        "config": {"daemon": d.command, "attach": "generic", "netns": ns, "prog_id": prog_id,
+                   "rules": n, "default_sample_rate": default_rate, "frame": "60-byte IPv4/UDP",
+                   "method": {**ctx.method, "note": "PUT /api/v1/events/config before each "
+                              "run of xdpfw"}},
+        "rows": rows, "targets": targets,
+        "info": {"events_read_by_daemon": events},
+        "checks": [f"program {prog_id}: `ip -j link` and GET /api/v1/program agree; every run "
+                   "returned XDP_DROP"],
+    }
+
+
+# -- flood -------------------------------------------------------------------------------------
 
 TRAFGEN_CFG = """\
-/* 64-byte frames (60 + FCS): UDP from 10.64.<rnd>.<rnd> to {dst}; written by bench_fw.py */
+/* 60-byte frames (64 on the wire): UDP from 198.18.<rnd>.<rnd> to {dst}; by bench_fw.py */
 {{
   {dmac},
   0x02, 0x00, 0x00, 0x00, 0x00, 0x01,
   c16(0x0800),
   0x45, 0x00, c16(46), drnd(2), c16(0x4000), 64, 17, csumip(14, 33),
-  10, 64, drnd(), drnd(),
+  198, 18, drnd(), drnd(),
   {dst_bytes},
   c16(40000), c16(9), c16(26), c16(0),
   fill(0x00, 18)
 }}
 """
-
 NFT_TABLE = "xdpfwbench"
+FLOOD_MODES = ("none", "bare XDP_DROP", "xdpfw", "nftables")
 
 
-def nft_ruleset(prefixes: Sequence[Prefix], ifname: str) -> str:
-    elements = ",\n".join(f"    {p}" for p in prefixes)
-    return (
-        f"table netdev {NFT_TABLE} {{\n"
-        "  set blocked {\n    type ipv4_addr; flags interval;\n"
-        f"    elements = {{\n{elements}\n    }}\n  }}\n"
-        f'  chain ingress {{\n    type filter hook ingress device "{ifname}" priority -500;'
-        " policy accept;\n    ip saddr @blocked counter drop\n  }\n}\n"
-    )
-
-
-@dataclass
-class FloodRun:
-    mode: str
-    sent: int
-    seconds: float
-    received: int  # rx_packets of the guarded veth (every packet its filter saw)
-    delivered: int  # IpInReceives in the receiving namespace: reached the IP stack
-    dropped: int  # by the filter's own counter (bare XDP_DROP: received - delivered)
-
-    @property
-    def drop_rate(self) -> float:
-        return self.dropped / self.seconds
-
-
-@dataclass
-class FloodRig:
-    sender: str
-    receiver: str
-    cfg_path: Path
-    nft_path: Path
-    fw: Firewall
-    bare: LoadedProgram
-    ifname: str = "xbr0"
-
-
-def rx_packets(ns: str, ifname: str) -> int:
-    with rtnl(ns) as ip:
-        link = ip.get_links(ip.link_lookup(ifname=ifname)[0])[0]
-    return link.get_attr("IFLA_STATS64")["rx_packets"]
-
-
-def ip_in_receives(ns: str) -> int:
-    lines = [ln.split() for ln in _sh(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
-                                      "reading /proc/net/snmp").splitlines()
-             if ln.startswith("Ip:")]
-    return int(lines[1][lines[0].index("InReceives")])
+def nft_ruleset(prefix_text: str, ifname: str) -> str:
+    elements = ",\n".join(f"    {ln}" for ln in prefix_text.split())
+    return (f"table netdev {NFT_TABLE} {{\n  set blocked {{\n    type ipv4_addr; flags "
+            f"interval;\n    elements = {{\n{elements}\n    }}\n  }}\n  chain ingress {{\n"
+            f'    type filter hook ingress device "{ifname}" priority -500; policy accept;\n'
+            "    ip saddr @blocked counter drop\n  }\n}\n")
 
 
 def nft_counter(ns: str) -> int:
-    out = _sh(["ip", "netns", "exec", ns, "nft", "list", "chain", "netdev", NFT_TABLE,
-               "ingress"], "reading the nft counter")
+    out = B.sh(["ip", "netns", "exec", ns, "nft", "list", "chain", "netdev", NFT_TABLE,
+                "ingress"], "reading the nft counter").stdout
     m = re.search(r"counter packets (\d+)", out)
     return int(m.group(1)) if m else 0
-
-
-def fw_rule_drops(fw: Firewall) -> int:
-    return fw.maps.reason_totals()["rule_drop"][0]
-
-
-def run_trafgen(rig: FloodRig, count: int) -> float:
-    """Send count frames; returns trafgen's own elapsed time (seconds)."""
-    out = _sh(["ip", "netns", "exec", rig.sender, "trafgen", "--dev", "xbs0", "--conf",
-               str(rig.cfg_path), "--num", str(count), "--cpus", "1", "--no-sock-mem", "-Q"],
-              "trafgen", timeout=300)
-    sent = re.search(r"(\d+) packets outgoing", out)
-    el = re.search(r"(\d+) sec, (\d+) usec", out)
-    if not sent or not el or int(sent.group(1)) != count:
-        raise RuntimeError(f"unexpected trafgen output:\n{out}")
-    return int(el.group(1)) + int(el.group(2)) / 1e6
 
 
 def settle(read: Callable[[], int], timeout: float = 5.0) -> int:
@@ -903,127 +713,217 @@ def settle(read: Callable[[], int], timeout: float = 5.0) -> int:
     return last
 
 
+@dataclass
+class FloodRig:
+    sender: str
+    receiver: str
+    cfg: Path
+    nft: Path
+    daemon: Daemon
+    bare: B.RefProg
+    ifname: str = "xbr0"
+
+
+def run_trafgen(rig: FloodRig, count: int) -> float:
+    """Send count frames; trafgen's own elapsed seconds."""
+    out = B.sh(["ip", "netns", "exec", rig.sender, "trafgen", "--dev", "xbs0", "--conf",
+                str(rig.cfg), "--num", str(count), "--cpus", "1", "--no-sock-mem", "-Q"],
+               "trafgen", timeout=120)
+    text = out.stdout + out.stderr
+    sent = re.search(r"(\d+) packets outgoing", text)
+    el = re.search(r"(\d+) sec, (\d+) usec", text)
+    if not sent or not el or int(sent.group(1)) != count:
+        raise B.BenchError(f"unexpected trafgen output:\n{text[-1500:]}")
+    return int(el.group(1)) + int(el.group(2)) / 1e6
+
+
 @contextlib.contextmanager
-def guarded(rig: FloodRig, mode: str) -> Iterator[Callable[[], int]]:
-    """Put the filter of `mode` on the receiving veth; yields a reader of its drop counter."""
+def filter_on(rig: FloodRig, mode: str):
+    """The filter of `mode` on the receiving veth; yields (reader of its drop counter, what
+    is attached)."""
     ns, ifname = rig.receiver, rig.ifname
     if mode == "none":
-        yield lambda: 0
+        yield (lambda: 0), "nothing"
     elif mode == "bare XDP_DROP":
-        attach(ifname, ns, rig.bare.fd, Mode.NATIVE)
+        B.sh(["ip", "netns", "exec", ns, "bpftool", "net", "attach", "xdpdrv", "id",
+              str(rig.bare.id), "dev", ifname], "attaching the bare program")
         try:
-            yield lambda: 0
+            yield (lambda: 0), f"xdp_drop.c, native (prog {rig.bare.id})"
         finally:
-            detach(ifname, ns)
+            B.sh(["ip", "netns", "exec", ns, "bpftool", "net", "detach", "xdpdrv", "dev",
+                  ifname], "detaching the bare program", check=False)
     elif mode == "xdpfw":
-        rig.fw.attach_interface(ifname, ns, mode=Mode.NATIVE, policy="pass")
+        r = rig.daemon.api.post("/api/v1/interfaces", json_body={"name": ifname, "netns": ns},
+                                ok=(201,))
         try:
-            yield lambda: fw_rule_drops(rig.fw)
+            yield (lambda: rig.daemon.iface_counters(ifname, ns)["dropped"]), \
+                f"xdpfw, mode {r['mode']} (in use: {r['mode_in_use']})"
         finally:
-            rig.fw.detach_interface(ifname, ns)
+            rig.daemon.api.delete(f"/api/v1/interfaces/{ifname}?netns={ns}")
     elif mode == "nftables":
-        _sh(["ip", "netns", "exec", ns, "nft", "-f", str(rig.nft_path)], "loading nftables")
+        B.sh(["ip", "netns", "exec", ns, "nft", "-f", str(rig.nft)], "loading nftables")
         try:
-            yield lambda: nft_counter(ns)
+            yield (lambda: nft_counter(ns)), "nftables netdev ingress, interval set"
         finally:
-            _sh(["ip", "netns", "exec", ns, "nft", "delete", "table", "netdev", NFT_TABLE],
-                "removing the nft table")
+            B.sh(["ip", "netns", "exec", ns, "nft", "delete", "table", "netdev", NFT_TABLE],
+                 "removing the nft table", check=False)
     else:
         raise ValueError(mode)
 
 
-def flood_once(rig: FloodRig, mode: str, count: int) -> FloodRun:
-    with guarded(rig, mode) as drops:
-        rx0, in0, d0 = rx_packets(rig.receiver, rig.ifname), ip_in_receives(rig.receiver), drops()
-        seconds = run_trafgen(rig, count)
-        rx = settle(lambda: rx_packets(rig.receiver, rig.ifname)) - rx0
-        delivered = ip_in_receives(rig.receiver) - in0
-        dropped = drops() - d0 if mode != "bare XDP_DROP" else rx - delivered
-    return FloodRun(mode, count, seconds, rx, delivered, dropped)
+def flood_once(rig: FloodRig, mode: str, count: int, retries: list[dict], rnd: int) -> dict:
+    """One trafgen run through the filter of `mode`. A trafgen error is retried once (and
+    recorded); a second one is returned as the run's error, never raised."""
+    with filter_on(rig, mode) as (drops, what):
+        for attempt in (1, 2):
+            rx0 = B.rx_packets(rig.receiver, rig.ifname)
+            in0, d0 = B.ip_in_receives(rig.receiver), drops()
+            try:
+                seconds = run_trafgen(rig, count)
+            except B.BenchError as e:
+                retries.append({"mode": mode, "round": rnd, "attempt": attempt,
+                                "error": str(e)[-800:]})
+                log(f"flood: {mode}: trafgen failed (attempt {attempt}): "
+                    f"{str(e).splitlines()[-1][:200]}")
+                settle(lambda: B.rx_packets(rig.receiver, rig.ifname))
+                if attempt == 2:
+                    return {"mode": mode, "round": rnd, "error": str(e)[-800:], "filter": what}
+                continue
+            rx = settle(lambda: B.rx_packets(rig.receiver, rig.ifname)) - rx0
+            delivered = B.ip_in_receives(rig.receiver) - in0
+            dropped = drops() - d0 if mode != "bare XDP_DROP" else rx - delivered
+            return {"mode": mode, "round": rnd, "sent": count, "seconds": seconds,
+                    "received": rx, "delivered": delivered, "dropped": dropped,
+                    "filter": what, "attempt": attempt}
+    raise AssertionError("unreachable")
 
 
-FLOOD_MODES = ("none", "bare XDP_DROP", "xdpfw", "nftables")
+def phase_flood(ctx: Ctx, stack: contextlib.ExitStack) -> dict:
+    exact = B.v4_exact(ctx.args.exact_size, SEED + 1)
+    blocked = [((198 << 24) | (18 << 16) | (i << 8)) << 8 | 24 for i in range(256)]
+    text = B.v4_text(exact + blocked)
+    n = len(exact) + len(blocked)
+    sender = B.netns_add(ctx.scratch, "fs")
+    stack.callback(_drop_netns, ctx.scratch, sender)
+    receiver = B.netns_add(ctx.scratch, "fr")
+    stack.callback(_drop_netns, ctx.scratch, receiver)
+    B.veth(sender, "xbs0", receiver, "xbr0", f"{FLOOD_SENDER}/30", f"{FLOOD_RECEIVER}/30")
+    d = start_daemon(ctx, stack, "flood")
+    bulk_load(d, text, n, "flood")
+    bare = ref_prog(stack, "xdp_drop")
+    rig = FloodRig(sender, receiver, ctx.scratch.tmp / "flood.trafgen",
+                   ctx.scratch.tmp / "flood.nft", d, bare)
+    mac = B.link_json(receiver, "xbr0")["address"]
+    rig.cfg.write_text(TRAFGEN_CFG.format(
+        dmac=", ".join(f"0x{b}" for b in mac.split(":")), dst=FLOOD_RECEIVER,
+        dst_bytes=", ".join(FLOOD_RECEIVER.split("."))))
+    rig.nft.write_text(nft_ruleset(text, "xbr0"))
+    count, rounds = ctx.args.flood_packets, ctx.args.flood_rounds
+    runs: list[dict] = []
+    retries: list[dict] = []
+    for rnd in range(1, rounds + 1):
+        for mode in FLOOD_MODES:
+            log(f"flood: {mode}, {count:,} packets (round {rnd} of {rounds})")
+            runs.append(flood_once(rig, mode, count, retries, rnd))
+    ok = [r for r in runs if "error" not in r]
+    rate = {}
+    for m in FLOOD_MODES:
+        rs = [r["dropped"] / r["seconds"] for r in ok if r["mode"] == m]
+        rate[m] = statistics.median(rs) if rs else None
+    targets = []
+    fw, bare_r, nft = rate["xdpfw"], rate["bare XDP_DROP"], rate["nftables"]
+    if fw and bare_r:
+        targets.append(ratio_target("flood.vs_bare", "veth flood drop rate vs bare XDP_DROP",
+                                    fw / 1e6, bare_r / 1e6, "bare XDP_DROP", ">=", 0.8, "Mpps"))
+    if fw and nft:
+        targets.append(ratio_target("flood.vs_nft", "veth flood drop rate vs nftables",
+                                    fw / 1e6, nft / 1e6, "nftables", ">=", 1.0, "Mpps"))
+    fw_runs = [r for r in ok if r["mode"] == "xdpfw"]
+    leaked = sum(r["delivered"] for r in fw_runs)
+    none_delivered = sum(r["delivered"] for r in ok if r["mode"] == "none")
+    none_sent = sum(r["sent"] for r in ok if r["mode"] == "none")
+    targets.append(abs_target("flood.leaked", "blocked packets delivered under xdpfw (of "
+                              f"{sum(r['sent'] for r in fw_runs):,})", leaked, "packets", "<=",
+                              0, none_delivered, "delivered with no filter"))
+    missing = [m for m in ("xdpfw", "bare XDP_DROP", "nftables") if not rate[m]]
+    if missing:
+        raise B.BenchError(f"no successful flood run for {missing}: {retries[-2:]}")
+    return {
+        "config": {"daemon": d.command, "attach": "POST /api/v1/interfaces with the default "
+                   "mode (auto: native on a veth)", "rules": n,
+                   "rule_set": f"{len(exact):,} exact addresses + the 256 /24s of "
+                   f"{FLOOD_SOURCES}", "sample_rate": sample_rate(d),
+                   "trafgen": f"`trafgen --dev xbs0 --num {count} --cpus 1 --no-sock-mem -Q` "
+                   f"in {sender}, 60-byte UDP from 198.18.<rnd>.<rnd> to {FLOOD_RECEIVER}",
+                   "rounds": rounds},
+        "rows": [], "targets": targets,
+        "info": {"runs": runs, "trafgen_retries": retries,
+                 "rate_pps": rate, "none_delivered_of_sent": [none_delivered, none_sent]},
+        "checks": [f"with no filter {none_delivered:,} of {none_sent:,} frames reached the "
+                   "receiver's IP stack (the rig delivers); under xdpfw "
+                   f"{leaked:,} did"],
+    }
 
 
-def bench_flood(sz: Sizes, scratch: Scratch, fw: Firewall, prefixes: list[Prefix]) -> Section:
-    sec = Section(f"Flood over veth: {len(prefixes):,} prefixes, trafgen, 64-byte UDP")
-    sender, receiver = scratch.netns("s"), scratch.netns("r")
-    runs: list[FloodRun] = []
-    bare = None
+# -- the runner --------------------------------------------------------------------------------
+
+
+def units(args: argparse.Namespace) -> list[tuple[str, str, Callable, tuple]]:
+    """(unit name, phase, function, extra args) in run order."""
+    table = {
+        "calib": [("calib", "calib", phase_calib, ())],
+        "exact": [("exact", "exact", phase_exact, ())],
+        "v4": [(f"v4@{short_n(n)}", "v4", phase_v4, (n,)) for n in sorted(args.sizes)],
+        "v6": [("v6", "v6", phase_v6, ())],
+        "load": [(f"load@{short_n(max(args.sizes))}", "load", phase_load, ())],
+        "lb": [("lb", "lb", phase_lb, ())],
+        "sampling": [("sampling", "sampling", phase_sampling, ())],
+        "flood": [("flood", "flood", phase_flood, ())],
+    }
+    return [u for p in PHASES if p in args.phases for u in table[p]]
+
+
+def run_unit(ctx: Ctx, rec: B.Recorder, run_id: str, name: str, phase: str, fn: Callable,
+             extra: tuple) -> dict:
+    for attempt in (1, 2):
+        log(f"== {name} (attempt {attempt})")
+        r: dict = {"type": "unit", "run": run_id, "unit": name, "phase": phase,
+                   "attempt": attempt, "started": _now(), "loadavg_before": os.getloadavg()}
+        t0 = time.monotonic()
+        try:
+            with contextlib.ExitStack() as stack:
+                result = fn(ctx, stack, *extra)
+            r.update(status="ok", result=result)
+        except KeyboardInterrupt:
+            r.update(status="interrupted", seconds=time.monotonic() - t0)
+            rec.write(r)
+            raise
+        except Exception as e:  # recorded, retried once, reported
+            r.update(status="failed", error=f"{type(e).__name__}: {e}",
+                     traceback=traceback.format_exc()[-4000:])
+            log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
+        r["seconds"] = time.monotonic() - t0
+        r["loadavg_after"] = os.getloadavg()
+        rec.write(r)
+        if r["status"] == "ok":
+            return r
+    return r
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _first_line(argv: list[str]) -> str:
     try:
-        log(f"flood: namespaces {sender} -> {receiver}")
-        create_netns(sender)
-        create_netns(receiver)
-        veth_pair(sender, "xbs0", receiver, "xbr0", [Addr(FLOOD_SENDER, 30)],
-                  [Addr(FLOOD_RECEIVER, 30)])
-        bare = load_reference(fw.config.pin_dir, fw.config.max_rules, "xdp_drop")
-        rig = FloodRig(sender, receiver, scratch.tmp / "flood.trafgen",
-                       scratch.tmp / "flood.nft", fw, bare)
-        mac = link_mac(receiver, "xbr0")
-        rig.cfg_path.write_text(TRAFGEN_CFG.format(
-            dmac=", ".join(f"0x{b}" for b in mac.split(":")),
-            dst=FLOOD_RECEIVER, dst_bytes=", ".join(FLOOD_RECEIVER.split("."))))
-        rig.nft_path.write_text(nft_ruleset(prefixes, "xbr0"))
-        for rep in range(sz.flood_reps):
-            for mode in FLOOD_MODES:
-                log(f"flood: {mode}, {sz.flood_packets:,} packets (round {rep + 1})")
-                runs.append(flood_once(rig, mode, sz.flood_packets))
-    finally:
-        if bare is not None:
-            bare.close()
-        remove_netns(sender)
-        remove_netns(receiver)
-    _flood_report(sec, sz, runs)
-    return sec
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = [ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
 
 
-def _flood_report(sec: Section, sz: Sizes, runs: list[FloodRun]) -> None:
-    by_mode = {m: [r for r in runs if r.mode == m] for m in FLOOD_MODES}
-    rate = {m: statistics.median(r.drop_rate for r in rs) for m, rs in by_mode.items()}
-    rows = []
-    for m, rs in by_mode.items():
-        send_rate = statistics.median(r.sent / r.seconds for r in rs)
-        rows.append([
-            m, f"{send_rate / 1e6:.2f}", f"{sum(r.received for r in rs):,}",
-            f"{sum(r.dropped for r in rs):,}", f"{sum(r.delivered for r in rs):,}",
-            f"{rate[m] / 1e6:.2f}" if m != "none" else "-",
-            ratio(rate[m], rate["bare XDP_DROP"]) if m != "none" else "-",
-            ratio(rate[m], rate["nftables"]) if m != "none" else "-",
-        ])
-    total = sz.flood_packets * len(by_mode["none"])
-    sec.lines += [
-        f"{sz.flood_reps} round(s) of {sz.flood_packets:,} packets per filter (`trafgen --cpus 1"
-        f" --num {sz.flood_packets}`, sources 10.64.<rnd>.<rnd>, all inside the blocked "
-        "10.64.0.0/16 /24s) into a veth whose receiving end carries the filter (XDP in native "
-        "mode; nftables on netdev ingress). Rates are medians over rounds of packets dropped by "
-        "the filter (its own counter: xdpfw `rule_drop`, nft `counter`; bare: received - "
-        "delivered) per second of trafgen's run; counts are sums over rounds. `delivered` is "
-        "IpInReceives in the receiving namespace. Sender and filter share the machine's "
-        "2 CPUs: the rate is mostly the sender's cost, which dilutes differences between "
-        "filters.",
-        "",
-        *table(["filter", "sent Mpps", "received", "dropped", "delivered", "drop Mpps",
-                "vs bare", "vs nftables"], rows),
-    ]
-    fw_runs = by_mode["xdpfw"]
-    leaked = sum(r.delivered for r in fw_runs)
-    none_ok = sum(r.delivered for r in by_mode["none"]) >= 0.99 * total
-    sec.targets += [
-        Target("flood drop rate vs bare XDP_DROP", ">= 0.80x",
-               ratio(rate["xdpfw"], rate["bare XDP_DROP"]),
-               rate["xdpfw"] >= 0.8 * rate["bare XDP_DROP"]),
-        Target("flood drop rate vs nftables", ">= 1.00x", ratio(rate["xdpfw"], rate["nftables"]),
-               rate["xdpfw"] >= rate["nftables"]),
-        Target("blocked packets delivered under xdpfw", "0",
-               f"{leaked:,} of {sum(r.sent for r in fw_runs):,}", leaked == 0 and none_ok,
-               "" if none_ok else "the unfiltered run did not deliver the flood: check the rig"),
-    ]
-
-
-# -- report -----------------------------------------------------------------------------------
-
-
-def machine() -> list[str]:
+def host_info() -> dict:
     model = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -1032,165 +932,148 @@ def machine() -> list[str]:
                 break
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
-    load = os.getloadavg()
-    rev = _first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
-    return [
-        f"- code: {rev or 'not a git checkout'} ({ROOT})",
-        f"- CPU: {os.cpu_count()} x {model}; RAM {mem_kb / 2**20:.1f} GiB",
-        f"- kernel: {platform.release()} ({platform.machine()}); "
-        f"{os_name()}",
-        f"- tools: {_first_line(['trafgen', '-v'])}; {_first_line(['nft', '--version'])}; "
-        f"xdp-tools {xdp_filter_version()}; {_first_line(['bpftool', 'version'])}",
-        f"- load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (shared machine)",
-    ]
-
-
-def os_name() -> str:
+    osname = "Linux"
     with contextlib.suppress(OSError), open("/etc/os-release") as f:
         for line in f:
             if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip().strip('"')
-    return "Linux"
+                osname = line.split("=", 1)[1].strip().strip('"')
+    return {
+        "code": _first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
+        "branch": _first_line(["git", "-C", str(ROOT), "rev-parse", "--abbrev-ref", "HEAD"]),
+        "cpus": os.cpu_count(), "cpu_model": model, "ram_gib": round(mem_kb / 2**20, 1),
+        "kernel": f"{platform.release()} ({platform.machine()})", "os": osname,
+        "tools": {"bpftool": _first_line(["bpftool", "version"]),
+                  "trafgen": _first_line(["trafgen", "-v"]),
+                  "nft": _first_line(["nft", "--version"]),
+                  "xdp-tools": xdp_filter_version()},
+    }
 
 
-def _first_line(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
-def render(sections: list[Section], command: str, host: list[str], elapsed: float) -> str:
-    targets = [t for s in sections for t in s.targets]
-    met = sum(t.met for t in targets)
-    out = [
-        "## Firewall",
-        "",
-        "Produced by `scripts/bench_fw.py` (numbers below are from one run; rerun to refresh "
-        "this section, other sections are kept):",
-        "",
-        f"    {command}",
-        "",
-        f"Run took {elapsed / 60:.1f} min on {time.strftime('%Y-%m-%d %H:%M %Z')}.",
-        "",
-        *host,
-        "",
-        f"### Targets: {met} of {len(targets)} met",
-        "",
-        *table(["target", "goal", "measured", "met"],
-               [[t.what, t.goal, t.measured, "yes" if t.met else f"**no** {t.note}".strip()]
-                for t in targets]),
-    ]
-    for s in sections:
-        out += ["", f"### {s.title}", "", *s.lines]
-    return "\n".join(out) + "\n"
-
-
-def write_perf_md(section: str, path: Path = PERF_MD) -> None:
-    """Replace the "## Firewall" section, keep the others (e.g. "## Socket proxy") and the
-    section's hand-written "### Findings" subsection."""
-    old = path.read_text() if path.exists() else ""
-    parts = re.split(r"(?m)^(?=## )", old)
-    head = parts[0] if parts[0].strip() else "# Performance\n"
-    mine = [p for p in parts[1:] if p.splitlines()[0].strip() == "## Firewall"]
-    others = [p for p in parts[1:] if p not in mine]
-    if mine:  # hand-written findings survive a rerun
-        found = re.search(r"(?ms)^### Findings\b.*?(?=^### |\Z)", mine[0])
-        if found:
-            section = section.rstrip() + "\n\n" + found.group(0).rstrip() + "\n"
-    new = head.rstrip() + "\n\n" + section
-    if others:
-        new += "\n" + "\n".join(p.rstrip() + "\n" for p in others)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
-# -- main -------------------------------------------------------------------------------------
-
-
-PHASES = ("per-packet", "exact", "rest", "flood")
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 1000, 100k, 2M)")
+    mult = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="reduced sizes and repetitions")
-    p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {PHASES}")
-    p.add_argument("--no-write", action="store_true", help="print only; leave docs/perf.md")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated, from {','.join(PHASES)} (default all)")
+    p.add_argument("--sizes", default="1k,100k,1M,2M",
+                   help="IPv4 prefix counts of the v4 phase; the load phase uses the largest")
+    p.add_argument("--exact-size", type=parse_size, default=10_000,
+                   help="exact addresses of the exact and flood phases (xdp-filter holds "
+                   "10,000 at most)")
+    p.add_argument("--v6-size", type=parse_size, default=100_000)
+    p.add_argument("--sampling-size", type=parse_size, default=100_000)
+    p.add_argument("--single-adds", type=int, default=500)
+    p.add_argument("--runs", type=int, default=7, help="bpftool prog run calls per case")
+    p.add_argument("--repeat", type=int, default=1_000_000, help="runs per call")
+    p.add_argument("--cpu", default="last",
+                   help="CPU that bpftool runs on (taskset): a number, 'last' or 'none'")
+    p.add_argument("--flood-packets", type=int, default=2_000_000)
+    p.add_argument("--flood-rounds", type=int, default=3)
+    p.add_argument("--budget-min", type=float, default=15,
+                   help="start no phase after this many minutes (the rest is reported as "
+                   "skipped)")
+    p.add_argument("--out", help="JSON-lines file, or a directory for it (default docs/perf/)")
+    p.add_argument("--no-write", action="store_true", help="leave docs/perf.md alone")
+    p.add_argument("--report", metavar="JSONL",
+                   help="run nothing: render the summary of a results file")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory "
+                   "(daemon logs, frames)")
     args = p.parse_args(argv)
-    args.skip = {s for s in args.skip.split(",") if s}
-    if args.skip - set(PHASES):
-        p.error(f"unknown phase(s) {sorted(args.skip - set(PHASES))}; phases: {PHASES}")
+    args.phases = [x for x in args.phases.split(",") if x]
+    if bad := set(args.phases) - set(PHASES):
+        p.error(f"unknown phase(s) {sorted(bad)}; phases: {','.join(PHASES)}")
+    args.sizes = [parse_size(x) for x in args.sizes.split(",") if x]
+    if not args.sizes:
+        p.error("--sizes needs at least one size")
     return args
+
+
+def pick_cpu(spec: str) -> int | None:
+    if spec == "none":
+        return None
+    n = os.cpu_count() or 1
+    if spec == "last":
+        return n - 1 if n > 1 else None
+    return int(spec)
 
 
 def preflight() -> None:
     if os.geteuid() != 0:
-        sys.exit("bench_fw.py needs root (bpf(), namespaces, XDP attach)")
-    for tool in ("xdp-filter", "bpftool", "trafgen", "nft", "ip"):
-        if shutil.which(tool) is None:
-            sys.exit(f"bench_fw.py needs {tool} (see the module docstring)")
+        sys.exit("bench_fw.py needs root (bpf(), namespaces, XDP)")
+    missing = [t for t in ("bpftool", "ip", "xdp-filter", "trafgen", "nft", "taskset")
+               if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"bench_fw.py needs {', '.join(missing)}: run scripts/setup.sh")
+    if not os.path.ismount("/sys/fs/bpf"):
+        sys.exit("bpffs is not mounted at /sys/fs/bpf: run scripts/setup.sh")
 
 
-def run(args: argparse.Namespace) -> list[Section]:
-    sz = QUICK if args.quick else FULL
-    rng = random.Random(SEED)
-    log("generating rule sets")
-    v4 = gen_v4_prefixes(max(*sz.v4_steps, sz.bulk_count), rng)
-    v6 = gen_v6_prefixes(sz.v6_count, rng)
-    exact = gen_exact_v4(sz.exact_count, rng)
-    scratch = Scratch()
-    sections: list[Section] = []
-    try:
-        pp = PerPacket(Section("per-packet (skipped)"))
-        if "per-packet" not in args.skip:
-            pp = bench_per_packet(sz, scratch, v4[: max(sz.v4_steps)], v6)
-            sections.append(pp.section)
-        if {"exact", "flood"} - args.skip:
-            sections += _exact_and_flood(sz, scratch, exact, args.skip)
-        if "rest" not in args.skip:
-            sections.append(bench_rest(sz, scratch, v4, pp))
-    finally:
-        scratch.cleanup()
-    return sections
-
-
-def _exact_and_flood(
-    sz: Sizes, scratch: Scratch, exact: list[Prefix], skip: set[str]
-) -> list[Section]:
-    """One small firewall: the exact set for xdp-filter, then the flood prefixes on top."""
-    cfg = ProgramConfig(pin_dir=scratch.pin_dir("small"), max_rules=65_536,
-                        max_port_rules=1024, max_ifaces=16)
-    log(f"compiling a second xdpfw for the exact set (pins {cfg.pin_dir})")
-    fw = Firewall(scratch.tmp / "state-small", cfg)
-    out = []
-    try:
-        guard_test_ifindex(fw)
-        fw.add_rules(specs(exact))
-        if "exact" not in skip:
-            out.append(bench_exact(sz, scratch, fw, exact))
-        if "flood" not in skip:
-            blocked = flood_prefixes()
-            fw.add_rules(specs(blocked))
-            out.append(bench_flood(sz, scratch, fw, exact + blocked))
-    finally:
-        fw.close()  # attachments were undone by guarded(); the namespaces are gone
-    return out
+def _sigterm(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        records = B.read_records(Path(args.report))
+        return _render_and_write(records, Path(args.report), args)
     preflight()
-    command = shlex.join([".venv/bin/python", "scripts/bench_fw.py", *sys.argv[1:]])
-    host = machine()
+    signal.signal(signal.SIGTERM, _sigterm)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = Path(args.out) if args.out else PERF_DIR
+    path = out if out.suffix == ".jsonl" else out / f"fw-{run_id}.jsonl"
+    rec = B.Recorder(path)
+    command = shlex.join([".venv/bin/python", "scripts/bench_fw.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    scratch = B.Scratch(keep_tmp=args.keep_tmp)
+    ctx = Ctx(args, scratch, pick_cpu(args.cpu), args.runs, args.repeat)
+    rec.write({"type": "run", "run": run_id, "started": _now(), "command": command,
+               "host": host_info(), "loadavg": os.getloadavg(), "cpu": ctx.cpu,
+               "args": {k: v for k, v in vars(args).items()}, "tag": scratch.tag})
+    log(f"results: {path} (scratch {scratch.tmp}, names with tag {scratch.tag})")
     t0 = time.monotonic()
-    sections = run(args)
-    report = render(sections, command, host, time.monotonic() - t0)
-    print(report)
+    interrupted = False
+    try:
+        for name, phase, fn, extra in units(args):
+            if time.monotonic() - t0 > args.budget_min * 60:
+                rec.write({"type": "unit", "run": run_id, "unit": name, "phase": phase,
+                           "attempt": 0, "status": "skipped",
+                           "error": f"time budget of {args.budget_min} min used up"})
+                continue
+            run_unit(ctx, rec, run_id, name, phase, fn, extra)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up")
+    finally:
+        problems = scratch.cleanup()
+        rec.write({"type": "end", "run": run_id, "ended": _now(),
+                   "seconds": time.monotonic() - t0, "interrupted": interrupted,
+                   "cleanup_problems": problems})
+        if problems:
+            log(f"cleanup left: {problems}")
+    log(f"done in {(time.monotonic() - t0) / 60:.1f} min; results in {path}")
+    records = B.read_records(path)
+    _render_and_write(records, path, args)
+    return 130 if interrupted else 0
+
+
+def _render_and_write(records: list[dict], path: Path, args: argparse.Namespace) -> int:
+    import bench_report
+
+    text = bench_report.render(records, path.relative_to(ROOT) if path.is_relative_to(ROOT)
+                               else path)
+    print(text)
     if not args.no_write:
-        write_perf_md(report)
-        log(f"wrote {PERF_MD.relative_to(ROOT)}")
+        bench_report.write_section(PERF_MD, SECTION, text)
+        log(f"wrote the {SECTION!r} section of {PERF_MD.relative_to(ROOT)}")
     return 0
 
 

@@ -9,6 +9,9 @@
               tx mode (generic, then native XDP on the appliance's veth, DSR backend), beside
               the same flood straight to the backend's own address over the same bridge.
 
+Older and in-process (the firewall and LB are built in this process, sampling off): the
+conntrack hit of the daemon as shipped is scripts/bench_fw.py --phases lb.
+
 Run as root from the repository root; prints a markdown section for docs/perf.md:
     .venv/bin/python scripts/bench_lb.py
 """
