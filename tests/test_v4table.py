@@ -2,7 +2,7 @@
 
 - Random rule sets, adds and deletes: every address's verdict, read from the maps the way
   the program reads them, is the longest-prefix verdict of the compiled index.
-- A /24 goes PLAIN -> HOST -> GROUP -> HOST -> PLAIN as hosts and longer prefixes come and go.
+- A /24 goes PLAIN -> ONE -> GROUP -> ONE -> PLAIN as hosts and longer prefixes come and go.
 - Every start rebuilds the layout in the other half of the ids and switches to it.
 - Packets running while a /8 (and a /24 inside it) are added and removed, and a prefix's
   port set changes in place, each meet either the old or the new verdict of their address.
@@ -87,18 +87,18 @@ def entry_kind(fw, addr: str) -> int:
     return int.from_bytes(raw, "little") >> abi.V4_KIND_SHIFT
 
 
-def test_a_slash24_moves_between_plain_host_and_group(fw, run):
+def test_a_slash24_moves_between_plain_one_and_group(fw, run):
     add(fw, "192.0.2.0/24", "drop")
     assert entry_kind(fw, "192.0.2.0") == abi.V4_PLAIN
     host = add(fw, "192.0.2.7/32", "pass")
-    assert entry_kind(fw, "192.0.2.0") == abi.V4_HOST
+    assert entry_kind(fw, "192.0.2.0") == abi.V4_ONE
     second = add(fw, "192.0.2.64/26", "pass")
     assert entry_kind(fw, "192.0.2.0") == abi.V4_GROUP
     check = [("192.0.2.7", "XDP_PASS"), ("192.0.2.70", "XDP_PASS"), ("192.0.2.8", "XDP_DROP")]
     for src, want in check:
         assert run(P.udp4(src, 53)).verdict == want, src
     fw.delete_rule(second.id)
-    assert entry_kind(fw, "192.0.2.0") == abi.V4_HOST
+    assert entry_kind(fw, "192.0.2.0") == abi.V4_ONE
     assert run(P.udp4("192.0.2.70", 53)).verdict == "XDP_DROP"
     fw.delete_rule(host.id)
     assert entry_kind(fw, "192.0.2.0") == abi.V4_PLAIN

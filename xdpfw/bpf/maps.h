@@ -19,7 +19,7 @@
  * milliseconds, not a syscall's ~200 ns each. */
 BPF_TABLE_PINNED("array", __u32, __u64, v4_tbl24, XDPFW_V4_TBL24, PIN("v4_tbl24"),
 		 BPF_F_MMAPABLE);
-BPF_TABLE_PINNED("array", __u32, __u32, v4_tbl8, 2 * MAX_TBL8 * 256, PIN("v4_tbl8"),
+BPF_TABLE_PINNED("array", __u32, struct v4_group, v4_tbl8, 2 * MAX_TBL8, PIN("v4_tbl8"),
 		 BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, __u64, v4_verdicts, MAX_V4_VERDICTS, PIN("v4_verdicts"),
 		 BPF_F_MMAPABLE);

@@ -161,14 +161,20 @@ static __always_inline __u64 lookup_v4(__u8 *saddr)
 	__u64 entry = *e;
 	__u32 vid = entry & XDPFW_V4_ID_MASK;
 	__u32 kind = entry >> XDPFW_V4_KIND_SHIFT;
-	if (kind == XDPFW_V4_HOST) {
-		if (((entry >> XDPFW_V4_HOST_SHIFT) & 0xff) == (a & 0xff))
+	if (kind == XDPFW_V4_ONE) {
+		/* The one prefix longer than /24: its last octet, masked to its length. */
+		__u32 extra = ((entry >> XDPFW_V4_LEN_SHIFT) & 7) + 1;
+		__u32 mask = (0xff << (8 - extra)) & 0xff;
+		if (((entry >> XDPFW_V4_NET_SHIFT) & 0xff) == (a & mask))
 			vid = (entry >> XDPFW_V4_AUX_SHIFT) & XDPFW_V4_ID_MASK;
 	} else if (kind == XDPFW_V4_GROUP) {
-		__u32 g = ((entry >> XDPFW_V4_AUX_SHIFT) & XDPFW_V4_ID_MASK) * 256 + (a & 0xff);
-		__u32 *longer = v4_tbl8.lookup(&g);
-		if (longer && *longer)
-			vid = *longer;
+		__u32 g = (entry >> XDPFW_V4_AUX_SHIFT) & XDPFW_V4_ID_MASK;
+		struct v4_group *grp = v4_tbl8.lookup(&g);
+		if (grp) {
+			__u32 longer = grp->vid[a & 0xff];
+			if (longer)
+				vid = longer;
+		}
 	}
 	if (!vid)
 		return 0;

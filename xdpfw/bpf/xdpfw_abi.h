@@ -110,18 +110,26 @@ struct port_verdict {
 
 /* v4_tbl24 entries (u64, host order), one per /24:
  *   bits 0-22  the verdict id of the longest prefix of length <= 24 covering the /24 (0: none)
- *   bits 23-45 HOST: the host rule's verdict id; GROUP: the v4_tbl8 group
- *   bits 46-53 HOST: the host's last octet
- *   bits 62-63 the kind: PLAIN (no longer prefix inside), HOST (one /32 and nothing else
- *              longer than /24), GROUP (anything else: 256 entries in v4_tbl8) */
+ *   bits 23-45 ONE: the verdict id of that one longer prefix; GROUP: the v4_tbl8 group
+ *   bits 46-53 ONE: the longer prefix's last octet (its network)
+ *   bits 54-56 ONE: its length - 25 (/25 .. /32)
+ *   bits 62-63 the kind: PLAIN (no prefix longer than /24 inside), ONE (exactly one),
+ *              GROUP (more: 256 entries in v4_tbl8) */
 #define XDPFW_V4_ID_BITS    23
 #define XDPFW_V4_ID_MASK    0x7fffffULL
 #define XDPFW_V4_AUX_SHIFT  23
-#define XDPFW_V4_HOST_SHIFT 46
+#define XDPFW_V4_NET_SHIFT  46
 #define XDPFW_V4_KIND_SHIFT 62
+#define XDPFW_V4_LEN_SHIFT  54
 #define XDPFW_V4_PLAIN      0
-#define XDPFW_V4_HOST       1
+#define XDPFW_V4_ONE        1
 #define XDPFW_V4_GROUP      2
+
+/* Value of v4_tbl8: a group, the verdict id of the longest prefix longer than /24 covering
+ * each address of its /24 (0: none). One 1 KiB element per group. */
+struct v4_group {
+	__u32 vid[256];
+};
 #define XDPFW_V4_TBL24      16777216 /* 2^24 /24s */
 
 /* Value of iface_policy, an array indexed by interface slot; all zero = pass everything. */

@@ -80,10 +80,11 @@ PV_ACT_SHIFT = 48
 V4_ID_BITS = 23
 V4_ID_MASK = 0x7FFFFF
 V4_AUX_SHIFT = 23
-V4_HOST_SHIFT = 46
+V4_NET_SHIFT = 46
+V4_LEN_SHIFT = 54
 V4_KIND_SHIFT = 62
 V4_PLAIN = 0
-V4_HOST = 1
+V4_ONE = 1
 V4_GROUP = 2
 V4_TBL24 = 16777216
 HOSTLESS_V6_BITS = 24
@@ -232,6 +233,11 @@ class DropEvent(ctypes.Structure):
 STATE_DIR_LEN = 248
 
 
+class V4Group(ctypes.Structure):
+    _fields_ = (("vid", ctypes.c_uint32 * 256),)
+
+
+
 class PinIdentity(ctypes.Structure):
     _fields_ = (
         ("store_id", ctypes.c_uint64),
@@ -253,7 +259,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "fw_config": (ctypes.c_uint32, FwCfg),
     "hostless_v6": (ctypes.c_uint32, ctypes.c_uint64),
     "v4_tbl24": (ctypes.c_uint32, ctypes.c_uint64),
-    "v4_tbl8": (ctypes.c_uint32, ctypes.c_uint32),
+    "v4_tbl8": (ctypes.c_uint32, V4Group),
     "v4_verdicts": (ctypes.c_uint32, ctypes.c_uint64),
     "lb_config": (ctypes.c_uint32, LbConfig),
     "lb_services": (LbVip, LbService),

@@ -118,12 +118,15 @@ class MapHandle:
         for the duration of the block. Writes are plain stores: an aligned 8-byte element is
         written whole (x86-64), and stores become visible in program order. Mapped only while
         needed, so the pages touched do not stay in the daemon's resident set."""
-        elem = (self.value_size + 7) // 8 * 8  # the kernel's array element size
-        size = elem * self.max_entries
+        if self.value_size % 8:
+            raise XdpfwError(f"{self.name}: an array's elements are 8-byte aligned, so a "
+                             f"{self.value_size}-byte value would leave gaps in the mapping")
+        size = self.value_size * self.max_entries
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        per = elem // np.dtype(dtype).itemsize  # a u32 value sits in an 8-byte element
-        view = np.frombuffer(mm, dtype=dtype, count=self.max_entries * per)[::per]
+        # Flat: a struct value (v4_tbl8's 256 ids) is value_size / itemsize items in a row.
+        view = np.frombuffer(mm, dtype=dtype,
+                             count=self.value_size * self.max_entries // np.dtype(dtype).itemsize)
         try:
             yield view
         finally:
@@ -481,11 +484,15 @@ class FirewallMaps:
         entry = int.from_bytes(raw, "little")
         vid, kind = entry & abi.V4_ID_MASK, entry >> abi.V4_KIND_SHIFT
         aux = (entry >> abi.V4_AUX_SHIFT) & abi.V4_ID_MASK
-        if kind == abi.V4_HOST and (entry >> abi.V4_HOST_SHIFT) & 0xFF == addr & 0xFF:
-            vid = aux
+        if kind == abi.V4_ONE:
+            extra = ((entry >> abi.V4_LEN_SHIFT) & 7) + 1
+            mask = (0xFF << (8 - extra)) & 0xFF
+            if (entry >> abi.V4_NET_SHIFT) & 0xFF == addr & mask:
+                vid = aux
         elif kind == abi.V4_GROUP:
-            raw = self.v4_tbl8.lookup((aux * 256 + (addr & 0xFF)).to_bytes(4, "little"))
-            vid = int.from_bytes(raw, "little") or vid
+            raw = self.v4_tbl8.lookup(aux.to_bytes(4, "little"))
+            lo = (addr & 0xFF) * 4
+            vid = int.from_bytes(raw[lo:lo + 4], "little") or vid
         if not vid:
             return 0
         return int.from_bytes(self.v4_verdicts.lookup(vid.to_bytes(4, "little")), "little")

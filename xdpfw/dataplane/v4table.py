@@ -3,8 +3,9 @@
 The compiler (xdpfw/rules/compile.py) resolves every prefix to a verdict; this module lays
 those verdicts out so that a packet's lookup costs the same whatever the rules are:
   v4_tbl24[a >> 8]   one u64 per /24: the verdict id of the longest prefix of length <= 24
-                     covering it (its *fallback*), and either nothing more (PLAIN), one /32
-                     (HOST), or a 256-entry group in v4_tbl8 for anything longer (GROUP);
+                     covering it (its *fallback*), and either nothing more (PLAIN), the one
+                     prefix longer than /24 inside it (ONE), or a 256-entry group in v4_tbl8
+                     for more (GROUP);
   v4_tbl8[g*256+b]   the verdict id of the longest prefix longer than /24 covering the
                      address (0: none, the /24's fallback applies);
   v4_verdicts[id]    the verdict, packed in 64 bits (XDPFW_PV_*).
@@ -54,6 +55,12 @@ def pack_verdict(slot: int, action: int, port_set: int) -> int:
 
 def key_of(net: int, plen: int) -> int:
     return (net << 6) | plen
+
+
+def one_entry(net: int, plen: int, vid: int) -> int:
+    """The kind and aux bits of a /24 whose only longer prefix is net/plen (/25 .. /32)."""
+    return ((abi.V4_ONE << abi.V4_KIND_SHIFT) | ((plen - 25) << abi.V4_LEN_SHIFT)
+            | ((net & 0xFF) << abi.V4_NET_SHIFT) | (vid << abi.V4_AUX_SHIFT))
 
 
 class _Ids:
@@ -169,7 +176,7 @@ class V4Table:
         self.tbl24, self.tbl8, self.verdicts = tbl24, tbl8, verdicts
         n = verdicts.max_entries
         self.half_ids = (n - 1) // 2
-        self.half_groups = tbl8.max_entries // 256 // 2
+        self.half_groups = tbl8.max_entries // 2
         self.generation = generation
         self.vid_net = np.zeros(n, dtype=np.uint32)
         self.vid_plen = np.full(n, FREE, dtype=np.uint8)
@@ -294,11 +301,11 @@ class V4Table:
             self._lay_out(s, entry, longs)
 
     def _longs(self, s: int, entry: int) -> dict[int, int]:
-        """A copy of /24 s's prefixes longer than /24: a group's are kept here, a HOST's
-        one is in its entry."""
+        """A copy of /24 s's prefixes longer than /24: a group's are kept here, a ONE's
+        is in its entry."""
         if s in self.longs:
             return dict(self.longs[s])
-        if entry >> abi.V4_KIND_SHIFT == abi.V4_HOST:
+        if entry >> abi.V4_KIND_SHIFT == abi.V4_ONE:
             vid = (entry >> abi.V4_AUX_SHIFT) & abi.V4_ID_MASK
             return {key_of(int(self.vid_net[vid]), int(self.vid_plen[vid])): vid}
         return {}
@@ -309,10 +316,9 @@ class V4Table:
         old_group = self.group_of.get(s)
         if not longs:
             new_entry = fb
-        elif len(longs) == 1 and next(iter(longs)) & 63 == 32:
+        elif len(longs) == 1:
             key, vid = next(iter(longs.items()))
-            new_entry = ((abi.V4_HOST << abi.V4_KIND_SHIFT) | (((key >> 6) & 0xFF)
-                         << abi.V4_HOST_SHIFT) | (vid << abi.V4_AUX_SHIFT) | fb)
+            new_entry = one_entry(key >> 6, key & 63, vid) | fb
         else:
             group = old_group if old_group is not None else self.groups.take()
             table = np.zeros(256, dtype=np.uint32)
@@ -427,12 +433,10 @@ class V4Table:
         nets, plens, vids, s24 = nets[order], plens[order], vids[order], s24[order]
         uniq, first, counts = np.unique(s24, return_index=True, return_counts=True)
         aux: dict[int, int] = {}
-        hosts = (counts == 1) & (plens[first] == 32)
-        for s, i in zip(uniq[hosts].tolist(), first[hosts].tolist(), strict=True):
-            aux[s] = ((abi.V4_HOST << abi.V4_KIND_SHIFT)
-                      | ((int(nets[i]) & 0xFF) << abi.V4_HOST_SHIFT)
-                      | (int(vids[i]) << abi.V4_AUX_SHIFT))
-        grouped = ~hosts
+        ones = counts == 1
+        for s, i in zip(uniq[ones].tolist(), first[ones].tolist(), strict=True):
+            aux[s] = one_entry(int(nets[i]), int(plens[i]), int(vids[i]))
+        grouped = ~ones
         if grouped.any():
             g_slash24 = uniq[grouped]
             groups = self.groups.take_many(len(g_slash24))
