@@ -97,13 +97,6 @@ def veth_pair(
             ip.link("set", index=idx, state="up")
 
 
-def set_neighbour(ns: str, ifname: str, address: str, lladdr: str) -> None:
-    """A permanent neighbour entry, so tests need not wait for ARP/ND."""
-    with rtnl(ns) as ip:
-        idx = ip.link_lookup(ifname=ifname)[0]
-        ip.neigh("replace", dst=address, lladdr=lladdr, ifindex=idx, state=0x80)
-
-
 def link_mac(ns: str | None, ifname: str) -> str:
     with rtnl(ns) as ip:
         return ip.get_links(ifindex(ns, ifname))[0].get_attr("IFLA_ADDRESS")

@@ -126,7 +126,7 @@ class SockProxyDataplane:
                  source: Path = abi.PROGRAM_SOURCE) -> None:
         """attach: see Attach. splice_sndbuf: SO_SNDBUF for spliced sockets (None: leave the
         kernel's autotuning alone). source: the C file; only tests pass another."""
-        from bcc import BPF  # the one place bcc is imported
+        from bcc import BPF
 
         if attach not in ATTACH_PROGRAMS:
             raise ValueError(f"attach must be one of {sorted(ATTACH_PROGRAMS)}, not {attach!r}")
@@ -272,14 +272,6 @@ class SockProxyDataplane:
         from bcc import lib
 
         lib.bpf_delete_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)))  # ENOENT is fine
-
-    def sockhash_contains(self, name: str, cookie: int) -> bool:
-        """Whether a sockhash still holds a cookie (lookup on a sockhash returns the cookie)."""
-        from bcc import lib
-
-        val = ct.c_uint64()
-        return lib.bpf_lookup_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)),
-                                   ct.byref(val)) == 0
 
     def socket_count(self, name: str) -> int:
         """Entries in sp_socks or sp_splice (walked with BPF_MAP_GET_NEXT_KEY)."""
