@@ -32,6 +32,7 @@ from xdpfw.errors import (
 )
 from xdpfw.lb.metrics import LbCollector
 from xdpfw.metrics import build_registry
+from xdpfw.proxy.engine import AddressInUseError, ListenError
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (CompileError, 500),
     (BpffsError, 500),
     (SourceRefusedError, 422),
+    (ListenError, 422),  # a proxy service's VIP:port cannot be listened on
+    (AddressInUseError, 409),  # ... because something listens there already
 ]
 
 # Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default.

@@ -9,8 +9,8 @@
   stay valid whichever build runs, so an upgrade never leaves a component writing through a
   closed (or reused) descriptor. The drop-event ring buffer belongs to the build: listeners
   are told of each new build and re-bind.
-- The sockhash proxy's programs and maps (ProxyDataplane), loaded on first use, with the one
-  fallback policy for when the kernel refuses them.
+- The sockhash proxy's programs and maps (SockProxyDataplane), loaded on first use and shared
+  by every proxy service; when the kernel refuses them, xdpfw.proxy.fallback decides.
 Upgrades swap every attached instance under `lock`; map writers take it too, so no write
 straddles a swap.
 """
@@ -33,6 +33,8 @@ from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.pins import move_aside
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
 from xdpfw.errors import AttachError, ConflictError, NotFoundError, PinLayoutError
+from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
+from xdpfw.proxy.loader import SockProxyDataplane
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ class Dataplane:
         self.links: dict[int, Link] = {}
         # Called with the new build after an upgrade, before the old one is closed.
         self.listeners: list[Callable[[LoadedProgram], None]] = []
-        self._proxy = None
+        self._proxy: SockProxyDataplane | None = None
+        self._proxy_refused: str | None = None  # why the kernel refused it
 
     def _load_claimable(self, cfg: ProgramConfig) -> LoadedProgram:
         """Load on the pins, or on fresh pins when the old ones have another layout
@@ -278,21 +281,15 @@ class Dataplane:
 
     # -- sockhash proxy ---------------------------------------------------------------------
 
-    def proxy(self, required: bool):
+    def proxy(self, mode: RequestedMode) -> tuple[SockProxyDataplane | None, str | None]:
         """The sockhash proxy's programs and maps, loaded on first use and shared by every
-        proxy service. Returns (dataplane or None, why not): when the kernel refuses them,
-        the caller relays in user space, unless `required` (then SockProxyError)."""
-        from xdpfw.proxy.loader import SockProxyDataplane, SockProxyError
-
+        proxy service; or (None, why) when proxy services relay in user space, as
+        load_or_fall_back decides. A refusal is kept: the kernel is not asked again."""
         with self.lock:
-            if self._proxy is None:
-                try:
-                    self._proxy = SockProxyDataplane()
-                except SockProxyError as e:
-                    if required:
-                        raise
-                    return None, str(e)
-            return self._proxy, None
+            if self._proxy is None and self._proxy_refused is None:
+                self._proxy, self._proxy_refused = load_or_fall_back(
+                    mode, SockProxyDataplane, "proxy services")
+            return self._proxy, self._proxy_refused
 
     # -- shutdown -------------------------------------------------------------------------
 

@@ -24,15 +24,12 @@ Maglev builds, which must not stall the API's event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import errno
 import hashlib
 import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from xdpfw.dataplane import abi
@@ -48,39 +45,16 @@ from xdpfw.lb.health import HealthChecker
 from xdpfw.lb.maglev import build_table
 from xdpfw.lb.neigh import Neighbour, NeighbourUnresolved, resolve
 from xdpfw.lb.store import BackendRecord, HealthSpec, LbStore, ServiceRecord
-from xdpfw.netns import link_mac
+from xdpfw.netns import link_mac, thread_in_netns
 from xdpfw.proxy.engine import EngineError, ProxyEngine, ServiceCounters
-from xdpfw.proxy.loader import SockProxyDataplane, SockProxyError
+from xdpfw.proxy.fallback import ProxyUnavailableError
+from xdpfw.proxy.loader import SockProxyDataplane
 
 log = logging.getLogger(__name__)
 
 FORWARD = {"tx": abi.LB_FWD_TX, "redirect": abi.LB_FWD_REDIRECT}  # modes XDP forwards
 FORWARD_MODES = (*FORWARD, "proxy")
 BACKEND_STATES = ("active", "draining")
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def thread_in_netns(name: str | None) -> Iterator[None]:
-    """Run the block with this thread in network namespace `name` (None: stay)."""
-    if name is None:
-        yield
-        return
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into netns {name}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            _libc.setns(own, CLONE_NEWNET)
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 @dataclass(frozen=True)
@@ -172,8 +146,8 @@ class LoadBalancer:
         self.checker = HealthChecker(self._on_health, initial_healthy=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.proxy_mode = proxy_mode  # "auto" | "sockhash" | "userspace" (see ProxyEngine)
-        self.proxy_dataplane: SockProxyDataplane | None = None
+        self.dp = firewall.dp
+        self.proxy_mode = proxy_mode  # "auto" | "sockhash" | "userspace" (see proxy/fallback.py)
         self.proxy_fallback: str | None = None  # why proxy services relay in user space
         self._restore(records, backends)
 
@@ -258,9 +232,6 @@ class LoadBalancer:
         with self.lock:
             for svc in self.services.values():
                 self._stop_engine(svc)
-            if self.proxy_dataplane is not None:
-                self.proxy_dataplane.close()
-                self.proxy_dataplane = None
         self.store.close()
 
     def _sync_health(self, service_id: int) -> None:
@@ -652,22 +623,10 @@ class LoadBalancer:
     # -- forward proxy --------------------------------------------------------------------
 
     def _proxy_dataplane(self) -> SockProxyDataplane | None:
-        """The sockproxy programs all proxy services share, loaded on first use; None when
-        they relay in user space (configured, or the kernel refused; proxy_fallback says)."""
-        if self.proxy_dataplane is not None or self.proxy_mode == "userspace":
-            return self.proxy_dataplane
-        if self.proxy_fallback is not None:
-            return None
-        try:
-            self.proxy_dataplane = SockProxyDataplane()
-        except SockProxyError as e:
-            if self.proxy_mode == "sockhash":
-                raise ConflictError(f"proxy mode sockhash demanded, but the kernel refused "
-                                    f"the sockhash proxy: {e}") from e
-            self.proxy_fallback = str(e)
-            log.warning("kernel refused the sockhash proxy (%s): proxy services relay in user "
-                        "space", str(e).splitlines()[0])
-        return self.proxy_dataplane
+        """The sockproxy programs all proxy services share (Dataplane.proxy); None when they
+        relay in user space (configured, or the kernel refused; proxy_fallback says)."""
+        dp, self.proxy_fallback = self.dp.proxy(self.proxy_mode)
+        return dp
 
     def _picker(self, svc: ServiceState):
         """pick_backend for svc's engine: the client's 5-tuple hashed into the Maglev table.
@@ -696,28 +655,15 @@ class LoadBalancer:
         (restore) they are logged and kept in svc.engine_error, and the rest goes on."""
         try:
             dp = self._proxy_dataplane()
-        except ConflictError as e:
+            engine = ProxyEngine(svc.rec.vip, svc.rec.port, self._picker(svc), svc.rec.id,
+                                 mode="userspace" if dp is None else "sockhash", dataplane=dp,
+                                 netns=self.netns)
+            engine.start()
+        except (ProxyUnavailableError, EngineError) as e:
             if strict:
                 raise
             svc.engine_error = str(e)
             log.error("service %d: %s", svc.rec.id, e)
-            return
-        engine = ProxyEngine(svc.rec.vip, svc.rec.port, self._picker(svc), svc.rec.id,
-                             mode="userspace" if dp is None else "sockhash", dataplane=dp)
-        try:
-            # The listener and the backend sockets live in the namespace of the thread that
-            # calls start() (the engine's thread inherits it).
-            with thread_in_netns(self.netns):
-                engine.start()
-        except EngineError as e:
-            err = e.__cause__.errno if isinstance(e.__cause__, OSError) else None
-            hint = {errno.EADDRNOTAVAIL: " (the VIP must be an address of the appliance"
-                    f"{' in netns ' + self.netns if self.netns else ''})"}.get(err, "")
-            if strict:
-                cls = ConflictError if err == errno.EADDRINUSE else ServiceValidationError
-                raise cls(f"{e}{hint}") from e
-            svc.engine_error = f"{e}{hint}"
-            log.error("%s%s", e, hint)
             return
         svc.engine, svc.engine_error = engine, None
 
