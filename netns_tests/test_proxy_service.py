@@ -317,7 +317,7 @@ def test_kernel_refusal_falls_back_to_userspace(env, tmp_path, monkeypatch, capl
                                           lb_table_size=251, lb_ct_size=1024))
     lb = None
     try:
-        lb = lb_service.LoadBalancer(fw, env.appliance)
+        lb = lb_service.LoadBalancer(tmp_path, fw.dp, env.appliance)
         api = TestClient(create_app(fw, lb=lb))
         r = api.post("/api/v1/services", json={"vip": VIP, "port": FALLBACK_PORT,
                                                "forward": "proxy",

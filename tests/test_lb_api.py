@@ -28,7 +28,7 @@ def lb(fw, make_netns) -> Iterator[LoadBalancer]:
     lbns, bens = make_netns("lba"), make_netns("lbb")
     nsutil.veth_pair(lbns, "lb0", bens, "be0", [nsutil.Addr("10.97.0.1", 24)],
                      [nsutil.Addr(BACKEND, 24)])
-    lb = LoadBalancer(fw, lbns, resolve_timeout_s=3.0)
+    lb = LoadBalancer(fw.state_dir, fw.dp, lbns, resolve_timeout_s=3.0)
     try:
         yield lb
     finally:

@@ -202,7 +202,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
-        lb = LoadBalancer(fw, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
+        lb = LoadBalancer(state, fw.dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
         app = create_app(fw, token, lb=lb, events=events, body_limits=limits)

@@ -8,7 +8,6 @@ either takes full effect and is on disk, or changes nothing.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -35,6 +34,8 @@ from xdpfw.gcpause import gc_paused
 from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
 from xdpfw.rules.model import Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
+from xdpfw.slots import SlotAllocator
+from xdpfw.statedir import store_path
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +59,6 @@ class Attachment:
     mode_in_use: Mode
 
 
-class SlotAllocator:
-    """Smallest free index first, so counter arrays stay dense."""
-
-    def __init__(self, capacity: int, used: Iterable[int] = (), first: int = 0) -> None:
-        self.capacity = capacity
-        used = set(used)
-        self.high = max(used, default=first - 1) + 1
-        self.free = [s for s in range(first, self.high) if s not in used]
-        heapq.heapify(self.free)
-
-    def take(self, n: int, what: str) -> list[int]:
-        reuse = [heapq.heappop(self.free) for _ in range(min(n, len(self.free)))]
-        fresh = n - len(reuse)
-        if self.high + fresh > self.capacity:
-            for s in reuse:
-                heapq.heappush(self.free, s)
-            raise MapFullError(
-                f"no room for {n} more {what}: capacity is {self.capacity} "
-                "(raise limits in the config; pinned maps must then be recreated)"
-            )
-        out = reuse + list(range(self.high, self.high + fresh))
-        self.high += fresh
-        return out
-
-    def give(self, slots: Iterable[int]) -> None:
-        for s in slots:
-            heapq.heappush(self.free, s)
-
-
 class Firewall:
     def __init__(
         self,
@@ -99,7 +71,7 @@ class Firewall:
         one (their other rules removed, and logged) instead of refused."""
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir)
-        self.store = Store(self.state_dir / "xdpfw.sqlite3")
+        self.store = Store(store_path(self.state_dir))
         self._owns_dataplane = not isinstance(dataplane, Dataplane)
         self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
         self.config = self.dp.config

@@ -9,7 +9,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from xdpfw.lb.health import HealthCheckConfig, HealthConfigError
-from xdpfw.lb.service import BackendSpec, BackendState, LoadBalancer, ServiceSpec, ServiceState
+from xdpfw.lb.model import BackendSpec, BackendState, ServiceSpec, ServiceState
+from xdpfw.lb.proxies import ProxyStatus
+from xdpfw.lb.service import LoadBalancer
 from xdpfw.lb.store import HealthSpec
 from xdpfw.proxy.engine import ServiceCounters
 
@@ -184,10 +186,10 @@ class ServicePublic(BaseModel):
     def of(cls, lb: LoadBalancer, svc: ServiceState) -> ServicePublic:
         c = lb.counters(svc)
         r = svc.rec
-        mode, reason, pc = lb.proxy_status(svc) if svc.proxied else (None, None, None)
+        px = lb.proxy_status(svc) if svc.proxied else ProxyStatus(None, None, None)
         return cls(
-            mode_in_use=mode, fallback_reason=reason or svc.engine_error,
-            proxy=ProxyStats.of(pc) if pc else None,
+            mode_in_use=px.mode, fallback_reason=px.reason,
+            proxy=ProxyStats.of(px.counters) if px.counters else None,
             id=r.id, name=r.name, vip=r.vip, port=r.port, proto=r.proto, forward=r.forward,
             cpu_steer=list(r.cpu_steer), health_check=HealthCheck.of(r.health),
             backends=[BackendPublic.of(lb, svc, b) for b in svc.backends.values()],
