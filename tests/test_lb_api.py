@@ -131,3 +131,53 @@ def test_metrics_per_service_and_backend_follow_traffic(api, lb, run):
     m = scrape(api)
     assert value(m, "xdpfw_backend_in_table", **be_labels) == 0
     assert value(m, "xdpfw_backend_table_share", **be_labels) == 0
+
+
+def lb_snapshot(api: TestClient, lb: LoadBalancer) -> tuple:
+    """What a refused change must leave as it was: the API's view, the store and the maps."""
+    store = lb.registry.store
+    with lb.lock:
+        slots = {s.rec.slot: [b.rec.slot for b in s.backends.values()]
+                 for s in lb.list_services()}
+    return (
+        api.get("/api/v1/services").json(),
+        api.get("/api/v1/cpu-steer").json(),
+        store.load_services(), store.load_backends(), store.get_setting("cpu_steer"),
+        {k: bytes(v) for k, v in lb.maps.service_entries().items()},
+        {s: lb.maps.read_row(s) for s in slots},
+        {b: bytes(lb.maps.get_backend(b)) for bs in slots.values() for b in bs},
+        bytes(lb.maps.get_config()),
+    )
+
+
+def test_a_failed_commit_changes_no_service(api, lb, run):
+    """COMMIT fails (disk full) after the maps were written: every change is undone, and a
+    proxy service keeps the engine it had (its connections are not cut)."""
+    from tests.test_api_limits import FailingCommit
+
+    svc = create(api, backends=[{"address": BACKEND}])
+    be = svc["backends"][0]
+    proxied = create(api, vip="10.97.0.1", port=8080, forward="proxy",
+                     backends=[{"address": BACKEND}])
+    engine = lb.registry.proxies.engines[proxied["id"]]
+    pkt = P.eth(P.ETH_IP, P.ipv4("10.97.1.7", VIP, P.TCP, P.l4(P.TCP, PORT)))
+    assert run(pkt).verdict == "XDP_TX"
+    before = lb_snapshot(api, lb)
+    real = lb.registry.store._db
+    lb.registry.store._db = FailingCommit(real)
+    try:
+        for method, url, body in [
+            ("DELETE", f"/api/v1/services/{svc['id']}", None),
+            ("PATCH", f"/api/v1/services/{svc['id']}/backends/{be['id']}", {"weight": 0}),
+            ("DELETE", f"/api/v1/services/{svc['id']}/backends/{be['id']}", None),
+            ("PUT", "/api/v1/cpu-steer", {"cpus": [0]}),
+            ("DELETE", f"/api/v1/services/{proxied['id']}", None),
+        ]:
+            r = api.request(method, url, json=body)
+            assert r.status_code == 507, f"{method} {url}: {r.status_code} {r.text}"
+            assert lb_snapshot(api, lb) == before, f"{method} {url} changed state"
+    finally:
+        lb.registry.store._db = real
+    assert not real.in_transaction
+    assert lb.registry.proxies.engines[proxied["id"]] is engine, "the engine was restarted"
+    assert run(pkt).verdict == "XDP_TX", "the service stopped forwarding"

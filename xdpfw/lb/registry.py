@@ -142,16 +142,15 @@ class ServiceRegistry:
             try:
                 with self.store.transaction():
                     self.store.delete_service(service_id)
-                    del self.services[service_id]
                     if not svc.proxied:
                         self.publisher.unpublish(svc)
-                    self._write_config()
+                    self._write_config(without=svc)
             except BaseException:
-                self.services[service_id] = svc
                 if not svc.proxied:
                     self.publisher.publish(svc)  # as restored: its counters kept
                 self._write_config()
                 raise
+            del self.services[service_id]
             if svc.proxied:  # committed: only now may its connections be cut
                 self.proxies.stop(service_id)
                 self.publisher.unpublish(svc)
@@ -321,8 +320,9 @@ class ServiceRegistry:
             self.proxies.stop(svc.rec.id)
         self.publisher.unpublish(svc)
 
-    def _write_config(self) -> None:
-        self.publisher.write_config(self.services.values(), self.steer)
+    def _write_config(self, without: ServiceState | None = None) -> None:
+        services = (s for s in self.services.values() if s is not without)
+        self.publisher.write_config(services, self.steer)
 
     def _resolve(self, address: str) -> Neighbour:
         """A new backend's next hop; an unresolvable one refuses the request."""
