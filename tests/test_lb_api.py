@@ -58,6 +58,8 @@ def create(api: TestClient, **body) -> dict:
     ({"vip": VIP, "port": 80, "backends": [{"address": BACKEND, "weight": -1}]}, "weight",
      "greater than or equal to 0"),
     ({"vip": VIP, "port": 80, "cpu_steer": [4096]}, None, "cpu_steer: no CPU [4096]"),
+    ({"vip": VIP, "port": 80, "health_check": {"kind": "http", "http_path": "status"}}, None,
+     "http_path must start with '/'"),
 ])
 def test_service_validation_errors_are_422(api, body, field, says):
     r = api.post("/api/v1/services", json=body)
@@ -87,6 +89,25 @@ def test_unknown_ids_are_404_and_duplicates_409(api):
     assert r.status_code == 201, r.text
     r = api.post(f"/api/v1/services/{sid}/backends", json={"address": BACKEND})
     assert r.status_code == 409 and BACKEND in r.json()["detail"], r.text
+
+
+def test_proxy_service_on_a_foreign_or_busy_address_is_refused(api, lb):
+    """The engine's own typed errors, mapped in ERROR_STATUS: 422 for a VIP the appliance does
+    not hold (with the hint), 409 for a VIP:port something else listens on."""
+    import socket
+
+    from xdpfw.netns import thread_in_netns
+
+    body = {"port": 8081, "forward": "proxy", "backends": [{"address": BACKEND}]}
+    r = api.post("/api/v1/services", json={"vip": "10.97.0.77", **body})
+    assert r.status_code == 422, r.text
+    assert "must be an address of the appliance in netns" in r.json()["detail"], r.text
+    with thread_in_netns(lb.registry.netns):
+        busy = socket.create_server(("10.97.0.1", 8081))
+    with busy:
+        r = api.post("/api/v1/services", json={"vip": "10.97.0.1", **body})
+        assert r.status_code == 409 and "Address already in use" in r.json()["detail"], r.text
+    assert api.get("/api/v1/services").json() == [], "a refused service was kept"
 
 
 def test_non_prime_table_size_in_config_names_the_line(tmp_path):

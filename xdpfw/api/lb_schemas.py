@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from xdpfw.lb.health import HealthCheckConfig, HealthConfigError
+from xdpfw.lb.health import HealthCheckConfig
 from xdpfw.lb.model import BackendSpec, BackendState, ServiceSpec, ServiceState
 from xdpfw.lb.proxies import ProxyStatus
 from xdpfw.lb.service import LoadBalancer
@@ -44,11 +44,9 @@ class HealthCheck(_Strict):
     port: int | None = Field(None, ge=1, le=65535, description="default: the service port")
 
     def spec(self) -> HealthSpec:
-        try:
-            cfg = HealthCheckConfig(self.kind, self.interval_s, self.timeout_s, self.rise,
-                                    self.fall, self.http_path)
-        except HealthConfigError as e:
-            raise ValueError(str(e)) from None
+        """HealthConfigError (422) for what the fields above do not check (http_path)."""
+        cfg = HealthCheckConfig(self.kind, self.interval_s, self.timeout_s, self.rise,
+                                self.fall, self.http_path)
         return HealthSpec(cfg, self.port)
 
     @classmethod

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from xdpfw.dataplane.dataplane import Dataplane
-from xdpfw.errors import BackendUnresolvedError, ConflictError, NotFoundError
+from xdpfw.errors import ConflictError, NotFoundError
 from xdpfw.lb.health import Backend as ProbeTarget
 from xdpfw.lb.health import HealthCheckConfig
 from xdpfw.lb.model import (
@@ -325,15 +325,9 @@ class ServiceRegistry:
         self.publisher.write_config(services, self.steer)
 
     def _resolve(self, address: str) -> Neighbour:
-        """A new backend's next hop; an unresolvable one refuses the request."""
-        try:
-            return resolve(address, self.netns, timeout_s=self.resolve_timeout_s)
-        except NeighbourUnresolved as e:
-            where = f" in netns {self.netns}" if self.netns else ""
-            raise BackendUnresolvedError(
-                f"backend {address}: {e}{where}; nothing was changed (its MAC comes from the "
-                "neighbour table: the backend must answer ARP/ND)"
-            ) from None
+        """A new backend's next hop: NeighbourUnresolved (a BackendUnresolvedError) refuses
+        the request."""
+        return resolve(address, self.netns, timeout_s=self.resolve_timeout_s)
 
     def _resolve_into(self, be: BackendState, timeout_s: float) -> None:
         try:
