@@ -128,7 +128,7 @@ def seed_rules(fw: Firewall, rules: list[RuleConfig]) -> int:
     """Add the config file's rules that the store does not hold yet (same prefix, proto and
     port): rules changed through the API since are left as they are."""
     specs = [r.spec() for r in rules]
-    specs = [s for s in specs if fw.index.find(s.prefix, s.proto, s.dport) is None]
+    specs = [s for s in specs if not fw.has_rule(s.prefix, s.proto, s.dport)]
     if specs:
         fw.add_rules(specs)
     return len(specs)
@@ -195,7 +195,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             ifname, ns = demo.build()
             fw.attach_interface(ifname, ns, policy="pass")
             print(demo.howto(cfg.api.socket), flush=True)
-        events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
+        events = EventHub(fw.dp, fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
         unix = unix_listener(cfg.api.socket)
         tcp = [tcp_listener(a) for a in cfg.api.listen]
@@ -214,12 +214,9 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             servers.stop()
 
         app.state.shutdown = shutdown
-        log.info(
-            "xdpfw: %d rules, %d interfaces; API on %s",
-            len(fw.rules),
-            len(fw.attachments),
-            ", ".join([cfg.api.socket, *cfg.api.listen]),
-        )
+        counts = fw.counts()
+        log.info("xdpfw: %d rules, %d interfaces; API on %s", counts.rules,
+                 counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen]))
         servers.run()
     finally:
         if events is not None:

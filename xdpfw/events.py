@@ -2,7 +2,7 @@
 
 The XDP program pushes 1 drop in `sample_rate` (pinned map fw_config; 0: none), so a flood
 costs the reader at most rate-limited work. One thread polls the ring buffer of the program
-that is attached and follows it across upgrades (Dataplane.listeners). Each subscriber
+that is attached and follows it across upgrades (Dataplane.follow). Each subscriber
 (an SSE client) has a bounded queue: when it lags, its oldest events are dropped and counted,
 and the reader never blocks on it.
 """
@@ -20,6 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from xdpfw.dataplane import abi
+from xdpfw.dataplane.dataplane import Dataplane
+from xdpfw.dataplane.loader import LoadedProgram
+from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,10 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, firewall, queue_size: int = 1024) -> None:
+    def __init__(self, dataplane: Dataplane, firewall: Firewall,
+                 queue_size: int = 1024) -> None:
+        """firewall: names the rule and the interface of an event's slots."""
+        self.dp = dataplane
         self.fw = firewall
         self.queue_size = queue_size
         self.lock = threading.Lock()
@@ -84,15 +90,13 @@ class EventHub:
 
     def start(self, sample_rate: int) -> None:
         self.set_sample_rate(sample_rate)
-        self.bind(self.fw.dp.program)
-        self.fw.dp.listeners.append(self.bind)
+        self.dp.follow(self.bind)
 
     def stop(self) -> None:
+        self.dp.unfollow(self.bind)
         self._unbind()
-        if self.bind in self.fw.dp.listeners:
-            self.fw.dp.listeners.remove(self.bind)
 
-    def bind(self, program) -> None:
+    def bind(self, program: LoadedProgram) -> None:
         """Read the ring buffer of `program` (called again with the new one on upgrade)."""
         self._unbind()
         program.table("drop_events").open_ring_buffer(self._on_event)
@@ -125,8 +129,7 @@ class EventHub:
     def set_sample_rate(self, rate: int) -> None:
         if rate < 0:
             raise ValueError("sample_rate must be 0 (off) or more")
-        with self.fw.lock:
-            self.fw.maps.fw_config.set_sample_rate(rate)
+        self.dp.set_sample_rate(rate)
         self.sample_rate = rate
 
     # -- fan-out ----------------------------------------------------------------------------
@@ -141,10 +144,9 @@ class EventHub:
         event["time"] = time.time()
         slot = event["rule_slot"]
         event["rule_id"] = self.fw.rule_id_of_slot(slot) if slot is not None else None
-        for att in list(self.fw.attachments.values()):
-            if att.record.slot == raw.iface:
-                event["interface"], event["netns"] = att.record.name, att.record.netns
-                break
+        att = self.fw.interface_at(raw.iface)
+        if att is not None:
+            event["interface"], event["netns"] = att.record.name, att.record.netns
         with self.lock:
             self.read += 1
             subs = list(self.subscribers)

@@ -90,7 +90,8 @@ def create_app(
     app.state.firewall = firewall
     app.state.events = events
     app.state.lb = lb
-    app.state.metrics = build_registry(firewall, events)  # other collectors register here
+    # The Dataplane the firewall runs on: metrics read counters from its maps.
+    app.state.metrics = build_registry(firewall, firewall.dp, events)  # others register too
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it

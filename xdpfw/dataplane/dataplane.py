@@ -7,12 +7,13 @@
   chained behind each one (README "Other XDP programs").
 - The map handles (FirewallMaps, LbMaps), opened from the pins with fds of their own: they
   stay valid whichever build runs, so an upgrade never leaves a component writing through a
-  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: listeners
-  are told of each new build and re-bind.
+  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: whoever
+  reads it follows (`follow`) each new build and re-binds.
 - The sockhash proxy's programs and maps (SockProxyDataplane), loaded on first use and shared
   by every proxy service; when the kernel refuses them, xdpfw.proxy.fallback decides.
-Upgrades swap every attached instance under `lock`; map writers take it too, so no write
-straddles a swap.
+The firewall, the load balancer, events and metrics reach the kernel only through these
+handles; none opens its own. Upgrades swap every attached instance under `lock`;
+attaching, detaching and chaining take it too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
 from xdpfw.dataplane.lb_maps import LbMaps
@@ -66,6 +69,25 @@ class Link:
     mode: Mode  # in use
 
 
+@dataclass(frozen=True)
+class Build:
+    """The running build: its test instance (attached instances have ids of their own), and
+    the source it was built from."""
+
+    info: ProgInfo
+    source: Path
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """What the kernel runs on a slot's interface, beside what should run there."""
+
+    mode: Mode | None  # None: no XDP program there, or the link is gone
+    prog_id: int | None
+    current: bool  # prog_id is the slot's instance of the running build
+    chained: int | None  # the program run after xdpfw's pass verdicts
+
+
 class Dataplane:
     def __init__(self, config: ProgramConfig) -> None:
         self.lock = threading.RLock()
@@ -76,7 +98,7 @@ class Dataplane:
         self.lb = LbMaps(config)
         self.links: dict[int, Link] = {}
         # Called with the new build after an upgrade, before the old one is closed.
-        self.listeners: list[Callable[[LoadedProgram], None]] = []
+        self._listeners: list[Callable[[LoadedProgram], None]] = []
         self._proxy: SockProxyDataplane | None = None
         self._proxy_refused: str | None = None  # why the kernel refused it
 
@@ -220,6 +242,19 @@ class Dataplane:
         finally:
             os.close(fd)
 
+    def link_state(self, slot: int) -> LinkState:
+        """Read from the kernel. A link that is gone (or its namespace) runs nothing."""
+        with self.lock:
+            link = self.links.get(slot)
+            mode = prog_id = None
+            if link is not None:
+                try:
+                    _, mode, prog_id, _ = link_info(link.name, link.netns)
+                except (NotFoundError, NetlinkError, OSError) as e:
+                    log.debug("%s: %s", where(link.name, link.netns), e)
+            current = prog_id is not None and prog_id == self.instance_id(slot)
+            return LinkState(mode, prog_id, current, self.maps.chain_id(slot))
+
     def attached_id(self, slot: int) -> int | None:
         """The program id attached where slot's instance should run (None: nothing)."""
         link = self.links.get(slot)
@@ -233,6 +268,27 @@ class Dataplane:
     def program_info(self) -> ProgInfo:
         """The build's test instance (slot 0); attached instances have ids of their own."""
         return prog_info(self.program.fd)
+
+    def build(self) -> Build:
+        with self.lock:  # not a build an upgrade is closing
+            return Build(prog_info(self.program.fd), self.program.config.source)
+
+    def follow(self, listener: Callable[[LoadedProgram], None]) -> None:
+        """Call listener with the running build now, and with every new one an upgrade
+        brings (before the old one is closed)."""
+        with self.lock:
+            listener(self.program)
+            self._listeners.append(listener)
+
+    def unfollow(self, listener: Callable[[LoadedProgram], None]) -> None:
+        with self.lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def set_sample_rate(self, rate: int) -> None:
+        """1 drop in `rate` becomes a drop event (0: none)."""
+        with self.lock:
+            self.maps.fw_config.set_sample_rate(rate)
 
     def upgrade(self, source: Path | str | None = None) -> Upgrade:
         """Build again (from `source`, or the installed source) on the same pins, load an
@@ -263,7 +319,7 @@ class Dataplane:
                      new.instance(link.slot).info().id) for link in swapped])
             self.program = new
             self.maps.fw_config.resync(self.maps.source_maps())  # a build before the bits
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(new)
             old.close()
             log.info("program upgraded: build %d -> %d on %d interfaces", result.old.id,
