@@ -7,8 +7,8 @@
   chained behind each one (README "Other XDP programs").
 - The map handles (FirewallMaps, LbMaps), opened from the pins with fds of their own: they
   stay valid whichever build runs, so an upgrade never leaves a component writing through a
-  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: whoever
-  reads it follows (`follow`) each new build and re-binds.
+  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: its
+  readers (read_events) are bound to each new build.
 - The sockhash proxy's programs and maps (SockProxyDataplane), loaded on first use and shared
   by every proxy service; when the kernel refuses them, xdpfw.proxy.fallback decides.
 The firewall, the load balancer, events and metrics reach the kernel only through these
@@ -35,6 +35,7 @@ from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.pins import move_aside
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
+from xdpfw.dataplane.ringbuf import RingReader
 from xdpfw.errors import AttachError, ConflictError, NotFoundError, PinLayoutError
 from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
 from xdpfw.proxy.loader import SockProxyDataplane
@@ -97,8 +98,7 @@ class Dataplane:
         self.maps = FirewallMaps(config)
         self.lb = LbMaps(config)
         self.links: dict[int, Link] = {}
-        # Called with the new build after an upgrade, before the old one is closed.
-        self._listeners: list[Callable[[LoadedProgram], None]] = []
+        self._readers: list[RingReader] = []  # bound to each new build before the old closes
         self._proxy: SockProxyDataplane | None = None
         self._proxy_refused: str | None = None  # why the kernel refused it
 
@@ -273,17 +273,20 @@ class Dataplane:
         with self.lock:  # not a build an upgrade is closing
             return Build(prog_info(self.program.fd), self.program.config.source)
 
-    def follow(self, listener: Callable[[LoadedProgram], None]) -> None:
-        """Call listener with the running build now, and with every new one an upgrade
-        brings (before the old one is closed)."""
+    def read_events(self, on_record: Callable[[bytes], None]) -> RingReader:
+        """Call on_record, on a thread of its own, with each record the running build puts in
+        its drop_events ring buffer, across upgrades, until stop_events."""
+        reader = RingReader("drop_events", on_record)
         with self.lock:
-            listener(self.program)
-            self._listeners.append(listener)
+            reader.bind(self.program)
+            self._readers.append(reader)
+        return reader
 
-    def unfollow(self, listener: Callable[[LoadedProgram], None]) -> None:
+    def stop_events(self, reader: RingReader) -> None:
         with self.lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
+            if reader in self._readers:
+                self._readers.remove(reader)
+            reader.unbind()
 
     def set_sample_rate(self, rate: int) -> None:
         """1 drop in `rate` becomes a drop event (0: none)."""
@@ -319,8 +322,8 @@ class Dataplane:
                      new.instance(link.slot).info().id) for link in swapped])
             self.program = new
             self.maps.fw_config.resync(self.maps.source_maps())  # a build before the bits
-            for listener in self._listeners:
-                listener(new)
+            for reader in self._readers:
+                reader.bind(new)
             old.close()
             log.info("program upgraded: build %d -> %d on %d interfaces", result.old.id,
                      result.new.id, len(swapped))
