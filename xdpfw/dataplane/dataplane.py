@@ -255,11 +255,6 @@ class Dataplane:
             current = prog_id is not None and prog_id == self.instance_id(slot)
             return LinkState(mode, prog_id, current, self.maps.chain_id(slot))
 
-    def attached_id(self, slot: int) -> int | None:
-        """The program id attached where slot's instance should run (None: nothing)."""
-        link = self.links.get(slot)
-        return link_info(link.name, link.netns)[2] if link else None
-
     def instance_id(self, slot: int) -> int:
         return self.program.instance(slot).info().id
 
