@@ -33,8 +33,6 @@ from xdpfw.errors import (
 )
 from xdpfw.lb.metrics import LbCollector
 from xdpfw.metrics import build_registry
-from xdpfw.proxy.engine import AddressInUseError, EngineError, ListenError
-from xdpfw.proxy.loader import SockProxyError
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -44,22 +42,22 @@ log = logging.getLogger(__name__)
 # names only the error's type (middleware.JsonErrors).
 ERROR_STATUS: dict[type[Exception], int] = {
     RuleValidationError: 422,
-    ServiceValidationError: 422,  # also lb.maglev.MaglevError, lb.health.HealthConfigError
+    # Also lb.maglev.MaglevError, lb.health.HealthConfigError, and proxy.engine.ListenError:
+    # a proxy service's VIP:port cannot be listened on.
+    ServiceValidationError: 422,
     BackendUnresolvedError: 422,  # the backend's MAC is unknown (lb.neigh.NeighbourUnresolved)
     AttachError: 422,  # the requested attachment is not possible
     SourceRefusedError: 422,
-    ListenError: 422,  # a proxy service's VIP:port cannot be listened on ...
-    AddressInUseError: 409,  # ... because something listens there already
     NotFoundError: 404,
-    ConflictError: 409,  # also proxy.fallback.ProxyUnavailableError (sockhash demanded)
+    # Also proxy.engine.AddressInUseError (a proxy VIP:port something listens on) and
+    # proxy.fallback.ProxyUnavailableError (sockhash demanded, and refused).
+    ConflictError: 409,
     MapFullError: 507,
     StorageFullError: 507,  # the disk, or the database's size limit
     StorageError: 503,  # I/O error, locked, read-only
     CompileError: 500,
     VerifierError: 500,
     BpffsError: 500,
-    SockProxyError: 500,  # never reaches a request today: proxy.fallback decides
-    EngineError: 500,  # a ProxyEngine used out of order: a bug
 }
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from xdpfw.errors import ConflictError, XdpfwError
+from xdpfw.errors import ConflictError, ServiceValidationError, XdpfwError
 from xdpfw.netns import thread_in_netns
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
@@ -61,12 +61,13 @@ class EngineError(XdpfwError):
     """The engine was used out of order (not started, started twice)."""
 
 
-class ListenError(EngineError):
+class ListenError(EngineError, ServiceValidationError):
     """The engine cannot listen on its address (not an address of this host, ...)."""
 
 
-class AddressInUseError(ListenError, ConflictError):
-    """Something else listens on the engine's address already."""
+class AddressInUseError(ConflictError, ListenError):
+    """Something else listens on the engine's address already (ConflictError first: its
+    HTTP status is ConflictError's)."""
 
 
 class ConnectionAborted(Exception):
