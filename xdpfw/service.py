@@ -521,9 +521,10 @@ class Firewall:
 
     # -- read views -----------------------------------------------------------------------
     # What routes, metrics and events read: snapshots of frozen values (Rule, Attachment),
-    # taken under the lock. counts() and interface_at() are not: /healthz and the event
-    # reader must not wait out a bulk import, which holds the lock for seconds; each copies
-    # one dict, which is one step under the GIL (so does rule_id_of_slot).
+    # taken under the lock. Not counts(), interface_at() and rule_id_of_slot(): /healthz
+    # must not wait out a bulk import (it holds the lock for seconds), and the event reader's
+    # thread must never take the lock, since an upgrade joins that thread while holding it.
+    # Each copies one dict, which is one step under the GIL.
 
     def interfaces(self) -> list[Attachment]:
         with self.lock:
