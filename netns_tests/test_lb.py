@@ -195,7 +195,7 @@ def topo(tmp_path_factory):
         # Generic mode: native XDP_TX on a veth needs an XDP program on the peer and full
         # checksums from the sender (test_tx_native_on_veth).
         topo.fw.attach_interface("lb0", topo.appliance, Mode.GENERIC, policy="pass")
-        topo.lb = LoadBalancer(topo.fw, topo.appliance, refresh_s=1.0)
+        topo.lb = LoadBalancer(topo.fw.state_dir, topo.fw.dp, topo.appliance, refresh_s=1.0)
         topo.lb.start()
         topo.api = TestClient(create_app(topo.fw, lb=topo.lb))
         yield topo
@@ -483,7 +483,7 @@ def test_restart_restores_services_backends_table_and_conntrack(topo, service):
         topo.fw.close()
         topo.lb = topo.fw = None
         topo.fw = Firewall(topo.state_dir, topo.config)
-        topo.lb = LoadBalancer(topo.fw, topo.appliance, refresh_s=1.0)
+        topo.lb = LoadBalancer(topo.fw.state_dir, topo.fw.dp, topo.appliance, refresh_s=1.0)
         topo.lb.start()
         topo.api = TestClient(create_app(topo.fw, lb=topo.lb))
 

@@ -28,6 +28,7 @@ from conftest import require_kernel
 from netns_tests.conftest import Daemon
 from xdpfw import netns as nsutil
 from xdpfw.api.app import create_app
+from xdpfw.dataplane import dataplane
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.lb import service as lb_service
 from xdpfw.proxy.loader import SockProxyError
@@ -309,14 +310,14 @@ def test_kernel_refusal_falls_back_to_userspace(env, tmp_path, monkeypatch, capl
     def refuse(*_args, **_kwargs):
         raise SockProxyError("sk_skb programs refused (test)")
 
-    monkeypatch.setattr(lb_service, "SockProxyDataplane", refuse)
+    monkeypatch.setattr(dataplane, "SockProxyDataplane", refuse)
     pin_dir = f"/sys/fs/bpf/xdpfw-test-pxfb{uuid.uuid4().hex[:4]}"
     fw = Firewall(tmp_path, ProgramConfig(pin_dir=pin_dir, max_rules=1024, max_port_rules=256,
                                           max_ifaces=16, max_services=4, max_backends=16,
                                           lb_table_size=251, lb_ct_size=1024))
     lb = None
     try:
-        lb = lb_service.LoadBalancer(fw, env.appliance)
+        lb = lb_service.LoadBalancer(tmp_path, fw.dp, env.appliance)
         api = TestClient(create_app(fw, lb=lb))
         r = api.post("/api/v1/services", json={"vip": VIP, "port": FALLBACK_PORT,
                                                "forward": "proxy",

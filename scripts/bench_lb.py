@@ -38,7 +38,8 @@ from xdpfw.dataplane import attach as xdp_attach  # noqa: E402
 from xdpfw.dataplane.attach import Mode  # noqa: E402
 from xdpfw.dataplane.loader import ProgramConfig, load_program  # noqa: E402
 from xdpfw.dataplane.testrun import test_run  # noqa: E402
-from xdpfw.lb.service import BackendSpec, LoadBalancer, ServiceSpec  # noqa: E402
+from xdpfw.lb.model import BackendSpec, ServiceSpec  # noqa: E402
+from xdpfw.lb.service import LoadBalancer  # noqa: E402
 from xdpfw.service import Firewall  # noqa: E402
 
 BENCH_PROGS = ROOT / "scripts" / "bench_progs"
@@ -126,7 +127,7 @@ def main() -> None:
         plain4 = frame(CLIENT, "10.230.0.99")
         fw_only_empty = ns_per_packet(fd, plain4)
 
-        lb = LoadBalancer(fw, app)
+        lb = LoadBalancer(state, fw.dp, app)
         lb.create_service(ServiceSpec(VIP, PORT, "tcp", "tx",
                                       backends=(BackendSpec(BACKEND),)))
         # IPv6 service: the data plane only (its backend MAC is the IPv4 backend's).

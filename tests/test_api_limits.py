@@ -141,11 +141,12 @@ def test_a_storage_oserror_names_the_cause():
     not a storage error at all."""
     import errno
 
+    from xdpfw.api.app import status_of
     from xdpfw.db import storage_error
 
     full = storage_error(OSError(errno.ENOSPC, "No space left on device", "/var/lib/x"))
-    assert full is not None and full.status == 507 and "No space left" in str(full)
-    assert storage_error(OSError(errno.EIO, "Input/output error", "/var/lib/x")).status == 503
+    assert full is not None and status_of(full) == 507 and "No space left" in str(full)
+    assert status_of(storage_error(OSError(errno.EIO, "Input/output error", "/var/lib/x"))) == 503
     assert storage_error(OSError(errno.ENOSPC, "map update")) is None
 
 

@@ -69,3 +69,25 @@ def test_a_build_the_verifier_rejects_leaves_the_old_program(fw, run, guarded_ve
     assert attached_id(guarded_veth) == instance_id(fw, guarded_veth), \
         "the rejected build changed the attachment"
     assert run(P.udp4("192.0.2.9", 53)).verdict == "XDP_DROP"
+
+
+def test_drop_events_follow_the_upgrade(fw, run):
+    """The Dataplane re-binds its ring-buffer readers to the new build."""
+    from xdpfw.dataplane import abi
+    from xdpfw.events import decode
+
+    add(fw, "192.0.2.0/24", "drop")
+    records: list[bytes] = []
+    fw.dp.set_sample_rate(1)
+    reader = fw.dp.read_events(records.append)
+    try:
+        assert run(P.udp4("192.0.2.9", 53)).verdict == "XDP_DROP"
+        assert nsutil.wait_until(lambda: len(records) == 1), records
+        fw.upgrade()
+        assert run(P.udp4("192.0.2.10", 53)).verdict == "XDP_DROP"
+        assert nsutil.wait_until(lambda: len(records) == 2), "no event from the new build"
+    finally:
+        fw.dp.stop_events(reader)
+        fw.dp.set_sample_rate(0)
+    saddrs = [decode(abi.DropEvent.from_buffer_copy(r))["saddr"] for r in records]
+    assert saddrs == ["192.0.2.9", "192.0.2.10"], saddrs

@@ -1,9 +1,10 @@
 """`xdpfw serve`: load the data plane, restore state, attach, and serve the REST API.
 
 The order matters: the state directory's lock comes first, so a second daemon on the same
-state leaves everything as it found it (xdpfw/statedir.py). SIGTERM and SIGINT stop the
-control plane with exit status 0, and remove the socket and the pid file; the data plane
-keeps guarding.
+state leaves everything as it found it (xdpfw/statedir.py). One Dataplane is loaded and given
+to the firewall, the load balancer, the event reader and (through the firewall) the metrics.
+SIGTERM and SIGINT stop the control plane with exit status 0, and remove the socket and the
+pid file; the data plane keeps guarding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from xdpfw import demo, logfilter, statedir
 from xdpfw.api.app import create_app
 from xdpfw.api.middleware import BodyLimits
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
+from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, TcpLimits
@@ -129,7 +131,7 @@ def seed_rules(fw: Firewall, rules: list[RuleConfig]) -> int:
     """Add the config file's rules that the store does not hold yet (same prefix, proto and
     port): rules changed through the API since are left as they are."""
     specs = [r.spec() for r in rules]
-    specs = [s for s in specs if fw.index.find(s.prefix, s.proto, s.dport) is None]
+    specs = [s for s in specs if not fw.has_rule(s.prefix, s.proto, s.dport)]
     if specs:
         fw.add_rules(specs)
     return len(specs)
@@ -140,7 +142,6 @@ def remove_everything(fw: Firewall, pin_dir: str) -> None:
     try:
         fw.detach_all()
     finally:
-        fw.close()
         shutil.rmtree(pin_dir, ignore_errors=True)  # a still-attached program keeps its maps
     log.info("detached every interface and removed the pins under %s", pin_dir)
 
@@ -169,7 +170,12 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             "XDPFW_API_TOKEN"
         )
     fd_limit = raise_fd_limit()
-    fw = Firewall(cfg.state.dir, program_config(cfg), adopt_pins=opts.adopt_pins)
+    dp = Dataplane(program_config(cfg))
+    try:
+        fw = Firewall(cfg.state.dir, dp, adopt_pins=opts.adopt_pins)
+    except BaseException:
+        dp.close()
+        raise
     stop_request = {"detach": False}
     pid = pid_file(cfg)
     events: EventHub | None = None
@@ -196,14 +202,14 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             ifname, ns = demo.build()
             fw.attach_interface(ifname, ns, policy="pass")
             print(demo.howto(cfg.api.socket), flush=True)
-        events = EventHub(fw)  # reads sampled drops; follows the program across upgrades
+        events = EventHub(dp, fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
         unix = unix_listener(cfg.api.socket)
         tcp = [tcp_listener(a) for a in cfg.api.listen]
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
-        # map writes and Maglev builds that must not stall the API (xdpfw/lb/service.py).
-        lb = LoadBalancer(fw, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
+        # map writes and Maglev builds that must not stall the API (xdpfw/lb/watcher.py).
+        lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
         app = create_app(fw, token, lb=lb, events=events, body_limits=limits)
@@ -215,23 +221,23 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             servers.stop()
 
         app.state.shutdown = shutdown
-        log.info(
-            "xdpfw: %d rules, %d interfaces; API on %s",
-            len(fw.rules),
-            len(fw.attachments),
-            ", ".join([cfg.api.socket, *cfg.api.listen]),
-        )
+        counts = fw.counts()
+        log.info("xdpfw: %d rules, %d interfaces; API on %s", counts.rules,
+                 counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen]))
         servers.run()
     finally:
         if events is not None:
             events.stop()
         if lb is not None:
             lb.close()
-        if stop_request["detach"]:
-            remove_everything(fw, cfg.state.bpffs_dir)
-        else:
-            # The attached programs and pinned maps stay: the data plane goes on filtering.
+        try:
+            if stop_request["detach"]:
+                remove_everything(fw, cfg.state.bpffs_dir)
+        finally:
+            # Without detach, the attached programs and pinned maps stay: the data plane goes
+            # on filtering.
             fw.close()
+            dp.close()
         if unix is not None:  # ours: bound by this process, under the lock
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.api.socket)

@@ -1,4 +1,8 @@
-"""Typed errors: each carries what an operator needs to act (errno, reason, verifier log)."""
+"""Typed errors: each carries what an operator needs to act (errno, reason, verifier log).
+
+Every error the control plane reports derives from XdpfwError, those of xdpfw.lb and
+xdpfw.proxy included (they subclass the classes here); xdpfw/api/app.py's ERROR_STATUS maps
+them to HTTP statuses, in one table."""
 
 from __future__ import annotations
 
@@ -76,14 +80,12 @@ class BackendUnresolvedError(XdpfwError):
 
 
 class StorageError(XdpfwError):
-    """The store could not be read or written; the request changed nothing. `status` is the
-    HTTP answer: 507 when the disk (or the database's size limit) is full, 503 otherwise."""
-
-    status = 503
+    """The store could not be read or written (I/O error, locked, read-only); the request
+    changed nothing."""
 
 
 class StorageFullError(StorageError):
-    status = 507
+    """The disk, or the database's size limit, is full."""
 
 
 class StateDirLockedError(XdpfwError):

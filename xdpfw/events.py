@@ -1,8 +1,8 @@
 """Sampled drop events: read from the program's ring buffer, fanned out to subscribers.
 
 The XDP program pushes 1 drop in `sample_rate` (pinned map fw_config; 0: none), so a flood
-costs the reader at most rate-limited work. One thread polls the ring buffer of the program
-that is attached and follows it across upgrades (Dataplane.listeners). Each subscriber
+costs the reader at most rate-limited work. The Dataplane reads the ring buffer of the build
+that runs, across upgrades, on a thread of its own (Dataplane.read_events). Each subscriber
 (an SSE client) has a bounded queue: when it lags, its oldest events are dropped and counted,
 and the reader never blocks on it.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import socket
 import threading
@@ -20,10 +19,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from xdpfw.dataplane import abi
+from xdpfw.dataplane.dataplane import Dataplane
+from xdpfw.dataplane.ringbuf import RingReader
+from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 50  # how often the reader drains the ring (and notices a stop or an upgrade)
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
 
@@ -67,7 +68,10 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, firewall, queue_size: int = 1024) -> None:
+    def __init__(self, dataplane: Dataplane, firewall: Firewall,
+                 queue_size: int = 1024) -> None:
+        """firewall: names the rule and the interface of an event's slots."""
+        self.dp = dataplane
         self.fw = firewall
         self.queue_size = queue_size
         self.lock = threading.Lock()
@@ -75,78 +79,43 @@ class EventHub:
         self.read = 0
         self.dropped_slow_client = 0
         self.sample_rate = 0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._bpf = None
+        self._reader: RingReader | None = None
         self.ended = False  # the daemon is stopping: event streams end
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self, sample_rate: int) -> None:
         self.set_sample_rate(sample_rate)
-        self.bind(self.fw.dp.program)
-        self.fw.dp.listeners.append(self.bind)
+        self._reader = self.dp.read_events(self._on_record)
 
     def stop(self) -> None:
-        self._unbind()
-        if self.bind in self.fw.dp.listeners:
-            self.fw.dp.listeners.remove(self.bind)
-
-    def bind(self, program) -> None:
-        """Read the ring buffer of `program` (called again with the new one on upgrade)."""
-        self._unbind()
-        program.table("drop_events").open_ring_buffer(self._on_event)
-        self._bpf = program.bpf
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._poll, args=(program.bpf, self._stop), name="xdpfw-events", daemon=True
-        )
-        self._thread.start()
-
-    def _unbind(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        from bcc.libbcc import lib  # the ring buffer manager BCC does not free on cleanup
-
-        if self._bpf is not None and self._bpf._ringbuf_manager:
-            lib.bpf_free_ringbuf(self._bpf._ringbuf_manager)
-            self._bpf._ringbuf_manager = None
-        self._bpf = None
-
-    def _poll(self, bpf, stop: threading.Event) -> None:
-        """Drain the ring on a timer: the program submits without waking the reader (a wake-up
-        cost each sampled drop microseconds), so an epoll wait would never return early."""
-        while not stop.wait(POLL_MS / 1000):
-            bpf.ring_buffer_consume()
+        if self._reader is not None:
+            self.dp.stop_events(self._reader)
+            self._reader = None
 
     # -- sampling ---------------------------------------------------------------------------
 
     def set_sample_rate(self, rate: int) -> None:
         if rate < 0:
             raise ValueError("sample_rate must be 0 (off) or more")
-        with self.fw.lock:
-            self.fw.maps.fw_config.set_sample_rate(rate)
+        self.dp.set_sample_rate(rate)
         self.sample_rate = rate
 
     # -- fan-out ----------------------------------------------------------------------------
 
-    def _on_event(self, _ctx, data, size) -> int:
+    def _on_record(self, record: bytes) -> None:
         try:
-            raw = abi.DropEvent.from_buffer_copy(ctypes.string_at(data, size))
+            raw = abi.DropEvent.from_buffer_copy(record)
             event = decode(raw)
         except Exception as e:  # a bad record must not stop the reader
-            log.warning("undecodable drop event (%d bytes): %s", size, e)
-            return 0
+            log.warning("undecodable drop event (%d bytes): %s", len(record), e)
+            return
         event["time"] = time.time()
         slot = event["rule_slot"]
         event["rule_id"] = self.fw.rule_id_of_slot(slot) if slot is not None else None
-        for att in list(self.fw.attachments.values()):
-            if att.record.slot == raw.iface:
-                event["interface"], event["netns"] = att.record.name, att.record.netns
-                break
+        att = self.fw.interface_at(raw.iface)
+        if att is not None:
+            event["interface"], event["netns"] = att.record.name, att.record.netns
         with self.lock:
             self.read += 1
             subs = list(self.subscribers)
@@ -157,7 +126,6 @@ class EventHub:
                     self.dropped_slow_client += 1
             sub.queue.append(event)
             sub.loop.call_soon_threadsafe(sub.wake.set)
-        return 0
 
     def end_streams(self) -> None:
         """Wake every subscriber for the last time: an open stream would otherwise hold the

@@ -10,7 +10,6 @@ million prefixes would otherwise be a million series of zeros.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -19,9 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from xdpfw.dataplane import abi
-from xdpfw.dataplane.attach import link_info
-
-log = logging.getLogger(__name__)
+from xdpfw.dataplane.dataplane import Dataplane
+from xdpfw.rules.model import Action
+from xdpfw.service import Firewall
 
 # The XDP action of each reason: a forwarded or dropped packet is never labelled "pass".
 VERDICT_OF_REASON = {abi.REASON_NAMES[r]: v for r, v in abi.REASON_VERDICTS.items()}
@@ -32,28 +31,30 @@ class EventStats(Protocol):
 
 
 class FirewallCollector(Collector):
-    def __init__(self, firewall, events: EventStats | None = None) -> None:
+    """Counters from the Dataplane's maps, named by the Firewall's read views."""
+
+    def __init__(self, firewall: Firewall, dataplane: Dataplane,
+                 events: EventStats | None = None) -> None:
         self.fw = firewall
+        self.dp = dataplane
         self.events = events
 
     def collect(self) -> Iterator[Metric]:
-        fw = self.fw
-        with fw.lock:
-            yield from self._program()
-            yield from self._verdicts()
-            yield from self._interfaces()
-            yield from self._rules()
-            yield from self._maps()
+        yield from self._program()
+        yield from self._verdicts()
+        yield from self._interfaces()
+        yield from self._rules()
+        yield from self._maps()
         if self.events is not None:
             yield from self._events()
 
     def _program(self) -> Iterator[Metric]:
-        info = self.fw.program_info()
+        build = self.dp.build()
         loaded = GaugeMetricFamily(
             "xdpfw_program_loaded", "1 when the XDP program is loaded (value: its id in labels)",
             labels=["prog_id", "tag", "source"],
         )
-        loaded.add_metric([str(info.id), info.tag, self.fw.program.config.source.name], 1)
+        loaded.add_metric([str(build.info.id), build.info.tag, build.source.name], 1)
         yield loaded
 
     def _verdicts(self) -> Iterator[Metric]:
@@ -64,7 +65,7 @@ class FirewallCollector(Collector):
         by = CounterMetricFamily(
             "xdpfw_bytes", "Bytes by verdict and reason", labels=["verdict", "reason"]
         )
-        for reason, (p, b) in self.fw.maps.reason_totals().items():
+        for reason, (p, b) in self.dp.maps.reason_totals().items():
             labels = [VERDICT_OF_REASON.get(reason, "other"), reason]
             pk.add_metric(labels, p)
             by.add_metric(labels, b)
@@ -82,58 +83,36 @@ class FirewallCollector(Collector):
             "1 when the kernel runs this appliance's program on the interface, else 0",
             labels=["interface", "netns", "mode"],
         )
-        for att in self.fw.attachments.values():
+        for att, link in self.fw.links():  # a link that vanished is not guarded
             name, netns = att.record.name, att.record.netns or ""
-            for verdict, (p, b) in self.fw.maps.iface_totals(att.record.slot).items():
+            for verdict, (p, b) in self.dp.maps.iface_totals(att.record.slot).items():
                 pk.add_metric([name, netns, verdict], p)
                 by.add_metric([name, netns, verdict], b)
-            try:
-                _, mode, attached_id, _ = link_info(att.record.name, att.record.netns)
-            except Exception as e:  # the link vanished: report it as not guarded
-                log.debug("link_info(%s): %s", name, e)
-                mode, attached_id = None, None
-            ours = self.fw.dp.instance_id(att.record.slot)
-            attached.add_metric(
-                [name, netns, str(mode or att.mode_in_use)], int(attached_id == ours)
-            )
+            mode = link.mode or att.mode_in_use
+            attached.add_metric([name, netns, str(mode)], int(link.current))
         yield pk
         yield by
         yield attached
 
     def _rules(self) -> Iterator[Metric]:
-        fw = self.fw
         labels = ["rule_id", "prefix", "action"]
         pk = CounterMetricFamily("xdpfw_rule_packets", "Packets decided by each rule (rules "
                                  "that matched at least once)", labels=labels)
         by = CounterMetricFamily("xdpfw_rule_bytes", "Bytes decided by each rule", labels=labels)
         count = GaugeMetricFamily("xdpfw_rules", "Rules configured", labels=["action"])
-        by_slot = {r.slot: r for r in fw.rules.values()}
-        for slot, p, b in fw.maps.matched_rule_counters(fw.rule_slots.high):
-            r = by_slot.get(slot)
-            if r is None:
-                continue
+        for r, p, b in self.fw.rule_counters():
             lv = [str(r.id), str(r.prefix), r.action.value]
             pk.add_metric(lv, p)
             by.add_metric(lv, b)
-        actions: dict[str, int] = {}
-        for r in fw.rules.values():
-            actions[r.action.value] = actions.get(r.action.value, 0) + 1
-        for action in ("drop", "pass"):
-            count.add_metric([action], actions.get(action, 0))
+        actions = self.fw.rules_by_action()
+        for action in (Action.DROP, Action.PASS):
+            count.add_metric([action.value], actions.get(action, 0))
         yield pk
         yield by
         yield count
 
     def _maps(self) -> Iterator[Metric]:
-        fw, cfg = self.fw, self.fw.config
-        v4 = len(fw.maps.v4)
-        occupancy = {
-            "v4_verdicts": (v4, cfg.max_rules),
-            "rules_v6": (len(fw.index.prefix_values) - v4, cfg.max_rules),
-            "port_rules": (fw.index.port_entry_count, cfg.max_port_rules),
-            "iface_config": (len(fw.attachments), cfg.max_ifaces),
-            "rule_counters": (len(fw.rules), cfg.max_rules),
-        }
+        occupancy = self.fw.occupancy()
         entries = GaugeMetricFamily("xdpfw_map_entries", "Entries in a BPF map", labels=["map"])
         capacity = GaugeMetricFamily("xdpfw_map_capacity", "max_entries of a BPF map",
                                      labels=["map"])
@@ -158,7 +137,8 @@ class FirewallCollector(Collector):
         yield c
 
 
-def build_registry(firewall, events: EventStats | None = None) -> CollectorRegistry:
+def build_registry(firewall: Firewall, dataplane: Dataplane,
+                   events: EventStats | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FirewallCollector(firewall, events))
+    registry.register(FirewallCollector(firewall, dataplane, events))
     return registry

@@ -1,13 +1,16 @@
-"""Network namespaces and veth links, through pyroute2.
+"""Network namespaces and veth links, through pyroute2 (and setns for one thread).
 
-Used by the demo topology and by the tests. Everything here stays in the root *mount*
-namespace: only the network namespace is entered (pyroute2's NetNS), so pins under
-/sys/fs/bpf remain visible, unlike with `ip netns exec`.
+Used by the demo topology, the tests, the load balancer and the proxy engine. Everything here
+stays in the root *mount* namespace: only the network namespace is entered (pyroute2's NetNS,
+or setns(CLONE_NEWNET) for the calling thread), so pins under /sys/fs/bpf remain visible,
+unlike with `ip netns exec`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +22,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from xdpfw.errors import NotFoundError
 
 ENOENT = 2
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager
@@ -38,6 +44,29 @@ def rtnl(ns: str | None) -> Iterator[IPRoute]:
         yield sock
     finally:
         sock.close()
+
+
+@contextlib.contextmanager
+def thread_in_netns(name: str | None) -> Iterator[None]:
+    """Run the block with this thread in network namespace `name` (None: stay). Sockets
+    made and threads started inside belong to that namespace, and the kernel resolves a
+    devmap ifindex written inside there."""
+    if name is None:
+        yield
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into netns {name}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            _libc.setns(own, CLONE_NEWNET)
+    finally:
+        os.close(own)
+        os.close(target)
 
 
 def ifindex(ns: str | None, ifname: str) -> int:
@@ -95,13 +124,6 @@ def veth_pair(
                 extra = {"flags": 0x02} if ":" in a.address else {}
                 ip.addr("add", index=idx, address=a.address, prefixlen=a.prefixlen, **extra)
             ip.link("set", index=idx, state="up")
-
-
-def set_neighbour(ns: str, ifname: str, address: str, lladdr: str) -> None:
-    """A permanent neighbour entry, so tests need not wait for ARP/ND."""
-    with rtnl(ns) as ip:
-        idx = ip.link_lookup(ifname=ifname)[0]
-        ip.neigh("replace", dst=address, lladdr=lladdr, ifindex=idx, state=0x80)
 
 
 def link_mac(ns: str | None, ifname: str) -> str:

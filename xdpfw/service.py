@@ -7,9 +7,9 @@ either takes full effect and is on disk, or changes nothing.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, link_info, where
-from xdpfw.dataplane.dataplane import Dataplane, Upgrade
+from xdpfw.dataplane.dataplane import Build, Dataplane, LinkState, Upgrade
 from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig
 from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.progs import ProgInfo
@@ -34,6 +34,8 @@ from xdpfw.gcpause import gc_paused
 from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
 from xdpfw.rules.model import V4, Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
+from xdpfw.slots import SlotAllocator
+from xdpfw.statedir import store_path
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +59,9 @@ class Attachment:
     mode_in_use: Mode
 
 
-class SlotAllocator:
-    """Smallest free index first, so counter arrays stay dense."""
-
-    def __init__(self, capacity: int, used: Iterable[int] = (), first: int = 0) -> None:
-        self.capacity = capacity
-        used = set(used)
-        self.high = max(used, default=first - 1) + 1
-        self.free = [s for s in range(first, self.high) if s not in used]
-        heapq.heapify(self.free)
-
-    def take(self, n: int, what: str) -> list[int]:
-        reuse = [heapq.heappop(self.free) for _ in range(min(n, len(self.free)))]
-        fresh = n - len(reuse)
-        if self.high + fresh > self.capacity:
-            for s in reuse:
-                heapq.heappush(self.free, s)
-            raise MapFullError(
-                f"no room for {n} more {what}: capacity is {self.capacity} "
-                "(raise limits in the config; pinned maps must then be recreated)"
-            )
-        out = reuse + list(range(self.high, self.high + fresh))
-        self.high += fresh
-        return out
-
-    def give(self, slots: Iterable[int]) -> None:
-        for s in slots:
-            heapq.heappush(self.free, s)
+class Counts(NamedTuple):
+    rules: int
+    interfaces: int
 
 
 class Firewall:
@@ -98,7 +76,7 @@ class Firewall:
         one (their other rules removed, and logged) instead of refused."""
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir)
-        self.store = Store(self.state_dir / "xdpfw.sqlite3")
+        self.store = Store(store_path(self.state_dir))
         self._owns_dataplane = not isinstance(dataplane, Dataplane)
         self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
         self.config = self.dp.config
@@ -502,6 +480,67 @@ class Firewall:
             self._slot_rules = (version, {r.slot: r.id for r in list(self.rules.values())})
         return self._slot_rules[1].get(slot)
 
+    # -- read views -----------------------------------------------------------------------
+    # What routes, metrics and events read: snapshots of frozen values (Rule, Attachment),
+    # taken under the lock. Not counts(), interface_at() and rule_id_of_slot(): /healthz
+    # must not wait out a bulk import (it holds the lock for seconds), and the event reader's
+    # thread must never take the lock, since an upgrade joins that thread while holding it.
+    # Each copies one dict, which is one step under the GIL.
+
+    def interfaces(self) -> list[Attachment]:
+        with self.lock:
+            return list(self.attachments.values())
+
+    def interface_at(self, slot: int) -> Attachment | None:
+        """The interface that runs slot's instance (events name the slot)."""
+        return next((a for a in list(self.attachments.values()) if a.record.slot == slot),
+                    None)
+
+    def chained(self, att: Attachment) -> int | None:
+        """The program that runs after xdpfw's pass verdicts on att's interface."""
+        return self.dp.chained(att.record.slot)
+
+    def links(self) -> list[tuple[Attachment, LinkState]]:
+        """Each guarded interface with what the kernel runs there."""
+        with self.lock:
+            return [(a, self.dp.link_state(a.record.slot)) for a in self.attachments.values()]
+
+    def build(self) -> Build:
+        return self.dp.build()
+
+    def counts(self) -> Counts:
+        return Counts(len(self.rules), len(self.attachments))
+
+    def has_rule(self, prefix: Prefix, proto: Proto | None, dport: int | None) -> bool:
+        with self.lock:
+            return self.index.find(prefix, proto, dport) is not None
+
+    def rules_by_action(self) -> dict[Action, int]:
+        with self.lock:
+            return Counter(r.action for r in self.rules.values())
+
+    def rule_counters(self) -> list[tuple[Rule, int, int]]:
+        """(rule, packets, bytes) of every rule that has matched."""
+        with self.lock:
+            by_slot = {r.slot: r for r in self.rules.values()}
+            return [(by_slot[slot], p, b)
+                    for slot, p, b in self.maps.matched_rule_counters(self.rule_slots.high)
+                    if slot in by_slot]
+
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """Entries and capacity of the maps that grow with rules and interfaces."""
+        cfg = self.config
+        with self.lock:
+            prefixes = self.index.prefix_values
+            v4 = len(self.maps.v4)
+            return {
+                "v4_verdicts": (v4, cfg.max_rules),
+                "rules_v6": (len(prefixes) - v4, cfg.max_rules),
+                "port_rules": (self.index.port_entry_count, cfg.max_port_rules),
+                "iface_config": (len(self.attachments), cfg.max_ifaces),
+                "rule_counters": (len(self.rules), cfg.max_rules),
+            }
+
     # -- stats ----------------------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -519,12 +558,7 @@ class Firewall:
                 }
                 for a in self.attachments.values()
             ]
-            by_slot = {r.slot: r.id for r in self.rules.values()}
-            rules = [
-                {"id": by_slot[slot], "packets": p, "bytes": b}
-                for slot, p, b in self.maps.matched_rule_counters(self.rule_slots.high)
-                if slot in by_slot
-            ]
+            rules = [{"id": r.id, "packets": p, "bytes": b} for r, p, b in self.rule_counters()]
         return {
             "actions": {k: {"packets": p, "bytes": b} for k, (p, b) in reasons.items()},
             "interfaces": ifaces,

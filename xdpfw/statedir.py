@@ -18,8 +18,13 @@ from pathlib import Path
 from xdpfw.errors import StateDirLockedError
 
 LOCK_NAME = "xdpfw.lock"
+STORE_NAME = "xdpfw.sqlite3"  # the rules' and the load balancer's tables, one file
 DIR_MODE = 0o700
 FILE_MODE = 0o600  # the store holds every rule; the pid and lock files are ours alone
+
+
+def store_path(state_dir: Path | str) -> Path:
+    return Path(state_dir) / STORE_NAME
 
 
 def lock(state_dir: Path) -> int:

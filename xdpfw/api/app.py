@@ -28,6 +28,7 @@ from xdpfw.errors import (
     ServiceValidationError,
     SourceRefusedError,
     StorageError,
+    StorageFullError,
     VerifierError,
 )
 from xdpfw.lb.metrics import LbCollector
@@ -36,19 +37,33 @@ from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
 
-ERROR_STATUS: list[tuple[type[Exception], int]] = [
-    (RuleValidationError, 422),
-    (ServiceValidationError, 422),
-    (BackendUnresolvedError, 422),  # the backend's MAC is unknown; nothing changed
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (AttachError, 422),  # the requested attachment is not possible; nothing changed
-    (MapFullError, 507),
-    (VerifierError, 500),
-    (CompileError, 500),
-    (BpffsError, 500),
-    (SourceRefusedError, 422),
-]
+# The one table from error to HTTP status. An error gets the status of the first class of its
+# MRO listed here, so a subclass listed overrides its bases. Unlisted errors are a 500 that
+# names only the error's type (middleware.JsonErrors).
+ERROR_STATUS: dict[type[Exception], int] = {
+    RuleValidationError: 422,
+    # Also lb.maglev.MaglevError, lb.health.HealthConfigError, and proxy.engine.ListenError:
+    # a proxy service's VIP:port cannot be listened on.
+    ServiceValidationError: 422,
+    BackendUnresolvedError: 422,  # the backend's MAC is unknown (lb.neigh.NeighbourUnresolved)
+    AttachError: 422,  # the requested attachment is not possible
+    SourceRefusedError: 422,
+    NotFoundError: 404,
+    # Also proxy.engine.AddressInUseError (a proxy VIP:port something listens on) and
+    # proxy.fallback.ProxyUnavailableError (sockhash demanded, and refused).
+    ConflictError: 409,
+    MapFullError: 507,
+    StorageFullError: 507,  # the disk, or the database's size limit
+    StorageError: 503,  # I/O error, locked, read-only
+    CompileError: 500,
+    VerifierError: 500,
+    BpffsError: 500,
+}
+
+
+def status_of(exc: BaseException) -> int | None:
+    return next((ERROR_STATUS[c] for c in type(exc).__mro__ if c in ERROR_STATUS), None)
+
 
 # Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default.
 SET_PATHS = frozenset({"/api/v1/rules/bulk"})
@@ -73,7 +88,8 @@ def create_app(
     app.state.firewall = firewall
     app.state.events = events
     app.state.lb = lb
-    app.state.metrics = build_registry(firewall, events)  # other collectors register here
+    # The Dataplane the firewall runs on: metrics read counters from its maps.
+    app.state.metrics = build_registry(firewall, firewall.dp, events)  # others register too
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
@@ -84,9 +100,9 @@ def create_app(
     for router in (services.router, services.steer_router):
         app.include_router(router)
 
-    for exc_type, code in ERROR_STATUS:
+    for exc_type, code in ERROR_STATUS.items():
         app.add_exception_handler(exc_type, _handler(code))
-    for exc_type in (StorageError, sqlite3.Error, OSError):  # storage, or else a plain 500
+    for exc_type in (sqlite3.Error, OSError):  # storage, or else a plain 500
         app.add_exception_handler(exc_type, _storage_handler)
 
     # Middleware added later wraps what was added before: JsonErrors(token(BodyLimit(app))),
@@ -122,11 +138,11 @@ def _handler(code: int):
 
 
 async def _storage_handler(request: Request, exc: Exception) -> JSONResponse:
-    """503/507 for a failing disk or database file; any other OSError or SQLite error is a
-    500 that names only its type (its message may hold paths)."""
+    """A failing disk or database file is a StorageError (503/507); any other OSError or
+    SQLite error is a 500 that names only its type (its message may hold paths)."""
     typed = storage_error(exc)
     if typed is None:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": internal_error(exc)}, status_code=500)
     log.error("%s %s: %s", request.method, request.url.path, typed)
-    return JSONResponse({"detail": str(typed)}, status_code=typed.status)
+    return JSONResponse({"detail": str(typed)}, status_code=status_of(typed))

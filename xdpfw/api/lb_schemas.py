@@ -8,8 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from xdpfw.lb.health import HealthCheckConfig, HealthConfigError
-from xdpfw.lb.service import BackendSpec, BackendState, LoadBalancer, ServiceSpec, ServiceState
+from xdpfw.lb.health import HealthCheckConfig
+from xdpfw.lb.model import BackendSpec, BackendState, ServiceSpec, ServiceState
+from xdpfw.lb.proxies import ProxyStatus
+from xdpfw.lb.service import LoadBalancer
 from xdpfw.lb.store import HealthSpec
 from xdpfw.proxy.engine import ServiceCounters
 
@@ -42,11 +44,9 @@ class HealthCheck(_Strict):
     port: int | None = Field(None, ge=1, le=65535, description="default: the service port")
 
     def spec(self) -> HealthSpec:
-        try:
-            cfg = HealthCheckConfig(self.kind, self.interval_s, self.timeout_s, self.rise,
-                                    self.fall, self.http_path)
-        except HealthConfigError as e:
-            raise ValueError(str(e)) from None
+        """HealthConfigError (422) for what the fields above do not check (http_path)."""
+        cfg = HealthCheckConfig(self.kind, self.interval_s, self.timeout_s, self.rise,
+                                self.fall, self.http_path)
         return HealthSpec(cfg, self.port)
 
     @classmethod
@@ -184,10 +184,10 @@ class ServicePublic(BaseModel):
     def of(cls, lb: LoadBalancer, svc: ServiceState) -> ServicePublic:
         c = lb.counters(svc)
         r = svc.rec
-        mode, reason, pc = lb.proxy_status(svc) if svc.proxied else (None, None, None)
+        px = lb.proxy_status(svc) if svc.proxied else ProxyStatus(None, None, None)
         return cls(
-            mode_in_use=mode, fallback_reason=reason or svc.engine_error,
-            proxy=ProxyStats.of(pc) if pc else None,
+            mode_in_use=px.mode, fallback_reason=px.reason,
+            proxy=ProxyStats.of(px.counters) if px.counters else None,
             id=r.id, name=r.name, vip=r.vip, port=r.port, proto=r.proto, forward=r.forward,
             cpu_steer=list(r.cpu_steer), health_check=HealthCheck.of(r.health),
             backends=[BackendPublic.of(lb, svc, b) for b in svc.backends.values()],

@@ -4,8 +4,8 @@
  *   1. both go into sp_socks (redirect targets; no programs attached, so nothing is
  *      intercepted yet and bytes that arrive meanwhile wait in the receive queue);
  *   2. sp_peers gets cookie -> peer entries for both;
- *   3. both go into sp_splice, which carries the verdict program (attached as
- *      BPF_SK_SKB_VERDICT by default, or as stream parser + stream verdict).
+ *   3. both go into sp_splice, which carries the verdict program (attached as stream
+ *      parser + stream verdict by default, or as BPF_SK_SKB_VERDICT alone; see loader.py).
  * Step 1 before 3 means the first skb a verdict sees always finds its peer in sp_socks.
  * The kernel removes a socket from both sockhashes when it closes; user space deletes the
  * sp_peers entries when it closes the pair.

@@ -7,12 +7,13 @@
   chained behind each one (README "Other XDP programs").
 - The map handles (FirewallMaps, LbMaps), opened from the pins with fds of their own: they
   stay valid whichever build runs, so an upgrade never leaves a component writing through a
-  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: listeners
-  are told of each new build and re-bind.
-- The sockhash proxy's programs and maps (ProxyDataplane), loaded on first use, with the one
-  fallback policy for when the kernel refuses them.
-Upgrades swap every attached instance under `lock`; map writers take it too, so no write
-straddles a swap.
+  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: its
+  readers (read_events) are bound to each new build.
+- The sockhash proxy's programs and maps (SockProxyDataplane), loaded on first use and shared
+  by every proxy service; when the kernel refuses them, xdpfw.proxy.fallback decides.
+The firewall, the load balancer, events and metrics reach the kernel only through these
+handles; none opens its own. Upgrades swap every attached instance under `lock`;
+attaching, detaching and chaining take it too.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
 from xdpfw.dataplane.lb_maps import LbMaps
 from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.pins import move_aside
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
+from xdpfw.dataplane.ringbuf import RingReader
 from xdpfw.errors import AttachError, ConflictError, NotFoundError, PinLayoutError
+from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
+from xdpfw.proxy.loader import SockProxyDataplane
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,25 @@ class Link:
     mode: Mode  # in use
 
 
+@dataclass(frozen=True)
+class Build:
+    """The running build: its test instance (attached instances have ids of their own), and
+    the source it was built from."""
+
+    info: ProgInfo
+    source: Path
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """What the kernel runs on a slot's interface, beside what should run there."""
+
+    mode: Mode | None  # None: no XDP program there, or the link is gone
+    prog_id: int | None
+    current: bool  # prog_id is the slot's instance of the running build
+    chained: int | None  # the program run after xdpfw's pass verdicts
+
+
 class Dataplane:
     def __init__(self, config: ProgramConfig) -> None:
         self.lock = threading.RLock()
@@ -73,9 +98,9 @@ class Dataplane:
         self.maps = FirewallMaps(config)
         self.lb = LbMaps(config)
         self.links: dict[int, Link] = {}
-        # Called with the new build after an upgrade, before the old one is closed.
-        self.listeners: list[Callable[[LoadedProgram], None]] = []
-        self._proxy = None
+        self._readers: list[RingReader] = []  # bound to each new build before the old closes
+        self._proxy: SockProxyDataplane | None = None
+        self._proxy_refused: str | None = None  # why the kernel refused it
 
     def _load_claimable(self, cfg: ProgramConfig) -> LoadedProgram:
         """Load on the pins, or on fresh pins when the old ones have another layout
@@ -217,10 +242,18 @@ class Dataplane:
         finally:
             os.close(fd)
 
-    def attached_id(self, slot: int) -> int | None:
-        """The program id attached where slot's instance should run (None: nothing)."""
-        link = self.links.get(slot)
-        return link_info(link.name, link.netns)[2] if link else None
+    def link_state(self, slot: int) -> LinkState:
+        """Read from the kernel. A link that is gone (or its namespace) runs nothing."""
+        with self.lock:
+            link = self.links.get(slot)
+            mode = prog_id = None
+            if link is not None:
+                try:
+                    _, mode, prog_id, _ = link_info(link.name, link.netns)
+                except (NotFoundError, NetlinkError, OSError) as e:
+                    log.debug("%s: %s", where(link.name, link.netns), e)
+            current = prog_id is not None and prog_id == self.instance_id(slot)
+            return LinkState(mode, prog_id, current, self.maps.chain_id(slot))
 
     def instance_id(self, slot: int) -> int:
         return self.program.instance(slot).info().id
@@ -230,6 +263,30 @@ class Dataplane:
     def program_info(self) -> ProgInfo:
         """The build's test instance (slot 0); attached instances have ids of their own."""
         return prog_info(self.program.fd)
+
+    def build(self) -> Build:
+        with self.lock:  # not a build an upgrade is closing
+            return Build(prog_info(self.program.fd), self.program.config.source)
+
+    def read_events(self, on_record: Callable[[bytes], None]) -> RingReader:
+        """Call on_record, on a thread of its own, with each record the running build puts in
+        its drop_events ring buffer, across upgrades, until stop_events."""
+        reader = RingReader("drop_events", on_record)
+        with self.lock:
+            reader.bind(self.program)
+            self._readers.append(reader)
+        return reader
+
+    def stop_events(self, reader: RingReader) -> None:
+        with self.lock:
+            if reader in self._readers:
+                self._readers.remove(reader)
+            reader.unbind()
+
+    def set_sample_rate(self, rate: int) -> None:
+        """1 drop in `rate` becomes a drop event (0: none)."""
+        with self.lock:
+            self.maps.fw_config.set_sample_rate(rate)
 
     def upgrade(self, source: Path | str | None = None) -> Upgrade:
         """Build again (from `source`, or the installed source) on the same pins, load an
@@ -260,8 +317,8 @@ class Dataplane:
                      new.instance(link.slot).info().id) for link in swapped])
             self.program = new
             self.maps.fw_config.resync(self.maps.source_maps())  # a build before the bits
-            for listener in self.listeners:
-                listener(new)
+            for reader in self._readers:
+                reader.bind(new)
             old.close()
             log.info("program upgraded: build %d -> %d on %d interfaces", result.old.id,
                      result.new.id, len(swapped))
@@ -278,21 +335,15 @@ class Dataplane:
 
     # -- sockhash proxy ---------------------------------------------------------------------
 
-    def proxy(self, required: bool):
+    def proxy(self, mode: RequestedMode) -> tuple[SockProxyDataplane | None, str | None]:
         """The sockhash proxy's programs and maps, loaded on first use and shared by every
-        proxy service. Returns (dataplane or None, why not): when the kernel refuses them,
-        the caller relays in user space, unless `required` (then SockProxyError)."""
-        from xdpfw.proxy.loader import SockProxyDataplane, SockProxyError
-
+        proxy service; or (None, why) when proxy services relay in user space, as
+        load_or_fall_back decides. A refusal is kept: the kernel is not asked again."""
         with self.lock:
-            if self._proxy is None:
-                try:
-                    self._proxy = SockProxyDataplane()
-                except SockProxyError as e:
-                    if required:
-                        raise
-                    return None, str(e)
-            return self._proxy, None
+            if self._proxy is None and self._proxy_refused is None:
+                self._proxy, self._proxy_refused = load_or_fall_back(
+                    mode, SockProxyDataplane, "proxy services")
+            return self._proxy, self._proxy_refused
 
     # -- shutdown -------------------------------------------------------------------------
 

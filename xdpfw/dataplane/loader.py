@@ -23,7 +23,6 @@ from xdpfw.errors import BpffsError, CompileError, PinLayoutError
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-BPF_FS_MAGIC = 0xCAFE4A11
 ENTRY_POINT = "xdpfw_main"
 
 

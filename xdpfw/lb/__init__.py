@@ -1,4 +1,5 @@
-"""L4 load balancer control plane: Maglev tables, backend health checks, next-hop resolution.
+"""L4 load balancer control plane: Maglev tables, backend health checks, next-hop resolution,
+proxy services (service.py says which module holds what).
 
-Pure Python, no BCC: the data plane owns the maps these values are written into.
+No BCC: the Dataplane owns the maps these values are written into, and the proxy's programs.
 """

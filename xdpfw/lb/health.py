@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from xdpfw.errors import ServiceValidationError
+
 log = logging.getLogger(__name__)
 
 HealthKind = Literal["tcp", "http"]
@@ -36,7 +38,7 @@ OnChange = Callable[[str, str, bool], Awaitable[None] | None]
 _MAX_STATUS_LINE = 1024
 
 
-class HealthConfigError(ValueError):
+class HealthConfigError(ServiceValidationError):
     """A health-check configuration or backend that cannot be probed."""
 
 

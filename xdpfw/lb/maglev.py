@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from xdpfw.errors import ServiceValidationError
+
 # Table sizes: prime, and much larger than the backend count (the paper suggests M > 100 * N
 # for a balance within 1%).
 PRODUCTION_SIZE = 65537
@@ -28,7 +30,7 @@ _OFFSET_SEED = b"xdpfw-mgl-off"
 _SKIP_SEED = b"xdpfw-mgl-skp"
 
 
-class MaglevError(ValueError):
+class MaglevError(ServiceValidationError):
     """Invalid input to build_table (bad size, weight or duplicate backend)."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
+from xdpfw.errors import BackendUnresolvedError
 from xdpfw.netns import rtnl
 
 RTN_UNICAST = 1
@@ -36,14 +37,17 @@ _ROUTE_TYPES = {3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole", 7:
 _ROUTE_TYPES |= {8: "prohibit", 9: "throw", 10: "nat"}
 
 
-class NeighbourUnresolved(Exception):
-    """No usable link-layer address for `address` on `ifname` (None: no egress interface)."""
+class NeighbourUnresolved(BackendUnresolvedError):
+    """No usable link-layer address for `address` on `ifname` (None: no egress interface) in
+    namespace `ns` (None: the current one)."""
 
-    def __init__(self, address: str, ifname: str | None, reason: str) -> None:
-        where = f" on {ifname}" if ifname else ""
+    def __init__(self, address: str, ifname: str | None, reason: str,
+                 ns: str | None = None) -> None:
+        where = (f" on {ifname}" if ifname else "") + (f" in netns {ns}" if ns else "")
         super().__init__(f"cannot resolve {address}{where}: {reason}")
         self.address = address
         self.ifname = ifname
+        self.ns = ns
         self.reason = reason
 
 
@@ -74,26 +78,27 @@ def state_name(state: int) -> str:
     return "|".join(sorted(names)) or "NONE"
 
 
-def _route(ip, address: str) -> Route:
+def _route(ip, address: str, ns: str | None) -> Route:
     try:
         found = ip.route("get", dst=address)
     except NetlinkError as e:
         if e.code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            raise NeighbourUnresolved(address, None, "no route to it") from e
-        raise NeighbourUnresolved(address, None, f"route lookup failed: {e}") from e
+            raise NeighbourUnresolved(address, None, "no route to it", ns) from e
+        raise NeighbourUnresolved(address, None, f"route lookup failed: {e}", ns) from e
     msg = found[0]
     if msg["type"] == RTN_LOCAL:
-        raise NeighbourUnresolved(address, None, "it is an address of this host")
+        raise NeighbourUnresolved(address, None, "it is an address of this host", ns)
     if msg["type"] != RTN_UNICAST:
         kind = _ROUTE_TYPES.get(msg["type"], f"type {msg['type']}")
-        raise NeighbourUnresolved(address, None, f"its route is {kind}")
+        raise NeighbourUnresolved(address, None, f"its route is {kind}", ns)
     oif = msg.get_attr("RTA_OIF")
     if oif is None:
-        raise NeighbourUnresolved(address, None, "its route has no output interface")
+        raise NeighbourUnresolved(address, None, "its route has no output interface", ns)
     link = ip.get_links(oif)[0]
     ifname = link.get_attr("IFLA_IFNAME")
     if link["flags"] & IFF_NOARP:
-        raise NeighbourUnresolved(address, ifname, "the interface has no link-layer neighbours")
+        raise NeighbourUnresolved(address, ifname, "the interface has no link-layer neighbours",
+                                  ns)
     gateway = msg.get_attr("RTA_GATEWAY")
     return Route(oif, ifname, gateway or address, msg.get_attr("RTA_PREFSRC"))
 
@@ -101,7 +106,7 @@ def _route(ip, address: str) -> Route:
 def lookup_route(address: str, ns: str | None = None) -> Route:
     """The egress interface and next hop for `address` in namespace `ns` (None: current)."""
     with rtnl(ns) as ip:
-        return _route(ip, address)
+        return _route(ip, address, ns)
 
 
 def _entry(ip, address: str, ifindex: int) -> tuple[int, str | None]:
@@ -115,7 +120,7 @@ def _entry(ip, address: str, ifindex: int) -> tuple[int, str | None]:
     return msg["state"], msg.get_attr("NDA_LLADDR")
 
 
-def _kick(ip, address: str, route: Route, target: str) -> None:
+def _kick(ip, address: str, route: Route, target: str, ns: str | None) -> None:
     """Make the kernel (re)start resolution of `address`, as a queued packet would."""
     try:
         ip.neigh(
@@ -126,7 +131,8 @@ def _kick(ip, address: str, route: Route, target: str) -> None:
             state=ndmsg.NUD_NONE,
         )
     except NetlinkError as e:
-        raise NeighbourUnresolved(target, route.ifname, f"cannot start resolution: {e}") from e
+        raise NeighbourUnresolved(target, route.ifname, f"cannot start resolution: {e}",
+                                  ns) from e
 
 
 def resolve(
@@ -143,7 +149,7 @@ def resolve(
     started and the table polled until `timeout_s`. Raises NeighbourUnresolved.
     """
     with rtnl(ns) as ip:
-        route = _route(ip, address)
+        route = _route(ip, address, ns)
         hop = route.next_hop
         target = address if hop == address else f"{address} (via {hop})"
 
@@ -153,10 +159,10 @@ def resolve(
         state, lladdr = _entry(ip, hop, route.ifindex)
         if lladdr and state & (USABLE | NEEDS_CONFIRMATION):
             if state & NEEDS_CONFIRMATION:
-                _kick(ip, hop, route, target)
+                _kick(ip, hop, route, target, ns)
             return found(state, lladdr)
 
-        _kick(ip, hop, route, target)
+        _kick(ip, hop, route, target, ns)
         deadline = time.monotonic() + timeout_s
         while True:
             state, lladdr = _entry(ip, hop, route.ifindex)
@@ -164,12 +170,14 @@ def resolve(
                 return found(state, lladdr)
             # FAILED after the kick is the kernel's verdict: all its probes went unanswered.
             if state & ndmsg.NUD_FAILED:
-                raise NeighbourUnresolved(target, route.ifname, "no reply to ARP/ND (FAILED)")
+                raise NeighbourUnresolved(target, route.ifname, "no reply to ARP/ND (FAILED)",
+                                          ns)
             if time.monotonic() >= deadline:
                 raise NeighbourUnresolved(
                     target,
                     route.ifname,
                     f"no reply to ARP/ND within {timeout_s}s (state {state_name(state)})",
+                    ns,
                 )
             time.sleep(poll_s)
 

@@ -7,14 +7,16 @@ byte read on that side has been written on the other, and shuts down the other s
 half: half-close propagates, and close is the meeting of two half-closes.
 
 In "userspace" mode (or for a single connection the kernel would not splice) relay.py copies
-the bytes. The engine runs its own asyncio loop in a thread; its public API is synchronous.
-The loop thread inherits the network namespace of the thread that calls start().
+the bytes; fallback.py decides which mode runs. The engine runs its own asyncio loop in a
+thread; its public API is synchronous. The listener, the backend sockets and the loop thread
+live in network namespace `netns` (None: the caller's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -27,14 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from xdpfw.errors import ConflictError, ServiceValidationError, XdpfwError
+from xdpfw.netns import thread_in_netns
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
+from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
 from xdpfw.proxy.loader import (
     DEFAULT_ATTACH,
     SPLICE_SNDBUF,
     Attach,
     ConnCounters,
     SockProxyDataplane,
-    SockProxyError,
     SplicedPair,
     SpliceError,
     TrafficCounters,
@@ -44,7 +48,6 @@ from xdpfw.proxy.relay import RelayCounters, abort, finish_pair, relay_pair
 log = logging.getLogger("xdpfw.proxy")
 
 Mode = Literal["sockhash", "userspace"]
-RequestedMode = Literal["auto", "sockhash", "userspace"]
 PickBackend = Callable[[tuple[str, int]], tuple[str, int]]
 
 TCP_CLOSE = 7  # tcp_info.tcpi_state
@@ -54,8 +57,17 @@ TCPI_BYTES_RECEIVED = 128
 REFUSED_CLIENT_LINGER = 2.0
 
 
-class EngineError(Exception):
-    """The engine cannot start (bind failed, or sockhash mode demanded but unavailable)."""
+class EngineError(XdpfwError):
+    """The engine was used out of order (not started, started twice)."""
+
+
+class ListenError(EngineError, ServiceValidationError):
+    """The engine cannot listen on its address (not an address of this host, ...)."""
+
+
+class AddressInUseError(ConflictError, ListenError):
+    """Something else listens on the engine's address already (ConflictError first: its
+    HTTP status is ConflictError's)."""
 
 
 class ConnectionAborted(Exception):
@@ -136,12 +148,10 @@ def _is_closed(sock: socket.socket) -> bool:
 class ProxyEngine:
     """Listen on (listen_host, listen_port) and proxy each connection to pick_backend(addr).
 
-    mode: "auto" tries the kernel splice and falls back to the user-space relay with a
-    warning; "sockhash" raises EngineError instead of falling back; "userspace" never loads
-    BPF. `mode` reports what actually runs. Pass `dataplane` to share one loaded
-    SockProxyDataplane between services; otherwise the engine loads (and unloads) its own,
-    sized for max_sockets spliced sockets (two per connection), with `attach` and
-    `splice_sndbuf` (see loader.py).
+    mode: see fallback.py; `mode` reports what actually runs. Pass `dataplane` to share one
+    loaded SockProxyDataplane between services; otherwise the engine loads (and unloads) its
+    own, sized for max_sockets spliced sockets (two per connection), with `attach` and
+    `splice_sndbuf` (see loader.py). netns: the network namespace to listen and connect in.
     """
 
     def __init__(
@@ -153,6 +163,7 @@ class ProxyEngine:
         *,
         mode: RequestedMode = "auto",
         dataplane: SockProxyDataplane | None = None,
+        netns: str | None = None,
         connect_timeout: float = 5.0,
         backlog: int = 1024,
         max_sockets: int = SP_MAX_SOCKETS,
@@ -164,6 +175,7 @@ class ProxyEngine:
         self.pick_backend = pick_backend
         self.service_id = service_id
         self.requested_mode = mode
+        self.netns = netns
         self.connect_timeout = connect_timeout
         self.backlog = backlog
         self.max_sockets = max_sockets
@@ -206,24 +218,15 @@ class ProxyEngine:
         if self._thread is not None:
             raise EngineError("engine already started")
         self._mode = self._choose_mode()
-        family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
-        lsock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind((self.listen_host, self.listen_port))
-            lsock.listen(self.backlog)
-            lsock.setblocking(False)
-        except OSError as e:
-            lsock.close()
-            self._release_dataplane()
-            raise EngineError(f"service {self.service_id}: cannot listen on "
-                              f"{self.listen_host}:{self.listen_port}: {e}") from e
-        self._listener = lsock
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,),
-                                        name=f"xdpfw-proxy-{self.service_id}", daemon=True)
-        self._thread.start()
+        # The listener, and the loop thread that makes the backend sockets, are made inside
+        # netns: both belong to it from then on.
+        with thread_in_netns(self.netns):
+            self._listener = self._listen()
+            self._loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(ready,),
+                                            name=f"xdpfw-proxy-{self.service_id}", daemon=True)
+            self._thread.start()
         ready.wait()
         log.info("service %d: proxy listening on %s:%d in %s mode", self.service_id,
                  *self.address, self._mode)
@@ -263,21 +266,36 @@ class ProxyEngine:
         if self.requested_mode == "userspace":
             return "userspace"
         if self._dataplane is None:
-            try:
-                self._dataplane = SockProxyDataplane(max_sockets=self.max_sockets,
-                                                     attach=self.attach,
-                                                     splice_sndbuf=self.splice_sndbuf)
-                self._owns_dataplane = True
-            except SockProxyError as e:
-                if self.requested_mode == "sockhash":
-                    raise EngineError(f"service {self.service_id}: sockhash mode "
-                                      f"unavailable: {e}") from e
-                self.fallback_reason = str(e)
-                log.warning("service %d: kernel refused the sockhash proxy (%s); falling back "
-                            "to the user-space relay", self.service_id, str(e).splitlines()[0])
+            self._dataplane, self.fallback_reason = load_or_fall_back(
+                self.requested_mode, self._load_dataplane, f"service {self.service_id}")
+            if self._dataplane is None:
                 return "userspace"
+            self._owns_dataplane = True
         self._dataplane.reset_service(self.service_id)
         return "sockhash"
+
+    def _load_dataplane(self) -> SockProxyDataplane:
+        return SockProxyDataplane(max_sockets=self.max_sockets, attach=self.attach,
+                                  splice_sndbuf=self.splice_sndbuf)
+
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind((self.listen_host, self.listen_port))
+            lsock.listen(self.backlog)
+            lsock.setblocking(False)
+        except OSError as e:
+            lsock.close()
+            self._release_dataplane()
+            where = f" in netns {self.netns}" if self.netns else ""
+            hint = (f" (the VIP must be an address of the appliance{where})"
+                    if e.errno == errno.EADDRNOTAVAIL else "")
+            cls = AddressInUseError if e.errno == errno.EADDRINUSE else ListenError
+            raise cls(f"service {self.service_id}: cannot listen on "
+                      f"{self.listen_host}:{self.listen_port}: {e}{hint}") from e
+        return lsock
 
     def _release_dataplane(self) -> None:
         if self._owns_dataplane and self._dataplane is not None:

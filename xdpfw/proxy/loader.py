@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from xdpfw import errors
 from xdpfw.dataplane.loader import captured_stderr
+from xdpfw.errors import XdpfwError
 from xdpfw.proxy import abi
 
 SO_COOKIE = 57  # <asm-generic/socket.h>; the socket module does not export it
@@ -50,18 +52,19 @@ ATTACH_PROGRAMS: dict[str, tuple[tuple[str, int], ...]] = {
 SPLICE_SNDBUF = 8 * 1024 * 1024
 
 
-class SockProxyError(Exception):
+class SockProxyError(XdpfwError):
     """Base of the errors this module raises; `errno` is set when the kernel gave one."""
 
     def __init__(self, message: str, *, err: int | None = None, log: str = "") -> None:
-        self.errno = err
-        self.log = log
         detail = f" [{errno.errorcode.get(err, err)}]" if err else ""
         tail = f"\n--- kernel/BCC output ---\n{log.rstrip()}" if log.strip() else ""
         super().__init__(f"{message}{detail}{tail}")
+        # After super(): errors.CompileError and VerifierError set a `log` of their own.
+        self.errno = err
+        self.log = log
 
 
-class CompileError(SockProxyError):
+class CompileError(SockProxyError, errors.CompileError):
     """clang (inside BCC) could not compile sockproxy.c."""
 
 
@@ -69,7 +72,7 @@ class MapCreateError(SockProxyError):
     """The kernel refused to create one of the maps (e.g. no sockhash support, E2BIG)."""
 
 
-class VerifierError(SockProxyError):
+class VerifierError(SockProxyError, errors.VerifierError):
     """The kernel refused a program; `log` holds the verifier log."""
 
 
@@ -126,7 +129,7 @@ class SockProxyDataplane:
                  source: Path = abi.PROGRAM_SOURCE) -> None:
         """attach: see Attach. splice_sndbuf: SO_SNDBUF for spliced sockets (None: leave the
         kernel's autotuning alone). source: the C file; only tests pass another."""
-        from bcc import BPF  # the one place bcc is imported
+        from bcc import BPF
 
         if attach not in ATTACH_PROGRAMS:
             raise ValueError(f"attach must be one of {sorted(ATTACH_PROGRAMS)}, not {attach!r}")
@@ -272,14 +275,6 @@ class SockProxyDataplane:
         from bcc import lib
 
         lib.bpf_delete_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)))  # ENOENT is fine
-
-    def sockhash_contains(self, name: str, cookie: int) -> bool:
-        """Whether a sockhash still holds a cookie (lookup on a sockhash returns the cookie)."""
-        from bcc import lib
-
-        val = ct.c_uint64()
-        return lib.bpf_lookup_elem(self._fd[name], ct.byref(ct.c_uint64(cookie)),
-                                   ct.byref(val)) == 0
 
     def socket_count(self, name: str) -> int:
         """Entries in sp_socks or sp_splice (walked with BPF_MAP_GET_NEXT_KEY)."""

@@ -12,8 +12,7 @@ router = APIRouter(prefix="/api/v1/interfaces", tags=["interfaces"])
 
 @router.get("", response_model=list[InterfacePublic])
 def list_interfaces(fw: FirewallDep) -> list[InterfacePublic]:
-    return [InterfacePublic.of(a, fw.dp.chained(a.record.slot))
-            for a in list(fw.attachments.values())]
+    return [InterfacePublic.of(a, fw.chained(a)) for a in fw.interfaces()]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=InterfacePublic)
@@ -22,7 +21,7 @@ def attach_interface(body: InterfaceCreate, fw: FirewallDep, response: Response)
     att, created = fw.attach_interface(**body.model_dump())
     if not created:
         response.status_code = status.HTTP_200_OK
-    return InterfacePublic.of(att, fw.dp.chained(att.record.slot))
+    return InterfacePublic.of(att, fw.chained(att))
 
 
 @router.delete("/{name}", response_model=InterfacePublic)

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from xdpfw.api.deps import FirewallDep
 from xdpfw.api.peer import peer_of
 from xdpfw.api.upload import staged
-from xdpfw.dataplane.attach import link_info
 
 router = APIRouter(tags=["program"])
 
@@ -70,15 +69,11 @@ class ShutdownRequest(BaseModel):
 
 @router.get("/api/v1/program", response_model=ProgramPublic)
 def program(fw: FirewallDep) -> ProgramPublic:
-    info = fw.program_info()
-    ifaces = []
-    for att in list(fw.attachments.values()):
-        _, mode, prog_id, _ = link_info(att.record.name, att.record.netns)
-        ours = fw.dp.instance_id(att.record.slot)  # each interface runs its own instance
-        ifaces.append({"name": att.record.name, "netns": att.record.netns, "mode": mode,
-                       "prog_id": prog_id, "current": prog_id == ours,
-                       "chained_prog_id": fw.dp.chained(att.record.slot)})
-    return ProgramPublic(id=info.id, tag=info.tag, source=str(fw.program.config.source),
+    build = fw.build()
+    ifaces = [{"name": att.record.name, "netns": att.record.netns, "mode": link.mode,
+               "prog_id": link.prog_id, "current": link.current,
+               "chained_prog_id": link.chained} for att, link in fw.links()]
+    return ProgramPublic(id=build.info.id, tag=build.info.tag, source=str(build.source),
                          interfaces=ifaces)
 
 
