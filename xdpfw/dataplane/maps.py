@@ -113,20 +113,26 @@ class MapHandle:
             self.fd = -1
 
     @contextlib.contextmanager
-    def mapped(self, dtype) -> Iterator[np.ndarray]:
-        """A BPF_F_MMAPABLE array's values as a numpy array over the kernel's own memory,
-        for the duration of the block. Writes are plain stores: an aligned 8-byte element is
-        written whole (x86-64), and stores become visible in program order. Mapped only while
-        needed, so the pages touched do not stay in the daemon's resident set."""
+    def mapped(self, dtype, lo: int = 0, hi: int | None = None) -> Iterator[np.ndarray]:
+        """Elements [lo, hi) of a BPF_F_MMAPABLE array as a numpy array over the kernel's own
+        memory, for the duration of the block. Writes are plain stores: an aligned 8-byte
+        element is written whole (x86-64), and stores become visible in program order.
+        Only the pages of [lo, hi) are mapped: the kernel fills the page tables of a whole
+        mapping at mmap time, so mapping 128 MiB for one word cost ~10 ms, and the pages do
+        not stay in the daemon's resident set. A struct value (v4_tbl8's 256 ids) is
+        value_size / itemsize items in a row."""
         if self.value_size % 8:
             raise XdpfwError(f"{self.name}: an array's elements are 8-byte aligned, so a "
                              f"{self.value_size}-byte value would leave gaps in the mapping")
-        size = self.value_size * self.max_entries
-        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        # Flat: a struct value (v4_tbl8's 256 ids) is value_size / itemsize items in a row.
-        view = np.frombuffer(mm, dtype=dtype,
-                             count=self.value_size * self.max_entries // np.dtype(dtype).itemsize)
+        hi = self.max_entries if hi is None else hi
+        start, end = lo * self.value_size, hi * self.value_size
+        offset = start // mmap.PAGESIZE * mmap.PAGESIZE
+        length = (end - offset + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=offset)
+        item = np.dtype(dtype).itemsize
+        view = np.frombuffer(mm, dtype=dtype, count=(end - start) // item,
+                             offset=start - offset)
         try:
             yield view
         finally:

@@ -27,10 +27,10 @@ prefixes longer than /24 of every /24 that has a group.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from xdpfw.errors import MapFullError
 
 QUARANTINE_S = 1.0  # packets take microseconds; a freed id waits a second before reuse
 TBL24, TBL8, VERDICTS = 0, 1, 2  # the mapped arrays
+MAP_BYTES = 2 << 20  # mapped at once at most (the kernel fills a mapping's page tables)
 BUILD_CHUNK = 1 << 18  # /24s laid out at a time by build (2 MiB of words)
 ID_MASK = np.uint64(abi.V4_ID_MASK)
 FREE = 255  # vid_plen of an id no prefix holds
@@ -157,15 +158,14 @@ def _by_length(sel: np.ndarray, plens: np.ndarray) -> list[tuple[int, np.ndarray
             if len(g)]
 
 
-def _mapping(method):
-    """Run a public V4Table operation with the arrays mapped."""
+@dataclass
+class _Writes:
+    """What a batch of /24 layouts writes, in the order _flush writes it."""
 
-    def run(self, *args, **kwargs):
-        with self._mapped():
-            return method(self, *args, **kwargs)
-
-    run.__doc__, run.__name__ = method.__doc__, method.__name__
-    return run
+    group_keys: list[np.ndarray] = field(default_factory=list)
+    group_values: list[np.ndarray] = field(default_factory=list)
+    words: dict[int, int] = field(default_factory=dict)
+    freed_groups: list[int] = field(default_factory=list)
 
 
 class V4Table:
@@ -180,7 +180,7 @@ class V4Table:
         self.generation = generation
         self.vid_net = np.zeros(n, dtype=np.uint32)
         self.vid_plen = np.full(n, FREE, dtype=np.uint8)
-        self._views: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._arrays = ((tbl24, np.uint64, 1), (tbl8, np.uint32, 256), (verdicts, np.uint64, 1))
         self._forget()
 
     def _forget(self) -> None:
@@ -198,32 +198,50 @@ class V4Table:
 
     # -- the kernel's words ---------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _mapped(self) -> Iterator[None]:
-        """The three arrays mapped for one operation (nested calls share the mapping)."""
-        if self._views is not None:
-            yield
-            return
-        with (self.tbl24.mapped(np.uint64) as t24, self.tbl8.mapped(np.uint32) as t8,
-              self.verdicts.mapped(np.uint64) as vd):
-            self._views = (t24, t8, vd)
-            del t24, t8, vd  # only _views refers to them: unmapping needs no export left
-            try:
-                yield
-            finally:
-                self._views = None
+    def _io(self, which: int, keys: np.ndarray, values: np.ndarray | None = None):
+        """Read (values None: returns them) or store items `keys` of tbl24 (0), tbl8 (1, a
+        group's 256 ids in a row) or verdicts (2) through the array's memory, mapping a span
+        of at most MAP_BYTES at a time: only the pages touched are mapped. Stores
+        are one aligned store per item; calls happen in the order the module doc says."""
+        handle, dtype, per = self._arrays[which]
+        keys = np.asarray(keys, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        out = np.empty(len(keys), dtype=dtype) if values is None else None
+        if values is not None:
+            values = np.asarray(values)[order]
+        elems = keys // per
+        span = max(1, MAP_BYTES // handle.value_size)
+        start = 0
+        while start < len(keys):
+            end = int(np.searchsorted(elems, elems[start] + span))
+            lo, hi = int(elems[start]), int(elems[end - 1]) + 1
+            with handle.mapped(dtype, lo, hi) as view:
+                rel = keys[start:end] - lo * per
+                if values is None:
+                    out[start:end] = view[rel]
+                else:
+                    view[rel] = values[start:end]
+                del view  # the mapping closes at the end of the block: no reference may stay
+            start = end
+        if out is not None:
+            unsorted = np.empty_like(out)
+            unsorted[order] = out
+            return unsorted
+        return None
 
     def _window(self, lo: int, hi: int) -> np.ndarray:
-        """A copy of tbl24[lo:hi] (copies only: no view may outlive the mapping)."""
-        return self._views[0][lo:hi].copy()
+        """A copy of tbl24[lo:hi]."""
+        with self.tbl24.mapped(np.uint64, lo, hi) as view:
+            out = view.copy()
+            del view
+        return out
 
     def _read24(self, idx: np.ndarray) -> np.ndarray:
-        return self._views[0][idx]
+        return self._io(TBL24, idx)
 
     def _write(self, which: int, keys: np.ndarray, values: np.ndarray) -> None:
-        """Store values at keys of tbl24 (0), tbl8 (1) or verdicts (2): one aligned store
-        per element, in order."""
-        self._views[which][keys] = values
+        self._io(which, keys, values)
 
     def _depth(self, vids: np.ndarray) -> np.ndarray:
         """plen + 1 of the prefix holding each id (0 for id 0: no prefix)."""
@@ -233,7 +251,6 @@ class V4Table:
 
     # -- changes --------------------------------------------------------------------------
 
-    @_mapping
     def apply(self, sets: dict[Prefix4, int], deletes: Iterable[Prefix4],
               parent_of: ParentOf) -> None:
         """sets: (net, plen) -> packed verdict, new or changed; deletes: (net, plen) gone.
@@ -253,7 +270,6 @@ class V4Table:
         if deletes:
             self.remove(deletes, parent_of)
 
-    @_mapping
     def add(self, nets: np.ndarray, plens: np.ndarray, verdicts: np.ndarray) -> None:
         """New prefixes (none may have an entry yet), as columns: a blocklist of a million
         goes through numpy, not a Python loop."""
@@ -271,34 +287,58 @@ class V4Table:
     def _paint(self, nets: np.ndarray, plens: np.ndarray, vids: np.ndarray) -> None:
         """Point each /24 of these prefixes (<= /24) at the longest of them covering it,
         unless a longer prefix already does: a window of /24s at a time, one prefix length
-        at a time, shortest first (prefixes of one length never overlap)."""
+        at a time, shortest first (prefixes of one length never overlap). Only the /24s
+        touched are read and compared."""
         starts = (nets >> 8).astype(np.int64)
         ends = starts + (1 << (24 - plens.astype(np.int64)))
         for lo, hi, sel in _Overlaps(starts, ends).windows():
-            current = self._window(lo, hi)
+            groups = [(length, _spans(starts[mine], ends[mine], lo, hi) + lo,
+                       np.repeat(vids[mine], np.minimum(ends[mine], hi) - np.maximum(
+                           starts[mine], lo)))
+                      for length, mine in _by_length(sel, plens)]
+            touched = np.unique(np.concatenate([idx for _, idx, _ in groups]))
+            current = self._read24(touched)
             fb = (current & ID_MASK).astype(np.uint32)
             depth = self._depth(fb)
             new_fb = fb.copy()
-            for length, mine in _by_length(sel, plens):
-                idx = _spans(starts[mine], ends[mine], lo, hi)
-                vid = np.repeat(vids[mine], np.minimum(ends[mine], hi) - np.maximum(
-                    starts[mine], lo))
-                wins = depth[idx] < length + 1
-                new_fb[idx[wins]], depth[idx[wins]] = vid[wins], length + 1
+            for length, idx, vid in groups:
+                pos = np.searchsorted(touched, idx)
+                wins = depth[pos] < length + 1
+                new_fb[pos[wins]], depth[pos[wins]] = vid[wins], length + 1
             moved = np.nonzero(new_fb != fb)[0]
             if len(moved):
                 entries = (current[moved] & ~ID_MASK) | new_fb[moved].astype(np.uint64)
-                self._write(TBL24, moved + lo, entries)
+                self._write(TBL24, touched[moved], entries)
 
     def _add_longs(self, nets: np.ndarray, plens: np.ndarray, vids: np.ndarray) -> None:
+        """Prefixes longer than /24 into their /24s. The common case, a /24 with none yet
+        that gets exactly one, becomes a ONE entry in one vectorised write (a blocklist's
+        hosts); anything else takes the general path, /24 by /24."""
+        s24 = (nets >> 8).astype(np.int64)
+        uniq, first, counts = np.unique(s24, return_index=True, return_counts=True)
+        current = self._read24(uniq)
+        alone = (counts == 1) & ((current >> np.uint64(abi.V4_KIND_SHIFT)) == abi.V4_PLAIN)
+        if alone.any():
+            i = first[alone]
+            bits = ((np.uint64(abi.V4_ONE) << np.uint64(abi.V4_KIND_SHIFT))
+                    | ((plens[i].astype(np.uint64) - np.uint64(25)) << np.uint64(abi.V4_LEN_SHIFT))
+                    | ((nets[i].astype(np.uint64) & np.uint64(0xFF)) << np.uint64(abi.V4_NET_SHIFT))
+                    | (vids[i].astype(np.uint64) << np.uint64(abi.V4_AUX_SHIFT)))
+            self._write(TBL24, uniq[alone], (current[alone] & ID_MASK) | bits)
+        rest = ~alone
+        if not rest.any():
+            return
         by24: dict[int, dict[int, int]] = {}
-        for net, plen, vid in zip(nets.tolist(), plens.tolist(), vids.tolist(), strict=True):
+        member = np.isin(s24, uniq[rest])
+        for net, plen, vid in zip(nets[member].tolist(), plens[member].tolist(),
+                                  vids[member].tolist(), strict=True):
             by24.setdefault(net >> 8, {})[key_of(net, plen)] = vid
-        slash24s = np.array(sorted(by24), dtype=np.int64)
-        for s, entry in zip(slash24s.tolist(), self._read24(slash24s).tolist(), strict=True):
+        out = _Writes()
+        for s, entry in zip(uniq[rest].tolist(), current[rest].tolist(), strict=True):
             longs = self._longs(s, entry)
             longs.update(by24[s])
-            self._lay_out(s, entry, longs)
+            self._lay_out(s, entry, longs, out)
+        self._flush(out)
 
     def _longs(self, s: int, entry: int) -> dict[int, int]:
         """A copy of /24 s's prefixes longer than /24: a group's are kept here, a ONE's
@@ -310,8 +350,9 @@ class V4Table:
             return {key_of(int(self.vid_net[vid]), int(self.vid_plen[vid])): vid}
         return {}
 
-    def _lay_out(self, s: int, entry: int, longs: dict[int, int]) -> None:
-        """Write /24 s for its prefixes longer than /24, keeping its fallback."""
+    def _lay_out(self, s: int, entry: int, longs: dict[int, int], out: _Writes) -> None:
+        """/24 s's new word for its prefixes longer than /24 (keeping its fallback), and its
+        group's entries, into `out` (written by _flush: groups before the words)."""
         fb = entry & abi.V4_ID_MASK
         old_group = self.group_of.get(s)
         if not longs:
@@ -325,21 +366,30 @@ class V4Table:
             for key, vid in sorted(longs.items(), key=lambda kv: kv[0] & 63):
                 lo, plen = (key >> 6) & 0xFF, key & 63
                 table[lo:lo + (1 << (32 - plen))] = vid  # longer prefixes come later
-            # The group first, then the entry that points at it (module doc).
-            self._write(TBL8, np.arange(group * 256, group * 256 + 256), table)
+            out.group_keys.append(np.arange(group * 256, group * 256 + 256))
+            out.group_values.append(table)
             self.group_of[s] = group
             new_entry = (abi.V4_GROUP << abi.V4_KIND_SHIFT) | (group << abi.V4_AUX_SHIFT) | fb
         if new_entry != entry:
-            self._write(TBL24, np.array([s]), np.array([new_entry], dtype=np.uint64))
+            out.words[s] = new_entry
         if new_entry >> abi.V4_KIND_SHIFT == abi.V4_GROUP:
             self.longs[s] = longs
         else:
             self.longs.pop(s, None)
-            if old_group is not None:  # nothing points at it now; reused after quarantine
+            if old_group is not None:  # nothing will point at it; reused after quarantine
                 del self.group_of[s]
-                self.groups.give([old_group])
+                out.freed_groups.append(old_group)
 
-    @_mapping
+    def _flush(self, out: _Writes) -> None:
+        """Groups first, then the words that point at them, then the groups nothing points
+        at any more go to quarantine."""
+        if out.group_keys:
+            self._write(TBL8, np.concatenate(out.group_keys), np.concatenate(out.group_values))
+        if out.words:
+            self._write(TBL24, np.fromiter(out.words, dtype=np.int64, count=len(out.words)),
+                        np.fromiter(out.words.values(), dtype=np.uint64, count=len(out.words)))
+        self.groups.give(out.freed_groups)
+
     def remove(self, deletes: list[Prefix4], parent_of: ParentOf) -> None:
         """Prefixes gone: their /24s fall back to each one's parent, then their ids go. A
         prefix never laid out is skipped (a rollback of a change whose writes never ran)."""
@@ -356,12 +406,14 @@ class V4Table:
                 by24.setdefault(net >> 8, []).append(key_of(net, plen))
         if by24:
             slash24s = np.array(sorted(by24), dtype=np.int64)
+            out = _Writes()
             for s, entry in zip(slash24s.tolist(), self._read24(slash24s).tolist(),
                                 strict=True):
                 longs = self._longs(s, entry)
                 for k in by24[s]:
                     longs.pop(k, None)
-                self._lay_out(s, entry, longs)
+                self._lay_out(s, entry, longs, out)
+            self._flush(out)
         for p in deletes:
             del self.vid[key_of(*p)]
         self.vid_plen[gone] = FREE
@@ -390,7 +442,6 @@ class V4Table:
 
     # -- start-up -------------------------------------------------------------------------
 
-    @_mapping
     def build(self, nets: np.ndarray, plens: np.ndarray, verdicts: np.ndarray,
               explain: bool = False) -> tuple[int, list[int]]:
         """Lay out these prefixes (every IPv4 prefix entry there is) from scratch in the other
@@ -420,7 +471,9 @@ class V4Table:
         """The verdicts of a half as the kernel has them, indexed by id."""
         out = np.zeros(len(self.vid_plen), dtype=np.uint64)
         lo = 1 + generation * self.half_ids
-        out[lo:lo + self.half_ids] = self._views[2][lo:lo + self.half_ids]
+        with self.verdicts.mapped(np.uint64, lo, lo + self.half_ids) as view:
+            out[lo:lo + self.half_ids] = view
+            del view
         return out
 
     def _build_longs(self, nets, plens, vids) -> dict[int, int]:
