@@ -48,7 +48,7 @@ def firewall(tmp_path_factory):
 def fw(firewall):
     firewall.maps.set_policy(TEST_SLOT, abi.POLICY_PASS, abi.POLICY_PASS, 0)
     yield firewall
-    for rule in list(firewall.rules.values()):
+    for rule in firewall.list_rules():
         firewall.delete_rule(rule.id)
     firewall.maps.clear_policy(TEST_SLOT)
 

@@ -80,7 +80,7 @@ def test_bulk_text_json_and_all_or_nothing(client, fw):
     r = client.post("/api/v1/rules/bulk", json={"rules": [
         {"prefix": "12.0.0.0/8", "proto": "udp", "dport": 53}]})
     assert r.status_code == 201, r.text
-    assert len(fw.rules) == 6
+    assert len(fw.table) == 6
 
     before = snapshot(fw)
     bad = "13.0.0.0/8\n14.0.0.0/8\n15.0.0.1/8\n"
@@ -120,58 +120,57 @@ def test_tcp_clients_need_the_token(fw):
         assert ok.status_code == 200
 
 
-def test_streamed_bulk_undoes_chunks_already_in_the_kernel(fw):
-    """A later chunk failing (bad line, duplicate) leaves no trace of the chunks written."""
-    from xdpfw.errors import ConflictError, RuleValidationError
-    from xdpfw.rules.blocklist import iter_prefix_chunks
-    from xdpfw.rules.model import Action
+def test_bulk_failing_midway_undoes_chunks_already_in_the_kernel(fw, monkeypatch):
+    """A chunk failing after earlier ones were written (here: the store) leaves no trace of
+    them, for plain prefixes (written from columns) and for port rules (compiled)."""
+    import sqlite3
+
+    from xdpfw import service
+    from xdpfw.errors import ConflictError
+    from xdpfw.rules.model import Action, Proto
+    from xdpfw.rules.table import Prefixes
     from xdpfw.service import RuleSpec
 
     fw.add_rules([RuleSpec(parse_prefix("192.0.2.0/24"), Action.DROP)])
     before = snapshot(fw)
+    monkeypatch.setattr(service, "ADD_CHUNK", 2)
+    real, calls = fw.store.insert_table_rows, []
 
-    def chunks(lines):
-        for prefixes in iter_prefix_chunks(lines, size=2):
-            yield [RuleSpec(p, Action.DROP) for p in prefixes]
+    def third_fails(table, rows):
+        calls.append(len(rows))
+        if len(calls) % 3 == 0:
+            raise sqlite3.OperationalError("disk I/O error")
+        real(table, rows)
 
-    with pytest.raises(RuleValidationError, match="line 5"):
-        fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "12.0.0.0/8", "13.0.0.0/8",
-                                      "14.0.0.1/8"]))
-    assert snapshot(fw) == before, "a chunk written before the bad line stayed in the maps"
-    with pytest.raises(ConflictError, match="appears twice in this request"):
-        fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "10.0.0.0/8"]))
+    monkeypatch.setattr(fw.store, "insert_table_rows", third_fails)
+    texts = ["10.0.0.0/8", "11.0.0.0/8", "2001:db8::/32", "12.0.0.0/8", "13.0.0.7", "14.0.0.0/8"]
+    prefixes = [parse_prefix(t) for t in texts]
+    with pytest.raises(sqlite3.OperationalError):
+        fw.add_prefixes(Prefixes.of(prefixes), Action.DROP)
+    assert snapshot(fw) == before, "a chunk written before the failure stayed"
+    with pytest.raises(sqlite3.OperationalError):
+        fw.add_rules([RuleSpec(p, Action.PASS, Proto.TCP, 22) for p in prefixes])
+    assert snapshot(fw) == before, "a compiled chunk written before the failure stayed"
+    monkeypatch.setattr(fw.store, "insert_table_rows", real)
+
+    three = Prefixes.of(prefixes[:3])
+    with pytest.raises(ConflictError, match=r"10\.0\.0\.0/8 appears twice in this request"):
+        fw.add_prefixes(Prefixes.of([*prefixes[:3], prefixes[0]]), Action.DROP)
+    with pytest.raises(ConflictError, match=r"192.0.2.0/24 exists already \(id"):
+        fw.add_prefixes(Prefixes.of([*prefixes[:3], parse_prefix("192.0.2.0/24")]),
+                        Action.DROP)
     assert snapshot(fw) == before
-    with pytest.raises(ConflictError, match="exists already"):
-        fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "192.0.2.0/24"]))
-    assert snapshot(fw) == before
-
-    added = fw.add_rules_streamed(chunks(["10.0.0.0/8", "11.0.0.0/8", "12.0.0.0/8"]))
-    assert [r.id for r in added] == list(range(added[0].id, added[0].id + 3))
-    assert {str(r.prefix) for r in fw.store.load_rules()} >= {"10.0.0.0/8", "12.0.0.0/8"}
-    assert parse_prefix("12.0.0.0/8") in fw.maps.prefix_keys()
+    ids = fw.add_prefixes(three, Action.DROP, "feed")
+    assert [(str(fw.get_rule(i).prefix), fw.get_rule(i).comment) for i in ids] == [
+        (t, "feed") for t in texts[:3]]
+    assert {str(r.prefix) for r in fw.store.load_rules()} >= set(texts[:3])
+    assert parse_prefix("2001:db8::/32") in fw.maps.prefix_keys()
 
 
 def test_empty_blocklist_is_refused(client, fw):
     r = client.post("/api/v1/rules/bulk", content="# nothing\n\n",
                     headers={"content-type": "text/plain"})
     assert r.status_code == 422 and "no prefix" in r.text, r.text
-
-
-def test_streamed_prefixes_refuse_duplicates_and_undo(fw):
-    """The blocklist path (prefix chunks, one action): same all-or-nothing as rule specs."""
-    from xdpfw.errors import ConflictError
-    from xdpfw.rules.model import Action
-
-    before = snapshot(fw)
-    chunk = [parse_prefix("10.0.0.0/8"), parse_prefix("11.0.0.0/8")]
-    with pytest.raises(ConflictError, match="appears twice in this request"):
-        fw.add_prefixes_streamed(iter([chunk, [parse_prefix("10.0.0.0/8")]]), Action.DROP)
-    assert snapshot(fw) == before
-    rules = fw.add_prefixes_streamed(iter([chunk]), Action.PASS, "partners")
-    assert [(str(r.prefix), r.action, r.comment) for r in rules] == [
-        ("10.0.0.0/8", Action.PASS, "partners"), ("11.0.0.0/8", Action.PASS, "partners")]
-    with pytest.raises(ConflictError, match=r"exists already \(id"):
-        fw.add_prefixes_streamed(iter([[parse_prefix("11.0.0.0/8")]]), Action.DROP)
 
 
 def test_blocklists_written_from_columns_equal_what_the_compiler_says(fw, run):
@@ -183,7 +182,9 @@ def test_blocklists_written_from_columns_equal_what_the_compiler_says(fw, run):
 
     v4 = [parse_prefix(t) for t in ("10.0.0.7", "10.1.0.0/16", "192.0.2.9", "198.51.100.0/24")]
     mixed = [*v4, parse_prefix("2001:db8::1"), parse_prefix("2001:db8:1::/48")]
-    fw.add_prefixes_streamed(iter([mixed[:3], mixed[3:]]), Action.DROP)
+    from xdpfw.rules.table import Prefixes
+
+    fw.add_prefixes(Prefixes.of(mixed), Action.DROP)
     assert sorted(fw.maps.prefix_keys()) == sorted(fw.index.prefix_values)
     for src, want in (("10.0.0.7", "XDP_DROP"), ("10.1.2.3", "XDP_DROP"), ("10.0.0.8", "XDP_PASS")):
         assert run(P.tcp4(src, 80)).verdict == want, src

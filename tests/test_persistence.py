@@ -52,7 +52,7 @@ def test_restart_restores_rules_and_maps_and_drops_stale_entries(pinned):
         assert test_run(fd, P.tcp4("192.0.2.9", 80)).verdict == "XDP_PASS"
         # New ids continue after the old ones; slots are not handed out twice.
         new = fw2.add_rules([RuleSpec(parse_prefix("11.0.0.0/8"), Action.DROP)])[0]
-        assert new.id > max(r.id for r in fw2.list_rules() if r is not new)
+        assert new.id > max(r.id for r in fw2.list_rules() if r != new)
         assert len({r.slot for r in fw2.list_rules()}) == len(fw2.list_rules())
     finally:
         fw2.close()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, link_info, where
@@ -31,13 +31,16 @@ from xdpfw.errors import (
     PinOwnerError,
 )
 from xdpfw.gcpause import gc_paused
-from xdpfw.rules.compile import ACTION_CODE, Changes, RuleIndex
+from xdpfw.rules.compile import Changes, RuleIndex
 from xdpfw.rules.model import V4, Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
+from xdpfw.rules.table import NewRules, Prefixes, RuleTable
 from xdpfw.slots import SlotAllocator
 from xdpfw.statedir import store_path
 
 log = logging.getLogger(__name__)
+
+ADD_CHUNK = 1 << 18  # rules compiled and written at a time (writes overlap the next chunk)
 
 POLICY_CODE = {"pass": abi.POLICY_PASS, "drop": abi.POLICY_DROP}
 
@@ -81,15 +84,11 @@ class Firewall:
         self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
         self.config = self.dp.config
         self.index = RuleIndex()
-        self.rules: dict[int, Rule] = {}
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
-        self._slot_rules: tuple[tuple[int, int], dict[int, int]] = ((-1, -1), {})
         with gc_paused():
             foreign = self._restore_rules(adopt_pins)
-        self._next_id = max(self.store.last_rule_id(), max(self.rules, default=0)) + 1
-        self.rule_slots = SlotAllocator(
-            self.config.max_rules, (r.slot for r in self.rules.values())
-        )
+        self._next_id = max(self.store.last_rule_id(), self.table.max_id()) + 1
+        self.rule_slots = SlotAllocator(self.config.max_rules, self.table.column("slot"))
         if foreign:  # another store's rules counted in these slots
             self.maps.reset_rule_counters(range(self.config.max_rules))
         else:  # a delete cut short by a crash may have left a free slot counting
@@ -110,6 +109,11 @@ class Firewall:
     def maps(self) -> FirewallMaps:
         return self.dp.maps
 
+    @property
+    def table(self) -> RuleTable:
+        """Every rule (the index's table): the truth in memory, in columns."""
+        return self.index.table
+
     # -- start-up -------------------------------------------------------------------------
 
     def _restore_rules(self, adopt_pins: bool) -> bool:
@@ -118,8 +122,7 @@ class Firewall:
         filtering never stops, nothing of the previous process's numbering needs to be
         trusted, and entries no rule of this store explains go. Returns True when the pins
         held another store's state (their counters then mean nothing here)."""
-        rules = self.store.load_rules()
-        self.rules = {r.id: r for r in rules}
+        table = self.store.load_table()
         store_id, owner = self.store.identity(), self.maps.identity.read()
         pin_dir = self.config.pin_dir
         foreign = owner.store_id not in (0, store_id)
@@ -132,11 +135,12 @@ class Firewall:
                 f"removed)"
             )
         self.index = RuleIndex(
-            port_set_base=self.maps.new_generation() * self.maps.port_set_half)
-        self.index.add(rules)
+            port_set_base=self.maps.new_generation() * self.maps.port_set_half, table=table)
+        # Plain rules need no compiling (each entry is its rule's verdict); port rules do.
+        self.index.compile_added(list(table.iter_rules(table.port_rows())))
         report = self.maps.rebuild(self.index, store_id, str(self.state_dir),
                                    explain=owner.store_id != store_id)
-        log.info("restored %d rules into the maps (%s)", len(rules), report)
+        log.info("restored %d rules into the maps (%s)", len(table), report)
         if report.removed():
             log.warning("the pins were %s's: made them equal to this store, %s",
                         owner.state_dir or "no store", report.removed())
@@ -166,110 +170,62 @@ class Firewall:
 
     def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
         """Add rules, all or nothing."""
-        with self.lock, gc_paused():
-            self._check_new(specs)
-            slots = self.rule_slots.take(len(specs), "rules")
-            first_id = self._next_id
-            # tuple.__new__(Rule, row) through map(): no Python call per rule at a million.
-            ids = range(first_id, first_id + len(specs))
-            columns = zip(*specs, strict=True)  # prefix, action, proto, dport, comment
-            rows = zip(ids, *columns, slots, strict=True)
-            rules = list(map(tuple.__new__, repeat(Rule), rows))
-            changes = self.index.add(rules)
+        for s in specs:
+            if s.proto is not None or s.dport is not None:
+                check_match(s.proto, s.dport)
+        with self.lock:
+            rows = self._add(NewRules.of(specs, self.table))
+            return list(self.table.iter_rules(rows))
+
+    def add_prefixes(self, prefixes: Prefixes, action: Action, comment: str = "") -> range:
+        """A blocklist: rules for every prefix, one action and comment, all or nothing, from
+        columns end to end (no object per rule). Returns the new rules' ids."""
+        with self.lock:
+            rows = self._add(NewRules.plain(prefixes, action, self.table.comment_id(comment)))
+            ids = self.table.col["id"]
+            return range(int(ids[rows[0]]), int(ids[rows[-1]]) + 1) if len(rows) else range(0)
+
+    def _add(self, new: NewRules) -> np.ndarray:
+        """Check, then in chunks: into the table, compiled (plain rules into a plain index
+        need nothing), written to the maps by a writer thread (syscalls, no GIL) while the
+        next chunk is prepared and the rows go into one SQLite transaction. On any failure
+        the transaction rolls back and what was written is removed: the request changes
+        nothing. Returns the new rows."""
+        with gc_paused(), ThreadPoolExecutor(1, "xdpfw-map-writer") as writer:
+            self._check_new(new)
+            n = len(new)
+            slots = self.rule_slots.take_array(n, "rules")
+            first_id, first_row = self._next_id, self.table.n
+            ids = np.arange(first_id, first_id + n, dtype=np.int64)
+            writes: list[futures.Future] = []
             try:
-                self._check_port_room()
-            except MapFullError:
-                self.index.remove(rules)
-                self.rule_slots.give(slots)
-                raise
-            self._commit_new_rules(rules, slots, changes)
-            self._next_id = first_id + len(rules)
-            self.rules.update(zip(range(first_id, first_id + len(rules)), rules, strict=True))
-            return rules
-
-    def _commit_new_rules(self, rules: list[Rule], slots: list[int], changes: Changes) -> None:
-        try:
-            with self.store.transaction():
-                # The map writes (mostly syscalls, which release the GIL) overlap the
-                # SQLite insert; both must succeed before the commit.
-                writer = _Background(self._apply, changes)
-                try:
-                    self.store.insert_rules(rules)
-                finally:
-                    writer.join()  # never roll back under a writer still running
-                writer.result()
-        except BaseException:
-            self._rollback(lambda: self._apply(self.index.remove(rules)))
-            self.rule_slots.give(slots)
-            raise
-
-    def add_prefixes_streamed(
-        self, chunks: Iterable[Sequence[Prefix]], action: Action, comment: str = ""
-    ) -> list[Rule]:
-        """add_rules_streamed for a plain blocklist: one action and comment for every prefix,
-        so no RuleSpec is built per line."""
-        return self.add_rules_streamed(chunks, plain=(action, comment))
-
-    def add_rules_streamed(
-        self,
-        chunks: Iterable[Sequence[RuleSpec]] | Iterable[Sequence[Prefix]],
-        plain: tuple[Action, str] | None = None,
-    ) -> list[Rule]:
-        """Add rules that arrive in chunks (a blocklist being parsed), all or nothing.
-
-        Each chunk is checked and compiled as it arrives, its rows go into one transaction
-        that spans the request, and its map writes (kernel time, no GIL) run while the next
-        chunk is parsed. On any failure, a bad line late in the list included, the transaction
-        rolls back and every entry written so far is removed again, so the request changes
-        nothing."""
-        with (
-            self.lock,
-            gc_paused(),
-            ThreadPoolExecutor(1, "xdpfw-bulk") as writer,
-        ):
-            first_id = self._next_id
-            added: list[Rule] = []
-            writes = []
-            try:
-                # One transaction for the request; each chunk's rows go in as it arrives.
                 with self.store.transaction():
-                    for chunk in chunks:
-                        n = len(chunk)
-                        if plain is None:
-                            self._check_new(chunk, first_new_id=first_id)
-                            columns = zip(*chunk, strict=True)
-                        else:  # chunk holds prefixes; the match is the same for all
-                            self._check_new_prefixes(chunk, first_new_id=first_id)
-                            action, comment = plain
-                            columns = (chunk, repeat(action, n), repeat(None, n),
-                                       repeat(None, n), repeat(comment, n))
-                        slots = self.rule_slots.take(n, "rules")
-                        ids = range(first_id + len(added), first_id + len(added) + n)
-                        rows = zip(ids, *columns, slots, strict=True)
-                        rules = list(map(tuple.__new__, repeat(Rule), rows))
-                        # Checked before the add: then each entry is (slot, action, 0).
-                        from_columns = plain is not None and self.index.plain_only()
-                        changes = self.index.add(rules, report=not from_columns)
-                        added.extend(rules)
-                        self._check_port_room()
-                        if from_columns:
-                            code = ACTION_CODE[plain[0]]
-                            writes.append(writer.submit(self.maps.add_plain, list(chunk),
-                                                        slots, code))
+                    for lo in range(0, n, ADD_CHUNK):
+                        part = slice(lo, min(n, lo + ADD_CHUNK))
+                        rows = self.table.append(ids=ids[part], slots=slots[part],
+                                                 **new.columns(part))
+                        if self.index.plain_only() and not new.proto[part].any():
+                            writes.append(writer.submit(
+                                self.maps.add_plain, new.prefixes.take(part), slots[part],
+                                new.action[part]))
                         else:
+                            changes = self.index.compile_added(
+                                list(self.table.iter_rules(rows)))
+                            self._check_port_room()
                             writes.append(writer.submit(self._apply, changes))
-                        self.store.insert_rules(rules)
+                        self.store.insert_table_rows(self.table, rows)
                     for w in writes:
                         w.result()
             except BaseException:
                 futures.wait(writes)  # never undo under a write still running
-                if added:
-                    self._rollback(lambda: self._apply(self.index.remove(added)))
-                    self.rule_slots.give(r.slot for r in added)
+                added = np.arange(first_row, self.table.n)
+                added = added[self.table.col["live"][added]]
+                self._rollback(lambda: self._apply(self.index.remove_rows(added)))
+                self.table.truncate(first_row)
+                self.rule_slots.give(slots)
                 raise
-            self._next_id = first_id + len(added)
-            self.rules.update(zip(range(first_id, self._next_id), added, strict=True))
-            return added
+            self._next_id = first_id + n
+            return np.arange(first_row, first_row + n)
 
     def _check_port_room(self) -> None:
         """Adds may fill port_rules up to max_port_rules; the kernel map holds twice that, so
@@ -289,53 +245,24 @@ class Firewall:
         parent = self.index.parent_of(Prefix(V4, net, plen))
         return (parent.net, parent.length) if parent else None
 
-    def _check_new_prefixes(
-        self, prefixes: Sequence[Prefix], first_new_id: int | None = None
-    ) -> None:
-        """Duplicate checks for plain prefix rules, as set operations (in C)."""
-        unique = set(prefixes)
-        taken = unique & self.index.any_rules.keys()
-        if taken:
-            existing = self.index.any_rules[next(iter(taken))]
-            if first_new_id is not None and existing.id >= first_new_id:
-                raise ConflictError(f"{existing.prefix} appears twice in this request")
-            msg = f"a rule for {_describe(existing)} exists already (id {existing.id})"
-            raise ConflictError(msg)
-        if len(unique) < len(prefixes):
-            seen: set = set()
-            twice = next(p for p in prefixes if p in seen or seen.add(p))
-            raise ConflictError(f"{twice} appears twice in this request")
-
-    def _check_new(self, specs: Sequence[RuleSpec], first_new_id: int | None = None) -> None:
-        """Refuse duplicates. Ids from first_new_id on belong to this same (chunked) request."""
-
-        def clash(existing: Rule, what: str) -> ConflictError:
-            if first_new_id is not None and existing.id >= first_new_id:
-                return ConflictError(f"{what} appears twice in this request")
-            return ConflictError(f"a rule for {what} exists already (id {existing.id})")
-
-        plain = [s.prefix for s in specs if s.proto is None and s.dport is None]
-        if len(plain) == len(specs):  # a blocklist: set operations, in C
-            self._check_new_prefixes(plain, first_new_id)
-            return
-        seen = set()
-        for s in specs:
-            if s.proto is None and s.dport is None:
-                key, existing = s.prefix, self.index.any_rules.get(s.prefix)
-            else:
-                check_match(s.proto, s.dport)
-                key = (s.prefix, s.proto, s.dport)
-                existing = self.index.find(*key)
-            if existing is not None:
-                raise clash(existing, _describe(s))
-            if key in seen:
-                raise ConflictError(f"{_describe(s)} appears twice in this request")
-            seen.add(key)
+    def _check_new(self, new: NewRules) -> None:
+        """Refuse a rule whose match exists already, or appears twice in the request."""
+        p = new.prefixes
+        rows = self.table.find_many(p.family, p.hi, p.lo, p.plen, new.proto, new.dport)
+        hit = np.nonzero(rows >= 0)[0]
+        if len(hit):
+            existing = self.table.rule(int(rows[hit[0]]))
+            raise ConflictError(
+                f"a rule for {_describe(existing)} exists already (id {existing.id})")
+        again = new.first_repeat()
+        if again is not None:
+            raise ConflictError(f"{new.describe(again)} appears twice in this request")
 
     def delete_rule(self, rule_id: int) -> Rule:
         with self.lock:
-            rule = self.get_rule(rule_id)
-            changes = self.index.remove([rule])
+            row = self._row_of(rule_id)
+            rule, rows = self.table.rule(row), np.array([row])
+            changes = self.index.remove_rows(rows)
             try:
                 with self.store.transaction():
                     self.store.delete_rules([rule_id])
@@ -344,20 +271,31 @@ class Firewall:
                     # pays nothing for counters (slots never used are zero already).
                     self.maps.reset_rule_counter(rule.slot)
             except BaseException:
-                self._rollback(lambda: self._apply(self.index.add([rule])))
+                self._rollback(lambda: self._apply(self.index.revive_rows(rows)))
                 raise
-            del self.rules[rule_id]
             self.rule_slots.give([rule.slot])
+            self.table.compact_if_sparse()
             return rule
 
-    def get_rule(self, rule_id: int) -> Rule:
-        rule = self.rules.get(rule_id)
-        if rule is None:
+    def _row_of(self, rule_id: int) -> int:
+        row = self.table.row_of_id(rule_id)
+        if row is None:
             raise NotFoundError(f"no rule with id {rule_id}")
-        return rule
+        return row
+
+    def get_rule(self, rule_id: int) -> Rule:
+        with self.lock:
+            return self.table.rule(self._row_of(rule_id))
 
     def list_rules(self) -> list[Rule]:
-        return list(self.rules.values())
+        with self.lock:
+            return list(self.table.iter_rules())
+
+    def select_rules(self, offset: int, limit: int, **filters) -> tuple[int, list[Rule]]:
+        """(how many rules match the filters (RuleTable.select's), the page asked for)."""
+        with self.lock:
+            rows = self.table.select(**filters)
+            return len(rows), list(self.table.iter_rules(rows[offset: offset + limit]))
 
     def rule_counter(self, rule: Rule) -> tuple[int, int]:
         return self.maps.rule_counter(rule.slot)
@@ -473,12 +411,14 @@ class Firewall:
             return self.dp.upgrade(source)
 
     def rule_id_of_slot(self, slot: int) -> int | None:
-        """Rule id behind a counter slot (events name the slot). Rebuilt only after a change:
-        every add moves _next_id and every delete shrinks self.rules."""
-        version = (len(self.rules), self._next_id)
-        if self._slot_rules[0] != version:
-            self._slot_rules = (version, {r.slot: r.id for r in list(self.rules.values())})
-        return self._slot_rules[1].get(slot)
+        """Rule id behind a counter slot (events name the slot). Takes no lock (see below);
+        a row that does not hold the slot (the table compacting meanwhile) names none."""
+        table = self.table
+        row = table.row_of_slot(slot)
+        col = table.col
+        if row is None or row >= len(col["slot"]) or col["slot"][row] != slot:
+            return None
+        return int(col["id"][row])
 
     # -- read views -----------------------------------------------------------------------
     # What routes, metrics and events read: snapshots of frozen values (Rule, Attachment),
@@ -509,7 +449,7 @@ class Firewall:
         return self.dp.build()
 
     def counts(self) -> Counts:
-        return Counts(len(self.rules), len(self.attachments))
+        return Counts(len(self.table), len(self.attachments))
 
     def has_rule(self, prefix: Prefix, proto: Proto | None, dport: int | None) -> bool:
         with self.lock:
@@ -517,15 +457,17 @@ class Firewall:
 
     def rules_by_action(self) -> dict[Action, int]:
         with self.lock:
-            return Counter(r.action for r in self.rules.values())
+            return self.table.action_counts()
 
     def rule_counters(self) -> list[tuple[Rule, int, int]]:
         """(rule, packets, bytes) of every rule that has matched."""
         with self.lock:
-            by_slot = {r.slot: r for r in self.rules.values()}
-            return [(by_slot[slot], p, b)
-                    for slot, p, b in self.maps.matched_rule_counters(self.rule_slots.high)
-                    if slot in by_slot]
+            out = []
+            for slot, p, b in self.maps.matched_rule_counters(self.rule_slots.high):
+                row = self.table.row_of_slot(slot)
+                if row is not None:
+                    out.append((self.table.rule(row), p, b))
+            return out
 
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """Entries and capacity of the maps that grow with rules and interfaces."""
@@ -538,7 +480,7 @@ class Firewall:
                 "rules_v6": (len(prefixes) - v4, cfg.max_rules),
                 "port_rules": (self.index.port_entry_count, cfg.max_port_rules),
                 "iface_config": (len(self.attachments), cfg.max_ifaces),
-                "rule_counters": (len(self.rules), cfg.max_rules),
+                "rule_counters": (len(self.table), cfg.max_rules),
             }
 
     # -- stats ----------------------------------------------------------------------------
@@ -574,30 +516,6 @@ class Firewall:
 
 def att_key(att: Attachment) -> tuple[str, str | None]:
     return att.record.name, att.record.netns
-
-
-class _Background:
-    """Run fn(*args) in a thread; result() joins it and re-raises what it raised."""
-
-    def __init__(self, fn, *args) -> None:
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except BaseException as e:
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="xdpfw-map-writer")
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _describe(s: RuleSpec | Rule) -> str:

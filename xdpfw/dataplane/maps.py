@@ -15,7 +15,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from xdpfw.dataplane.v4table import ParentOf, V4Table, pack_verdict
 from xdpfw.errors import MapFullError, XdpfwError
 from xdpfw.rules.compile import STRICT, Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
+from xdpfw.rules.table import Prefixes
 
 _V6_KEY = struct.Struct("<I16s")
 _PORT_KEY = struct.Struct("<IBBH")
@@ -391,27 +392,21 @@ class FirewallMaps:
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
 
-    def add_plain(self, prefixes: list[Prefix], slots: list[int], action: int) -> None:
-        """Plain rules of one action (slot, action, no port set each), from their columns:
-        IPv4 through numpy into the DIR-24-8 layout, no per-rule tuple built or taken apart.
-        Only for an index with no port rules (RuleIndex.plain_only), where that is exactly
-        what compiling them yields."""
-        fams = np.fromiter(map(attrgetter("family"), prefixes), dtype=np.uint8,
-                           count=len(prefixes))
-        v4 = fams == V4
-        slots_a = np.asarray(slots, dtype=np.uint64)
+    def add_plain(self, prefixes: Prefixes, slots: np.ndarray, actions: np.ndarray) -> None:
+        """Plain rules (slot, action, no port set each), from their columns: IPv4 through
+        numpy into the DIR-24-8 layout, no per-rule object built. Only for an index with no
+        port rules (RuleIndex.plain_only), where that is exactly what compiling them
+        yields."""
+        v4 = prefixes.family == V4
+        slots = np.asarray(slots, dtype=np.uint64)
+        actions = np.asarray(actions, dtype=np.uint64)
         if v4.any():
-            sel = np.nonzero(v4)[0]
-            nets = np.fromiter((prefixes[i].net for i in sel.tolist()), dtype=np.uint32,
-                               count=len(sel))
-            plens = np.fromiter((prefixes[i].length for i in sel.tolist()), dtype=np.uint8,
-                                count=len(sel))
-            packed = (slots_a[sel] & np.uint64(abi.PV_SLOT_MASK)) | np.uint64(
-                action << abi.PV_ACT_SHIFT)
-            self.v4.add(nets, plens, packed)
+            packed = (slots[v4] & np.uint64(abi.PV_SLOT_MASK)) | (
+                actions[v4] << np.uint64(abi.PV_ACT_SHIFT))
+            self.v4.add(prefixes.lo[v4].astype(np.uint32), prefixes.plen[v4], packed)
         if not v4.all():
-            rest = [(prefixes[i], (slots[i], action, 0)) for i in np.nonzero(~v4)[0].tolist()]
-            self._write_v6(rest)
+            self._write_v6([(prefixes.prefix(i), (int(slots[i]), int(actions[i]), 0))
+                            for i in np.nonzero(~v4)[0].tolist()])
 
     def _where6(self, p: Prefix) -> tuple[MapHandle, bytes]:
         """The map and key of an IPv6 prefix: /128s go to the host hash."""
@@ -456,18 +451,15 @@ class FirewallMaps:
         entry the index does not explain is removed. `index` must have been compiled with its
         port sets in the new half (RuleIndex(port_set_base=...); see new_generation()).
         explain: report which IPv4 /24s changed verdict (pins another store left)."""
-        entries = index.prefix_values
         wanted_ports = {(index.port_set_ids[p], *pm): v
                         for p, table in index.port_entries.items() for pm, v in table.items()}
         if wanted_ports:
             self._write_ports(wanted_ports.items())
-        v4 = [(p, v) for p, v in entries.items() if p.family == V4]
-        nets = np.fromiter((p.net for p, _ in v4), dtype=np.uint32, count=len(v4))
-        plens = np.fromiter((p.length for p, _ in v4), dtype=np.uint8, count=len(v4))
-        packed = np.fromiter((pack_verdict(*v) for _, v in v4), dtype=np.uint64, count=len(v4))
+        nets, plens, packed = index.entries_v4()
         words, changed = self.v4.build(nets, plens, packed, explain)
-        self._write_v6([(p, v) for p, v in entries.items() if p.family != V4])
-        stale6 = [p for p in self._v6_keys() if p not in entries]
+        v6 = index.entries_v6()
+        self._write_v6(list(v6.items()))
+        stale6 = [p for p in self._v6_keys() if p not in v6]
         for p in stale6:
             handle, key = self._where6(p)
             handle.delete(key)
@@ -476,7 +468,7 @@ class FirewallMaps:
             self.port_rules.delete(pack_port_key(k))
         self.fw_config.resync(self.source_maps())
         self.identity.write(store_id, state_dir, self.v4.generation)
-        return RebuildReport(len(v4), words, changed, stale6, len(stale_ports))
+        return RebuildReport(len(nets), words, changed, stale6, len(stale_ports))
 
     def prefix_keys(self) -> list[Prefix]:
         """Every prefix with an entry: IPv4 as laid out (V4Table's own account of the layout

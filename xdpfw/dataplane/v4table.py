@@ -36,6 +36,7 @@ import numpy as np
 
 from xdpfw.dataplane import abi
 from xdpfw.errors import MapFullError
+from xdpfw.rules.u64map import U64Map
 
 QUARANTINE_S = 1.0  # packets take microseconds; a freed id waits a second before reuse
 TBL24, TBL8, VERDICTS = 0, 1, 2  # the mapped arrays
@@ -188,7 +189,7 @@ class V4Table:
         self.ids = _Ids(1 + g * self.half_ids, 1 + (g + 1) * self.half_ids, "IPv4 verdict ids")
         self.groups = _Ids(g * self.half_groups, (g + 1) * self.half_groups,
                            "IPv4 tbl8 groups (limits.max_tbl8_groups)")
-        self.vid: dict[int, int] = {}  # key_of(net, plen) -> verdict id
+        self.vid = U64Map()  # key_of(net, plen) -> verdict id
         self.vid_plen[:] = FREE
         self.longs: dict[int, dict[int, int]] = {}  # grouped /24 -> {key: vid} beyond /24
         self.group_of: dict[int, int] = {}
@@ -277,7 +278,7 @@ class V4Table:
         self._write(VERDICTS, vids, verdicts.astype(np.uint64))
         self.vid_net[vids], self.vid_plen[vids] = nets, plens
         keys = (nets.astype(np.uint64) << np.uint64(6)) | plens
-        self.vid.update(zip(keys.tolist(), vids.tolist(), strict=True))
+        self.vid.put_many(keys, vids)
         short = plens <= 24
         if short.any():
             self._paint(nets[short], plens[short], vids[short])
@@ -414,8 +415,7 @@ class V4Table:
                     longs.pop(k, None)
                 self._lay_out(s, entry, longs, out)
             self._flush(out)
-        for p in deletes:
-            del self.vid[key_of(*p)]
+        self.vid.pop_many(np.array([key_of(*p) for p in deletes], dtype=np.uint64))
         self.vid_plen[gone] = FREE
         self.ids.give(gone.tolist())
 
@@ -459,7 +459,8 @@ class V4Table:
         self._write(VERDICTS, vids, verdicts.astype(np.uint64))
         self.vid_net[vids], self.vid_plen[vids] = nets, plens
         keys = (nets.astype(np.uint64) << np.uint64(6)) | plens.astype(np.uint64)
-        self.vid = dict(zip(keys.tolist(), vids.tolist(), strict=True))
+        self.vid = U64Map(len(keys))
+        self.vid.put_many(keys, vids)
         aux = self._build_longs(nets, plens, vids)  # groups written, /24 -> kind bits
         short = plens <= 24
         new_values = np.zeros(len(self.vid_plen), dtype=np.uint64)
@@ -560,4 +561,4 @@ class V4Table:
 
     def entries(self) -> list[Prefix4]:
         """Every prefix with an entry (for tests)."""
-        return [(k >> 6, k & 63) for k in self.vid]
+        return [(k >> 6, k & 63) for k in self.vid.items()[0].tolist()]

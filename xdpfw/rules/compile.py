@@ -25,14 +25,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from xdpfw.dataplane.abi import ACT_DROP, ACT_NONE, ACT_PASS, NO_PORT_SET, NO_RULE
-from xdpfw.rules.model import Action, Prefix, Rule, ip_proto
+import numpy as np
 
-ACTION_CODE = {Action.PASS: ACT_PASS, Action.DROP: ACT_DROP}
+from xdpfw.dataplane.abi import (
+    ACT_DROP,
+    ACT_NONE,
+    NO_PORT_SET,
+    NO_RULE,
+    PV_ACT_SHIFT,
+    PV_SLOT_MASK,
+)
+from xdpfw.dataplane.v4table import pack_verdict
+from xdpfw.rules.model import V4, Prefix, Rule, ip_proto
+from xdpfw.rules.table import ACTION_CODE, RuleTable
+
 QUARANTINE_S = 1.0  # as xdpfw/dataplane/v4table.py: ids are reused only after packets drain
 
 PortMatch = tuple[int, int]  # (ip proto, dport); dport 0: any port of that proto
@@ -82,22 +92,85 @@ def port_match(rule: Rule) -> PortMatch | None:
     return (ip_proto(rule.proto, rule.prefix.family), rule.dport or 0)
 
 
-class RuleIndex:
-    """The rules, indexed by prefix, and what is currently compiled into the maps.
+class AnyRules:
+    """The "any protocol" rule of each prefix, read from the rule table (a dict-like view)."""
 
-    Plain prefix rules (the bulk of any blocklist) live in one flat dict and compile to one
-    tuple each; only prefixes with proto/port rules take the general path.
+    def __init__(self, table: RuleTable) -> None:
+        self._table = table
+
+    def get(self, prefix: Prefix) -> Rule | None:
+        row = self._table.find(prefix, None, None)
+        return None if row is None else self._table.rule(row)
+
+    def __contains__(self, prefix: Prefix) -> bool:
+        return self._table.find(prefix, None, None) is not None
+
+    def __getitem__(self, prefix: Prefix) -> Rule:
+        rule = self.get(prefix)
+        if rule is None:
+            raise KeyError(prefix)
+        return rule
+
+
+class PrefixValues(Mapping):
+    """What the maps hold for each prefix (a read-only view): a prefix touched by proto/port
+    rules has its compiled value in RuleIndex.complex; any other prefix with an "any" rule
+    holds that rule's own verdict, which is not stored twice."""
+
+    def __init__(self, index: RuleIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, prefix: Prefix) -> PrefixValue:
+        value = self._index.complex.get(prefix)
+        if value is not None:
+            return value
+        rule = self._index.any_rules.get(prefix)
+        if rule is None:
+            raise KeyError(prefix)
+        return (rule.slot, ACTION_CODE[rule.action], NO_PORT_SET)
+
+    def __contains__(self, prefix: object) -> bool:
+        return prefix in self._index.complex or prefix in self._index.any_rules
+
+    def __iter__(self) -> Iterator[Prefix]:
+        idx = self._index
+        yield from idx.complex
+        for r in idx.table.iter_rules(idx.table.any_rows()):
+            if r.prefix not in idx.complex:
+                yield r.prefix
+
+    def __len__(self) -> int:
+        idx = self._index
+        return len(idx.table.any_rows()) + len(idx.port_only)
+
+    def items(self) -> list[tuple[Prefix, PrefixValue]]:  # type: ignore[override]
+        """Every (prefix, value), without a lookup per prefix."""
+        idx = self._index
+        out = list(idx.complex.items())
+        for r in idx.table.iter_rules(idx.table.any_rows()):
+            if r.prefix not in idx.complex:
+                out.append((r.prefix, (r.slot, ACTION_CODE[r.action], NO_PORT_SET)))
+        return out
+
+
+class RuleIndex:
+    """The rules (a RuleTable, the truth in memory), and what is compiled into the maps.
+
+    Plain prefix rules (the bulk of any blocklist) live only as rows of the table and
+    compile to their own verdict; only prefixes with proto/port rules, and the port-only
+    prefixes that inherit from them, take the general path and keep a compiled value.
     """
 
-    def __init__(self, port_set_base: int = 0) -> None:
+    def __init__(self, port_set_base: int = 0, table: RuleTable | None = None) -> None:
         """port_set_base: port set ids are numbered from base + 1 (the data plane keeps two
         halves of ids; a start compiles into the half the running layout does not use)."""
-        self.any_rules: dict[Prefix, Rule] = {}
+        self.table = table if table is not None else RuleTable()
+        self.any_rules = AnyRules(self.table)
         self.port_rules: dict[Prefix, dict[PortMatch, Rule]] = {}
         self.port_only: set[Prefix] = set()  # prefixes with port rules and no "any" rule
-        self._count = 0
-        # Compiled state: what the maps hold now.
-        self.prefix_values: dict[Prefix, PrefixValue] = {}
+        # Compiled state: what the maps hold now, where it is not the prefix's own rule.
+        self.complex: dict[Prefix, PrefixValue] = {}
+        self.prefix_values = PrefixValues(self)
         self.port_entries: dict[Prefix, dict[PortMatch, Verdict]] = {}
         self.port_set_ids: dict[Prefix, int] = {}
         self._free_sets: list[int] = []
@@ -109,7 +182,7 @@ class RuleIndex:
         self.port_entry_count = 0  # entries of port_rules, STRICT ones included
 
     def __len__(self) -> int:
-        return self._count
+        return len(self.table)
 
     def find(self, prefix: Prefix, proto, dport) -> Rule | None:
         if proto is None:
@@ -125,54 +198,62 @@ class RuleIndex:
         return not self.port_rules and not self.port_entries
 
     def add(self, rules: Iterable[Rule], report: bool = True) -> Changes:
-        """Index `rules` and compile what they change. report=False: the caller writes plain
-        rules from its own columns (only valid while plain_only()), so the entries of the
-        Changes are not built and it comes back empty."""
+        """Add `rules` to the table and compile what they change. report=False: the caller
+        writes plain rules from its own columns (only valid while plain_only()), so the
+        Changes come back empty."""
         rules = rules if isinstance(rules, list) else list(rules)
+        self.table.append_rules(rules)
+        return self.compile_added(rules, report)
+
+    def add_columns(self, **columns) -> None:
+        """Plain rules as columns (RuleTable.append's) into a plain-only index: nothing to
+        compile, each entry is its rule's own verdict, and the caller writes the maps."""
+        if not self.plain_only():
+            raise ValueError("add_columns is for plain rules into a plain-only index")
+        self.table.append(**columns)
+
+    def compile_added(self, rules: list[Rule], report: bool = True) -> Changes:
+        """Compile rules already in the table."""
         if self.plain_only() and all_plain(rules):
-            return self._add_plain(rules, report)
+            return self._plain_changes(rules) if report else Changes()
         if not report:
             raise ValueError("report=False is only for plain rules into a plain-only index")
         touched: list[Prefix] = []
-        any_rules, port_only = self.any_rules, self.port_only
+        port_only = self.port_only
         for rule in rules:
             p = rule.prefix
             if rule.proto is None:
-                any_rules[p] = rule
-                if port_only:
-                    port_only.discard(p)
+                port_only.discard(p)
             else:
                 table = self.port_rules.get(p)
                 if table is None:
                     table = self.port_rules[p] = {}
                 table[port_match(rule)] = rule
-                if p not in any_rules:
+                if p not in self.any_rules:
                     port_only.add(p)
             touched.append(p)
-        self._count += len(touched)
-        return self._recompile(touched)
+        return self._recompile(touched, set())
 
-    def _add_plain(self, rules: list[Rule], report: bool = True) -> Changes:
-        """Plain prefix rules into an index with no port rules at all (a blocklist): nothing
-        inherits, so each rule's entry is its own verdict. Built with zip/dict.update, i.e. in
-        C: a million-rule load spends no Python call per rule here."""
-        changes = Changes()
-        prefixes = [r.prefix for r in rules]
+    def _plain_changes(self, rules: list[Rule]) -> Changes:
+        """Plain rules into a plain-only index: each entry is its rule's own verdict."""
         codes = map(ACTION_CODE.__getitem__, [r.action for r in rules])
-        verdicts = list(zip([r.slot for r in rules], codes, repeat(NO_PORT_SET), strict=False))
-        self.any_rules.update(zip(prefixes, rules, strict=True))
-        self.prefix_values.update(zip(prefixes, verdicts, strict=True))
-        if report:
-            changes.prefixes = dict(zip(prefixes, verdicts, strict=True))
-        self._count += len(rules)
-        return changes
+        verdicts = zip([r.slot for r in rules], codes, repeat(NO_PORT_SET), strict=False)
+        return Changes(prefixes=dict(zip([r.prefix for r in rules], verdicts, strict=True)))
 
     def remove(self, rules: Iterable[Rule]) -> Changes:
+        rows = [self.table.find(r.prefix, r.proto, r.dport) for r in rules]
+        return self.remove_rows(np.array([r for r in rows if r is not None], dtype=np.int64))
+
+    def remove_rows(self, rows: np.ndarray) -> Changes:
+        """Rules leave (their rows stay as tombstones: revive_rows undoes this)."""
+        rules = list(self.table.iter_rules(rows))
+        self.table.delete(rows)
         touched: list[Prefix] = []
+        dropped_any: set[Prefix] = set()
         for rule in rules:
             p = rule.prefix
             if rule.proto is None:
-                del self.any_rules[p]
+                dropped_any.add(p)
                 if p in self.port_rules:
                     self.port_only.add(p)
             else:
@@ -182,8 +263,43 @@ class RuleIndex:
                     del self.port_rules[p]
                     self.port_only.discard(p)
             touched.append(p)
-        self._count -= len(touched)
-        return self._recompile(touched)
+        return self._recompile(touched, dropped_any)
+
+    def revive_rows(self, rows: np.ndarray) -> Changes:
+        """Undo remove_rows (a delete whose commit failed)."""
+        self.table.revive(rows)
+        return self.compile_added(list(self.table.iter_rules(rows)))
+
+    # -- what the maps hold ------------------------------------------------------------------
+
+    def entries_v4(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every IPv4 entry as columns: (nets, lengths, packed verdicts), from the table's
+        columns for plain prefixes (a blocklist of millions builds no object here)."""
+        t, c = self.table, self.table.col
+        rows = t.any_rows()
+        rows = rows[c["family"][rows] == V4]
+        cx = [(p, v) for p, v in self.complex.items() if p.family == V4]
+        if cx:
+            nets = np.array([p.net for p, _ in cx], dtype=np.uint64)
+            plens = np.array([p.length for p, _ in cx], dtype=np.uint8)
+            rows = rows[~np.isin(rows, t.find_many4(nets, plens))]
+        packed = ((c["slot"][rows].astype(np.uint64) & np.uint64(PV_SLOT_MASK))
+                  | (c["action"][rows].astype(np.uint64) << np.uint64(PV_ACT_SHIFT)))
+        extra = np.array([pack_verdict(*v) for _, v in cx], dtype=np.uint64)
+        return (np.concatenate([c["lo"][rows].astype(np.uint32),
+                                np.array([p.net for p, _ in cx], dtype=np.uint32)]),
+                np.concatenate([c["plen"][rows],
+                                np.array([p.length for p, _ in cx], dtype=np.uint8)]),
+                np.concatenate([packed, extra]))
+
+    def entries_v6(self) -> dict[Prefix, PrefixValue]:
+        t = self.table
+        rows = t.any_rows()
+        rows = rows[t.col["family"][rows] != V4]
+        out = {r.prefix: (r.slot, ACTION_CODE[r.action], NO_PORT_SET)
+               for r in t.iter_rules(rows)}
+        out.update((p, v) for p, v in self.complex.items() if p.family != V4)
+        return out
 
     # -- compilation ------------------------------------------------------------------------
 
@@ -238,29 +354,34 @@ class RuleIndex:
             result[STRICT] = strictest(base, result)
         return base, result
 
-    def _recompile(self, touched: Iterable[Prefix]) -> Changes:
+    def _recompile(self, touched: Iterable[Prefix], dropped_any: set[Prefix]) -> Changes:
+        """dropped_any: prefixes whose "any" rule this change removed (so they had an entry
+        even when nothing compiled was kept for them)."""
         changes = Changes()
         out = changes.prefixes
-        values = self.prefix_values
-        any_rules, port_rules, port_entries = self.any_rules, self.port_rules, self.port_entries
+        complex_ = self.complex
+        port_rules, port_entries = self.port_rules, self.port_entries
         self._freed = []
         for prefix in self._affected(touched):
-            rule = any_rules.get(prefix)
-            if rule is not None and prefix not in port_rules and prefix not in port_entries:
-                # The common case, kept tight for bulk loads: a plain prefix rule.
-                value = (rule.slot, ACTION_CODE[rule.action], NO_PORT_SET)
-            elif rule is None and prefix not in port_rules:
-                if values.pop(prefix, None) is not None:
+            rule = self.any_rules.get(prefix)
+            if prefix not in port_rules and prefix not in port_entries:
+                had = complex_.pop(prefix, None) is not None or prefix in dropped_any
+                if rule is not None:  # a plain prefix rule: its own verdict
+                    out[prefix] = (rule.slot, ACTION_CODE[rule.action], NO_PORT_SET)
+                elif had:
+                    changes.deleted_prefixes.append(prefix)
+                continue
+            if rule is None and prefix not in port_rules:  # its port rules just went
+                if complex_.pop(prefix, None) is not None or prefix in dropped_any:
                     changes.deleted_prefixes.append(prefix)
                 self._set_ports(prefix, {}, changes)
                 continue
-            else:
-                fallback, table = self.resolve(prefix)
-                port_set = self._set_ports(prefix, table, changes)
-                slot, action = fallback if fallback else (NO_RULE, ACT_NONE)
-                value = (slot, action, port_set)
-            if values.get(prefix) != value:
-                values[prefix] = value
+            fallback, table = self.resolve(prefix)
+            port_set = self._set_ports(prefix, table, changes)
+            slot, action = fallback if fallback else (NO_RULE, ACT_NONE)
+            value = (slot, action, port_set)
+            if complex_.get(prefix) != value:
+                complex_[prefix] = value
                 out[prefix] = value
         # Freed only now, and reusable only after the quarantine (see __init__).
         now = time.monotonic()

@@ -9,15 +9,16 @@ from __future__ import annotations
 import itertools
 import operator
 import secrets
-import sys
 import time
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from xdpfw.db import SqliteDb
-from xdpfw.rules.model import V4, V6, Action, Prefix, Proto, Rule
+from xdpfw.rules.model import V4, V6, Action, Proto, Rule
+from xdpfw.rules.table import ACTION_CODE, PROTO_CODE, Prefixes, RuleTable
 
 BATCH_MIN = 1000  # requests with fewer rules get a row per rule
 ACTIONS = {a.value: a for a in Action}
@@ -72,17 +73,6 @@ _ID, _PREFIX, _SLOT = (operator.attrgetter(f) for f in ("id", "prefix", "slot"))
 _FAMILY, _NET, _LENGTH = (operator.attrgetter(f) for f in ("family", "net", "length"))
 
 
-def _addrs16(prefixes: list[Prefix]) -> bytes:
-    """Every address as 16 big-endian bytes (IPv4 right-aligned, as int.to_bytes(16) gives)."""
-    if V6 in set(map(_FAMILY, prefixes)):
-        return b"".join([p.net.to_bytes(16, "big") for p in prefixes])
-    words = array("I", bytes(16 * len(prefixes)))
-    nets = array("I", map(_NET, prefixes))
-    if sys.byteorder == "little":
-        nets.byteswap()
-    words[3::4] = nets
-    return words.tobytes()
-
 @dataclass(frozen=True)
 class InterfaceRecord:
     name: str
@@ -102,38 +92,55 @@ class Store(SqliteDb):
     # -- rules ----------------------------------------------------------------------------
 
     def load_rules(self) -> list[Rule]:
-        rules = self._load_rows() + self._load_batches()
-        rules.sort(key=lambda r: r.id)
-        return rules
+        return list(self.load_table().iter_rules())
 
-    def _load_batches(self) -> list[Rule]:
-        deleted = {i for (i,) in self._db.execute("SELECT id FROM deleted_batch_rules")}
-        out: list[Rule] = []
-        frm = int.from_bytes
+    def load_table(self) -> RuleTable:
+        """Every rule, into columns: batches straight from their blobs through numpy (a
+        million-rule blocklist builds no Python object per rule)."""
+        parts: list[dict[str, np.ndarray]] = []
+        table = RuleTable()
+        rows = self._db.execute(
+            "SELECT id, addr, plen, proto, dport, action, comment, slot FROM rules ORDER BY id"
+        ).fetchall()
+        if rows:
+            ids, addrs, plens, protos, dports, acts, comments, slots = zip(*rows, strict=True)
+            nets = [int.from_bytes(a, "big") for a in addrs]
+            parts.append({
+                "ids": np.array(ids, np.int64), "slots": np.array(slots, np.uint32),
+                "family": np.array([V4 if len(a) == 4 else V6 for a in addrs], np.uint8),
+                "hi": np.array([n >> 64 for n in nets], np.uint64),
+                "lo": np.array([n & (2**64 - 1) for n in nets], np.uint64),
+                "plen": np.array(plens, np.uint8),
+                "proto": np.array([PROTO_CODE[PROTOS[p]] for p in protos], np.uint8),
+                "dport": np.array(dports, np.uint16),
+                "action": np.array([ACTION_CODE[ACTIONS[a]] for a in acts], np.uint8),
+                "comment": np.array([table.comment_id(c) for c in comments], np.uint32),
+            })
+        deleted = np.array([i for (i,) in self._db.execute(
+            "SELECT id FROM deleted_batch_rules")], dtype=np.int64)
         for ids, slots, fams, addrs, plens, proto, dport, act, comment in self._db.execute(
             "SELECT ids, slots, families, addrs, plens, proto, dport, action, comment"
             " FROM rule_batches ORDER BY batch"
         ):
-            action, pr, dp = ACTIONS[act], PROTOS[proto], dport or None
-            id_list, slot_list = array("Q", ids), array("I", slots)
-            for i, rid in enumerate(id_list):
-                if rid in deleted:
-                    continue
-                prefix = Prefix(fams[i], frm(addrs[16 * i : 16 * i + 16], "big"), plens[i])
-                out.append(Rule(rid, prefix, action, pr, dp, comment, slot_list[i]))
-        return out
-
-    def _load_rows(self) -> list[Rule]:
-        rows = self._db.execute(
-            "SELECT id, addr, plen, proto, dport, action, comment, slot FROM rules ORDER BY id"
-        )
-        # Inlined rather than a call per row: a restart reads back a million of these.
-        frm, actions, protos = int.from_bytes, ACTIONS, PROTOS
-        return [
-            Rule(rid, Prefix(V4 if len(a) == 4 else V6, frm(a, "big"), n), actions[act],
-                 protos[proto], dport or None, comment, slot)
-            for rid, a, n, proto, dport, act, comment, slot in rows
-        ]
+            id_col = np.frombuffer(ids, "<u8").astype(np.int64)
+            keep = ~np.isin(id_col, deleted)
+            halves = np.frombuffer(addrs, ">u8").reshape(-1, 2)
+            n = int(keep.sum())
+            parts.append({
+                "ids": id_col[keep], "slots": np.frombuffer(slots, "<u4")[keep],
+                "family": np.frombuffer(fams, np.uint8)[keep],
+                "hi": halves[keep, 0].astype(np.uint64), "lo": halves[keep, 1].astype(np.uint64),
+                "plen": np.frombuffer(plens, np.uint8)[keep],
+                "proto": np.full(n, PROTO_CODE[PROTOS[proto]], np.uint8),
+                "dport": np.full(n, dport, np.uint16),
+                "action": np.full(n, ACTION_CODE[ACTIONS[act]], np.uint8),
+                "comment": np.full(n, table.comment_id(comment), np.uint32),
+            })
+        if parts:
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            order = np.argsort(cols["ids"], kind="stable")
+            table.append(**{k: v[order] for k, v in cols.items()})
+        return table
 
     def identity(self) -> int:
         """This store's random id (63 bits, never 0), made at first use. The pinned maps
@@ -169,22 +176,55 @@ class Store(SqliteDb):
             for kind in kinds:
                 members = rules if len(kinds) == 1 else [r for r in rules if r[2:6] == kind]
                 self._insert_batch(members, *kind)
+        self._note_last_id(rules[-1].id)  # ids ascend
+
+    def _note_last_id(self, last: int) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_rule_id', ?)",
-            (max(self.last_rule_id(), rules[0].id, rules[-1].id),),  # ids ascend
+            (max(self.last_rule_id(), last),),
         )
 
+    def insert_table_rows(self, table: RuleTable, rows: np.ndarray) -> None:
+        """Rows of `table` just added (ids ascending): a row each for a small request, a
+        batch row per kind (action, match, comment) for a large one."""
+        if len(rows) < BATCH_MIN:
+            self.insert_rules(list(table.iter_rules(rows)))
+            return
+        c = table.col
+        kind = ((c["action"][rows].astype(np.uint64) << np.uint64(56))
+                | (c["proto"][rows].astype(np.uint64) << np.uint64(48))
+                | (c["dport"][rows].astype(np.uint64) << np.uint64(32))
+                | c["comment"][rows].astype(np.uint64))
+        kinds = np.unique(kind)
+        for k in kinds.tolist():
+            mine = rows if len(kinds) == 1 else rows[kind == k]
+            r = table.rule(int(mine[0]))
+            prefixes = Prefixes(c["family"][mine], c["hi"][mine], c["lo"][mine], c["plen"][mine])
+            self.insert_batch(c["id"][mine], c["slot"][mine], prefixes, r.action, r.proto,
+                              r.dport, r.comment)
+
     def _insert_batch(self, rules: list[Rule], action, proto, dport, comment) -> None:
-        prefixes = list(map(_PREFIX, rules))
+        prefixes = Prefixes.of(list(map(_PREFIX, rules)))
+        self.insert_batch(np.array(list(map(_ID, rules)), np.int64),
+                          np.array(list(map(_SLOT, rules)), np.uint32), prefixes,
+                          action, proto, dport, comment)
+
+    def insert_batch(self, ids: np.ndarray, slots: np.ndarray, prefixes: Prefixes,
+                     action: Action, proto: Proto | None, dport: int | None,
+                     comment: str) -> None:
+        """Rules of one kind (action, match, comment) as one batch row, from columns; ids
+        ascend."""
+        addrs = np.empty((len(ids), 2), dtype=">u8")
+        addrs[:, 0], addrs[:, 1] = prefixes.hi, prefixes.lo
         self._db.execute(
             "INSERT INTO rule_batches (ids, slots, families, addrs, plens, proto, dport,"
             " action, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                array("Q", map(_ID, rules)).tobytes(),
-                array("I", map(_SLOT, rules)).tobytes(),
-                bytes(map(_FAMILY, prefixes)),
-                _addrs16(prefixes),
-                bytes(map(_LENGTH, prefixes)),
+                ids.astype("<u8").tobytes(),
+                slots.astype("<u4").tobytes(),
+                prefixes.family.astype(np.uint8).tobytes(),
+                addrs.tobytes(),
+                prefixes.plen.astype(np.uint8).tobytes(),
                 proto.value if proto else "",
                 dport or 0,
                 action.value,
@@ -192,6 +232,7 @@ class Store(SqliteDb):
                 time.time(),
             ),
         )
+        self._note_last_id(int(ids[-1]))
 
     def _insert_rows(self, rules: Sequence[Rule]) -> None:
         """Column-wise binding: a generator of per-row tuples cost more than SQLite itself

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -20,8 +21,9 @@ from xdpfw.api.schemas import (
     RulePublic,
 )
 from xdpfw.errors import RuleValidationError
-from xdpfw.rules.blocklist import iter_prefix_chunks, parse_prefixes
-from xdpfw.rules.model import Action, Proto
+from xdpfw.rules.blocklist import parse_blocklist_bytes, parse_prefixes
+from xdpfw.rules.model import Action, Proto, parse_prefix
+from xdpfw.rules.table import Prefixes
 from xdpfw.service import RuleSpec
 
 router = APIRouter(prefix="/api/v1/rules", tags=["rules"])
@@ -43,19 +45,12 @@ def list_rules(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RulePage:
-    rules = fw.list_rules()
-    if action is not None:
-        rules = [r for r in rules if r.action is action]
-    if proto is not None:
-        rules = [r for r in rules if r.proto is proto]
-    if prefix is not None:
-        rules = [r for r in rules if str(r.prefix) == prefix]
-    if comment is not None:
-        rules = [r for r in rules if comment in r.comment]
-    page = rules[offset : offset + limit]
+    exact = parse_prefix(prefix) if prefix is not None else None
+    total, page = fw.select_rules(offset, limit, action=action, proto=proto, prefix=exact,
+                                  comment=comment)
     return RulePage(
         items=[RulePublic.of(r, fw.rule_counter(r)) for r in page],
-        total=len(rules),
+        total=total,
         limit=limit,
         offset=offset,
     )
@@ -107,38 +102,35 @@ async def add_bulk(
     body = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype == "text/plain":
-        try:
-            text = body.decode()
-        except UnicodeDecodeError as e:
-            raise RuleValidationError(
-                f"the blocklist is not UTF-8 text (byte {e.start}: {body[e.start:e.start + 1]!r})"
-            ) from None
-        # Parsed chunk by chunk while the kernel takes the chunks before (see the service).
-        chunks = iter_prefix_chunks(text.splitlines())
-        rules = await run_in_threadpool(fw.add_prefixes_streamed, chunks, action, comment)
-        if not rules:
+        prefixes = await run_in_threadpool(parse_blocklist_bytes, body)
+        del body  # the parsed columns are all that is kept
+        if not len(prefixes):
             raise RuleValidationError("the blocklist holds no prefix")
+        ids = await run_in_threadpool(fw.add_prefixes, prefixes, action, comment)
     elif ctype in ("application/json", ""):
-        specs = await run_in_threadpool(_json_specs, body)
-        rules = await run_in_threadpool(fw.add_rules, specs)
+        ids = await run_in_threadpool(_add_json, fw, body)
     else:
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             f"send text/plain (a blocklist) or application/json, not {ctype}",
         )
-    return BulkResult(added=len(rules), first_id=rules[0].id, last_id=rules[-1].id)
+    return BulkResult(added=len(ids), first_id=ids[0], last_id=ids[-1])
 
 
-def _json_specs(body: bytes) -> list[RuleSpec]:
+def _add_json(fw, body: bytes) -> Sequence[int]:
     try:
         if b'"rules"' in body[:64]:
-            return [r.spec() for r in BulkRules.model_validate_json(body).rules]
+            specs = [r.spec() for r in BulkRules.model_validate_json(body).rules]
+            return [r.id for r in fw.add_rules(specs)]
         bulk = BulkPrefixes.model_validate_json(body)
     except ValidationError as e:
         raise RuleValidationError(_first_error(e)) from None
     match = RuleMatch(action=bulk.action, proto=bulk.proto, dport=bulk.dport)
     prefixes = parse_prefixes(bulk.prefixes, source="prefixes item")
-    return _plain_specs(prefixes, match.action, match.proto, match.dport, bulk.comment)
+    if match.proto is None:  # a blocklist in JSON: columns end to end
+        return fw.add_prefixes(Prefixes.of(prefixes), match.action, bulk.comment)
+    specs = _plain_specs(prefixes, match.action, match.proto, match.dport, bulk.comment)
+    return [r.id for r in fw.add_rules(specs)]
 
 
 def _plain_specs(prefixes, action, proto, dport, comment) -> list[RuleSpec]:
