@@ -7,11 +7,12 @@ bytes intact both ways), and otherwise relays in user space, with a warning that
 "sockhash" refuses to fall back (ProxyUnavailableError); "userspace" never loads BPF.
 
 Why the splice is preferred whenever it works (docs/perf.md, Socket proxy): at 1 KiB
-request/response over 100 connections it does 3-4x the relay's transactions per second at
-2.5x fewer CPU-seconds per transaction, and no payload byte enters this process. On one bulk
-stream it costs about as much CPU per byte as the relay, or 10-20% more, because the kernel
-handles each skb separately (an ACK, a verdict, a psock queue and a worker send per skb):
-not enough to relay a service in user space, where the daemon's own thread would pay it.
+request/response over 100 connections it does 2.6x the relay's transactions per second at
+2.3x fewer CPU-seconds per transaction, and no payload byte enters this process. On one bulk
+stream it costs about the relay's CPU per byte (0.9-1.2x), because the kernel handles each
+skb separately (an ACK, a verdict, a psock queue and a worker send per skb): not enough to
+relay a service in user space, where the daemon's own thread would pay it. The relay's one
+advantage, backpressure towards a fast sender, is why "userspace" stays selectable.
 """
 
 from __future__ import annotations
