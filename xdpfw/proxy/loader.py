@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
+import fcntl
+import hashlib
 import os
 import socket
 import struct
@@ -51,6 +53,17 @@ ATTACH_PROGRAMS: dict[str, tuple[tuple[str, int], ...]] = {
 # memory is only used while the receiving end is slower than the sending one.
 SPLICE_SNDBUF = 8 * 1024 * 1024
 
+# The self-test (SockProxyDataplane.self_test): one connection spliced over loopback in a
+# private network namespace, a bulk chunk one way and a request/response exchange.
+SELF_TEST_SERVICE = 0xFFFFFFFE  # sp_traffic key of the test connection (never a service id)
+SELF_TEST_BULK = 1024 * 1024
+SELF_TEST_MESSAGE = 1024
+SELF_TEST_ROUNDS = 8
+SELF_TEST_TIMEOUT = 5.0
+CLONE_NEWNET = 0x40000000
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
 
 class SockProxyError(XdpfwError):
     """Base of the errors this module raises; `errno` is set when the kernel gave one."""
@@ -82,6 +95,11 @@ class AttachError(SockProxyError):
 
 class SpliceError(SockProxyError):
     """A socket pair could not be handed to the kernel (closed early, map full, ...)."""
+
+
+class SelfTestError(SockProxyError):
+    """The programs loaded, but a connection spliced through them did not carry its bytes
+    intact (or the test could not be run)."""
 
 
 def socket_cookie(sock: socket.socket) -> int:
@@ -242,6 +260,99 @@ class SockProxyDataplane:
         for sock in (client, backend):
             kick_receive_queue(sock)
         return pair
+
+    def self_test(self, timeout: float | None = None) -> None:
+        """Splice one TCP connection through these programs and check that bytes cross it
+        intact both ways: SELF_TEST_BULK bytes client -> backend, then SELF_TEST_ROUNDS
+        request/response exchanges of SELF_TEST_MESSAGE bytes, each counted by sp_traffic.
+        Over loopback in a network namespace of its own (a thread that unshares one), so it
+        touches no interface of the host. Raises SelfTestError saying what differed.
+        timeout: for each socket operation (default SELF_TEST_TIMEOUT)."""
+        timeout = SELF_TEST_TIMEOUT if timeout is None else timeout
+        outcome: list[BaseException | None] = []
+        t = threading.Thread(target=lambda: outcome.append(self._self_test(timeout)),
+                             name="xdpfw-sockproxy-selftest", daemon=True)
+        t.start()
+        t.join(timeout + 5)
+        if not outcome:
+            raise SelfTestError(f"self-test did not finish within {timeout + 5:.0f}s")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _self_test(self, timeout: float) -> BaseException | None:
+        """The self-test's thread: returns the error instead of raising it."""
+        libc = ct.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            return SelfTestError("self-test: cannot make a network namespace",
+                                 err=ct.get_errno())
+        socks: list[socket.socket] = []
+
+        def tcp() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            socks.append(s)
+            return s
+
+        def recv_exactly(s: socket.socket, n: int) -> bytes:
+            chunks, got = [], 0
+            while got < n:
+                chunk = s.recv(min(n - got, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            return b"".join(chunks)
+
+        pair = None
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+                fcntl.ioctl(ctl, SIOCSIFFLAGS, struct.pack("16sH", b"lo", IFF_UP))
+            listeners = [tcp(), tcp()]
+            for lsock in listeners:
+                lsock.bind(("127.0.0.1", 0))
+                lsock.listen(1)
+            client, backend_side = tcp(), tcp()
+            client.connect(listeners[0].getsockname())
+            appliance_side = listeners[0].accept()[0]
+            backend_side.connect(listeners[1].getsockname())
+            backend = listeners[1].accept()[0]
+            socks += [appliance_side, backend]
+            for s in (appliance_side, backend):
+                s.settimeout(timeout)
+            self.reset_service(SELF_TEST_SERVICE)
+            pair = self.splice(SELF_TEST_SERVICE, appliance_side, backend_side)
+            bulk = hashlib.shake_128(b"xdpfw self-test").digest(SELF_TEST_BULK)
+            client.sendall(bulk)
+            got = recv_exactly(backend, len(bulk))
+            if got != bulk:
+                return SelfTestError(f"self-test: the backend received {len(got)} bytes of "
+                                     f"a {len(bulk)}-byte stream, "
+                                     f"{'intact' if bulk.startswith(got) else 'corrupted'}")
+            for i in range(SELF_TEST_ROUNDS):
+                request = bytes([i]) * SELF_TEST_MESSAGE
+                client.sendall(request)
+                if recv_exactly(backend, len(request)) != request:
+                    return SelfTestError(f"self-test: request {i} did not reach the backend")
+                backend.sendall(request[::-1])
+                if recv_exactly(client, len(request)) != request[::-1]:
+                    return SelfTestError(f"self-test: response {i} did not reach the client")
+            want = (SELF_TEST_BULK + SELF_TEST_ROUNDS * SELF_TEST_MESSAGE,
+                    SELF_TEST_ROUNDS * SELF_TEST_MESSAGE)
+            t = self.traffic(SELF_TEST_SERVICE)
+            if (t.bytes_to_backend, t.bytes_to_client) != want or t.no_peer or \
+                    t.redirect_failed:
+                return SelfTestError(f"self-test: bytes arrived, but sp_traffic counted {t}, "
+                                     f"expected {want} bytes to backend and to client")
+            return None
+        except (OSError, SockProxyError) as e:
+            return e if isinstance(e, SockProxyError) else SelfTestError(
+                f"self-test failed: {e}", err=e.errno)
+        finally:
+            for s in socks:
+                s.close()
+            if pair is not None:
+                self.unsplice(pair)
+            self.reset_service(SELF_TEST_SERVICE)
 
     def unsplice(self, pair: SplicedPair) -> None:
         """Drop what the kernel does not drop by itself; call once both sockets are closed."""
