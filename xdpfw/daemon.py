@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpfw import demo, logfilter, statedir
+from xdpfw import demo, heap, logfilter, statedir
 from xdpfw.api.app import create_app
 from xdpfw.api.middleware import BodyLimits
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
@@ -170,6 +170,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             "XDPFW_API_TOKEN"
         )
     fd_limit = raise_fd_limit()
+    heap.tune()
     dp = Dataplane(program_config(cfg))
     try:
         fw = Firewall(cfg.state.dir, dp, adopt_pins=opts.adopt_pins)
@@ -221,6 +222,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             servers.stop()
 
         app.state.shutdown = shutdown
+        heap.trim()  # what compiling the programs and restoring the rules left
         counts = fw.counts()
         log.info("xdpfw: %d rules, %d interfaces; API on %s", counts.rules,
                  counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen]))

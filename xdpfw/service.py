@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from xdpfw import heap
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, link_info, where
 from xdpfw.dataplane.dataplane import Build, Dataplane, LinkState, Upgrade
@@ -196,13 +197,15 @@ class Firewall:
             n = len(new)
             slots = self.rule_slots.take_array(n, "rules")
             first_id, first_row = self._next_id, self.table.n
-            ids = np.arange(first_id, first_id + n, dtype=np.int64)
+            self.table.reserve(n)
+            self.maps.reserve(int(np.count_nonzero(new.prefixes.family == V4)))
             writes: list[futures.Future] = []
             try:
                 with self.store.transaction():
                     for lo in range(0, n, ADD_CHUNK):
                         part = slice(lo, min(n, lo + ADD_CHUNK))
-                        rows = self.table.append(ids=ids[part], slots=slots[part],
+                        ids = np.arange(first_id + part.start, first_id + part.stop)
+                        rows = self.table.append(ids=ids, slots=slots[part],
                                                  **new.columns(part))
                         if self.index.plain_only() and not new.proto[part].any():
                             writes.append(writer.submit(
@@ -225,7 +228,9 @@ class Firewall:
                 self.rule_slots.give(slots)
                 raise
             self._next_id = first_id + n
-            return np.arange(first_row, first_row + n)
+        if n >= heap.BULK:
+            heap.trim()
+        return np.arange(first_row, first_row + n)
 
     def _check_port_room(self) -> None:
         """Adds may fill port_rules up to max_port_rules; the kernel map holds twice that, so
@@ -248,12 +253,15 @@ class Firewall:
     def _check_new(self, new: NewRules) -> None:
         """Refuse a rule whose match exists already, or appears twice in the request."""
         p = new.prefixes
-        rows = self.table.find_many(p.family, p.hi, p.lo, p.plen, new.proto, new.dport)
-        hit = np.nonzero(rows >= 0)[0]
-        if len(hit):
-            existing = self.table.rule(int(rows[hit[0]]))
-            raise ConflictError(
-                f"a rule for {_describe(existing)} exists already (id {existing.id})")
+        for lo in range(0, len(new), ADD_CHUNK):  # in chunks: bounded temporaries
+            part = slice(lo, lo + ADD_CHUNK)
+            rows = self.table.find_many(p.family[part], p.hi[part], p.lo[part], p.plen[part],
+                                        new.proto[part], new.dport[part])
+            hit = np.nonzero(rows >= 0)[0]
+            if len(hit):
+                existing = self.table.rule(int(rows[hit[0]]))
+                raise ConflictError(
+                    f"a rule for {_describe(existing)} exists already (id {existing.id})")
         again = new.first_repeat()
         if again is not None:
             raise ConflictError(f"{new.describe(again)} appears twice in this request")

@@ -35,8 +35,8 @@ class SlotAllocator:
                 f"no room for {n} more {what}: capacity is {self.capacity} "
                 "(raise limits in the config; pinned maps must then be recreated)"
             )
-        out = np.concatenate([np.array(reuse, dtype=np.int64),
-                              np.arange(self.high, self.high + fresh, dtype=np.int64)])
+        out = np.concatenate([np.array(reuse, dtype=np.uint32),
+                              np.arange(self.high, self.high + fresh, dtype=np.uint32)])
         self.high += fresh
         return out
 

@@ -392,6 +392,10 @@ class FirewallMaps:
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
 
+    def reserve(self, v4_prefixes: int) -> None:
+        """Room for this many more IPv4 entries, allocated once (before a bulk add)."""
+        self.v4.vid.reserve(v4_prefixes)
+
     def add_plain(self, prefixes: Prefixes, slots: np.ndarray, actions: np.ndarray) -> None:
         """Plain rules (slot, action, no port set each), from their columns: IPv4 through
         numpy into the DIR-24-8 layout, no per-rule object built. Only for an index with no

@@ -82,9 +82,11 @@ class _Ids:
         self._release_due()
         reuse = [self.free.pop() for _ in range(min(n, len(self.free)))]
         fresh = min(n - len(reuse), self.limit - self.next)
-        out = reuse + list(range(self.next, self.next + fresh))
+        out = [np.array(reuse, dtype=np.uint32),
+               np.arange(self.next, self.next + fresh, dtype=np.uint32)]
         self.next += fresh
-        while len(out) < n:
+        got = len(reuse) + fresh
+        while got < n:
             if not self.waiting:
                 self.free.extend(reuse)
                 self.next -= fresh
@@ -92,8 +94,10 @@ class _Ids:
                                    f"{self.limit}); raise limits in the config")
             time.sleep(max(0.0, QUARANTINE_S - (time.monotonic() - self.waiting[0][0])))
             self._release_due()
-            out += [self.free.pop() for _ in range(min(n - len(out), len(self.free)))]
-        return np.array(out, dtype=np.uint32)
+            more = [self.free.pop() for _ in range(min(n - got, len(self.free)))]
+            out.append(np.array(more, dtype=np.uint32))
+            got += len(more)
+        return np.concatenate(out)
 
     def take(self) -> int:
         return int(self.take_many(1)[0])
@@ -140,12 +144,20 @@ class _Overlaps:
         spans = [np.arange(f, t + 1) for f, t in zip(first[self.big].tolist(),
                                                       last[self.big].tolist(), strict=True)]
         out = []
-        for c in np.unique(np.concatenate([first, last, *spans])).tolist():
+        for c in np.flatnonzero(np.bincount(np.concatenate([first, last, *spans]))).tolist():
             lo, hi = c * BUILD_CHUNK, (c + 1) * BUILD_CHUNK
             sel = self(lo, hi)
             out.append((max(int(self.starts[sel].min()), lo),
                         min(int(self.ends[sel].max()), hi), sel))
         return out
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (its hashing path cost more, on a few hundred thousand ints)."""
+    a = np.sort(a)
+    keep = np.ones(len(a), dtype=bool)
+    keep[1:] = a[1:] != a[:-1]
+    return a[keep]
 
 
 def _by_length(sel: np.ndarray, plens: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -163,8 +175,8 @@ def _by_length(sel: np.ndarray, plens: np.ndarray) -> list[tuple[int, np.ndarray
 class _Writes:
     """What a batch of /24 layouts writes, in the order _flush writes it."""
 
-    group_keys: list[np.ndarray] = field(default_factory=list)
-    group_values: list[np.ndarray] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    tables: list[np.ndarray] = field(default_factory=list)  # each group's 256 ids
     words: dict[int, int] = field(default_factory=dict)
     freed_groups: list[int] = field(default_factory=list)
 
@@ -189,7 +201,7 @@ class V4Table:
         self.ids = _Ids(1 + g * self.half_ids, 1 + (g + 1) * self.half_ids, "IPv4 verdict ids")
         self.groups = _Ids(g * self.half_groups, (g + 1) * self.half_groups,
                            "IPv4 tbl8 groups (limits.max_tbl8_groups)")
-        self.vid = U64Map()  # key_of(net, plen) -> verdict id
+        self.vid = U64Map(values=np.int32)  # key_of(net, plen) -> verdict id
         self.vid_plen[:] = FREE
         self.longs: dict[int, dict[int, int]] = {}  # grouped /24 -> {key: vid} beyond /24
         self.group_of: dict[int, int] = {}
@@ -230,6 +242,21 @@ class V4Table:
             unsorted[order] = out
             return unsorted
         return None
+
+    def _write_groups(self, groups: np.ndarray, tables: np.ndarray) -> None:
+        """Whole groups: row i of `tables` (256 ids) into group groups[i], a window of
+        groups at a time (one index per group, not per id)."""
+        order = np.argsort(groups, kind="stable")
+        groups, tables = groups[order].astype(np.int64), tables[order]
+        span = max(1, MAP_BYTES // self.tbl8.value_size)
+        start = 0
+        while start < len(groups):
+            end = int(np.searchsorted(groups, groups[start] + span))
+            lo, hi = int(groups[start]), int(groups[end - 1]) + 1
+            with self.tbl8.mapped(np.uint32, lo, hi) as view:
+                view.reshape(-1, 256)[groups[start:end] - lo] = tables[start:end]
+                del view
+            start = end
 
     def _window(self, lo: int, hi: int) -> np.ndarray:
         """A copy of tbl24[lo:hi]."""
@@ -297,49 +324,60 @@ class V4Table:
                        np.repeat(vids[mine], np.minimum(ends[mine], hi) - np.maximum(
                            starts[mine], lo)))
                       for length, mine in _by_length(sel, plens)]
-            touched = np.unique(np.concatenate([idx for _, idx, _ in groups]))
-            current = self._read24(touched)
-            fb = (current & ID_MASK).astype(np.uint32)
-            depth = self._depth(fb)
-            new_fb = fb.copy()
-            for length, idx, vid in groups:
-                pos = np.searchsorted(touched, idx)
-                wins = depth[pos] < length + 1
-                new_fb[pos[wins]], depth[pos[wins]] = vid[wins], length + 1
-            moved = np.nonzero(new_fb != fb)[0]
-            if len(moved):
-                entries = (current[moved] & ~ID_MASK) | new_fb[moved].astype(np.uint64)
-                self._write(TBL24, touched[moved], entries)
+            # The /24s touched, in order, by a mask over the window (np.unique's hashing
+            # cost ~1.5 s a 2M load), and each one's position among them.
+            mask = np.zeros(hi - lo, dtype=bool)
+            for _, idx, _ in groups:
+                mask[idx - lo] = True
+            rel = np.flatnonzero(mask)
+            with self.tbl24.mapped(np.uint64, lo, hi) as view:
+                current = view[rel]
+                fb = (current & ID_MASK).astype(np.uint32)
+                depth = self._depth(fb)
+                new_fb = fb.copy()
+                for length, idx, vid in groups:
+                    pos = np.searchsorted(rel, idx - lo)
+                    wins = depth[pos] < length + 1
+                    new_fb[pos[wins]], depth[pos[wins]] = vid[wins], length + 1
+                moved = np.nonzero(new_fb != fb)[0]
+                # One aligned store per word (see the module doc), the window mapped once.
+                view[rel[moved]] = (current[moved] & ~ID_MASK) | new_fb[moved].astype(np.uint64)
+                del view
 
     def _add_longs(self, nets: np.ndarray, plens: np.ndarray, vids: np.ndarray) -> None:
-        """Prefixes longer than /24 into their /24s. The common case, a /24 with none yet
-        that gets exactly one, becomes a ONE entry in one vectorised write (a blocklist's
-        hosts); anything else takes the general path, /24 by /24."""
+        """Prefixes longer than /24 into their /24s: those without a group are laid out
+        afresh in numpy (a blocklist's hosts and their neighbours: _lay_out_longs, the
+        ONE's own prefix included); those with a group merge into it, /24 by /24."""
         s24 = (nets >> 8).astype(np.int64)
-        uniq, first, counts = np.unique(s24, return_index=True, return_counts=True)
+        uniq = _distinct(s24)
         current = self._read24(uniq)
-        alone = (counts == 1) & ((current >> np.uint64(abi.V4_KIND_SHIFT)) == abi.V4_PLAIN)
-        if alone.any():
-            i = first[alone]
-            bits = ((np.uint64(abi.V4_ONE) << np.uint64(abi.V4_KIND_SHIFT))
-                    | ((plens[i].astype(np.uint64) - np.uint64(25)) << np.uint64(abi.V4_LEN_SHIFT))
-                    | ((nets[i].astype(np.uint64) & np.uint64(0xFF)) << np.uint64(abi.V4_NET_SHIFT))
-                    | (vids[i].astype(np.uint64) << np.uint64(abi.V4_AUX_SHIFT)))
-            self._write(TBL24, uniq[alone], (current[alone] & ID_MASK) | bits)
-        rest = ~alone
-        if not rest.any():
-            return
-        by24: dict[int, dict[int, int]] = {}
-        member = np.isin(s24, uniq[rest])
-        for net, plen, vid in zip(nets[member].tolist(), plens[member].tolist(),
-                                  vids[member].tolist(), strict=True):
-            by24.setdefault(net >> 8, {})[key_of(net, plen)] = vid
-        out = _Writes()
-        for s, entry in zip(uniq[rest].tolist(), current[rest].tolist(), strict=True):
-            longs = self._longs(s, entry)
-            longs.update(by24[s])
-            self._lay_out(s, entry, longs, out)
-        self._flush(out)
+        kind = current >> np.uint64(abi.V4_KIND_SHIFT)
+        has_group = kind == abi.V4_GROUP
+        at = np.searchsorted(uniq, s24)
+        fresh = ~has_group
+        if fresh.any():
+            mine = fresh[at]
+            one = (kind == abi.V4_ONE) & fresh
+            old = ((current[one] >> np.uint64(abi.V4_AUX_SHIFT)) & ID_MASK).astype(np.uint32)
+            slash24s, bits = self._lay_out_longs(
+                np.concatenate([nets[mine], self.vid_net[old]]),
+                np.concatenate([plens[mine], self.vid_plen[old]]),
+                np.concatenate([vids[mine], old]))
+            pos = np.searchsorted(uniq, slash24s)
+            self._write(TBL24, slash24s, (current[pos] & ID_MASK) | bits)  # after the groups
+        if has_group.any():
+            by24: dict[int, dict[int, int]] = {}
+            mine = has_group[at]
+            for net, plen, vid in zip(nets[mine].tolist(), plens[mine].tolist(),
+                                      vids[mine].tolist(), strict=True):
+                by24.setdefault(net >> 8, {})[key_of(net, plen)] = vid
+            out = _Writes()
+            for s, entry in zip(uniq[has_group].tolist(), current[has_group].tolist(),
+                                strict=True):
+                longs = self._longs(s, entry)
+                longs.update(by24[s])
+                self._lay_out(s, entry, longs, out)
+            self._flush(out)
 
     def _longs(self, s: int, entry: int) -> dict[int, int]:
         """A copy of /24 s's prefixes longer than /24: a group's are kept here, a ONE's
@@ -367,8 +405,8 @@ class V4Table:
             for key, vid in sorted(longs.items(), key=lambda kv: kv[0] & 63):
                 lo, plen = (key >> 6) & 0xFF, key & 63
                 table[lo:lo + (1 << (32 - plen))] = vid  # longer prefixes come later
-            out.group_keys.append(np.arange(group * 256, group * 256 + 256))
-            out.group_values.append(table)
+            out.groups.append(group)
+            out.tables.append(table)
             self.group_of[s] = group
             new_entry = (abi.V4_GROUP << abi.V4_KIND_SHIFT) | (group << abi.V4_AUX_SHIFT) | fb
         if new_entry != entry:
@@ -384,8 +422,8 @@ class V4Table:
     def _flush(self, out: _Writes) -> None:
         """Groups first, then the words that point at them, then the groups nothing points
         at any more go to quarantine."""
-        if out.group_keys:
-            self._write(TBL8, np.concatenate(out.group_keys), np.concatenate(out.group_values))
+        if out.groups:
+            self._write_groups(np.array(out.groups, dtype=np.int64), np.stack(out.tables))
         if out.words:
             self._write(TBL24, np.fromiter(out.words, dtype=np.int64, count=len(out.words)),
                         np.fromiter(out.words.values(), dtype=np.uint64, count=len(out.words)))
@@ -459,9 +497,10 @@ class V4Table:
         self._write(VERDICTS, vids, verdicts.astype(np.uint64))
         self.vid_net[vids], self.vid_plen[vids] = nets, plens
         keys = (nets.astype(np.uint64) << np.uint64(6)) | plens.astype(np.uint64)
-        self.vid = U64Map(len(keys))
+        self.vid = U64Map(len(keys), np.int32)
         self.vid.put_many(keys, vids)
-        aux = self._build_longs(nets, plens, vids)  # groups written, /24 -> kind bits
+        long = plens > 24
+        aux = self._lay_out_longs(nets[long], plens[long], vids[long])  # groups written
         short = plens <= 24
         new_values = np.zeros(len(self.vid_plen), dtype=np.uint64)
         new_values[vids] = verdicts
@@ -477,19 +516,25 @@ class V4Table:
             del view
         return out
 
-    def _build_longs(self, nets, plens, vids) -> dict[int, int]:
-        """Groups for every /24 with prefixes longer than /24 (written now, before any
-        entry points at them); returns /24 -> the kind and aux bits of its entry."""
-        long = plens > 24
-        nets, plens, vids = nets[long], plens[long], vids[long]
+    def _lay_out_longs(self, nets: np.ndarray, plens: np.ndarray,
+                       vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prefixes longer than /24, all those of their /24s (none of which has a group
+        now), laid out in numpy: a /24 with one gets a ONE entry, one with more a new group,
+        written here (before any entry points at it). Returns (/24s, their entries' kind
+        and aux bits), the /24s ascending."""
         s24 = (nets >> 8).astype(np.int64)
         order = np.lexsort((plens, s24))
         nets, plens, vids, s24 = nets[order], plens[order], vids[order], s24[order]
         uniq, first, counts = np.unique(s24, return_index=True, return_counts=True)
-        aux: dict[int, int] = {}
+        bits = np.zeros(len(uniq), dtype=np.uint64)
         ones = counts == 1
-        for s, i in zip(uniq[ones].tolist(), first[ones].tolist(), strict=True):
-            aux[s] = one_entry(int(nets[i]), int(plens[i]), int(vids[i]))
+        i = first[ones]
+        bits[ones] = ((np.uint64(abi.V4_ONE) << np.uint64(abi.V4_KIND_SHIFT))
+                      | ((plens[i].astype(np.uint64) - np.uint64(25))
+                         << np.uint64(abi.V4_LEN_SHIFT))
+                      | ((nets[i].astype(np.uint64) & np.uint64(0xFF))
+                         << np.uint64(abi.V4_NET_SHIFT))
+                      | (vids[i].astype(np.uint64) << np.uint64(abi.V4_AUX_SHIFT)))
         grouped = ~ones
         if grouped.any():
             g_slash24 = uniq[grouped]
@@ -513,18 +558,19 @@ class V4Table:
             g_of = idx[last] // 256
             rows = by_id[np.searchsorted(groups[by_id], g_of)]
             table[rows * 256 + idx[last] % 256] = vid[last]
-            keys = (groups.astype(np.int64)[:, None] * 256 + np.arange(256)).ravel()
-            self._write(TBL8, keys, table)
-            for k, (s, g) in enumerate(zip(g_slash24.tolist(), groups.tolist(), strict=True)):
-                aux[s] = (abi.V4_GROUP << abi.V4_KIND_SHIFT) | (g << abi.V4_AUX_SHIFT)
+            self._write_groups(groups, table.reshape(-1, 256))
+            bits[grouped] = ((np.uint64(abi.V4_GROUP) << np.uint64(abi.V4_KIND_SHIFT))
+                             | (groups.astype(np.uint64) << np.uint64(abi.V4_AUX_SHIFT)))
+            keys = (nets.astype(np.int64) << 6) | plens
+            g_first, g_count = first[grouped].tolist(), counts[grouped].tolist()
+            for s, g, lo, k in zip(g_slash24.tolist(), groups.tolist(), g_first, g_count,
+                                   strict=True):
                 self.group_of[s] = g
-                lo, hi = first[grouped][k], first[grouped][k] + counts[grouped][k]
-                self.longs[s] = {
-                    key_of(int(n), int(p)): int(v)
-                    for n, p, v in zip(nets[lo:hi], plens[lo:hi], vids[lo:hi], strict=True)}
-        return aux
+                self.longs[s] = dict(zip(keys[lo:lo + k].tolist(), vids[lo:lo + k].tolist(),
+                                         strict=True))
+        return uniq, bits
 
-    def _build_tbl24(self, nets, plens, vids, aux: dict[int, int],
+    def _build_tbl24(self, nets, plens, vids, aux: tuple[np.ndarray, np.ndarray],
                      values: tuple[np.ndarray, np.ndarray] | None) -> tuple[int, list[int]]:
         """Every /24's new word, a chunk of BUILD_CHUNK /24s at a time, written where it
         differs from the kernel's. values: (old, new) verdicts by id, to report the /24s
@@ -532,8 +578,7 @@ class V4Table:
         written, changed = 0, []
         starts = (nets >> 8).astype(np.int64)
         ends = starts + (1 << (24 - plens.astype(np.int64)))
-        aux_idx = np.array(sorted(aux), dtype=np.int64)
-        aux_val = np.array([aux[i] for i in aux_idx.tolist()], dtype=np.uint64)
+        aux_idx, aux_val = aux  # /24s ascending, their kind and aux bits
         overlaps = _Overlaps(starts, ends)
         for lo in range(0, abi.V4_TBL24, BUILD_CHUNK):
             hi = lo + BUILD_CHUNK

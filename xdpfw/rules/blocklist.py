@@ -11,7 +11,7 @@ from xdpfw.errors import RuleValidationError
 from xdpfw.rules.model import V4, Prefix, parse_prefix
 from xdpfw.rules.table import Prefixes
 
-BLOCK = 1 << 20  # bytes of a blocklist read at a time by the vectorised parser
+BLOCK = 1 << 18  # bytes of a blocklist read at a time by the vectorised parser
 
 _HOST_BITS_V4 = [(1 << (32 - n)) - 1 for n in range(33)]
 _LENGTHS_V4 = {str(n): n for n in range(33)}
@@ -77,7 +77,7 @@ def parse_blocklist(text: str) -> list[Prefix]:
 # parse_prefixes over text.splitlines() (tests/test_blocklist.py compares the two).
 
 
-def parse_blocklist_bytes(data: bytes, source: str = "line") -> Prefixes:
+def parse_blocklist_bytes(data: bytes | bytearray, source: str = "line") -> Prefixes:
     """Every prefix of a blocklist in UTF-8 bytes, as columns, in line order; a bad line
     raises, naming it."""
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -87,7 +87,7 @@ def parse_blocklist_bytes(data: bytes, source: str = "line") -> Prefixes:
         except UnicodeDecodeError as e:
             raise RuleValidationError(
                 f"the blocklist is not UTF-8 text (byte {e.start}: "
-                f"{data[e.start:e.start + 1]!r})") from None
+                f"{bytes(data[e.start:e.start + 1])!r})") from None
         return Prefixes.of(parse_prefixes(text.splitlines(), source))
     parts, line0, start = [], 0, 0
     while start < len(data):

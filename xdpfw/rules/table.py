@@ -97,7 +97,7 @@ class RuleTable:
         self.col = {name: np.zeros(self._cap, dtype=t) for name, t in COLUMNS.items()}
         self.comments: list[str] = [""]
         self._comment_id: dict[str, int] = {"": 0}
-        self._keys4 = U64Map(capacity)  # IPv4 match key -> row
+        self._keys4 = U64Map(capacity, np.int32)  # IPv4 match key -> row
         self._keys6: dict[tuple, int] = {}  # (hi, lo, plen, proto, dport) -> row
         self._slot_row = np.full(1024, -1, dtype=np.int32)  # counter slot -> living row
 
@@ -168,6 +168,11 @@ class RuleTable:
             action=np.array([ACTION_CODE[r.action] for r in rules], dtype=np.uint8),
             comment=np.array([self.comment_id(r.comment) for r in rules], dtype=np.uint32),
         )
+
+    def reserve(self, more: int) -> None:
+        """Room for `more` rows (of which IPv4: v4) in one allocation each."""
+        self._reserve(self.n + more)
+        self._keys4.reserve(more)
 
     def _reserve(self, need: int) -> None:
         if need <= self._cap:
@@ -330,7 +335,7 @@ class RuleTable:
         c = col
         rows = np.arange(n)
         v4 = c["family"][:n] == V4
-        keys4 = U64Map(n)
+        keys4 = U64Map(n, np.int32)
         keys4.put_many(key4(c["lo"][rows[v4]], c["plen"][rows[v4]], c["proto"][rows[v4]],
                             c["dport"][rows[v4]]), rows[v4])
         slot_row = np.full(len(self._slot_row), -1, dtype=np.int32)
@@ -356,9 +361,11 @@ class NewRules:
     @classmethod
     def plain(cls, prefixes: Prefixes, action: Action, comment_id: int) -> NewRules:
         """A blocklist: every prefix with one action and comment, any protocol."""
-        n = len(prefixes)
-        return cls(prefixes, np.zeros(n, np.uint8), np.zeros(n, np.uint16),
-                   np.full(n, ACTION_CODE[action], np.uint8), np.full(n, comment_id, np.uint32))
+        def same(value, dtype) -> np.ndarray:  # one value seen n times: no memory per rule
+            return np.broadcast_to(np.array(value, dtype=dtype), (len(prefixes),))
+
+        return cls(prefixes, same(0, np.uint8), same(0, np.uint16),
+                   same(ACTION_CODE[action], np.uint8), same(comment_id, np.uint32))
 
     @classmethod
     def of(cls, specs: Sequence, table: RuleTable) -> NewRules:
@@ -396,9 +403,11 @@ class NewRules:
         repeats = []
         if len(v4):
             keys = key4(p.lo[v4], p.plen[v4], self.proto[v4], self.dport[v4])
-            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-            again = np.nonzero(first[inverse] != np.arange(len(v4)))[0]
-            if len(again):
+            ordered = np.sort(keys)
+            if (ordered[1:] == ordered[:-1]).any():  # the rare case pays for finding it
+                del ordered
+                _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+                again = np.nonzero(first[inverse] != np.arange(len(v4)))[0]
                 repeats.append(int(v4[again[0]]))
         seen: set[tuple] = set()
         for i in np.nonzero(p.family != V4)[0].tolist():

@@ -25,10 +25,11 @@ def _home(keys: np.ndarray, mask: int) -> np.ndarray:
 
 
 class U64Map:
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, values=np.int64) -> None:
+        """values: the values' dtype (int32 where they are rows or ids: 12 bytes a slot)."""
         size = 1 << max(10, (2 * capacity - 1).bit_length())
         self._keys = np.full(size, EMPTY, dtype=np.uint64)
-        self._vals = np.zeros(size, dtype=np.int64)
+        self._vals = np.zeros(size, dtype=values)
         self._used = 0  # live entries
         self._tombs = 0
 
@@ -114,7 +115,7 @@ class U64Map:
     def put_many(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Insert or overwrite; keys must be unique within the call."""
         keys = np.asarray(keys, dtype=np.uint64)
-        values = np.asarray(values, dtype=np.int64)
+        values = np.asarray(values, dtype=self._vals.dtype)
         self._grow(len(keys))
         slots = self._find(keys)
         there = slots >= 0
@@ -164,6 +165,10 @@ class U64Map:
         live = self._keys < TOMB
         return self._keys[live].copy(), self._vals[live].copy()
 
+    def reserve(self, more: int) -> None:
+        """Room for `more` new keys in one allocation (a bulk load then grows once)."""
+        self._grow(more)
+
     def _grow(self, more: int) -> None:
         """Keep the table at most half full (tombstones included): rebuild when needed."""
         size = len(self._keys)
@@ -175,7 +180,7 @@ class U64Map:
             new *= 2
         keys, vals = self.items()
         self._keys = np.full(new, EMPTY, dtype=np.uint64)
-        self._vals = np.zeros(new, dtype=np.int64)
+        self._vals = np.zeros(new, dtype=self._vals.dtype)
         self._used = self._tombs = 0
         if len(keys):
             self.put_many(keys, vals)
