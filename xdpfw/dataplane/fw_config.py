@@ -64,10 +64,18 @@ class FwConfig:
         self._rebuild_timer: threading.Timer | None = None
         raw = handle.lookup(_KEY)
         self._value = abi.FwCfg.from_buffer_copy(raw) if raw else abi.FwCfg()
+        if self._value.capture:  # no capture outlives the process that ran it
+            self._store(capture=0)
 
     def set_sample_rate(self, rate: int) -> None:
         with self._lock:
             self._store(rate=rate)
+
+    def set_capture(self, on: bool) -> None:
+        """The flag the program tests on every verdict: set only while a capture runs
+        (xdpfw/capture.py), after capture_config says what to take."""
+        with self._lock:
+            self._store(capture=int(on))
 
     @contextlib.contextmanager
     def writing(self, maps: Iterable[MapHandle], host_keys_v6: bytes = b"") -> Iterator[None]:
@@ -155,10 +163,12 @@ class FwConfig:
         self._hostless.update_many(np.ascontiguousarray(keys, dtype=np.uint32).tobytes(),
                                    np.ascontiguousarray(values).tobytes(), len(keys))
 
-    def _store(self, *, rate: int | None = None, skip: int | None = None) -> None:
+    def _store(self, *, rate: int | None = None, skip: int | None = None,
+               capture: int | None = None) -> None:
         value = abi.FwCfg(
             sample_rate=self._value.sample_rate if rate is None else rate,
             skip=self._value.skip if skip is None else skip,
+            capture=self._value.capture if capture is None else capture,
         )
         self._handle.update(_KEY, bytes(value))
         self._value = value
