@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
 from xdpfw.api.peer import peer_of
+from xdpfw.api.routes import capture as capture_routes
 from xdpfw.api.routes import events as events_routes
 from xdpfw.api.routes import interfaces, rules, services, stats
 from xdpfw.api.routes import metrics as metrics_routes
@@ -32,7 +33,7 @@ from xdpfw.errors import (
     VerifierError,
 )
 from xdpfw.lb.metrics import LbCollector
-from xdpfw.metrics import build_registry
+from xdpfw.metrics import RuleSeries, build_registry
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,15 @@ def create_app(
     events=None,
     lb=None,
     body_limits: BodyLimits | None = None,
+    capture=None,
+    rule_series: RuleSeries | None = None,
 ) -> FastAPI:
     """token: required from every client but the daemon's unix socket (local, by permission).
     events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
     lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
-    body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS)."""
+    body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS).
+    capture: the daemon's xdpfw.capture.CaptureHub (None: /api/v1/capture answers 503).
+    rule_series: how many per-rule and per-set series /metrics holds."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -88,14 +93,17 @@ def create_app(
     app.state.firewall = firewall
     app.state.events = events
     app.state.lb = lb
+    app.state.capture = capture
     # The Dataplane the firewall runs on: metrics read counters from its maps.
-    app.state.metrics = build_registry(firewall, firewall.dp, events)  # others register too
+    app.state.metrics = build_registry(firewall, firewall.dp, events, rule_series,
+                                       capture)  # others register too
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
     for router in (rules.router, interfaces.router, stats.router):
         app.include_router(router)
-    for router in (metrics_routes.router, program_routes.router, events_routes.router):
+    for router in (metrics_routes.router, program_routes.router, events_routes.router,
+                   capture_routes.router):
         app.include_router(router)
     for router in (services.router, services.steer_router):
         app.include_router(router)
