@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
 from xdpfw.api.peer import peer_of
 from xdpfw.api.routes import capture as capture_routes
+from xdpfw.api.routes import dashboard, interfaces, rules, services, stats
 from xdpfw.api.routes import events as events_routes
-from xdpfw.api.routes import interfaces, rules, services, stats
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
 from xdpfw.db import storage_error
@@ -34,6 +34,7 @@ from xdpfw.errors import (
 )
 from xdpfw.lb.metrics import LbCollector
 from xdpfw.metrics import RuleSeries, build_registry
+from xdpfw.rulehits import RuleHits
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def create_app(
     app.state.events = events
     app.state.lb = lb
     app.state.capture = capture
+    app.state.rule_hits = RuleHits(firewall)
     # The Dataplane the firewall runs on: metrics read counters from its maps.
     app.state.metrics = build_registry(firewall, firewall.dp, events, rule_series,
                                        capture)  # others register too
@@ -107,6 +109,8 @@ def create_app(
         app.include_router(router)
     for router in (services.router, services.steer_router):
         app.include_router(router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.UI_PATH, dashboard.ui_files(), name="ui")
 
     for exc_type, code in ERROR_STATUS.items():
         app.add_exception_handler(exc_type, _handler(code))
@@ -121,7 +125,9 @@ def create_app(
     @app.middleware("http")
     async def bearer_token_off_the_unix_socket(request: Request, call_next):
         # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
-        if peer_of(request.scope) is None and token is not None:
+        # The dashboard's files hold no data (its page asks for the token), so a browser
+        # gets them without one.
+        if peer_of(request.scope) is None and token is not None and not _ui_file(request):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse(
@@ -134,6 +140,12 @@ def create_app(
 
     app.add_middleware(JsonErrors)
     return app
+
+
+def _ui_file(request: Request) -> bool:
+    path = request.url.path
+    return request.method in ("GET", "HEAD") and (
+        path == dashboard.UI_PATH or path.startswith(dashboard.UI_PATH + "/"))
 
 
 def _handler(code: int):
