@@ -137,8 +137,7 @@ def tcp_daemon(tmp_path_factory):
     require_kernel()
     work = tmp_path_factory.mktemp("xdpfw-tcp")
     api, ui, metrics = free_port(), free_port(), free_port()
-    extra = (f'[ui]\nlisten = ["127.0.0.1:{ui}"]\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
-             "[events]\nsample_rate = 1\n")
+    extra = f'[ui]\nlisten = ["127.0.0.1:{ui}"]\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
     d = Daemon(work, new_pin_dir(), extra_args=tcp_config(work, api, TOKEN, extra))
     d.start()
     yield TcpDaemon(d, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{ui}",

@@ -172,6 +172,10 @@ def test_the_plotted_drop_rate_rises_within_3_s_of_a_flood(page, tcp_daemon, lab
                               "'rule_drop (drop)')")
     assert plotted and max(v for v in plotted[1] if v is not None) > 0, plotted
     assert took < 3, f"the drop rate rose {took:.1f} s after the flood began"
+    # The sampled drops are listed (1 in 100 by default: a flood brings some).
+    p.page.wait_for_selector(f"#events td:has-text('{lab.client4}:')", timeout=5000)
+    top = p.page.text_content("#top-rules tbody")
+    assert f"{lab.client4}/32" in top, f"the flooded rule is not among the top rules: {top}"
     assert not p.errors, p.errors
 
 
