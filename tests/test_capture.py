@@ -103,6 +103,12 @@ def test_the_rate_limit_bounds_what_a_flood_copies(fw, run, hub, loop):
     assert len(got) == 5, f"{len(got)} copied in a 1000-packet burst, burst is 5"
     assert after["captured"] - before["captured"] == 5
     assert after["rate_limited"] - before["rate_limited"] == 995
+    # The next capture, with a looser limit, does not wait out this one's debt.
+    hub.close(session)
+    hub.limit = RateLimit(rate=1_000_000, burst=1_000)
+    session = hub.open(CaptureFilter(), loop)
+    run(P.udp4(BLOCKED, 53))
+    assert len(drain(session, 1, timeout=2)) == 1, "a looser limit inherited the old debt"
 
 
 def test_nothing_is_copied_while_no_capture_runs(fw, run, hub, loop):
@@ -127,3 +133,24 @@ def test_pcap_and_pcapng_round_trip():
     ng = pcap.PcapngWriter(2048)
     blob = ng.header() + ng.packet(pcap.Packet(1, frames[0], 60, "eth1", "drop: rule_drop"))
     assert len(blob) % 4 == 0 and blob[:4] == b"\x0a\x0d\x0d\x0a"
+
+
+def test_closing_the_last_capture_while_packets_come_does_not_hang(fw, run, hub, loop):
+    """The reader's thread is joined when the last capture closes: it must never wait for
+    the lock the closing thread holds (it once did, and both hung)."""
+    import threading
+
+    add(fw, f"{BLOCKED}/32", "drop")
+    session = hub.open(CaptureFilter(), loop)
+    flood = threading.Thread(target=run, args=(P.udp4(BLOCKED, 53),), kwargs={"repeat": 300_000})
+    flood.start()
+    deadline = time.monotonic() + 5
+    while not session.queue and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert session.queue, "nothing captured"
+    closer = threading.Thread(target=hub.close, args=(session,), daemon=True)
+    closer.start()
+    closer.join(10)
+    flood.join(30)
+    assert not closer.is_alive(), "closing the last capture hung"
+    assert fw.maps.fw_config._value.capture == 0

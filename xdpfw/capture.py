@@ -8,7 +8,9 @@ a flag per packet. Several captures may run at once: the kernel then takes the u
 their filters and each session filters again here.
 
 Sessions have bounded queues: a client that reads too slowly loses packets (counted), and
-the ring's reader never blocks on it.
+the ring's reader never blocks on it. Nor does it take the hub's lock: it reads `_view`, a
+tuple replaced whole on every change, because the reader's thread is joined (on the last
+close, and by an upgrade under the Dataplane's lock) by threads that may hold that lock.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class CaptureHub:
         self.queue_size = queue_size
         self.lock = threading.Lock()
         self.sessions: set[Session] = set()
+        self._view: tuple[Session, ...] = ()  # what the reader's thread reads
         self._reader: RingReader | None = None
         self._offset = clock_offset_ns()
         self.delivered = 0
@@ -150,22 +153,29 @@ class CaptureHub:
 
     def close(self, session: Session) -> None:
         with self.lock:
-            if session in self.sessions:
-                self.sessions.discard(session)
-                self._apply()
+            if session not in self.sessions:
+                return
+            self.sessions.discard(session)
+            idle = self._apply()
+        self._stop_reader(idle)
 
-    def _apply(self) -> None:
-        """Under the lock: the kernel's filter and the reader follow the sessions."""
+    def _apply(self) -> RingReader | None:
+        """Under the lock: the kernel's filter and the reader follow the sessions. Returns a
+        reader no session needs any more, for the caller to stop once the lock is released."""
+        self._view = tuple(self.sessions)
         if self.sessions:
             self._offset = clock_offset_ns()
             if self._reader is None:
                 self._reader = self.dp.read_ring("capture_ring", self._on_record, wakeups=True)
             self.dp.capture.start(kernel_filter([s.filter for s in self.sessions], self.limit))
-            return
+            return None
         self.dp.capture.stop()
-        if self._reader is not None:
-            self.dp.stop_events(self._reader)
-            self._reader = None
+        idle, self._reader = self._reader, None
+        return idle
+
+    def _stop_reader(self, reader: RingReader | None) -> None:
+        if reader is not None:
+            self.dp.stop_events(reader)
 
     def _on_record(self, raw: bytes) -> None:
         try:
@@ -173,9 +183,7 @@ class CaptureHub:
         except Exception as e:  # a bad record must not stop the reader
             log.warning("undecodable capture record (%d bytes): %s", len(raw), e)
             return
-        with self.lock:
-            sessions = list(self.sessions)
-        for s in sessions:
+        for s in self._view:
             if not s.filter.matches(rec):
                 continue
             if len(s.queue) == s.queue.maxlen:  # the deque drops the oldest
@@ -202,7 +210,8 @@ class CaptureHub:
         with self.lock:
             self.ended = True
             self.sessions.clear()
-            self._apply()
+            idle = self._apply()
+        self._stop_reader(idle)
 
     def status(self) -> dict:
         totals = self.dp.capture.totals()

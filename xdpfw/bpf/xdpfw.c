@@ -115,6 +115,8 @@ static __always_inline int capture(struct xdp_md *ctx, __u32 iface, __u32 reason
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	__u64 tat = b->tat > now ? b->tat : now;
+	if (tat - now > cc->burst_ns + cc->interval_ns) /* left by a stricter limit than this */
+		tat = now;
 	__u32 outcome = XDPFW_CAPTURE_LIMITED;
 	if (tat - now <= cc->burst_ns) {
 		b->tat = tat + cc->interval_ns;

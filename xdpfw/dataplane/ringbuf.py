@@ -67,7 +67,10 @@ class RingReader:
 
         if self.wakeups:  # epoll: returns as soon as records come, else after POLL_MS
             while not stop.is_set():
-                lib.bpf_poll_ringbuf(manager, POLL_MS)
+                # A wake-up can be late (it is sent from irq_work): on a quiet timeout,
+                # look anyway, so records never wait longer than POLL_MS.
+                if lib.bpf_poll_ringbuf(manager, POLL_MS) == 0:
+                    lib.bpf_consume_ringbuf(manager)
             return
         # Drain on a timer: drop events are submitted without a wake-up (one cost each
         # sampled drop microseconds), so an epoll wait would never return early.
