@@ -114,3 +114,28 @@ def test_the_api_streams_pcapng_with_reasons_and_filters(daemon, pair, guarded):
     assert api.get("/api/v1/capture", params={"reason": "nope"}).status_code == 422
     time.sleep(0.2)
     assert capturing(api, 0), "a refused capture left the kernel capturing"
+
+
+def test_capture_to_stdout_pipes_into_tcpdump(daemon, pair, guarded):
+    guarded("native")
+    api = daemon.client()
+    r = api.post("/api/v1/rules", json={"prefix": f"{pair.client4}/32", "action": "drop",
+                                         "proto": "udp"})
+    assert r.status_code == 201, r.text
+    cli = subprocess.Popen([*XDPFW, "capture", "--socket", daemon.socket, "-c", "5", "-w", "-"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dump = subprocess.Popen(["tcpdump", "-nn", "-r", "-"], stdin=cli.stdout,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli.stdout.close()  # tcpdump holds the pipe now
+    try:
+        assert wait_for(lambda: capturing(api, 1), 10), "the capture never started"
+        craft.send_and_sniff(pair.client, pair.client_if, frames(pair, 5))
+        out, err = dump.communicate(timeout=30)
+        cli.wait(timeout=10)
+    finally:
+        for p in (cli, dump):
+            p.kill()
+    assert dump.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 5 and all(f"{pair.client4}." in line for line in lines), out
+    assert b"5 packets captured to stdout" in cli.stderr.read()
