@@ -1,6 +1,7 @@
 """The program-wide settings entry (pinned map fw_config, key 0): the drop-event sample rate,
-which IPv6 source maps the program may skip because they are empty, and the hostless_v6
-bitmap over the IPv6 host hash.
+which IPv6 source maps the program may skip because they are empty, whether a capture runs
+(xdpfw/dataplane/capture_maps.py; cleared at start, since no capture outlives its daemon),
+and the hostless_v6 bitmap over the IPv6 host hash.
 
 Skipping an empty map saves a packet a lookup that can only miss (an empty LPM trie still
 costs a call; an empty hash a hash and a bucket). The bits must never hide a rule, so:
