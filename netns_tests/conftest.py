@@ -119,6 +119,33 @@ def daemon(tmp_path_factory):
     shutil.rmtree(d.pin_dir, ignore_errors=True)
 
 
+TOKEN = "t0ken-for-the-dashboard"
+
+
+@dataclass
+class TcpDaemon:
+    daemon: Daemon
+    api_url: str  # the API's TCP listener (token required)
+    ui_url: str  # the [ui] listener (the same app, the same token)
+    metrics_url: str  # the [metrics] listener (/metrics only, no token)
+    token: str = TOKEN
+
+
+@pytest.fixture(scope="module")
+def tcp_daemon(tmp_path_factory):
+    """A daemon listening on TCP for the API, the dashboard and the metrics (127.0.0.1)."""
+    require_kernel()
+    work = tmp_path_factory.mktemp("xdpfw-tcp")
+    api, ui, metrics = free_port(), free_port(), free_port()
+    extra = f'[ui]\nlisten = ["127.0.0.1:{ui}"]\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+    d = Daemon(work, new_pin_dir(), extra_args=tcp_config(work, api, TOKEN, extra))
+    d.start()
+    yield TcpDaemon(d, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{ui}",
+                    f"http://127.0.0.1:{metrics}")
+    d.stop()
+    shutil.rmtree(d.pin_dir, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Pair:
     """client ns --veth-- server ns; the server end is what the firewall guards."""

@@ -27,7 +27,7 @@ def test_map_types_match_the_compiled_program(firewall, name):
     key_t, leaf_t = abi.MAP_TYPES[name]
     table = firewall.program.table(name)
     leaf = table.Leaf
-    if name.endswith("counters"):  # per-CPU: BCC's Leaf is an array of the value, one per CPU
+    if issubclass(leaf, ctypes.Array):  # per-CPU: BCC's Leaf is an array of the value per CPU
         leaf = leaf._type_
     assert layout(table.Key) == layout(key_t), f"{name} key differs from xdpfw_abi.h"
     assert layout(leaf) == layout(leaf_t), f"{name} value differs from xdpfw_abi.h"

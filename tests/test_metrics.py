@@ -11,6 +11,8 @@ from tests import packets as P
 from tests.test_program import add
 from xdpfw import netns as nsutil
 from xdpfw.api.app import create_app
+from xdpfw.rules.model import Action, parse_prefix
+from xdpfw.service import RuleSpec
 
 pytestmark = pytest.mark.bpf
 
@@ -96,3 +98,39 @@ def test_batched_counter_read_equals_per_slot_lookups(fw, run):
     got = {slot: (p, b) for slot, p, b in fw.maps.matched_rule_counters(fw.rule_slots.high)}
     want = {r.slot: fw.rule_counter(r) for r in rules if fw.rule_counter(r)[0]}
     assert got == want
+
+
+def test_per_rule_series_are_bounded_to_the_top_rules_and_set_totals(fw, run):
+    """A blocklist under attack: every rule matches, yet a scrape holds top_rules rule series
+    and max_sets set series (the rest summed under _other), and the totals stay exact."""
+    from xdpfw.metrics import OTHER_SETS, RuleSeries
+
+    client = TestClient(create_app(fw, rule_series=RuleSeries(top_rules=3, max_sets=2)))
+    hits = {}
+    for i in range(12):
+        spec = RuleSpec(parse_prefix(f"203.0.113.{i}/32"), Action.DROP,
+                        comment=["blocklist-a", "blocklist-b", "manual", ""][i % 4])
+        rule = fw.add_rules([spec])[0]
+        hits[rule.id] = (i + 1, spec.comment)
+        run(P.tcp4(f"203.0.113.{i}", 80), repeat=i + 1)
+    m = scrape(client)
+    rule_series = {dict(k[1])["rule_id"]: v for k, v in m.items()
+                   if k[0] == "xdpfw_rule_packets_total"}
+    top = sorted(hits, key=lambda rid: hits[rid][0])[-3:]
+    assert rule_series == {str(rid): hits[rid][0] for rid in top}, rule_series
+    sets = {dict(k[1])["set"]: v for k, v in m.items() if k[0] == "xdpfw_rule_set_packets_total"}
+    per_set: dict[str, int] = {}
+    for n, comment in hits.values():
+        per_set[comment] = per_set.get(comment, 0) + n
+    biggest = sorted(per_set, key=per_set.get)[-2:]
+    assert sets == {**{s: per_set[s] for s in biggest},
+                    OTHER_SETS: sum(v for s, v in per_set.items() if s not in biggest)}, sets
+    assert value(m, "xdpfw_rules_matched") == 12
+    assert sum(sets.values()) == sum(n for n, _ in hits.values())
+
+
+def test_process_metrics_are_exported(client):
+    names = {k[0] for k in scrape(client)}
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "python_info"):
+        assert name in names, f"{name} missing: {sorted(names)}"

@@ -90,6 +90,21 @@ class Client:
     def delete(self, path: str, **kw) -> Any:
         return self.request("DELETE", path, **kw)
 
+    def stream(self, path: str, params: dict | None = None) -> Iterator[bytes]:
+        """The body of a GET as it arrives (a capture: no read timeout)."""
+        try:
+            with self.http.stream(
+                "GET", path, params=params, timeout=httpx.Timeout(10.0, read=None)
+            ) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise ApiError(r.status_code, _detail(r))
+                yield from r.iter_raw()
+        except httpx.TransportError as e:
+            raise ApiUnavailable(
+                f"cannot reach the xdpfw API on {self.socket} ({e}): is `xdpfw serve` running?"
+            ) from None
+
     def events(self, params: dict | None = None) -> Iterator[dict]:
         """Server-sent events from /api/v1/events, one dict per `data:` line."""
         try:

@@ -503,6 +503,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=0, help="exit after this long")
     p.set_defaults(func=watch)
 
+    from xdpfw.capture_cli import add_capture_command
+
+    add_capture_command(sub, api)
+
     p = sub.add_parser("upgrade", parents=[api],
                        help="build the program again and swap it in atomically")
     p.add_argument("--source", help="C source to build instead of the installed xdpfw.c")

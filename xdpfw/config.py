@@ -28,6 +28,18 @@
     [events]
     sample_rate = 100                # 1 in N dropped packets is sent to `xdpfw watch`; 0: off
 
+    [capture]                        # `xdpfw capture`, GET /api/v1/capture
+    rate = 10000                     # packets a second per CPU the kernel copies, at most ...
+    burst = 2000                     # ... after this many back to back
+
+    [metrics]
+    listen = "127.0.0.1:9100"        # optional: /metrics alone, read-only, no token
+    top_rules = 20                   # per-rule series: the rules with the most hits ...
+    max_sets = 50                    # ... and per-set totals (a set: rules sharing a comment)
+
+    [ui]
+    listen = ["192.0.2.1:8443"]      # optional: the dashboard (/ui/) and the API, same token
+
     [[rules]]                        # ensured present at start (the API may add more)
     prefix = "203.0.113.0/24"
     action = "drop"                  # drop | pass
@@ -138,6 +150,40 @@ class EventsConfig(_Strict):
     sample_rate: int = Field(100, ge=0, le=1 << 30)
 
 
+def _host_port(item: str) -> str:
+    host, _, port = item.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen address {item!r} must be HOST:PORT")
+    return item
+
+
+class CaptureConfig(_Strict):
+    # A flood under capture costs the box at most this copy rate (per CPU), whatever the
+    # client asks for.
+    rate: int = Field(10_000, ge=1, le=1_000_000)
+    burst: int = Field(2_000, ge=1, le=1_000_000)
+
+
+class MetricsConfig(_Strict):
+    listen: str | None = None  # HOST:PORT serving /metrics only: read-only, no token
+    top_rules: int = Field(20, ge=0, le=10_000)
+    max_sets: int = Field(50, ge=0, le=10_000)
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
+
+
+class UiConfig(_Strict):
+    listen: list[str] = Field(default_factory=list)  # the dashboard and the API, same token
+
+    @field_validator("listen")
+    @classmethod
+    def _addrs(cls, v: list[str]) -> list[str]:
+        return [_host_port(item) for item in v]
+
+
 # A [[rules]] entry is a POST /api/v1/rules body: one model validates both.
 RuleConfig = RuleCreate
 
@@ -147,6 +193,9 @@ class AppConfig(_Strict):
     state: StateConfig = Field(default_factory=StateConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ui: UiConfig = Field(default_factory=UiConfig)
     lb: LbConfig = Field(default_factory=LbConfig)
     interfaces: list[InterfaceConfig] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(default_factory=list)

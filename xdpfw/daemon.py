@@ -23,13 +23,16 @@ from pathlib import Path
 
 from xdpfw import demo, heap, logfilter, statedir
 from xdpfw.api.app import create_app
+from xdpfw.api.metrics_app import create_metrics_app
 from xdpfw.api.middleware import BodyLimits
+from xdpfw.capture import CaptureHub, RateLimit
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
+from xdpfw.metrics import RuleSeries
 from xdpfw.service import Firewall
 
 log = logging.getLogger("xdpfw")
@@ -164,10 +167,10 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     statedir.secure(state)
     logfilter.install()
     token = cfg.api.effective_token()
-    if cfg.api.listen and not token:
+    if (cfg.api.listen or cfg.ui.listen) and not token:
         raise ConfigError(
-            "api.listen opens the API over TCP, which needs a token: set api.token or "
-            "XDPFW_API_TOKEN"
+            f"{'api' if cfg.api.listen else 'ui'}.listen opens the API over TCP, which needs "
+            "a token: set api.token or XDPFW_API_TOKEN"
         )
     fd_limit = raise_fd_limit()
     heap.tune()
@@ -180,6 +183,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     stop_request = {"detach": False}
     pid = pid_file(cfg)
     events: EventHub | None = None
+    capture: CaptureHub | None = None
     lb = None
     servers: ApiServers | None = None
     unix: socket.socket | None = None
@@ -205,17 +209,23 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             print(demo.howto(cfg.api.socket), flush=True)
         events = EventHub(dp, fw)  # reads sampled drops; follows the program across upgrades
         events.start(cfg.events.sample_rate)
+        capture = CaptureHub(dp, RateLimit(cfg.capture.rate, cfg.capture.burst))
         unix = unix_listener(cfg.api.socket)
-        tcp = [tcp_listener(a) for a in cfg.api.listen]
+        # The dashboard's listeners serve the same app behind the same token.
+        tcp = [tcp_listener(a) for a in [*cfg.api.listen, *cfg.ui.listen]]
+        metrics_sockets = [tcp_listener(cfg.metrics.listen)] if cfg.metrics.listen else []
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/watcher.py).
         lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
-        app = create_app(fw, token, lb=lb, events=events, body_limits=limits)
-        servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level)
+        app = create_app(fw, token, lb=lb, events=events, body_limits=limits, capture=capture,
+                         rule_series=RuleSeries(cfg.metrics.top_rules, cfg.metrics.max_sets))
+        servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level,
+                             create_metrics_app(app.state.metrics), metrics_sockets)
         servers.before_shutdown.append(events.end_streams)
+        servers.before_shutdown.append(capture.end_streams)
 
         def shutdown(detach: bool) -> None:
             stop_request["detach"] |= detach
@@ -224,12 +234,15 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         app.state.shutdown = shutdown
         heap.trim()  # what compiling the programs and restoring the rules left
         counts = fw.counts()
-        log.info("xdpfw: %d rules, %d interfaces; API on %s", counts.rules,
-                 counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen]))
+        log.info("xdpfw: %d rules, %d interfaces; API on %s%s", counts.rules,
+                 counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen, *cfg.ui.listen]),
+                 f"; metrics on {cfg.metrics.listen}" if cfg.metrics.listen else "")
         servers.run()
     finally:
         if events is not None:
             events.stop()
+        if capture is not None:
+            capture.stop()
         if lb is not None:
             lb.close()
         try:

@@ -204,44 +204,58 @@ class ApiServers:
         tcp_sockets: list[socket.socket],
         limits: TcpLimits,
         log_level: str = "info",
+        metrics_app=None,
+        metrics_sockets: list[socket.socket] | None = None,
     ) -> None:
+        """metrics_app: served on metrics_sockets (the read-only [metrics] listener), on an
+        event loop of its own, with the same pre-auth limits as the API's TCP side."""
         self.guard = ConnectionGuard(limits)
         self.before_shutdown: list[Callable[[], None]] = []
         self.unix = Server(_config(app, UnixProtocol, log_level), self.before_shutdown)
-        self.tcp = (
-            Server(_config(app, guarded_protocol(self.guard), log_level), self.before_shutdown)
-            if tcp_sockets else None
-        )
+        # (name, server, sockets) served in threads of their own
+        self._threaded: list[tuple[str, Server, list[socket.socket]]] = []
+        self.tcp = None
+        if tcp_sockets:
+            self.tcp = Server(_config(app, guarded_protocol(self.guard), log_level),
+                              self.before_shutdown)
+            self._threaded.append(("TCP API", self.tcp, tcp_sockets))
+        if metrics_app is not None and metrics_sockets:
+            protocol = guarded_protocol(ConnectionGuard(limits))
+            server = Server(_config(metrics_app, protocol, log_level), [])
+            self._threaded.append(("metrics listener", server, metrics_sockets))
         self._unix_socket = unix_socket
-        self._tcp_sockets = tcp_sockets
         self.tcp_failed: BaseException | None = None
 
     def run(self) -> None:
-        thread = None
-        if self.tcp is not None:
-            thread = threading.Thread(target=self._run_tcp, name="xdpfw-api-tcp", daemon=True)
-            thread.start()
+        threads = []
+        for name, server, sockets in self._threaded:
+            t = threading.Thread(target=self._run_threaded, args=(name, server, sockets),
+                                 name=f"xdpfw-{name.replace(' ', '-').lower()}", daemon=True)
+            t.start()
+            threads.append(t)
         try:
             self.unix.run(sockets=[self._unix_socket])
         finally:
             self.stop()
-            if thread is not None:
-                thread.join(GRACEFUL_SHUTDOWN_S + 5)
+            for t in threads:
+                t.join(GRACEFUL_SHUTDOWN_S + 5)
         if self.tcp_failed is not None:
-            raise RuntimeError(f"the TCP API stopped: {self.tcp_failed}") from self.tcp_failed
+            raise RuntimeError(f"the {self.tcp_failed}") from self.tcp_failed
 
     def stop(self) -> None:
         self.unix.should_exit = True
-        if self.tcp is not None:
-            self.tcp.should_exit = True
+        for _, server, _ in self._threaded:
+            server.should_exit = True
 
-    def _run_tcp(self) -> None:
-        assert self.tcp is not None
+    def _run_threaded(self, name: str, server: Server, sockets: list[socket.socket]) -> None:
+        failed: BaseException | None = None
         try:
-            self.tcp.run(sockets=self._tcp_sockets)
+            server.run(sockets=sockets)
         except BaseException as e:  # uvicorn exits on a start-up failure
-            self.tcp_failed = e
+            failed = e
         if not self.unix.should_exit:  # a daemon serving half its API would only confuse
-            self.tcp_failed = self.tcp_failed or RuntimeError("it returned")
-            log.error("the TCP API stopped unexpectedly (%s): stopping", self.tcp_failed)
+            failed = failed or RuntimeError("it returned")
+            log.error("the %s stopped unexpectedly (%s): stopping", name, failed)
             self.unix.should_exit = True
+        if failed is not None:
+            self.tcp_failed = RuntimeError(f"{name} stopped: {failed}")

@@ -4,16 +4,27 @@ Every app gets its own CollectorRegistry (no import-time global), so tests and t
 wire their own; other parts of the appliance (the load balancer) register their collectors on
 `app.state.metrics`.
 
-Per-rule series are exported for rules that have matched at least once: a blocklist of a
-million prefixes would otherwise be a million series of zeros.
+Per-rule series are bounded, so that a blocklist under attack (every prefix matching) cannot
+make a scrape a million series: the `top_rules` rules with the most hits get a series each,
+and every rule that matched is counted in its set's total. A set is the rules that share a
+comment (a blocklist imported in one go shares one; rules without one are in set ""); the
+`max_sets` sets with the most hits get a series each, the rest are summed under "_other".
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,18 +37,36 @@ from xdpfw.service import Firewall
 VERDICT_OF_REASON = {abi.REASON_NAMES[r]: v for r, v in abi.REASON_VERDICTS.items()}
 
 
+OTHER_SETS = "_other"
+
+
 class EventStats(Protocol):
     def metrics(self) -> dict[str, int]: ...
+
+
+class CaptureStats(Protocol):
+    def status(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class RuleSeries:
+    """How many per-rule and per-set series a scrape may hold ([metrics] in the config)."""
+
+    top_rules: int = 20
+    max_sets: int = 50
 
 
 class FirewallCollector(Collector):
     """Counters from the Dataplane's maps, named by the Firewall's read views."""
 
     def __init__(self, firewall: Firewall, dataplane: Dataplane,
-                 events: EventStats | None = None) -> None:
+                 events: EventStats | None = None, series: RuleSeries | None = None,
+                 capture: CaptureStats | None = None) -> None:
         self.fw = firewall
         self.dp = dataplane
         self.events = events
+        self.series = series or RuleSeries()
+        self.capture = capture
 
     def collect(self) -> Iterator[Metric]:
         yield from self._program()
@@ -47,6 +76,8 @@ class FirewallCollector(Collector):
         yield from self._maps()
         if self.events is not None:
             yield from self._events()
+        if self.capture is not None:
+            yield from self._capture()
 
     def _program(self) -> Iterator[Metric]:
         build = self.dp.build()
@@ -96,20 +127,45 @@ class FirewallCollector(Collector):
 
     def _rules(self) -> Iterator[Metric]:
         labels = ["rule_id", "prefix", "action"]
-        pk = CounterMetricFamily("xdpfw_rule_packets", "Packets decided by each rule (rules "
-                                 "that matched at least once)", labels=labels)
-        by = CounterMetricFamily("xdpfw_rule_bytes", "Bytes decided by each rule", labels=labels)
+        pk = CounterMetricFamily(
+            "xdpfw_rule_packets", f"Packets decided by each of the {self.series.top_rules} "
+            "rules with the most hits (xdpfw_rule_set_packets_total counts them all)",
+            labels=labels)
+        by = CounterMetricFamily("xdpfw_rule_bytes", "Bytes decided by each of the rules with "
+                                 "the most hits", labels=labels)
+        set_pk = CounterMetricFamily(
+            "xdpfw_rule_set_packets", "Packets decided by the rules of a set (rules sharing a "
+            f"comment); sets past the {self.series.max_sets} with the most hits are summed "
+            f"under set=\"{OTHER_SETS}\"", labels=["set"])
+        set_by = CounterMetricFamily("xdpfw_rule_set_bytes", "Bytes decided by the rules of a "
+                                     "set", labels=["set"])
+        matched = GaugeMetricFamily("xdpfw_rules_matched", "Rules that have matched at least "
+                                    "once (each is in a set's total, the top ones in series "
+                                    "of their own)")
         count = GaugeMetricFamily("xdpfw_rules", "Rules configured", labels=["action"])
-        for r, p, b in self.fw.rule_counters():
+        counters = self.fw.rule_counters()
+        for r, p, b in heapq.nlargest(self.series.top_rules, counters, key=lambda c: c[1]):
             lv = [str(r.id), str(r.prefix), r.action.value]
             pk.add_metric(lv, p)
             by.add_metric(lv, b)
+        sets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r, p, b in counters:
+            total = sets[r.comment]
+            total[0] += p
+            total[1] += b
+        top = heapq.nlargest(self.series.max_sets, sets.items(), key=lambda kv: kv[1][0])
+        other = [0, 0]
+        for name in set(sets) - {name for name, _ in top}:
+            other[0] += sets[name][0]
+            other[1] += sets[name][1]
+        for name, (p, b) in [*top, *([(OTHER_SETS, other)] if len(sets) > len(top) else [])]:
+            set_pk.add_metric([name], p)
+            set_by.add_metric([name], b)
+        matched.add_metric([], len(counters))
         actions = self.fw.rules_by_action()
         for action in (Action.DROP, Action.PASS):
             count.add_metric([action.value], actions.get(action, 0))
-        yield pk
-        yield by
-        yield count
+        yield from (pk, by, set_pk, set_by, matched, count)
 
     def _maps(self) -> Iterator[Metric]:
         occupancy = self.fw.occupancy()
@@ -137,8 +193,24 @@ class FirewallCollector(Collector):
         yield c
 
 
+    def _capture(self) -> Iterator[Metric]:
+        status = self.capture.status()
+        yield GaugeMetricFamily("xdpfw_captures_running", "Packet captures streaming now",
+                                value=status["running"])
+        pk = CounterMetricFamily(
+            "xdpfw_capture_packets", "Packets a capture selected: captured, refused by the "
+            "rate limit, or lost to a full ring", labels=["outcome"])
+        for outcome, c in status["kernel"].items():
+            pk.add_metric([outcome], c["packets"])
+        yield pk
+
+
 def build_registry(firewall: Firewall, dataplane: Dataplane,
-                   events: EventStats | None = None) -> CollectorRegistry:
+                   events: EventStats | None = None, series: RuleSeries | None = None,
+                   capture: CaptureStats | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FirewallCollector(firewall, dataplane, events))
+    registry.register(FirewallCollector(firewall, dataplane, events, series, capture))
+    # The daemon's own process: CPU, memory, open files, Python's GC.
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
     return registry

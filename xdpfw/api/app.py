@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse
 
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
 from xdpfw.api.peer import peer_of
+from xdpfw.api.routes import capture as capture_routes
+from xdpfw.api.routes import dashboard, interfaces, rules, services, stats
 from xdpfw.api.routes import events as events_routes
-from xdpfw.api.routes import interfaces, rules, services, stats
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
 from xdpfw.db import storage_error
@@ -32,7 +33,8 @@ from xdpfw.errors import (
     VerifierError,
 )
 from xdpfw.lb.metrics import LbCollector
-from xdpfw.metrics import build_registry
+from xdpfw.metrics import RuleSeries, build_registry
+from xdpfw.rulehits import RuleHits
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,15 @@ def create_app(
     events=None,
     lb=None,
     body_limits: BodyLimits | None = None,
+    capture=None,
+    rule_series: RuleSeries | None = None,
 ) -> FastAPI:
     """token: required from every client but the daemon's unix socket (local, by permission).
     events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
     lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
-    body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS)."""
+    body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS).
+    capture: the daemon's xdpfw.capture.CaptureHub (None: /api/v1/capture answers 503).
+    rule_series: how many per-rule and per-set series /metrics holds."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -88,17 +94,23 @@ def create_app(
     app.state.firewall = firewall
     app.state.events = events
     app.state.lb = lb
+    app.state.capture = capture
+    app.state.rule_hits = RuleHits(firewall)
     # The Dataplane the firewall runs on: metrics read counters from its maps.
-    app.state.metrics = build_registry(firewall, firewall.dp, events)  # others register too
+    app.state.metrics = build_registry(firewall, firewall.dp, events, rule_series,
+                                       capture)  # others register too
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
     for router in (rules.router, interfaces.router, stats.router):
         app.include_router(router)
-    for router in (metrics_routes.router, program_routes.router, events_routes.router):
+    for router in (metrics_routes.router, program_routes.router, events_routes.router,
+                   capture_routes.router):
         app.include_router(router)
     for router in (services.router, services.steer_router):
         app.include_router(router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.UI_PATH, dashboard.ui_files(), name="ui")
 
     for exc_type, code in ERROR_STATUS.items():
         app.add_exception_handler(exc_type, _handler(code))
@@ -113,7 +125,9 @@ def create_app(
     @app.middleware("http")
     async def bearer_token_off_the_unix_socket(request: Request, call_next):
         # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
-        if peer_of(request.scope) is None and token is not None:
+        # The dashboard's files hold no data (its page asks for the token), so a browser
+        # gets them without one.
+        if peer_of(request.scope) is None and token is not None and not _ui_file(request):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse(
@@ -126,6 +140,12 @@ def create_app(
 
     app.add_middleware(JsonErrors)
     return app
+
+
+def _ui_file(request: Request) -> bool:
+    path = request.url.path
+    return request.method in ("GET", "HEAD") and (
+        path == dashboard.UI_PATH or path.startswith(dashboard.UI_PATH + "/"))
 
 
 def _handler(code: int):

@@ -112,4 +112,23 @@ BPF_TABLE_PINNED("array", __u32, struct pin_identity, pin_identity, 1, PIN("pin_
  * daemon follows the program that is attached (xdpfw/events.py). 64 pages: ~4,900 events. */
 BPF_RINGBUF_OUTPUT(drop_events, 64);
 
+/* ---- Packet capture (xdpfw_abi.h: XDPFW_CAPTURE_*; control plane xdpfw/capture.py) ---- */
+
+/* One entry: which verdicts a running capture takes, its snaplen and rate limit. Read only
+ * while fw_cfg.capture is set. */
+BPF_TABLE_PINNED("array", __u32, struct capture_cfg, capture_config, 1, PIN("capture_config"));
+
+/* Captured, rate-limited and lost (ring full) packets, per CPU. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, capture_counters,
+		 XDPFW_CAPTURE_COUNTERS, PIN("capture_counters"));
+
+/* Per CPU: the rate limit's state, and the record a frame is copied into before it goes to
+ * the ring (bpf_ringbuf_output copies only the bytes used; a reserve must be of fixed size). */
+BPF_PERCPU_ARRAY(capture_bucket, struct capture_bucket, 1);
+BPF_PERCPU_ARRAY(capture_scratch, struct capture_record, 1);
+
+/* Captured frames. Not pinned: each build has its own, read by the daemon across upgrades
+ * like drop_events. 512 pages (2 MiB): ~1,000 full-size frames, many more short ones. */
+BPF_RINGBUF_OUTPUT(capture_ring, 512);
+
 #endif /* XDPFW_MAPS_H */

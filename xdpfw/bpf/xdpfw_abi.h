@@ -240,6 +240,9 @@ struct lb_ct {
 struct fw_cfg {
 	__u32 sample_rate; /* host order: 1 drop in sample_rate becomes an event (drop_events); 0: none */
 	__u32 skip;        /* host order: XDPFW_SKIP_* */
+	__u32 capture;     /* host order: non-zero while a capture runs (capture_config says what);
+			    * 0 costs a packet one test of this word */
+	__u32 pad;
 };
 
 /* ---- Whose pins these are: pin_identity, one entry (xdpfw/dataplane/pins.py) ---- */
@@ -270,6 +273,51 @@ struct drop_event {
 	__u16 eth_proto; /* be: innermost ethertype */
 	__u8 l4_proto;   /* IPPROTO_* */
 	__u8 reason;     /* XDPFW_REASON_* */
+};
+
+/* ---- Packet capture (ring buffer capture_ring; reader xdpfw/capture.py) ----
+ *
+ * While fw_cfg.capture is set, every verdict that capture_config selects copies up to snaplen
+ * bytes of its frame into capture_ring, at most one packet per interval_ns per CPU (after a
+ * burst), so a flood costs the box a bounded copy rate, and a full ring loses records, never
+ * packets. Everything is filtered in the program: only matching packets are copied. */
+#define XDPFW_CAPTURE_MAX_SNAPLEN 2048       /* bytes of a frame a record can hold */
+#define XDPFW_CAPTURE_ANY         0xffffffff /* capture_cfg.iface / .rule_slot: no filter */
+
+/* capture_counters index (per-CPU struct counter: packets and their full lengths). */
+#define XDPFW_CAPTURE_CAPTURED 0 /* copied into capture_ring */
+#define XDPFW_CAPTURE_LIMITED  1 /* matched, refused by the rate limit */
+#define XDPFW_CAPTURE_LOST     2 /* matched, the ring was full */
+#define XDPFW_CAPTURE_COUNTERS 3
+
+/* Value of capture_config[0], written before fw_cfg.capture is set. */
+struct capture_cfg {
+	__u32 iface;       /* host order: interface slot, or XDPFW_CAPTURE_ANY */
+	__u32 rule_slot;   /* host order: counter slot of the deciding rule, or XDPFW_CAPTURE_ANY */
+	__u32 reasons;     /* host order: bit 1 << XDPFW_REASON_* per reason captured */
+	__u32 verdicts;    /* host order: bit 1 << XDP_* per action captured (XDP_DROP = 1...) */
+	__u32 snaplen;     /* host order: bytes copied per frame, 1..XDPFW_CAPTURE_MAX_SNAPLEN */
+	__u32 pad;
+	__u64 interval_ns; /* host order: 1e9 / packets per second, per CPU */
+	__u64 burst_ns;    /* host order: (burst - 1) * interval_ns: how far ahead a CPU may run */
+};
+
+/* Per CPU (capture_bucket): the rate limit's state, a GCRA "theoretical arrival time". */
+struct capture_bucket {
+	__u64 tat; /* bpf_ktime_get_ns() by which the CPU has used up its allowance */
+};
+
+/* One captured frame, as pushed through capture_ring: the header, then cap_len bytes. */
+struct capture_record {
+	__u64 ts_ns;     /* host order: bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u32 pkt_len;   /* host order: the frame's length as XDP saw it */
+	__u32 cap_len;   /* host order: bytes of it that follow (<= snaplen) */
+	__u32 iface;     /* host order: interface slot of the program instance */
+	__u32 rule_slot; /* host order: counter slot of the deciding rule, or XDPFW_NO_RULE */
+	__u8 reason;     /* XDPFW_REASON_* */
+	__u8 verdict;    /* XDP_* action the packet got */
+	__u8 pad[6];
+	__u8 data[XDPFW_CAPTURE_MAX_SNAPLEN];
 };
 
 #endif /* XDPFW_ABI_H */

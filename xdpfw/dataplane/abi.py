@@ -209,7 +209,58 @@ class LbCt(ctypes.Structure):
 
 
 class FwCfg(ctypes.Structure):
-    _fields_ = (("sample_rate", ctypes.c_uint32), ("skip", ctypes.c_uint32))
+    _fields_ = (
+        ("sample_rate", ctypes.c_uint32),
+        ("skip", ctypes.c_uint32),
+        ("capture", ctypes.c_uint32),  # non-zero while a capture runs
+        ("pad", ctypes.c_uint32),
+    )
+
+
+# -- packet capture (xdpfw_abi.h: XDPFW_CAPTURE_*) ----------------------------------------
+
+CAPTURE_MAX_SNAPLEN = 2048
+CAPTURE_ANY = 0xFFFFFFFF
+CAPTURE_CAPTURED = 0
+CAPTURE_LIMITED = 1
+CAPTURE_LOST = 2
+CAPTURE_COUNTERS = 3
+
+
+class CaptureCfg(ctypes.Structure):
+    _fields_ = (
+        ("iface", ctypes.c_uint32),
+        ("rule_slot", ctypes.c_uint32),
+        ("reasons", ctypes.c_uint32),  # bit per REASON_*
+        ("verdicts", ctypes.c_uint32),  # bit per XDP action
+        ("snaplen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("interval_ns", ctypes.c_uint64),
+        ("burst_ns", ctypes.c_uint64),
+    )
+
+
+class CaptureBucket(ctypes.Structure):
+    _fields_ = (("tat", ctypes.c_uint64),)
+
+
+class CaptureRecord(ctypes.Structure):
+    """A captured frame from capture_ring: this header, then cap_len bytes of data."""
+
+    _fields_ = (
+        ("ts_ns", ctypes.c_uint64),
+        ("pkt_len", ctypes.c_uint32),
+        ("cap_len", ctypes.c_uint32),
+        ("iface", ctypes.c_uint32),
+        ("rule_slot", ctypes.c_uint32),
+        ("reason", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 6),
+        ("data", ctypes.c_uint8 * CAPTURE_MAX_SNAPLEN),
+    )
+
+
+CAPTURE_HEADER = CaptureRecord.data.offset  # bytes before a record's frame
 
 
 class DropEvent(ctypes.Structure):
@@ -271,4 +322,8 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "lb_service_counters": (ctypes.c_uint32, Counter),
     "lb_backend_counters": (ctypes.c_uint32, Counter),
     "pin_identity": (ctypes.c_uint32, PinIdentity),
+    "capture_config": (ctypes.c_uint32, CaptureCfg),
+    "capture_counters": (ctypes.c_uint32, Counter),
+    "capture_bucket": (ctypes.c_uint32, CaptureBucket),
+    "capture_scratch": (ctypes.c_uint32, CaptureRecord),
 }

@@ -7,8 +7,8 @@
   chained behind each one (README "Other XDP programs").
 - The map handles (FirewallMaps, LbMaps), opened from the pins with fds of their own: they
   stay valid whichever build runs, so an upgrade never leaves a component writing through a
-  closed (or reused) descriptor. The drop-event ring buffer belongs to the build: its
-  readers (read_events) are bound to each new build.
+  closed (or reused) descriptor. The ring buffers (drop events, captured packets) belong
+  to the build: their readers (read_ring) are bound to each new build.
 - The sockhash proxy's programs and maps (SockProxyDataplane), loaded on first use and shared
   by every proxy service; when the kernel refuses them, xdpfw.proxy.fallback decides.
 The firewall, the load balancer, events and metrics reach the kernel only through these
@@ -30,6 +30,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
+from xdpfw.dataplane.capture_maps import CaptureMaps
 from xdpfw.dataplane.lb_maps import LbMaps
 from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig, load_program
 from xdpfw.dataplane.maps import FirewallMaps
@@ -97,6 +98,7 @@ class Dataplane:
         self.program = self._load_claimable(config)
         self.maps = FirewallMaps(config)
         self.lb = LbMaps(config)
+        self.capture = CaptureMaps(config.pin_dir, self.maps.fw_config)
         self.links: dict[int, Link] = {}
         self._readers: list[RingReader] = []  # bound to each new build before the old closes
         self._proxy: SockProxyDataplane | None = None
@@ -271,7 +273,12 @@ class Dataplane:
     def read_events(self, on_record: Callable[[bytes], None]) -> RingReader:
         """Call on_record, on a thread of its own, with each record the running build puts in
         its drop_events ring buffer, across upgrades, until stop_events."""
-        reader = RingReader("drop_events", on_record)
+        return self.read_ring("drop_events", on_record)
+
+    def read_ring(self, map_name: str, on_record: Callable[[bytes], None],
+                  wakeups: bool = False) -> RingReader:
+        """The same for any ring buffer of the build (RingReader says what wakeups means)."""
+        reader = RingReader(map_name, on_record, wakeups)
         with self.lock:
             reader.bind(self.program)
             self._readers.append(reader)
@@ -354,5 +361,6 @@ class Dataplane:
                 self._proxy.close()
                 self._proxy = None
             self.program.close()
+            self.capture.close()
             self.maps.close()
             self.lb.close()

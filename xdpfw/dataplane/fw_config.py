@@ -1,6 +1,7 @@
 """The program-wide settings entry (pinned map fw_config, key 0): the drop-event sample rate,
-which IPv6 source maps the program may skip because they are empty, and the hostless_v6
-bitmap over the IPv6 host hash.
+which IPv6 source maps the program may skip because they are empty, whether a capture runs
+(xdpfw/dataplane/capture_maps.py; cleared at start, since no capture outlives its daemon),
+and the hostless_v6 bitmap over the IPv6 host hash.
 
 Skipping an empty map saves a packet a lookup that can only miss (an empty LPM trie still
 costs a call; an empty hash a hash and a bucket). The bits must never hide a rule, so:
@@ -64,10 +65,18 @@ class FwConfig:
         self._rebuild_timer: threading.Timer | None = None
         raw = handle.lookup(_KEY)
         self._value = abi.FwCfg.from_buffer_copy(raw) if raw else abi.FwCfg()
+        if self._value.capture:  # no capture outlives the process that ran it
+            self._store(capture=0)
 
     def set_sample_rate(self, rate: int) -> None:
         with self._lock:
             self._store(rate=rate)
+
+    def set_capture(self, on: bool) -> None:
+        """The flag the program tests on every verdict: set only while a capture runs
+        (xdpfw/capture.py), after capture_config says what to take."""
+        with self._lock:
+            self._store(capture=int(on))
 
     @contextlib.contextmanager
     def writing(self, maps: Iterable[MapHandle], host_keys_v6: bytes = b"") -> Iterator[None]:
@@ -155,10 +164,12 @@ class FwConfig:
         self._hostless.update_many(np.ascontiguousarray(keys, dtype=np.uint32).tobytes(),
                                    np.ascontiguousarray(values).tobytes(), len(keys))
 
-    def _store(self, *, rate: int | None = None, skip: int | None = None) -> None:
+    def _store(self, *, rate: int | None = None, skip: int | None = None,
+               capture: int | None = None) -> None:
         value = abi.FwCfg(
             sample_rate=self._value.sample_rate if rate is None else rate,
             skip=self._value.skip if skip is None else skip,
+            capture=self._value.capture if capture is None else capture,
         )
         self._handle.update(_KEY, bytes(value))
         self._value = value
