@@ -169,14 +169,29 @@ class Firewall:
 
     # -- rules ----------------------------------------------------------------------------
 
-    def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
-        """Add rules, all or nothing."""
+    def add_rules(self, specs: Sequence[RuleSpec],
+                  ids: Sequence[int] | None = None) -> list[Rule]:
+        """Add rules, all or nothing. ids: theirs, ascending (a fleet node's, given by etcd:
+        xdpfw/fleet); default: the next free ones."""
         for s in specs:
             if s.proto is not None or s.dport is not None:
                 check_match(s.proto, s.dport)
         with self.lock:
-            rows = self._add(NewRules.of(specs, self.table))
-            return list(self.table.iter_rules(rows))
+            given = None if ids is None else self._check_ids(ids, len(specs))
+            rows = self._add(NewRules.of(specs, self.table), given)
+            rules = list(self.table.iter_rules(rows))
+            if given is not None and not self.table.ids_ascend():
+                self.table.sort_by_id()  # rows renumber: the rules were read before
+            return rules
+
+    def _check_ids(self, ids: Sequence[int], n: int) -> np.ndarray:
+        given = np.asarray(ids, dtype=np.int64)
+        if len(given) != n or (len(given) and (given[0] < 1 or (given[1:] <= given[:-1]).any())):
+            raise ValueError("rule ids must be given one per rule, ascending, from 1")
+        taken = [int(i) for i in given if self.table.row_of_id(int(i)) is not None]
+        if taken:
+            raise ConflictError(f"a rule with id {taken[0]} exists already")
+        return given
 
     def add_prefixes(self, prefixes: Prefixes, action: Action, comment: str = "") -> range:
         """A blocklist: rules for every prefix, one action and comment, all or nothing, from
@@ -186,7 +201,7 @@ class Firewall:
             ids = self.table.col["id"]
             return range(int(ids[rows[0]]), int(ids[rows[-1]]) + 1) if len(rows) else range(0)
 
-    def _add(self, new: NewRules) -> np.ndarray:
+    def _add(self, new: NewRules, given_ids: np.ndarray | None = None) -> np.ndarray:
         """Check, then in chunks: into the table, compiled (plain rules into a plain index
         need nothing), written to the maps by a writer thread (syscalls, no GIL) while the
         next chunk is prepared and the rows go into one SQLite transaction. On any failure
@@ -204,7 +219,8 @@ class Firewall:
                 with self.store.transaction():
                     for lo in range(0, n, ADD_CHUNK):
                         part = slice(lo, min(n, lo + ADD_CHUNK))
-                        ids = np.arange(first_id + part.start, first_id + part.stop)
+                        ids = (np.arange(first_id + part.start, first_id + part.stop)
+                               if given_ids is None else given_ids[part])
                         rows = self.table.append(ids=ids, slots=slots[part],
                                                  **new.columns(part))
                         if self.index.plain_only() and not new.proto[part].any():
@@ -227,7 +243,8 @@ class Firewall:
                 self.table.truncate(first_row)
                 self.rule_slots.give(slots)
                 raise
-            self._next_id = first_id + n
+            self._next_id = (first_id + n if given_ids is None or not n
+                             else max(first_id, int(given_ids[-1]) + 1))
         if n >= heap.BULK:
             heap.trim()
         return np.arange(first_row, first_row + n)
@@ -284,6 +301,33 @@ class Firewall:
             self.rule_slots.give([rule.slot])
             self.table.compact_if_sparse()
             return rule
+
+    def delete_rules(self, rule_ids: Sequence[int]) -> int:
+        """Delete rules by id, all or nothing, in one transaction. Returns how many."""
+        with self.lock:
+            rows = np.array([self._row_of(i) for i in dict.fromkeys(rule_ids)], dtype=np.int64)
+            if not len(rows):
+                return 0
+            slots = self.table.column("slot", rows)
+            ids = self.table.column("id", rows).tolist()
+            changes = self.index.remove_rows(rows)
+            try:
+                with self.store.transaction():
+                    self.store.delete_rules(ids)
+                    self._apply(changes)
+                    self.maps.reset_rule_counters(slots.tolist())
+            except BaseException:
+                self._rollback(lambda: self._apply(self.index.revive_rows(rows)))
+                raise
+            self.rule_slots.give(slots)
+            self.table.compact_if_sparse()
+            return len(rows)
+
+    def find_rule(self, prefix: Prefix, proto: Proto | None, dport: int | None) -> Rule | None:
+        """The rule with this match, if any."""
+        with self.lock:
+            row = self.table.find(prefix, proto, dport)
+            return None if row is None else self.table.rule(row)
 
     def _row_of(self, rule_id: int) -> int:
         row = self.table.row_of_id(rule_id)

@@ -120,9 +120,9 @@ class RuleTable:
     def append(self, *, ids: np.ndarray, slots: np.ndarray, family: np.ndarray, hi: np.ndarray,
                lo: np.ndarray, plen: np.ndarray, proto: np.ndarray, dport: np.ndarray,
                action: np.ndarray, comment: np.ndarray) -> np.ndarray:
-        """New rules, as columns (ids ascending, above every id already here, for
-        row_of_id). Duplicates are the caller's to refuse first (find_many4). Returns their
-        rows."""
+        """New rules, as columns (ids ascending and, for row_of_id, above every id already
+        here, or sort_by_id follows). Duplicates are the caller's to refuse first
+        (find_many4). Returns their rows."""
         k = len(ids)
         self._reserve(self.n + k)
         rows = np.arange(self.n, self.n + k)
@@ -327,7 +327,20 @@ class RuleTable:
         order). Readers that hold no lock see the old arrays or the new ones, never a mix."""
         if self.n <= 1024 or self.live * 2 >= self.n:
             return
+        self._rebuild(self.rows())
+
+    def ids_ascend(self) -> bool:
+        """Rows (tombstones included) in id order, as row_of_id needs."""
+        ids = self.col["id"][: self.n]
+        return bool((ids[1:] > ids[:-1]).all())
+
+    def sort_by_id(self) -> None:
+        """Rows back in id order after an append of ids below existing ones (a fleet node
+        given ids by etcd, xdpfw/fleet): the tombstones go and rows renumber."""
         keep = self.rows()
+        self._rebuild(keep[np.argsort(self.col["id"][keep], kind="stable")])
+
+    def _rebuild(self, keep: np.ndarray) -> None:
         col = {name: np.zeros(max(len(keep), 16), dtype=a.dtype) for name, a in self.col.items()}
         for name, a in self.col.items():
             col[name][: len(keep)] = a[keep]
