@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and BPF need CAP_SYS_ADMIN/CAP_NET_ADMIN)" >&2; exit 1; }
 
 pkgs=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iproute2 iputils-ping bpftool
-      python3-venv xdp-tools netsniff-ng nftables iperf3 systemd ethtool tcpdump chromium)
+      python3-venv xdp-tools netsniff-ng nftables iperf3 systemd ethtool tcpdump chromium
+      etcd-server etcd-client)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -40,6 +40,15 @@
     [ui]
     listen = ["192.0.2.1:8443"]      # optional: the dashboard (/ui/) and the API, same token
 
+    [fleet]                          # optional: rules live in etcd, shared by every node
+    etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
+    prefix = "/xdpfw/"               # the fleet's keys
+    node = "edge-1"                  # this appliance's name in the fleet, unique
+    ca_file = "/etc/xdpfw/etcd-ca.pem"    # optional, https endpoints
+    cert_file = "/etc/xdpfw/etcd.pem"     # optional client certificate ...
+    key_file = "/etc/xdpfw/etcd-key.pem"  # ... and key
+    username = "xdpfw"               # optional etcd auth (password, or XDPFW_ETCD_PASSWORD)
+
     [[rules]]                        # ensured present at start (the API may add more)
     prefix = "203.0.113.0/24"
     action = "drop"                  # drop | pass
@@ -58,7 +67,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xdpfw.api.schemas import RuleCreate
 from xdpfw.dataplane.attach import Mode
@@ -184,6 +200,45 @@ class UiConfig(_Strict):
         return [_host_port(item) for item in v]
 
 
+class FleetConfig(_Strict):
+    """[fleet]: rules live in etcd, shared by every appliance configured with this prefix."""
+
+    etcd: list[str] = Field(min_length=1)  # client URLs of the members, http:// or https://
+    prefix: str = "/xdpfw/"  # every key of this fleet is under it
+    node: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ca_file: str | None = None  # https: the CA that signed the members' certificates
+    cert_file: str | None = None  # client certificate (etcd --client-cert-auth) ...
+    key_file: str | None = None  # ... and its key
+    username: str | None = None  # etcd auth; the password here or in XDPFW_ETCD_PASSWORD
+    password: str | None = None
+    timeout_s: float = Field(3.0, gt=0, le=60)  # one request to one member
+    status_ttl_s: int = Field(10, ge=2, le=3600)  # a silent node leaves the list after this
+
+    @field_validator("etcd")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.fullmatch(r"https?://[^/\s]+/?", url):
+                raise ValueError(f"etcd endpoint {url!r} must be http(s)://HOST:PORT")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"/[\x21-\x7e]*/", v):
+            raise ValueError(f"prefix {v!r} must start and end with '/' (printable ASCII)")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    def effective_password(self) -> str | None:
+        return self.password or os.environ.get("XDPFW_ETCD_PASSWORD") or None
+
+
 # A [[rules]] entry is a POST /api/v1/rules body: one model validates both.
 RuleConfig = RuleCreate
 
@@ -197,8 +252,16 @@ class AppConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
     lb: LbConfig = Field(default_factory=LbConfig)
+    fleet: FleetConfig | None = None
     interfaces: list[InterfaceConfig] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rules_in_one_place(self):
+        if self.fleet is not None and self.rules:
+            raise ValueError("[[rules]] cannot seed a fleet node: with [fleet] the rules live "
+                             "in etcd (add them through the API of any node)")
+        return self
 
 
 def load_config(path: str | Path | None) -> AppConfig:

@@ -185,6 +185,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     events: EventHub | None = None
     capture: CaptureHub | None = None
     lb = None
+    fleet = None
     servers: ApiServers | None = None
     unix: socket.socket | None = None
 
@@ -219,9 +220,15 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/watcher.py).
         lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
+        if cfg.fleet is not None:  # rules from etcd, on a thread of its own (fleet/sync.py)
+            from xdpfw.fleet.service import Fleet
+
+            fleet = Fleet(cfg.fleet, fw, state)
+            fleet.start()
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
         app = create_app(fw, token, lb=lb, events=events, body_limits=limits, capture=capture,
-                         rule_series=RuleSeries(cfg.metrics.top_rules, cfg.metrics.max_sets))
+                         rule_series=RuleSeries(cfg.metrics.top_rules, cfg.metrics.max_sets),
+                         fleet=fleet)
         servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level,
                              create_metrics_app(app.state.metrics), metrics_sockets)
         servers.before_shutdown.append(events.end_streams)
@@ -239,6 +246,8 @@ def _serve(opts: ServeOptions, state: Path) -> None:
                  f"; metrics on {cfg.metrics.listen}" if cfg.metrics.listen else "")
         servers.run()
     finally:
+        if fleet is not None:
+            fleet.close()
         if events is not None:
             events.stop()
         if capture is not None:

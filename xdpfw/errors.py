@@ -95,3 +95,12 @@ class StateDirLockedError(XdpfwError):
 class SourceRefusedError(XdpfwError):
     """An uploaded program source does something the daemon will not compile (an include
     outside the package's headers, a directive that reads files)."""
+
+
+class FleetUnavailableError(XdpfwError):
+    """etcd cannot be reached (or has no leader): a fleet node refuses writes and keeps
+    enforcing what it applied last."""
+
+
+class FleetStoreError(XdpfwError):
+    """etcd refused a request, or holds a value the fleet cannot use."""

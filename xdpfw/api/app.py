@@ -14,6 +14,7 @@ from xdpfw.api.peer import peer_of
 from xdpfw.api.routes import capture as capture_routes
 from xdpfw.api.routes import dashboard, interfaces, rules, services, stats
 from xdpfw.api.routes import events as events_routes
+from xdpfw.api.routes import fleet as fleet_routes
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
 from xdpfw.db import storage_error
@@ -23,6 +24,8 @@ from xdpfw.errors import (
     BpffsError,
     CompileError,
     ConflictError,
+    FleetStoreError,
+    FleetUnavailableError,
     MapFullError,
     NotFoundError,
     RuleValidationError,
@@ -57,6 +60,8 @@ ERROR_STATUS: dict[type[Exception], int] = {
     MapFullError: 507,
     StorageFullError: 507,  # the disk, or the database's size limit
     StorageError: 503,  # I/O error, locked, read-only
+    FleetUnavailableError: 503,  # etcd unreachable: a fleet node refuses writes
+    FleetStoreError: 502,  # etcd refused a request, or holds what the fleet cannot use
     CompileError: 500,
     VerifierError: 500,
     BpffsError: 500,
@@ -79,13 +84,15 @@ def create_app(
     body_limits: BodyLimits | None = None,
     capture=None,
     rule_series: RuleSeries | None = None,
+    fleet=None,
 ) -> FastAPI:
     """token: required from every client but the daemon's unix socket (local, by permission).
     events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
     lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
     body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS).
     capture: the daemon's xdpfw.capture.CaptureHub (None: /api/v1/capture answers 503).
-    rule_series: how many per-rule and per-set series /metrics holds."""
+    rule_series: how many per-rule and per-set series /metrics holds.
+    fleet: the node's xdpfw.fleet.service.Fleet (None: rules are this appliance's alone)."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -95,6 +102,7 @@ def create_app(
     app.state.events = events
     app.state.lb = lb
     app.state.capture = capture
+    app.state.fleet = fleet
     app.state.rule_hits = RuleHits(firewall)
     # The Dataplane the firewall runs on: metrics read counters from its maps.
     app.state.metrics = build_registry(firewall, firewall.dp, events, rule_series,
@@ -102,7 +110,7 @@ def create_app(
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
-    for router in (rules.router, interfaces.router, stats.router):
+    for router in (rules.router, interfaces.router, stats.router, fleet_routes.router):
         app.include_router(router)
     for router in (metrics_routes.router, program_routes.router, events_routes.router,
                    capture_routes.router):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -14,3 +14,11 @@ def get_firewall(request: Request) -> Firewall:
 
 
 FirewallDep = Annotated[Firewall, Depends(get_firewall)]
+
+
+def get_fleet(request: Request):
+    """The node's xdpfw.fleet.service.Fleet, or None without [fleet]."""
+    return getattr(request.app.state, "fleet", None)
+
+
+FleetDep = Annotated[Any, Depends(get_fleet)]

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from xdpfw.api.deps import FirewallDep
+from xdpfw.api.deps import FirewallDep, FleetDep
 from xdpfw.api.schemas import (
     BulkPrefixes,
     BulkResult,
@@ -21,6 +21,7 @@ from xdpfw.api.schemas import (
     RulePublic,
 )
 from xdpfw.errors import RuleValidationError
+from xdpfw.fleet.writer import MAX_TXN_RULES
 from xdpfw.rules.blocklist import parse_blocklist_bytes, parse_prefixes
 from xdpfw.rules.model import Action, Proto, parse_prefix
 from xdpfw.rules.table import Prefixes
@@ -30,8 +31,9 @@ router = APIRouter(prefix="/api/v1/rules", tags=["rules"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RulePublic)
-def add_rule(body: RuleCreate, fw: FirewallDep) -> RulePublic:
-    rule = fw.add_rules([body.spec()])[0]
+def add_rule(body: RuleCreate, fw: FirewallDep, fleet: FleetDep) -> RulePublic:
+    """On a fleet node ([fleet]): written to etcd, answered once etcd has committed it."""
+    rule = (fleet or fw).add_rules([body.spec()])[0]
     return RulePublic.of(rule, (0, 0))
 
 
@@ -63,10 +65,10 @@ def get_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
 
 
 @router.delete("/{rule_id}", response_model=RulePublic)
-def delete_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
+def delete_rule(rule_id: int, fw: FirewallDep, fleet: FleetDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     counters = fw.rule_counter(rule)
-    fw.delete_rule(rule_id)
+    (fleet or fw).delete_rule(rule_id)
     return RulePublic.of(rule, counters)
 
 
@@ -93,6 +95,7 @@ def delete_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
 async def add_bulk(
     request: Request,
     fw: FirewallDep,
+    fleet: FleetDep,
     action: Action = Action.DROP,
     comment: str = "",
 ) -> BulkResult:
@@ -106,9 +109,9 @@ async def add_bulk(
         del body  # the columns are all that is kept: 30 MiB fewer for the add
         if not len(prefixes):
             raise RuleValidationError("the blocklist holds no prefix")
-        ids = await run_in_threadpool(fw.add_prefixes, prefixes, action, comment)
+        ids = await run_in_threadpool(_add_prefixes, fw, fleet, prefixes, action, comment)
     elif ctype in ("application/json", ""):
-        ids = await run_in_threadpool(_add_json, fw, body)
+        ids = await run_in_threadpool(_add_json, fw, fleet, body)
     else:
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
@@ -126,20 +129,28 @@ async def _read_body(request: Request) -> bytearray:
     return body
 
 
-def _add_json(fw, body: bytes | bytearray) -> Sequence[int]:
+def _add_json(fw, fleet, body: bytes | bytearray) -> Sequence[int]:
     try:
         if b'"rules"' in body[:64]:
             specs = [r.spec() for r in BulkRules.model_validate_json(body).rules]
-            return [r.id for r in fw.add_rules(specs)]
+            return [r.id for r in (fleet or fw).add_rules(specs)]
         bulk = BulkPrefixes.model_validate_json(body)
     except ValidationError as e:
         raise RuleValidationError(_first_error(e)) from None
     match = RuleMatch(action=bulk.action, proto=bulk.proto, dport=bulk.dport)
     prefixes = parse_prefixes(bulk.prefixes, source="prefixes item")
     if match.proto is None:  # a blocklist in JSON: columns end to end
-        return fw.add_prefixes(Prefixes.of(prefixes), match.action, bulk.comment)
+        return _add_prefixes(fw, fleet, Prefixes.of(prefixes), match.action, bulk.comment)
     specs = _plain_specs(prefixes, match.action, match.proto, match.dport, bulk.comment)
-    return [r.id for r in fw.add_rules(specs)]
+    return [r.id for r in (fleet or fw).add_rules(specs)]
+
+
+def _add_prefixes(fw, fleet, prefixes: Prefixes, action: Action,
+                  comment: str) -> Sequence[int]:
+    if fleet is None:
+        return fw.add_prefixes(prefixes, action, comment)
+    listed = [prefixes.prefix(i) for i in range(min(len(prefixes), MAX_TXN_RULES + 1))]
+    return [r.id for r in fleet.add_rules(_plain_specs(listed, action, None, None, comment))]
 
 
 def _plain_specs(prefixes, action, proto, dport, comment) -> list[RuleSpec]:
