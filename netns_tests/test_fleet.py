@@ -1,0 +1,199 @@
+"""A fleet with a real etcd: three appliances (three daemons, each guarding a veth in
+namespaces of its own, own state and pins) and a three-member etcd cluster on loopback.
+
+The tests share one lab and run in order; each leaves the cluster running and healthy.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import httpx
+import pytest
+
+from netns_tests.fleet_lab import EtcdCluster, FleetLab
+from netns_tests.traffic import ping
+from xdpfw.netns import wait_until
+
+CONVERGE_S = 5.0  # generous: scripts/bench_fleet.py measures the real figure
+
+
+def b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    work = tmp_path_factory.mktemp("fleet")
+    cluster = EtcdCluster(work)
+    lab = FleetLab(work, cluster)
+    try:
+        cluster.start()
+        lab.add_nodes(3)
+        yield lab
+    finally:
+        lab.close()
+
+
+def _drop_client_icmp(lab: FleetLab, via: int = 0) -> dict:
+    p = lab.nodes[via].pair
+    r = lab.nodes[via].client().post("/api/v1/rules", json={
+        "prefix": f"{p.client4}/32", "action": "drop", "proto": "icmp", "comment": "fleet"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _all_dropped(lab: FleetLab, timeout: float = CONVERGE_S) -> None:
+    for n in lab.nodes:
+        ok = wait_until(lambda n=n: not ping(n.pair.client, n.pair.server4, 1, 0.3).ok,
+                        timeout)
+        assert ok, f"{n.name} still answers pings: {ping(n.pair.client, n.pair.server4)}"
+
+
+def _all_pass(lab: FleetLab, timeout: float = CONVERGE_S) -> None:
+    for n in lab.nodes:
+        ok = wait_until(lambda n=n: ping(n.pair.client, n.pair.server4, 1, 0.5).ok, timeout)
+        assert ok, f"{n.name} drops pings: {ping(n.pair.client, n.pair.server4)}"
+
+
+def _delete_everywhere(lab: FleetLab, rule_id: int) -> None:
+    r = lab.nodes[1].client().delete(f"/api/v1/rules/{rule_id}")
+    assert r.status_code == 200, r.text
+
+
+def test_a_rule_added_through_one_node_drops_at_every_node(lab):
+    _all_pass(lab)
+    rule = _drop_client_icmp(lab)
+    _all_dropped(lab)
+    revision = lab.wait_converged()
+    for n in lab.nodes:  # one id for the rule, on every node
+        got = n.client().get(f"/api/v1/rules/{rule['id']}")
+        assert got.status_code == 200 and got.json()["prefix"] == rule["prefix"], got.text
+        status = lab.own_status(n)
+        assert status["health"] == "ok" and status["lag"] == 0, status
+    _delete_everywhere(lab, rule["id"])  # through another node
+    _all_pass(lab)
+    assert lab.wait_converged() > revision
+
+
+def test_two_nodes_writing_the_same_rule_one_wins(lab):
+    for k in range(5):
+        body = {"prefix": f"198.51.100.{k}/32", "action": "drop"}
+        start = threading.Barrier(2)
+        answers: list[httpx.Response] = []
+
+        def write(node, body=body, start=start, answers=answers):
+            with node.client() as c:
+                start.wait()
+                answers.append(c.post("/api/v1/rules", json=body))
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in lab.nodes[:2]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201, 409], [a.text for a in answers]
+        loser = next(a for a in answers if a.status_code == 409)
+        assert "exists already" in loser.json()["detail"], loser.text
+    lab.wait_converged()
+    for n in lab.nodes:
+        rules = n.client().get("/api/v1/rules", params={"prefix": "198.51.100.0/32"}).json()
+        assert rules["total"] == 1, (n.name, rules)
+
+
+def test_a_garbage_key_is_refused_alone(lab):
+    """A hand-written key that is not a rule must not crash a node nor hold back the valid
+    change beside it in the same transaction; the nodes name it in their status."""
+    rules = lab.prefix + "data/rules/"
+    good = f"{rules}203.0.113.0/24|any|0"
+    lab.etcd.call("kv/txn", {"success": [
+        {"request_put": {"key": b64(f"{rules}203.0.113.7/32|any|0"), "value": b64("{not json")}},
+        {"request_put": {"key": b64(f"{rules}junk"), "value": b64("x" * 100_000)}},
+        {"request_put": {"key": b64(f"{rules}192.0.2.0/24|any|0"), "value": b64(
+            '{"id": 900001, "prefix": "198.18.0.0/24", "action": "drop"}')}},
+        {"request_put": {"key": b64(good), "value": b64(
+            '{"id": 900002, "prefix": "203.0.113.0/24", "action": "drop", "comment": "x"}')}},
+    ]})
+    for n in lab.nodes:
+        assert wait_until(lambda n=n: lab.own_status(n)["refused_keys"] == 3, CONVERGE_S), \
+            lab.own_status(n)
+        status = lab.own_status(n)
+        assert status["health"] == "degraded" and status["last_error"], status
+        assert n.client().get("/api/v1/rules/900002").status_code == 200
+        assert n.client().get("/api/v1/rules/900001").status_code == 404
+    for key in ("203.0.113.7/32|any|0", "junk", "192.0.2.0/24|any|0", "203.0.113.0/24|any|0"):
+        lab.etcd.call("kv/deleterange", {"key": b64(rules + key)})
+    for n in lab.nodes:
+        assert wait_until(lambda n=n: lab.own_status(n)["health"] == "ok", CONVERGE_S), \
+            lab.own_status(n)
+        assert n.client().get("/api/v1/rules/900002").status_code == 404
+
+
+def test_one_member_stopped_writes_still_succeed(lab):
+    first = lab.etcd.members[0]  # every node's first endpoint
+    lab.etcd.stop_member(first)
+    try:
+        rule = _drop_client_icmp(lab, via=2)
+        _all_dropped(lab)
+        _delete_everywhere(lab, rule["id"])
+        _all_pass(lab)
+        lab.wait_converged()
+    finally:
+        lab.etcd.start_member(first)
+
+
+def test_etcd_away_nodes_keep_enforcing_and_refuse_writes(lab):
+    rule = _drop_client_icmp(lab)
+    _all_dropped(lab)
+    lab.wait_converged()
+    lab.etcd.stop()
+    try:
+        for n in lab.nodes:
+            assert wait_until(
+                lambda n=n: lab.own_status(n)["health"] == "etcd-unreachable", 10), \
+                lab.own_status(n)
+        _all_dropped(lab, timeout=1)  # still guarding
+        for n in lab.nodes:
+            r = n.client().post("/api/v1/rules", json={"prefix": "192.0.2.99", "action": "drop"})
+            assert r.status_code == 503, r.text
+            assert "etcd is unreachable" in r.json()["detail"], r.text
+            assert n.client().get(f"/api/v1/rules/{rule['id']}").status_code == 200
+            view = lab.fleet(n)
+            assert view["etcd"]["reachable"] is False, view
+        # A node restarted while etcd is away comes back guarding with what it applied.
+        third = lab.nodes[2]
+        third.daemon.stop()
+        third.daemon.start(timeout=120)
+        assert third.client().get(f"/api/v1/rules/{rule['id']}").status_code == 200
+        assert not ping(third.pair.client, third.pair.server4, 2, 0.5).ok
+    finally:
+        lab.etcd.start()
+    revision = lab.wait_converged(timeout=30)
+    for n in lab.nodes:
+        assert lab.own_status(n)["applied_revision"] == revision
+    _delete_everywhere(lab, rule["id"])
+    _all_pass(lab)
+
+
+def test_a_node_back_after_compaction_resyncs_the_difference(lab):
+    """A node that was away while the history it needed was compacted reads a snapshot and
+    applies only what differs."""
+    third = lab.nodes[2]
+    third.daemon.stop()
+    keep = lab.nodes[0].client().post("/api/v1/rules", json={"prefix": "192.0.2.10",
+                                                            "action": "drop"}).json()
+    gone = lab.nodes[0].client().post("/api/v1/rules", json={"prefix": "192.0.2.11",
+                                                            "action": "drop"}).json()
+    _delete_everywhere(lab, gone["id"])
+    revision = lab.etcd.call("kv/range", {"key": b64("x")})["header"]["revision"]
+    lab.etcd.call("kv/compaction", {"revision": revision, "physical": True})
+    third.daemon.start(timeout=120)
+    lab.wait_converged(timeout=15)
+    status = lab.own_status(third)
+    assert status["resyncs"] >= 1, status
+    assert third.client().get(f"/api/v1/rules/{keep['id']}").status_code == 200
+    assert third.client().get(f"/api/v1/rules/{gone['id']}").status_code == 404
+    _delete_everywhere(lab, keep["id"])
+    lab.wait_converged()
