@@ -9,6 +9,7 @@ import sqlite3
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from xdpfw.api import error_body, openapi
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
 from xdpfw.api.peer import peer_of
 from xdpfw.api.routes import events as events_routes
@@ -84,6 +85,8 @@ def create_app(
         title="xdpfw",
         version="0.1.0",
         description="XDP firewall appliance: source-prefix rules enforced in XDP.",
+        docs_url=None,  # openapi.install serves /docs from the package's assets
+        redoc_url=None,
     )
     app.state.firewall = firewall
     app.state.events = events
@@ -100,6 +103,8 @@ def create_app(
     for router in (services.router, services.steer_router):
         app.include_router(router)
 
+    error_body.install(app)  # one error shape: {"detail": str, "errors": [...]?}
+    openapi.install(app)
     for exc_type, code in ERROR_STATUS.items():
         app.add_exception_handler(exc_type, _handler(code))
     for exc_type in (sqlite3.Error, OSError):  # storage, or else a plain 500
@@ -113,7 +118,8 @@ def create_app(
     @app.middleware("http")
     async def bearer_token_off_the_unix_socket(request: Request, call_next):
         # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
-        if peer_of(request.scope) is None and token is not None:
+        public = openapi.is_public(request.url.path)  # the docs: a browser has no token
+        if peer_of(request.scope) is None and token is not None and not public:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse(
