@@ -18,10 +18,11 @@ import shutil
 import signal
 import socket
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpfw import demo, logfilter, statedir
+from xdpfw import demo, logfilter, sdnotify, statedir
 from xdpfw.api.app import create_app
 from xdpfw.api.middleware import BodyLimits
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
@@ -191,7 +192,9 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         servers.stop()
 
     try:
-        pid.write_text(f"{os.getpid()}\n")
+        # The pid namespace too: `xdpfw stop` on a container's host must not read this
+        # number as one of its own processes.
+        pid.write_text(f"{os.getpid()}\n{os.readlink('/proc/self/ns/pid')}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         if added := seed_rules(fw, cfg.rules):
@@ -224,8 +227,14 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         counts = fw.counts()
         log.info("xdpfw: %d rules, %d interfaces; API on %s", counts.rules,
                  counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen]))
-        servers.run()
+        serving_ended = threading.Event()  # no READY=1 after that
+        sdnotify.ready_when_answering(cfg.api.socket, serving_ended)
+        try:
+            servers.run()
+        finally:
+            serving_ended.set()
     finally:
+        sdnotify.notify("STOPPING=1")
         if events is not None:
             events.stop()
         if lb is not None:
