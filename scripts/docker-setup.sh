@@ -4,6 +4,7 @@
 # made with debootstrap from the Debian mirror apt already uses, once, and kept.
 # Called by scripts/setup.sh; the compose test (tests/test_compose.py) needs all of it.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "docker-setup.sh: run as root" >&2; exit 1; }
 
 DOCKER=/usr/bin/docker              # Debian's client; another `docker` may come first on PATH
@@ -43,4 +44,23 @@ if ! $DOCKER image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     tar -C "$root" -c . | $DOCKER import --change 'LABEL org.xdpfw.base=debootstrap' - "$BASE_IMAGE" >/dev/null
     echo "docker-setup: made $BASE_IMAGE"
 fi
-echo "docker-setup: dockerd running, $BASE_IMAGE present"
+# The image's Python dependencies, fetched by the host's pip (its index and certificates):
+# the build installs from these with --no-index, so it needs neither PyPI nor the host's TLS
+# set-up (an offline appliance builds the same way); setuptools and wheel build xdpfw itself.
+# Incremental: pip keeps what it has.
+if [ -x .venv/bin/pip ]; then
+    mkdir -p build/wheels
+    mapfile -t deps < <(python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))")
+    .venv/bin/pip download -q --disable-pip-version-check --only-binary=:all: -d build/wheels "${deps[@]}" \
+        "setuptools>=64" wheel 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    echo "docker-setup: the image's Python dependencies are in build/wheels ($(ls build/wheels | wc -l) wheels)"
+fi
+
+# The compose file binds /run/netns with rslave propagation, so that namespaces made after the
+# container started appear in it: that needs /run/netns to be a shared mount, as the first
+# `ip netns add` makes it.
+mkdir -p /run/netns
+mountpoint -q /run/netns || mount --bind /run/netns /run/netns
+mount --make-shared /run/netns
+echo "docker-setup: dockerd running, $BASE_IMAGE present, /run/netns shared"
