@@ -90,7 +90,7 @@ def allowed_syscalls(filters: list[str]) -> set[str]:
 def build_filter(svc: dict[str, list[str]]) -> seccomp.SyscallFilter:
     err = getattr(errno, svc.get("SystemCallErrorNumber", ["EPERM"])[-1])
     f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(err))
-    allowed = allowed_syscalls(svc.get("SystemCallFilter", ["@known"]))
+    allowed = allowed_syscalls(svc.get("SystemCallFilter", ["@known"]))  # absent: all
     special = {"socket", "setns", "unshare", "clone", "clone3"}
     for name in sorted(allowed - special):
         with contextlib.suppress(RuntimeError, ValueError):  # not a syscall of this arch
@@ -117,7 +117,8 @@ def main() -> None:
     assert sep == "--" and argv, __doc__
     svc = service_section(unit)
     libc = ctypes.CDLL(None, use_errno=True)
-    keep = set(" ".join(svc.get("CapabilityBoundingSet", [])).split())
+    # Each option absent: what systemd does without it (all capabilities, no filter).
+    keep = set(" ".join(svc.get("CapabilityBoundingSet", CAPS)).split())
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last + 1):
         name = CAPS[cap] if cap < len(CAPS) else f"cap_{cap}"
@@ -125,7 +126,8 @@ def main() -> None:
             raise OSError(ctypes.get_errno(), f"dropping {name} from the bounding set")
     if svc.get("NoNewPrivileges", ["no"])[-1] in ("yes", "true", "1"):
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    build_filter(svc).load()
+    if {"SystemCallFilter", "RestrictAddressFamilies", "RestrictNamespaces"} & svc.keys():
+        build_filter(svc).load()
     os.execvp(argv[0], argv)
 
 
