@@ -23,6 +23,11 @@ fi
 # There is no systemd to start dockerd: start it detached, once, and wait until it answers.
 if ! $DOCKER info >/dev/null 2>&1; then
     echo "docker-setup: dockerd is not running: starting it (log: $LOG)"
+    # A dockerd that was killed leaves its pid file; a new one refuses to start if that pid
+    # now names another live process.
+    if [ -f /var/run/docker.pid ] && ! grep -qs dockerd "/proc/$(cat /var/run/docker.pid)/comm"; then
+        rm -f /var/run/docker.pid
+    fi
     setsid -f dockerd >>"$LOG" 2>&1 </dev/null
     for _ in $(seq 60); do $DOCKER info >/dev/null 2>&1 && break; sleep 0.5; done
     $DOCKER info >/dev/null 2>&1 || { echo "docker-setup: dockerd did not start; see $LOG" >&2; exit 1; }
