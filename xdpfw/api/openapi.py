@@ -28,8 +28,6 @@ from xdpfw.api.error_body import DESCRIPTIONS, ErrorBody
 DOCS_URL = "/docs"
 ASSETS_URL = "/docs/assets"
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
-# Readable without the token (see the module docstring).
-PUBLIC_PATHS = ("/openapi.json", DOCS_URL)
 REF_TEMPLATE = "#/components/schemas/{model}"
 BEARER = {
     "type": "http",
@@ -41,6 +39,7 @@ METHODS = ("get", "put", "post", "delete", "patch")
 
 
 def is_public(path: str) -> bool:
+    """Readable without the token (see the module docstring)."""
     return path == "/openapi.json" or path == DOCS_URL or path.startswith(ASSETS_URL + "/")
 
 
