@@ -61,7 +61,7 @@ ERRORS = [
 
 
 def _provoke(client, fw, method, url, kw):
-    if fw.rules == {}:
+    if not len(fw.table):
         assert client.post("/api/v1/rules", json={"prefix": "192.0.2.0/24"}).status_code == 201
     return client.request(method.upper(), url, **kw)
 
@@ -147,7 +147,7 @@ def test_bulk_body_form_is_chosen_by_its_keys_not_its_first_bytes(client, fw):
     assert r.status_code == 201 and r.json()["added"] == 1, r.text
     r = client.post("/api/v1/rules/bulk", json={"comment": "rules", "prefixes": ["10.0.0.0/8"]})
     assert r.status_code == 201 and r.json()["added"] == 1, r.text
-    assert sorted(r.comment for r in fw.rules.values()) == ["", "rules"]
+    assert sorted(r.comment for r in fw.list_rules()) == ["", "rules"]
     r = client.post("/api/v1/rules/bulk", json={"rules": [{"prefix": "11.0.0.0/8"}],
                                                 "prefixes": ["12.0.0.0/8"]})
     assert r.status_code == 422 and r.json()["detail"] == "prefixes: Extra inputs are not " \
