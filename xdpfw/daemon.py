@@ -18,10 +18,11 @@ import shutil
 import signal
 import socket
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpfw import demo, heap, logfilter, statedir
+from xdpfw import demo, heap, logfilter, sdnotify, statedir
 from xdpfw.api.app import create_app
 from xdpfw.api.metrics_app import create_metrics_app
 from xdpfw.api.middleware import BodyLimits
@@ -197,7 +198,9 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         servers.stop()
 
     try:
-        pid.write_text(f"{os.getpid()}\n")
+        # The pid namespace too: `xdpfw stop` on a container's host must not read this
+        # number as one of its own processes.
+        pid.write_text(f"{os.getpid()}\n{os.readlink('/proc/self/ns/pid')}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         if added := seed_rules(fw, cfg.rules):
@@ -244,8 +247,14 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         log.info("xdpfw: %d rules, %d interfaces; API on %s%s", counts.rules,
                  counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen, *cfg.ui.listen]),
                  f"; metrics on {cfg.metrics.listen}" if cfg.metrics.listen else "")
-        servers.run()
+        serving_ended = threading.Event()  # no READY=1 after that
+        sdnotify.ready_when_answering(cfg.api.socket, serving_ended)
+        try:
+            servers.run()
+        finally:
+            serving_ended.set()
     finally:
+        sdnotify.notify("STOPPING=1")
         if fleet is not None:
             fleet.close()
         if events is not None:

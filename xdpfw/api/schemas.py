@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from xdpfw.dataplane.attach import Mode
@@ -69,6 +78,21 @@ class BulkPrefixes(RuleMatch):
 class BulkRules(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rules: list[RuleCreate] = Field(min_length=1)
+
+
+def _bulk_form(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return "rules" if "rules" in v else "prefixes"
+    return None  # not an object: the union's own error names both forms
+
+
+# POST /api/v1/rules/bulk's JSON body, chosen by its keys, not guessed from its first bytes.
+BULK_BODY: TypeAdapter[BulkPrefixes | BulkRules] = TypeAdapter(Annotated[
+    Annotated[BulkPrefixes, Tag("prefixes")] | Annotated[BulkRules, Tag("rules")],
+    Discriminator(_bulk_form, custom_error_type="bulk_body",
+                  custom_error_message='the body must be a JSON object with "prefixes" (and '
+                  'one action/match for all) or "rules" (a list of rules)'),
+])
 
 
 class RulePublic(BaseModel):

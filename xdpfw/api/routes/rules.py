@@ -6,12 +6,15 @@ import itertools
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from xdpfw.api.deps import FirewallDep, FleetDep
+from xdpfw.api.error_body import responses, validation_detail
+from xdpfw.api.openapi import body_schema_ref
 from xdpfw.api.schemas import (
+    BULK_BODY,
     BulkPrefixes,
     BulkResult,
     BulkRules,
@@ -30,10 +33,13 @@ from xdpfw.service import RuleSpec
 router = APIRouter(prefix="/api/v1/rules", tags=["rules"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RulePublic)
-def add_rule(body: RuleCreate, fw: FirewallDep, fleet: FleetDep) -> RulePublic:
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RulePublic,
+             responses=responses(409, 502, 503, 507))
+def add_rule(body: RuleCreate, fw: FirewallDep, fleet: FleetDep,
+             response: Response) -> RulePublic:
     """On a fleet node ([fleet]): written to etcd, answered once etcd has committed it."""
     rule = (fleet or fw).add_rules([body.spec()])[0]
+    response.headers["Location"] = f"{router.prefix}/{rule.id}"
     return RulePublic.of(rule, (0, 0))
 
 
@@ -58,13 +64,14 @@ def list_rules(
     )
 
 
-@router.get("/{rule_id}", response_model=RulePublic)
+@router.get("/{rule_id}", response_model=RulePublic, responses=responses(404))
 def get_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     return RulePublic.of(rule, fw.rule_counter(rule))
 
 
-@router.delete("/{rule_id}", response_model=RulePublic)
+@router.delete("/{rule_id}", response_model=RulePublic,
+               responses=responses(404, 502, 503))
 def delete_rule(rule_id: int, fw: FirewallDep, fleet: FleetDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     counters = fw.rule_counter(rule)
@@ -76,19 +83,17 @@ def delete_rule(rule_id: int, fw: FirewallDep, fleet: FleetDep) -> RulePublic:
     "/bulk",
     status_code=status.HTTP_201_CREATED,
     response_model=BulkResult,
+    responses=responses(409, 415, 503, 507),
+    # The route reads its body itself (text/plain is parsed while the kernel takes chunks),
+    # so the JSON forms are documented here: a body with "rules" is BulkRules, any other
+    # object BulkPrefixes (schemas.BULK_BODY).
     openapi_extra={
         "requestBody": {
+            "required": True,
             "content": {
-                "application/json": {
-                    "schema": {
-                        "oneOf": [
-                            BulkPrefixes.model_json_schema(),
-                            BulkRules.model_json_schema(),
-                        ]
-                    }
-                },
+                "application/json": {"schema": body_schema_ref(BulkPrefixes, BulkRules)},
                 "text/plain": {"schema": {"type": "string"}},
-            }
+            },
         }
     },
 )
@@ -131,12 +136,14 @@ async def _read_body(request: Request) -> bytearray:
 
 def _add_json(fw, fleet, body: bytes | bytearray) -> Sequence[int]:
     try:
-        if b'"rules"' in body[:64]:
-            specs = [r.spec() for r in BulkRules.model_validate_json(body).rules]
-            return [r.id for r in (fleet or fw).add_rules(specs)]
-        bulk = BulkPrefixes.model_validate_json(body)
+        bulk = BULK_BODY.validate_json(body)
     except ValidationError as e:
-        raise RuleValidationError(_first_error(e)) from None
+        # The tag the union chose leads each loc; the person wants the field.
+        errors = [{**err, "loc": err["loc"][1:]} if err["type"] != "bulk_body" else err
+                  for err in e.errors(include_input=False, include_url=False)]
+        raise RuleValidationError(validation_detail(errors)[0]) from None
+    if isinstance(bulk, BulkRules):
+        return [r.id for r in (fleet or fw).add_rules([r.spec() for r in bulk.rules])]
     match = RuleMatch(action=bulk.action, proto=bulk.proto, dport=bulk.dport)
     prefixes = parse_prefixes(bulk.prefixes, source="prefixes item")
     if match.proto is None:  # a blocklist in JSON: columns end to end
@@ -160,8 +167,3 @@ def _plain_specs(prefixes, action, proto, dport, comment) -> list[RuleSpec]:
     rows = zip(prefixes, *same, strict=True)
     return list(map(tuple.__new__, itertools.repeat(RuleSpec), rows))
 
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
