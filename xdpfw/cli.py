@@ -18,6 +18,7 @@ from click.shell_completion import get_completion_class
 from xdpfw.capture_cli import capture
 from xdpfw.commands import COMMANDS
 from xdpfw.errors import XdpfwError
+from xdpfw.fleet_cli import fleet
 
 COMPLETE_VAR = "_XDPFW_COMPLETE"
 
@@ -94,6 +95,7 @@ def completion(shell) -> int:
 for _command in COMMANDS:
     cli.add_command(_command)
 cli.add_command(capture)
+cli.add_command(fleet)
 
 
 def main(argv: list[str] | None = None) -> int:
