@@ -7,11 +7,13 @@ The tests share one lab and run in order; each leaves the cluster running and he
 from __future__ import annotations
 
 import base64
+import subprocess
 import threading
 
 import httpx
 import pytest
 
+from netns_tests.conftest import XDPFW
 from netns_tests.fleet_lab import EtcdCluster, FleetLab
 from netns_tests.traffic import ping
 from xdpfw.netns import wait_until
@@ -72,6 +74,12 @@ def test_a_rule_added_through_one_node_drops_at_every_node(lab):
         assert got.status_code == 200 and got.json()["prefix"] == rule["prefix"], got.text
         status = lab.own_status(n)
         assert status["health"] == "ok" and status["lag"] == 0, status
+    cli = subprocess.run([*XDPFW, "fleet", "status", "--socket", lab.nodes[2].daemon.socket],
+                         capture_output=True, text=True, timeout=30)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    for n in lab.nodes:
+        row = next(line.split() for line in cli.stdout.splitlines() if line.startswith(n.name))
+        assert row[1:5] == [str(revision), "0", "1", "ok"], cli.stdout
     _delete_everywhere(lab, rule["id"])  # through another node
     _all_pass(lab)
     assert lab.wait_converged() > revision
