@@ -18,6 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
+# Debian's etcd-server enables a member of its own on localhost:2379; the tests run their own
+# members on free ports, and an appliance's fleet names its etcd in [fleet]: keep it off.
+if [ -d /run/systemd/system ] && systemctl is-enabled -q etcd 2>/dev/null; then
+    systemctl disable --now etcd && echo "setup: disabled Debian's etcd.service (tests start their own)"
+fi
+
 # BCC compiles C at run time against /lib/modules/$(uname -r)/{build,source}. Link Debian's
 # headers there only when this kernel has none of its own.
 K=$(uname -r)
