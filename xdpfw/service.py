@@ -188,9 +188,9 @@ class Firewall:
         given = np.asarray(ids, dtype=np.int64)
         if len(given) != n or (len(given) and (given[0] < 1 or (given[1:] <= given[:-1]).any())):
             raise ValueError("rule ids must be given one per rule, ascending, from 1")
-        taken = [int(i) for i in given if self.table.row_of_id(int(i)) is not None]
-        if taken:
-            raise ConflictError(f"a rule with id {taken[0]} exists already")
+        taken = given[np.isin(given, self.table.column("id"))]
+        if len(taken):
+            raise ConflictError(f"a rule with id {int(taken[0])} exists already")
         return given
 
     def add_prefixes(self, prefixes: Prefixes, action: Action, comment: str = "") -> range:
