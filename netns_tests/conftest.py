@@ -74,13 +74,7 @@ class Daemon:
         raise RuntimeError(f"xdpfw serve did not answer within {timeout}s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
         self.proc = None
 
     def client(self) -> httpx.Client:
@@ -90,6 +84,17 @@ class Daemon:
 
     def log(self) -> str:
         return "".join(Path(p).read_text()[-3000:] for p in self.logs if os.path.exists(p))
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after timeout seconds; a process already gone is fine."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:

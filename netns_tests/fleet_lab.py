@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from netns_tests.conftest import Daemon, Pair, free_port, new_pin_dir
+from netns_tests.conftest import Daemon, Pair, free_port, new_pin_dir, terminate
 from xdpfw import netns as nsutil
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -78,13 +77,7 @@ class EtcdCluster:
             self.wait_healthy()
 
     def stop_member(self, m: Member) -> None:
-        if m.proc is not None and m.proc.poll() is None:
-            m.proc.send_signal(signal.SIGTERM)
-            try:
-                m.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                m.proc.kill()
-                m.proc.wait()
+        terminate(m.proc, 10)
         m.proc = None
 
     def stop(self) -> None:
