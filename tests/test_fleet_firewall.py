@@ -28,7 +28,7 @@ def test_given_ids_in_any_order_are_found_by_id(fw, run):
     assert run(P.udp4("10.2.0.1", 53)).verdict == DROP
     assert run(P.udp4("10.1.0.1", 53)).verdict == PASS
     # A rule added after gets an id above every given one.
-    assert fw.add_rules([_spec("198.51.100.0/24")])[0].id == 61
+    assert fw.add_rules([_spec("198.51.100.0/24")])[0].id > 60
 
 
 def test_a_given_id_in_use_or_out_of_order_changes_nothing(fw):

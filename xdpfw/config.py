@@ -212,7 +212,7 @@ class FleetConfig(_Strict):
     username: str | None = None  # etcd auth; the password here or in XDPFW_ETCD_PASSWORD
     password: str | None = None
     timeout_s: float = Field(3.0, gt=0, le=60)  # one request to one member
-    status_ttl_s: int = Field(10, ge=2, le=3600)  # a silent node leaves the list after this
+    status_ttl_s: int = Field(10, ge=5, le=3600)  # a silent node leaves the list after this
 
     @field_validator("etcd")
     @classmethod
