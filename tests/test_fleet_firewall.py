@@ -3,11 +3,13 @@ order), deleted many at a time, all or nothing, and found back by id and by matc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests import packets as P
 from xdpfw.errors import ConflictError, NotFoundError
 from xdpfw.rules.model import Action, Proto, parse_prefix
+from xdpfw.rules.table import Prefixes
 from xdpfw.service import RuleSpec
 
 pytestmark = pytest.mark.bpf
@@ -50,3 +52,31 @@ def test_delete_rules_is_all_or_nothing(fw, run):
     assert [r.id for r in fw.list_rules()] == [2]
     assert run(P.udp4("10.0.0.1", 53)).verdict == PASS
     assert run(P.udp4("11.0.0.1", 53)).verdict == DROP
+
+
+def test_replace_rules_swaps_many_rules_in_one_change(fw, run):
+    first = canonical_hosts(0x0A000000, 5000)  # 10.0.0.0 ...
+    fw.replace_rules(np.zeros(0, np.int64), first, Action.DROP, "set a",
+                     np.arange(1000, 1000 + len(first)))
+    assert run(P.udp4("10.0.0.7", 53)).verdict == DROP
+    # Half stays (under new ids), half goes, and as many come.
+    second = Prefixes.concat([first.take(slice(2500, 5000)), canonical_hosts(0x0B000000, 2500)])
+    fw.replace_rules(np.arange(1000, 6000), second, Action.DROP, "set a",
+                     np.arange(9000, 9000 + len(second)))
+    assert len(fw.list_rules()) == 5000
+    assert run(P.udp4("10.0.0.7", 53)).verdict == PASS
+    assert run(P.udp4("10.0.19.100", 53)).verdict == DROP  # the kept half: 10.0.9.196 on
+    assert run(P.udp4("11.0.0.9", 53)).verdict == DROP
+    assert fw.get_rule(9000).prefix == parse_prefix("10.0.9.196")
+    with pytest.raises(ConflictError):  # a prefix that exists, not leaving: nothing changes
+        fw.replace_rules(np.zeros(0, np.int64), second.take(slice(0, 1)), Action.DROP, "",
+                         np.array([20000]))
+    with pytest.raises(NotFoundError):
+        fw.replace_rules(np.array([1]), second.take(slice(0, 0)), Action.DROP, "",
+                         np.zeros(0, np.int64))
+    assert len(fw.list_rules()) == 5000 and run(P.udp4("11.0.0.9", 53)).verdict == DROP
+
+
+def canonical_hosts(base: int, n: int) -> Prefixes:
+    return Prefixes(np.full(n, 4, np.uint8), np.zeros(n, np.uint64),
+                    np.arange(base, base + n, dtype=np.uint64), np.full(n, 32, np.uint8))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ from xdpfw.statedir import store_path
 log = logging.getLogger(__name__)
 
 ADD_CHUNK = 1 << 18  # rules compiled and written at a time (writes overlap the next chunk)
+RELAYOUT_GAP_S = 1.0  # as V4Table waits before reusing freed ids: packets in flight are done
 
 POLICY_CODE = {"pass": abi.POLICY_PASS, "drop": abi.POLICY_DROP}
 
@@ -81,10 +83,12 @@ class Firewall:
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir)
         self.store = Store(store_path(self.state_dir))
+        self.store_id = self.store.identity()
         self._owns_dataplane = not isinstance(dataplane, Dataplane)
         self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
         self.config = self.dp.config
         self.index = RuleIndex()
+        self._last_relayout = time.monotonic()  # the start's own rebuild, just below
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
         with gc_paused():
             foreign = self._restore_rules(adopt_pins)
@@ -322,6 +326,80 @@ class Firewall:
             self.rule_slots.give(slots)
             self.table.compact_if_sparse()
             return len(rows)
+
+    def replace_rules(self, delete_ids: np.ndarray, prefixes: Prefixes, action: Action,
+                      comment: str, ids: np.ndarray) -> None:
+        """One large change, all or nothing: plain rules `delete_ids` go and plain rules for
+        `prefixes` (with these ids, ascending) come, in one store transaction. The maps are
+        then laid out again beside the running layout and switched to word by word, as every
+        start does (FirewallMaps.rebuild): an address the change keeps guarded (in a rule
+        that goes and in one that comes) is guarded throughout. Costs what a start costs for
+        every rule, so it is for changes too large for the per-rule paths (a fleet's sets)."""
+        delete_ids = np.unique(np.asarray(delete_ids, dtype=np.int64))
+        ids = np.asarray(ids, dtype=np.int64)
+        with self.lock, gc_paused():
+            table = self.table
+            rows = self._rows_of_ids(delete_ids)
+            if table.col["proto"][rows].any():
+                raise ValueError("replace_rules takes plain rules only")
+            given = self._check_ids(ids, len(prefixes)) if len(ids) else ids
+            if len(np.intersect1d(given, delete_ids)):
+                raise ConflictError("an id both leaves and comes")
+            new = NewRules.plain(prefixes, action, table.comment_id(comment))
+            slots = self.rule_slots.take_array(len(new), "rules")  # none of the leaving ones
+            old_slots = table.column("slot", rows)
+            first_row, laid_out = table.n, False
+            table.delete(rows)
+            try:
+                self._check_new(new)
+                table.reserve(len(new))
+                added = table.append(ids=given, slots=slots, **new.columns(slice(None)))
+                with self.store.transaction():
+                    self.store.delete_many(delete_ids)
+                    self.store.insert_table_rows(table, added)
+                    laid_out = True
+                    self._relayout()
+            except BaseException:
+                if table.n > first_row:
+                    table.delete(np.arange(first_row, table.n)[table.col["live"][first_row:
+                                                                               table.n]])
+                    table.truncate(first_row)
+                table.revive(rows)
+                self.rule_slots.give(slots)
+                if laid_out:
+                    self._rollback(self._relayout)
+                raise
+            if len(given) and not table.ids_ascend():
+                table.sort_by_id()
+            self.maps.reset_rule_counters(old_slots.tolist())
+            self.rule_slots.give(old_slots)
+            self._next_id = max(self._next_id, int(given[-1]) + 1 if len(given) else 0)
+            table.compact_if_sparse()
+        if len(new) + len(rows) >= heap.BULK:
+            heap.trim()
+
+    def _rows_of_ids(self, rule_ids: np.ndarray) -> np.ndarray:
+        ids = self.table.col["id"][: self.table.n]
+        rows = np.searchsorted(ids, rule_ids)
+        ok = rows < len(ids)
+        ok[ok] = (ids[rows[ok]] == rule_ids[ok]) & self.table.col["live"][rows[ok]]
+        if not ok.all():
+            raise NotFoundError(f"no rule with id {int(rule_ids[~ok][0])}")
+        return rows
+
+    def _relayout(self) -> None:
+        """The maps made equal to the table through a layout in the other half
+        (FirewallMaps.rebuild). A half read by packets of the last switch is not written
+        again within RELAYOUT_GAP_S."""
+        wait = self._last_relayout + RELAYOUT_GAP_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        index = RuleIndex(port_set_base=self.maps.new_generation() * self.maps.port_set_half,
+                          table=self.table)
+        index.compile_added(list(self.table.iter_rules(self.table.port_rows())))
+        self.maps.rebuild(index, self.store_id, str(self.state_dir))
+        self.index = index
+        self._last_relayout = time.monotonic()
 
     def find_rule(self, prefix: Prefix, proto: Proto | None, dport: int | None) -> Rule | None:
         """The rule with this match, if any."""

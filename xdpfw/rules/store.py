@@ -255,6 +255,28 @@ class Store(SqliteDb):
             ),
         )
 
+    def delete_many(self, ids: np.ndarray) -> None:
+        """Delete many rules at once: a batch whose every rule goes is dropped whole, the
+        rest are rows of their own or tombstones."""
+        left = np.unique(np.asarray(ids, dtype=np.int64))
+        for batch, blob in self._db.execute("SELECT batch, ids FROM rule_batches").fetchall():
+            if not len(left):
+                break
+            mine = np.frombuffer(blob, "<u8").astype(np.int64)
+            hit = np.isin(mine, left, assume_unique=True)
+            if hit.all():
+                # (Tombstones of its rules deleted before stay: ids are never reused.)
+                self._db.execute("DELETE FROM rule_batches WHERE batch = ?", (batch,))
+                left = left[~np.isin(left, mine, assume_unique=True)]
+        if len(left) < BATCH_MIN:
+            self.delete_rules(left.tolist())
+            return
+        rows = {i for (i,) in self._db.execute("SELECT id FROM rules")}
+        own = [i for i in left.tolist() if i in rows]
+        self._db.executemany("DELETE FROM rules WHERE id = ?", ((i,) for i in own))
+        self._db.executemany("INSERT OR IGNORE INTO deleted_batch_rules (id) VALUES (?)",
+                             ((i,) for i in left.tolist() if i not in rows))
+
     def delete_rules(self, ids: Iterable[int]) -> None:
         for i in ids:
             if self._db.execute("DELETE FROM rules WHERE id = ?", (i,)).rowcount == 0:
