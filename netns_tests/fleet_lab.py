@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -201,3 +202,20 @@ class FleetLab:
                 return revision
             time.sleep(0.05)
         raise AssertionError(f"the nodes did not converge: (node, applied, fleet) {seen}")
+
+
+def pinned_v4_verdicts(pin_dir: str, addresses: list[str]) -> list[bool]:
+    """For each address: does a daemon's pinned IPv4 layout give it a rule? Read through
+    handles of our own, the way the program reads it (FirewallMaps.v4_verdict)."""
+    from types import SimpleNamespace
+
+    from xdpfw.dataplane.maps import FirewallMaps, open_map
+
+    names = ("v4_tbl24", "v4_tbl8", "v4_verdicts")
+    handles = SimpleNamespace(**{n: open_map(pin_dir, n) for n in names})
+    try:
+        return [FirewallMaps.v4_verdict(handles, int.from_bytes(socket.inet_aton(a), "big")) != 0
+                for a in addresses]
+    finally:
+        for n in names:
+            getattr(handles, n).close()

@@ -7,14 +7,17 @@ The tests share one lab and run in order; each leaves the cluster running and he
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import threading
+import time
 
 import httpx
+import numpy as np
 import pytest
 
 from netns_tests.conftest import XDPFW
-from netns_tests.fleet_lab import EtcdCluster, FleetLab
+from netns_tests.fleet_lab import EtcdCluster, FleetLab, pinned_v4_verdicts
 from netns_tests.traffic import ping
 from xdpfw.netns import wait_until
 
@@ -32,7 +35,7 @@ def lab(tmp_path_factory):
     lab = FleetLab(work, cluster)
     try:
         cluster.start()
-        lab.add_nodes(3)
+        lab.add_nodes(3, max_rules=1 << 21)  # room for a million-prefix set replaced
         yield lab
     finally:
         lab.close()
@@ -205,3 +208,83 @@ def test_a_node_back_after_compaction_resyncs_the_difference(lab):
     assert third.client().get(f"/api/v1/rules/{gone['id']}").status_code == 404
     _delete_everywhere(lab, keep["id"])
     lab.wait_converged()
+
+
+def _hosts(n: int, seed: int) -> list[str]:
+    """n random IPv4 host addresses, none in the pairs' 10.201.0.0/24."""
+    rng = np.random.default_rng(seed)
+    addrs = np.unique(rng.integers(1 << 24, 224 << 24, n + n // 8, dtype=np.uint64))
+    addrs = addrs[(addrs >> np.uint64(8)) != np.uint64(0x0AC900)]
+    rng.shuffle(addrs)
+    return [socket.inet_ntoa(int(a).to_bytes(4, "big")) for a in addrs[:n]]
+
+
+def _put_set(node, name: str, lines: list[str], timeout: float = 120) -> dict:
+    r = node.client().put(f"/api/v1/fleet/sets/{name}", content="\n".join(lines).encode(),
+                          headers={"content-type": "text/plain"},
+                          params={"comment": f"set {name}"}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _set_size(node, name: str) -> int:
+    return node.client().get("/api/v1/rules", params={"comment": f"set {name}",
+                                                      "limit": 1}).json()["total"]
+
+
+def test_a_set_reaches_every_node_and_a_change_moves_one_chunk(lab):
+    client = lab.nodes[0].pair.client4
+    members = [*_hosts(50_000, seed=5), client]
+    first = _put_set(lab.nodes[1], "feed", members)
+    assert first["count"] == len(members) and first["applied_here"], first
+    lab.wait_converged(timeout=30)
+    _all_dropped(lab)
+    for n in lab.nodes:
+        assert _set_size(n, "feed") == len(members)
+    # A set member is the set's to remove, not DELETE's.
+    some = lab.nodes[2].client().get("/api/v1/rules", params={"comment": "set feed",
+                                                               "limit": 1}).json()
+    r = lab.nodes[2].client().delete(f"/api/v1/rules/{some['items'][0]['id']}")
+    assert r.status_code == 409 and "belongs to fleet set feed" in r.text, r.text
+    # One prefix out: one chunk written, the rest kept (with their ids).
+    second = _put_set(lab.nodes[0], "feed", members[:-1])
+    assert second["chunks_written"] == 1 and second["chunks_kept"] == second["chunks"] - 1, \
+        (first, second)
+    lab.wait_converged(timeout=30)
+    _all_pass(lab)
+    # A manifest written by hand that no writer makes is refused; the set stays as it was.
+    key = lab.prefix + "data/sets/feed"
+    lab.etcd.call("kv/put", {"key": b64(key), "value": b64('{"action": "drop"}')})
+    for n in lab.nodes:
+        assert wait_until(lambda n=n: lab.own_status(n)["refused_keys"] == 1, CONVERGE_S), \
+            lab.own_status(n)
+        assert _set_size(n, "feed") == len(members) - 1
+    r = lab.nodes[2].client().delete("/api/v1/fleet/sets/feed")
+    assert r.status_code == 200, r.text
+    lab.wait_converged(timeout=30)
+    for n in lab.nodes:
+        assert _set_size(n, "feed") == 0
+        assert lab.own_status(n)["health"] == "ok", lab.own_status(n)
+
+
+def test_a_million_prefix_set_replaced_through_any_node_reaches_all_within_10s(lab):
+    hosts = _hosts(1_500_000, seed=1)
+    a, b = hosts[:1_000_000], hosts[500_000:]  # sharing half
+    _put_set(lab.nodes[0], "big", a)
+    lab.wait_converged(timeout=60)
+    start = time.monotonic()
+    replaced = _put_set(lab.nodes[2], "big", b)
+    revision = lab.wait_converged(timeout=60)
+    took = time.monotonic() - start
+    assert revision >= replaced["revision"]
+    assert took <= 10.0, f"a 1M-prefix set replaced in {took:.1f} s: {replaced}"
+    # The maps of every node hold the new set: its members drop, the old half passes.
+    sample_in, sample_out = b[::997], a[:500_000:997]
+    for n in lab.nodes:
+        assert _set_size(n, "big") == 1_000_000
+        verdicts = pinned_v4_verdicts(n.daemon.pin_dir, sample_in + sample_out)
+        assert all(verdicts[:len(sample_in)]), f"{n.name}: a member is not in the maps"
+        assert not any(verdicts[len(sample_in):]), f"{n.name}: an old member is still there"
+    r = lab.nodes[1].client().delete("/api/v1/fleet/sets/big")
+    assert r.status_code == 200, r.text
+    lab.wait_converged(timeout=60)

@@ -36,7 +36,7 @@ from xdpfw.gcpause import gc_paused
 from xdpfw.rules.compile import Changes, RuleIndex
 from xdpfw.rules.model import V4, Action, Prefix, Proto, Rule, check_match
 from xdpfw.rules.store import InterfaceRecord, Store
-from xdpfw.rules.table import NewRules, Prefixes, RuleTable
+from xdpfw.rules.table import NewRules, Prefixes, RuleTable, sorted_unique
 from xdpfw.slots import SlotAllocator
 from xdpfw.statedir import store_path
 
@@ -335,7 +335,7 @@ class Firewall:
         start does (FirewallMaps.rebuild): an address the change keeps guarded (in a rule
         that goes and in one that comes) is guarded throughout. Costs what a start costs for
         every rule, so it is for changes too large for the per-rule paths (a fleet's sets)."""
-        delete_ids = np.unique(np.asarray(delete_ids, dtype=np.int64))
+        delete_ids = sorted_unique(delete_ids)
         ids = np.asarray(ids, dtype=np.int64)
         with self.lock, gc_paused():
             table = self.table
@@ -343,7 +343,8 @@ class Firewall:
             if table.col["proto"][rows].any():
                 raise ValueError("replace_rules takes plain rules only")
             given = self._check_ids(ids, len(prefixes)) if len(ids) else ids
-            if len(np.intersect1d(given, delete_ids)):
+            pos = np.minimum(np.searchsorted(delete_ids, given), max(len(delete_ids) - 1, 0))
+            if len(delete_ids) and (delete_ids[pos] == given).any():
                 raise ConflictError("an id both leaves and comes")
             new = NewRules.plain(prefixes, action, table.comment_id(comment))
             slots = self.rule_slots.take_array(len(new), "rules")  # none of the leaving ones
@@ -400,6 +401,21 @@ class Firewall:
         self.maps.rebuild(index, self.store_id, str(self.state_dir))
         self.index = index
         self._last_relayout = time.monotonic()
+
+    def live_ids(self, rule_ids: np.ndarray) -> np.ndarray:
+        """Those of these ids that are rules here."""
+        with self.lock:
+            rule_ids = np.asarray(rule_ids, dtype=np.int64)
+            return rule_ids[np.isin(rule_ids, self.table.column("id"))]
+
+    def ids_of_prefixes(self, prefixes: Prefixes) -> np.ndarray:
+        """The id of the "any protocol" rule at each prefix, or -1."""
+        with self.lock:
+            t = self.table
+            rows = t.find_many(prefixes.family, prefixes.hi, prefixes.lo, prefixes.plen,
+                               np.zeros(len(prefixes), np.uint8), np.zeros(len(prefixes),
+                                                                           np.uint16))
+            return np.where(rows >= 0, t.col["id"][np.maximum(rows, 0)], -1)
 
     def find_rule(self, prefix: Prefix, proto: Proto | None, dport: int | None) -> Rule | None:
         """The rule with this match, if any."""

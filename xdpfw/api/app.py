@@ -74,7 +74,7 @@ def status_of(exc: BaseException) -> int | None:
 
 
 # Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default.
-SET_PATHS = frozenset({"/api/v1/rules/bulk"})
+SET_PATHS = frozenset({"/api/v1/rules/bulk", "/api/v1/fleet/sets/"})
 
 
 def create_app(

@@ -29,7 +29,10 @@ class BodyLimits:
     set_paths: frozenset[str] = frozenset()
 
     def for_path(self, path: str) -> int:
-        return self.sets if path in self.set_paths else self.default
+        """A listed path ending in "/" stands for every path under it."""
+        big = path in self.set_paths or any(
+            p.endswith("/") and path.startswith(p) for p in self.set_paths)
+        return self.sets if big else self.default
 
 
 class BodyTooLarge(HTTPException):

@@ -14,6 +14,8 @@ from xdpfw.db import SqliteDb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fleet_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The manifest of each set as this node applied it: which of its rules are whose.
+CREATE TABLE IF NOT EXISTS fleet_sets (name TEXT PRIMARY KEY, manifest BLOB NOT NULL);
 """
 
 
@@ -31,6 +33,17 @@ class FleetCache(SqliteDb):
         rows = dict(self._db.execute("SELECT key, value FROM fleet_state"))
         return Position(rows.get("cluster_id", ""), int(rows.get("resume", 0)),
                         int(rows.get("applied", 0)))
+
+    def sets(self) -> dict[str, bytes]:
+        return dict(self._db.execute("SELECT name, manifest FROM fleet_sets"))
+
+    def save_set(self, name: str, manifest: bytes | None) -> None:
+        with self.transaction():
+            if manifest is None:
+                self._db.execute("DELETE FROM fleet_sets WHERE name = ?", (name,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO fleet_sets (name, manifest)"
+                                 " VALUES (?, ?)", (name, manifest))
 
     def save(self, pos: Position) -> None:
         with self.transaction():

@@ -5,7 +5,8 @@ lists them. A million prefixes are ~40 chunks of at most 512 KiB, not a million 
                             "XFS1", u8 family, u32 count (little-endian), then count
                             addresses (4 or 16 bytes, network order), then count lengths
     data/sets/<name>        the manifest, JSON: {"action", "comment", "count",
-                            "chunks": [[sha256 hex, count, first rule id], ...]}
+                            "chunks": [[sha256 hex, count, first rule id], ...]} in
+                            prefix order; id ranges do not overlap
 
 Where a chunk ends depends on its content (a hash of each prefix), not on its position, so
 adding or removing a prefix changes the one chunk around it and a node applies only that
@@ -90,11 +91,13 @@ def decode_manifest(name: str, value: bytes, max_id: int) -> Manifest:
         entries = tuple(Entry(str(k), int(n), int(i)) for k, n, i in chunks)
     except (ValueError, KeyError, TypeError):
         raise RuleValidationError(f"{where}: the manifest is not one a writer makes") from None
-    last = 0
-    for e in entries:
+    last = 0  # id ranges, in id order, must not overlap (a kept chunk keeps older ids)
+    for e in sorted(entries, key=lambda e: e.first_id):
         if not re.fullmatch(r"[0-9a-f]{64}", e.key) or e.count < 1 or e.first_id <= last:
             raise RuleValidationError(f"{where}: chunk {e.key[:16]}: bad key, count or ids")
         last = e.first_id + e.count - 1
+    if len({e.key for e in entries}) != len(entries):
+        raise RuleValidationError(f"{where}: a chunk is listed twice")
     if last > max_id:
         raise RuleValidationError(f"{where}: ids beyond {max_id}")
     return Manifest(action, comment, entries)

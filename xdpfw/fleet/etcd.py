@@ -184,6 +184,17 @@ class Etcd:
         kvs = r.get("kvs", [])
         return int(r["header"]["revision"]), (KeyValue.of(kvs[0]) if kvs else None)
 
+    def get_at(self, key: bytes, revision: int) -> KeyValue | None:
+        """A key as it was at `revision`; Compacted if etcd no longer knows."""
+        try:
+            r = self.call("kv/range", {"key": b64(key), "revision": revision})
+        except EtcdError as e:
+            if "compacted" in str(e):
+                raise Compacted(revision) from None
+            raise
+        kvs = r.get("kvs", [])
+        return KeyValue.of(kvs[0]) if kvs else None
+
     def txn(self, compare: list[dict], success: list[dict],
             failure: list[dict] | None = None) -> tuple[bool, int, list[dict]]:
         """(succeeded, the revision after it, the responses of the branch taken)."""

@@ -10,6 +10,8 @@ Under the configured prefix (default /xdpfw/):
                                   one rule, JSON: {"id", "prefix", "action", "proto",
                                   "dport", "comment"}; the key is the rule's match, so two
                                   rules with one match cannot both exist
+    data/sets/<name>              a set's manifest, and chunks/<sha256> its prefixes
+                                  (xdpfw/fleet/chunks.py)
     nodes/<node>                  a node's status, JSON, under a lease of that node
 
 Nodes watch data/ only: their own status writes never wake them.
@@ -50,6 +52,16 @@ class Keys:
     @property
     def ids(self) -> bytes:
         return self.root + b"data/meta/ids"
+
+    @property
+    def sets(self) -> bytes:
+        return self.root + b"data/sets/"
+
+    def set(self, name: str) -> bytes:
+        return self.sets + name.encode()
+
+    def chunk(self, key: str) -> bytes:
+        return self.root + b"chunks/" + key.encode()
 
     @property
     def nodes(self) -> bytes:

@@ -8,14 +8,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from xdpfw.config import FleetConfig
-from xdpfw.errors import FleetUnavailableError
+from xdpfw.errors import ConflictError, FleetUnavailableError
 from xdpfw.fleet.cache import FleetCache
 from xdpfw.fleet.etcd import Etcd, Tls
 from xdpfw.fleet.layout import Keys
+from xdpfw.fleet.set_writer import SetWriter
 from xdpfw.fleet.status import StatusPublisher, fleet_view
 from xdpfw.fleet.sync import SyncEngine
 from xdpfw.fleet.writer import FleetWriter
-from xdpfw.rules.model import Rule
+from xdpfw.rules.model import Action, Rule
+from xdpfw.rules.table import Prefixes
 from xdpfw.service import Firewall, RuleSpec
 from xdpfw.statedir import store_path
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 # A write answers once etcd has committed it; it also waits this long for this node to have
 # applied it, so a client reads its own write from the node it wrote through.
 OWN_APPLY_WAIT_S = 2.0
+SET_APPLY_WAIT_S = 30.0  # a set of a million takes seconds to apply
 
 
 class Fleet:
@@ -36,6 +39,7 @@ class Fleet:
         self.cache = FleetCache(store_path(state_dir))
         self.engine = SyncEngine(fw, self.etcd, self.keys, self.cache)
         self.writer = FleetWriter(self.etcd, self.keys)
+        self.set_writer = SetWriter(self.etcd, self.keys, self.writer, fw)
         self.publisher = StatusPublisher(self.etcd, self.keys, cfg.node, self.engine,
                                          lambda: fw.counts().rules, cfg.status_ttl_s)
 
@@ -63,10 +67,36 @@ class Fleet:
 
     def delete_rule(self, rule_id: int) -> Rule:
         rule = self.fw.get_rule(rule_id)
+        for name, m in list(self.engine.sets.items()):
+            if any(rule_id in e.ids for e in m.entries):
+                raise ConflictError(f"rule {rule_id} belongs to fleet set {name}: replace the "
+                                    "set without it (PUT /api/v1/fleet/sets/{name})")
         with self._refused_while_away():
             revision = self.writer.delete_rule(rule)
         self.engine.wait_applied(revision, OWN_APPLY_WAIT_S)
         return rule
+
+    def replace_set(self, name: str, prefixes: Prefixes, action: Action, comment: str,
+                    wait_s: float = SET_APPLY_WAIT_S) -> dict:
+        with self._refused_while_away():
+            result = self.set_writer.replace(name, prefixes, action, comment)
+        result["applied_here"] = self.engine.wait_applied(result["revision"], wait_s)
+        return result
+
+    def delete_set(self, name: str) -> dict:
+        with self._refused_while_away():
+            revision = self.set_writer.delete(name)
+        return {"name": name, "revision": revision,
+                "applied_here": self.engine.wait_applied(revision, SET_APPLY_WAIT_S)}
+
+    def list_sets(self) -> list[dict]:
+        """etcd's sets; while it is away, the sets as this node applied them."""
+        try:
+            return self.set_writer.list()
+        except FleetUnavailableError:
+            return [{"name": n, "count": m.count, "chunks": len(m.entries),
+                     "action": m.action.value, "comment": m.comment, "revision": None}
+                    for n, m in self.engine.sets.items()]
 
     @contextlib.contextmanager
     def _refused_while_away(self) -> Iterator[None]:

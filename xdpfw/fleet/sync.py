@@ -19,10 +19,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from xdpfw.errors import XdpfwError
+import numpy as np
+
+from xdpfw.errors import ConflictError, RuleValidationError, XdpfwError
 from xdpfw.fleet.cache import FleetCache, Position
+from xdpfw.fleet.chunks import Entry, Manifest, decode_manifest, unpack
 from xdpfw.fleet.etcd import Compacted, Etcd, EtcdError, EtcdUnavailable, KeyValue, Watch
-from xdpfw.fleet.layout import FleetRule, Keys, decode_rule, match_of_key
+from xdpfw.fleet.layout import MAX_ID, FleetRule, Keys, decode_rule, match_of_key
+from xdpfw.rules.table import Prefixes
 from xdpfw.service import Firewall
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,12 @@ class SyncEngine:
         self.state = NodeState(applied=self.position.applied, resume=self.position.resume)
         self.changed = threading.Condition()  # notified after every apply and health change
         self._refused: dict[bytes, str] = {}
+        self.sets: dict[str, Manifest] = {}  # as applied here (and kept in the cache)
+        for name, blob in cache.sets().items():
+            try:
+                self.sets[name] = decode_manifest(name, blob, MAX_ID)
+            except XdpfwError:
+                log.error("fleet: the cached manifest of set %s is unreadable", name)
         self._stop = threading.Event()
         self._watch: Watch | None = None
         self._thread = threading.Thread(target=self._run, name="xdpfw-fleet-sync", daemon=True)
@@ -125,8 +135,12 @@ class SyncEngine:
         """Make the firewall equal to a snapshot of data/, touching only what differs."""
         revision, kvs = self.etcd.get_prefix(self.keys.data)
         changes: dict[bytes, KeyValue | None] = {kv.key: kv for kv in kvs}
+        for name in self.sets:  # sets etcd no longer holds go
+            changes.setdefault(self.keys.set(name), None)
+        members = self.member_ids()
         for rule in self.fw.list_rules():  # rules etcd no longer holds go
-            changes.setdefault(self.keys.rule(rule.prefix, rule.proto, rule.dport), None)
+            if not members.contains(rule.id):
+                changes.setdefault(self.keys.rule(rule.prefix, rule.proto, rule.dport), None)
         self._refused.clear()
         applied = max((kv.mod_revision for kv in kvs), default=0)
         counts = self._apply(changes)
@@ -166,13 +180,85 @@ class SyncEngine:
 
     # -- applying -------------------------------------------------------------------------
 
+    def member_ids(self) -> IdRanges:
+        """The ids of the rules that belong to the sets applied here."""
+        return IdRanges([e for m in self.sets.values() for e in m.entries])
+
     def _apply(self, changes: dict[bytes, KeyValue | None]) -> dict[str, int]:
-        """Turn key changes into one delete_rules and one add_rules call."""
+        """Turn key changes into one delete_rules call, one replace_rules call per set that
+        changed, and one add_rules call, in that order (a prefix may move between a rule of
+        its own and a set)."""
+        deletes, adds = self._plan_rules(changes)
+        try:
+            self.fw.delete_rules(deletes)
+            sets = sum(self._apply_set(key, kv) for key, kv in changes.items()
+                       if key.startswith(self.keys.sets))
+            self.fw.add_rules([r.spec for r in adds], ids=[r.id for r in adds])
+        except (XdpfwError, OSError) as e:
+            if isinstance(e, Compacted):
+                raise
+            raise ApplyFailed(f"the firewall refused etcd's changes: {e}") from e
+        return {"added": len(adds), "deleted": len(deletes), "sets": sets,
+                "refused": len(self._refused)}
+
+    def _apply_set(self, key: bytes, kv: KeyValue | None) -> int:
+        """A set's manifest changed: its chunks that left go and those that came are read (at
+        the manifest's revision) and added, in one Firewall.replace_rules. Returns 1 if the
+        set changed here."""
+        name = key[len(self.keys.sets):].decode(errors="replace")
+        old = self.sets.get(name)
+        try:
+            new = None if kv is None else decode_manifest(name, kv.value, MAX_ID)
+        except XdpfwError as e:
+            self._refuse(key, str(e))  # what the set was here stays in force
+            return 0
+        before = set(old.entries) if old else set()
+        after = set(new.entries) if new else set()
+        if old and new and (old.action, old.comment) != (new.action, new.comment) \
+                and before & after:
+            self._refuse(key, f"set {name}: a new action or comment needs new chunk ids")
+            return 0
+        leaving = IdRanges(sorted(before - after, key=lambda e: e.first_id)).all()
+        coming = sorted(after - before, key=lambda e: e.first_id)
+        present = set(self.fw.live_ids(np.array([e.first_id for e in coming],
+                                                np.int64)).tolist())
+        coming = [e for e in coming if e.first_id not in present]  # a replay after a crash
+        started = time.monotonic()
+        try:
+            parts = [unpack(e.key, self._chunk(e, kv)) for e in coming]
+            if any(len(p) != e.count for p, e in zip(parts, coming, strict=True)):
+                raise RuleValidationError(f"set {name}: a chunk's count differs")
+            prefixes = Prefixes.concat(parts)
+            ids = IdRanges(coming).all()
+            self.fw.replace_rules(self.fw.live_ids(leaving), prefixes,
+                                  (new or old).action, (new or old).comment, ids)
+        except (RuleValidationError, ConflictError) as e:
+            self._refuse(key, f"set {name}: {e}")
+            return 0
+        self._refuse(key, None)
+        log.info("fleet: set %s: %d rules out, %d in (%d chunks) in %.2f s", name,
+                 len(leaving), len(prefixes), len(coming), time.monotonic() - started)
+        if new is None:
+            self.sets.pop(name, None)
+        else:
+            self.sets[name] = new
+        self.cache.save_set(name, None if new is None else new.encode())
+        return 1
+
+    def _chunk(self, e: Entry, kv: KeyValue | None) -> bytes:
+        got = self.etcd.get_at(self.keys.chunk(e.key), kv.mod_revision) if kv else None
+        if got is None:
+            raise RuleValidationError(f"chunk {e.key[:16]} is missing from etcd")
+        return got.value
+
+    def _plan_rules(self, changes: dict[bytes, KeyValue | None]
+                    ) -> tuple[list[int], list[FleetRule]]:
+        """Which rules go and which come, for the rule keys among these changes."""
         deletes: list[int] = []
         adds: list[FleetRule] = []
         for key, kv in changes.items():
             if not key.startswith(self.keys.rules):
-                continue  # data/meta, or what a later version keeps
+                continue  # data/meta, data/sets, or what a later version keeps
             match = match_of_key(self.keys, key)
             if match is None:
                 self._refuse(key, "not a rule key (<prefix>|<proto or any>|<port or 0>)"
@@ -197,12 +283,7 @@ class SyncEngine:
             adds.append(want)
         adds = self._unique_ids(adds, set(deletes))
         adds.sort(key=lambda r: r.id)
-        try:
-            self.fw.delete_rules(deletes)
-            self.fw.add_rules([r.spec for r in adds], ids=[r.id for r in adds])
-        except (XdpfwError, OSError) as e:
-            raise ApplyFailed(f"the firewall refused etcd's changes: {e}") from e
-        return {"added": len(adds), "deleted": len(deletes), "refused": len(self._refused)}
+        return deletes, adds
 
     def _unique_ids(self, adds: list[FleetRule], leaving: set[int]) -> list[FleetRule]:
         """A hand-written value may reuse an id: the first holder keeps it."""
@@ -258,6 +339,26 @@ class SyncEngine:
             if error is not None:
                 self.state.last_error, self.state.last_error_at = error, time.time()
             self.changed.notify_all()
+
+
+class IdRanges:
+    """The ids of some chunks' rules, as ranges."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        ordered = sorted(entries, key=lambda e: e.first_id)
+        self.starts = np.array([e.first_id for e in ordered], np.int64)
+        self.ends = np.array([e.first_id + e.count for e in ordered], np.int64)
+
+    def contains(self, rule_id: int) -> bool:
+        i = int(np.searchsorted(self.starts, rule_id, side="right")) - 1
+        return i >= 0 and rule_id < self.ends[i]
+
+    def all(self) -> np.ndarray:
+        if not len(self.starts):
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(a, b) for a, b in zip(self.starts.tolist(),
+                                                               self.ends.tolist(),
+                                                               strict=True)])
 
 
 def _read_into(watch: Watch, out: queue.Queue) -> None:

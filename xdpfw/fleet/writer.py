@@ -27,7 +27,7 @@ class FleetWriter:
     def __init__(self, etcd: Etcd, keys: Keys) -> None:
         self.etcd, self.keys = etcd, keys
 
-    def _ids(self) -> tuple[int, int]:
+    def last_id(self) -> tuple[int, int]:
         """(the last id handed out, the mod_revision of the ids key: 0 if none yet)."""
         _, kv = self.etcd.get(self.keys.ids)
         if kv is None:
@@ -48,11 +48,11 @@ class FleetWriter:
         if len(set(keys)) != len(keys):
             raise ConflictError("a rule appears twice in this request")
         for _ in range(ATTEMPTS):
-            last, mod = self._ids()
+            last, mod = self.last_id()
             ids = list(range(last + 1, last + 1 + len(specs)))
-            compare = [_same_mod(self.keys.ids, mod)] + [_absent(k) for k in keys]
-            success = [_put(self.keys.ids, str(ids[-1] if ids else last).encode())] + [
-                _put(k, encode_rule(i, s)) for k, i, s in zip(keys, ids, specs, strict=True)]
+            compare = [same_mod(self.keys.ids, mod)] + [_absent(k) for k in keys]
+            success = [put_op(self.keys.ids, str(ids[-1] if ids else last).encode())] + [
+                put_op(k, encode_rule(i, s)) for k, i, s in zip(keys, ids, specs, strict=True)]
             failure = [_range(k) for k in keys]
             ok, revision, responses = self.etcd.txn(compare, success, failure)
             if ok:
@@ -77,7 +77,7 @@ class FleetWriter:
         Returns the revision of the delete."""
         key = self.keys.rule(rule.prefix, rule.proto, rule.dport)
         for _ in range(ATTEMPTS):
-            last, mod = self._ids()
+            last, mod = self.last_id()
             _, kv = self.etcd.get(key)
             held = None
             if kv is not None:
@@ -89,8 +89,8 @@ class FleetWriter:
                 now = f"as id {held}" if held else "no longer"
                 raise NotFoundError(f"no rule with id {rule.id} in the fleet (etcd holds "
                                     f"{match_name(rule.prefix, rule.proto, rule.dport)} {now})")
-            compare = [_same_mod(self.keys.ids, mod), _same_mod(key, kv.mod_revision)]
-            success = [_put(self.keys.ids, str(last).encode()),
+            compare = [same_mod(self.keys.ids, mod), same_mod(key, kv.mod_revision)]
+            success = [put_op(self.keys.ids, str(last).encode()),
                        {"request_delete_range": {"key": b64(key)}}]
             ok, revision, _ = self.etcd.txn(compare, success)
             if ok:
@@ -98,7 +98,7 @@ class FleetWriter:
         raise EtcdUnavailable("etcd is being written too fast by other nodes: try again")
 
 
-def _same_mod(key: bytes, mod_revision: int) -> dict:
+def same_mod(key: bytes, mod_revision: int) -> dict:
     return {"key": b64(key), "target": "MOD", "result": "EQUAL",
             "mod_revision": str(mod_revision)}
 
@@ -107,7 +107,7 @@ def _absent(key: bytes) -> dict:
     return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
 
 
-def _put(key: bytes, value: bytes) -> dict:
+def put_op(key: bytes, value: bytes) -> dict:
     return {"request_put": {"key": b64(key), "value": b64(value)}}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from xdpfw.db import SqliteDb
 from xdpfw.rules.model import V4, V6, Action, Proto, Rule
-from xdpfw.rules.table import ACTION_CODE, PROTO_CODE, Prefixes, RuleTable
+from xdpfw.rules.table import ACTION_CODE, PROTO_CODE, Prefixes, RuleTable, sorted_unique
 
 BATCH_MIN = 1000  # requests with fewer rules get a row per rule
 ACTIONS = {a.value: a for a in Action}
@@ -258,7 +258,7 @@ class Store(SqliteDb):
     def delete_many(self, ids: np.ndarray) -> None:
         """Delete many rules at once: a batch whose every rule goes is dropped whole, the
         rest are rows of their own or tombstones."""
-        left = np.unique(np.asarray(ids, dtype=np.int64))
+        left = sorted_unique(ids)
         for batch, blob in self._db.execute("SELECT batch, ids FROM rule_batches").fetchall():
             if not len(left):
                 break

@@ -38,6 +38,12 @@ def key4(nets: np.ndarray, plens: np.ndarray, protos: np.ndarray,
             | (protos.astype(np.uint64) << np.uint64(16)) | dports.astype(np.uint64))
 
 
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique of integers by a sort (numpy's hash-based unique is 5x slower on ids)."""
+    a = np.sort(np.asarray(a, dtype=np.int64))
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
 def split(prefix: Prefix) -> tuple[int, int]:
     """(hi, lo) 64-bit halves of a prefix's network (IPv4: hi 0)."""
     return prefix.net >> 64, prefix.net & ((1 << 64) - 1)

@@ -107,7 +107,7 @@ async def add_bulk(
     """Many rules at once, all or nothing: a JSON body `{"prefixes": [...], "action": ...}` or
     `{"rules": [...]}`, or a plain-text blocklist (one prefix per line, `#` comments; the
     query's `action` and `comment` apply to every line)."""
-    body = await _read_body(request)
+    body = await read_body(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype == "text/plain":
         prefixes = await run_in_threadpool(parse_blocklist_bytes, body)
@@ -125,7 +125,7 @@ async def add_bulk(
     return BulkResult(added=len(ids), first_id=ids[0], last_id=ids[-1])
 
 
-async def _read_body(request: Request) -> bytearray:
+async def read_body(request: Request) -> bytearray:
     """The body in one buffer grown in place (Request.body() keeps every chunk until it
     joins them: twice a 30 MiB blocklist at once). Its size was bounded by BodyLimits."""
     body = bytearray()
