@@ -1,5 +1,5 @@
-"""The layout a fleet set will have in etcd (xdpfw/fleet/chunks.py; not wired to the API
-yet): chunks cut by content, bounded in size, checked by a node before it applies them."""
+"""A fleet set's layout in etcd (xdpfw/fleet/chunks.py): chunks cut by content, bounded in
+size, checked by a node before it applies them; manifests."""
 
 from __future__ import annotations
 
