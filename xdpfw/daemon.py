@@ -190,7 +190,13 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     servers: ApiServers | None = None
     unix: socket.socket | None = None
 
+    daemon_pid = os.getpid()
+
     def on_signal(signum: int, _frame) -> None:
+        # A process forked from this one (pyroute2's namespace workers) inherits the handler;
+        # it must not unwind the daemon's stack (closing its maps and store): it just exits.
+        if os.getpid() != daemon_pid:
+            os._exit(128 + signum)
         # uvicorn handles these while it serves, then puts this handler back and raises the
         # signal again: here that is harmless, and `serve` returns (exit status 0).
         if servers is None:
