@@ -389,13 +389,14 @@ class Firewall:
     def _sync(self, group: np.ndarray, new: NewRules, name: str | None,
               dry_run: bool) -> SyncReport:
         diff = diff_rules(self.table, group, new, name)
+        examples = self._examples(diff, new)  # rows are the table's as it is now
         ids = range(0)
         if diff and not dry_run:
             rows = self._swap(diff, new)
             ids = self._ids_of(rows)
             self.table.compact_if_sparse()  # rows renumber: nothing below uses them
         return SyncReport(len(diff.added), len(diff.removed), len(diff.kept),
-                          len(diff.changed), ids, self._examples(diff, new), dry_run)
+                          len(diff.changed), ids, examples, dry_run)
 
     def _examples(self, diff: RuleDiff, new: NewRules) -> dict[str, list[str]]:
         t = self.table
@@ -563,7 +564,8 @@ class Firewall:
                 reason=abi.REASON_NAMES.get(out.reason, str(out.reason)),
                 rule=self.table.rule(row) if row is not None else None,
                 interface=(interface, netns) if att else None,
-                policy=att.record.policy if att else "pass", covering=covering)
+                policy="drop" if self.maps.policy(slot).policy == abi.POLICY_DROP else "pass",
+                covering=covering)
 
     def rule_counter(self, rule: Rule) -> tuple[int, int]:
         return self.maps.rule_counter(rule.slot)

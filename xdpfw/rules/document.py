@@ -28,9 +28,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from xdpfw.errors import RuleValidationError
-from xdpfw.rules.blocklist import parse_blocklist_bytes, parse_prefixes
+from xdpfw.rules.blocklist import parse_blocklist_bytes
 from xdpfw.rules.kind import RuleKind
-from xdpfw.rules.model import V4, V6, Action
+from xdpfw.rules.model import V4, V6, Action, parse_prefix
 from xdpfw.rules.table import (
     ACTION_CODE,
     ACTION_OF,
@@ -177,7 +177,13 @@ def prefixes_of(items: list[str], source: str) -> Prefixes:
             out = None
         if out is not None and len(out) == len(items):
             return out
-    return Prefixes.of(parse_prefixes(items, source))
+    out = []
+    for i, item in enumerate(items, 1):  # each item one prefix: blank ones are mistakes too
+        try:
+            out.append(parse_prefix(item))
+        except RuleValidationError as e:
+            raise RuleValidationError(f"{source} {i}: {e}") from None
+    return Prefixes.of(out)
 
 
 def parse_document(data: bytes | bytearray, content_type: str, default: RuleKind
