@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_rules:
         cfg.limits.max_rules = args.max_rules
     serve(ServeOptions(cfg, demo=args.demo, log_level=args.log_level,
-                       adopt_pins=args.adopt_pins))
+                       adopt_pins=args.adopt_pins, config_path=args.config))
     return 0
 
 

@@ -120,6 +120,9 @@ class Firewall:
         self.config = self.dp.config
         self.index = RuleIndex()
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
+        # The config file whose [[rules]] and [[sets]] are the rules (rules_from_config):
+        # while set, only sync_config changes rules.
+        self.rules_source: str | None = None
         with gc_paused():
             foreign = self._restore_rules(adopt_pins)
         self._next_id = max(self.store.last_rule_id(), self.table.max_id()) + 1
@@ -212,6 +215,7 @@ class Firewall:
             if s.rule_set:
                 check_set_name(s.rule_set)
         with self.lock:
+            self._check_writable()
             rows = self._add(NewRules.of(specs, self.table), skip_existing)
             return list(self.table.iter_rules(rows))
 
@@ -222,6 +226,7 @@ class Firewall:
         if rule_set:
             check_set_name(rule_set)
         with self.lock:
+            self._check_writable()
             new = NewRules.plain(prefixes, action, self.table.comment_id(comment),
                                  self.table.set_id(rule_set))
             return self._ids_of(self._add(new, skip_existing))
@@ -229,6 +234,7 @@ class Firewall:
     def add_document(self, doc: RuleDocument, skip_existing: bool = False) -> range:
         """Every rule of a document (an export, a config's rules), all or nothing."""
         with self.lock:
+            self._check_writable()
             return self._ids_of(self._add(doc.new_rules(self.table), skip_existing))
 
     def _ids_of(self, rows: np.ndarray) -> range:
@@ -327,6 +333,7 @@ class Firewall:
 
     def delete_rule(self, rule_id: int) -> Rule:
         with self.lock:
+            self._check_writable()
             row = self._row_of(rule_id)
             rule, rows = self.table.rule(row), np.array([row])
             changes = self.index.remove_rows(rows)
@@ -353,20 +360,41 @@ class Firewall:
         check_set_name(name)
         doc.check_set(name)
         with self.lock:
+            if not dry_run:
+                self._check_writable()
             new = doc.new_rules(self.table, rule_set=name)
             return self._sync(self.table.rows_of_set(name), new, name, dry_run)
 
     def replace_all(self, doc: RuleDocument, dry_run: bool = False) -> SyncReport:
-        """Make the rules exactly the document's (an export, a config's rules), in one
-        change: rules in both keep their ids and counters."""
+        """Make the rules exactly the document's (an export), in one change: rules in both
+        keep their ids and counters."""
         with self.lock:
+            if not dry_run:
+                self._check_writable()
             return self._sync(self.table.rows(), doc.new_rules(self.table), None, dry_run)
+
+    def sync_config(self, doc: RuleDocument, source: str, dry_run: bool = False
+                    ) -> SyncReport:
+        """replace_all for the config file `source` that declares every rule: from then on
+        the API changes none (_check_writable), only this does."""
+        with self.lock:
+            report = self._sync(self.table.rows(), doc.new_rules(self.table), None, dry_run)
+            if not dry_run:
+                self.rules_source = source
+            return report
+
+    def _check_writable(self) -> None:
+        if self.rules_source is not None:
+            raise ConflictError(
+                f"the rules come from {self.rules_source} ([state] rules_from_config): "
+                "change that file and run `xdpfw reload`")
 
     def delete_where(self, ids: Sequence[int] | None = None, rule_set: str | None = None,
                      comment: str | None = None) -> SyncReport:
         """Delete, in one change, the rules with these ids (every one must exist), or those
         of a set, or those whose comment is exactly `comment`."""
         with self.lock:
+            self._check_writable()
             if ids is not None:
                 rows = [self._row_of(i) for i in dict.fromkeys(ids)]
                 group = np.sort(np.array(rows, dtype=np.int64))

@@ -15,10 +15,12 @@ from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_err
 from xdpfw.api.peer import peer_of
 from xdpfw.api.routes import audit as audit_routes
 from xdpfw.api.routes import capture as capture_routes
+from xdpfw.api.routes import config as config_routes
 from xdpfw.api.routes import dashboard, explain, interfaces, rules, services, sets, stats
 from xdpfw.api.routes import events as events_routes
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
+from xdpfw.config import ConfigError
 from xdpfw.db import storage_error
 from xdpfw.errors import (
     AttachError,
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 # names only the error's type (middleware.JsonErrors).
 ERROR_STATUS: dict[type[Exception], int] = {
     RuleValidationError: 422,
+    ConfigError: 422,  # a config file reloaded (POST /api/v1/config/reload) has a mistake
     # Also lb.maglev.MaglevError, lb.health.HealthConfigError, and proxy.engine.ListenError:
     # a proxy service's VIP:port cannot be listened on.
     ServiceValidationError: 422,
@@ -83,6 +86,7 @@ def create_app(
     body_limits: BodyLimits | None = None,
     capture=None,
     rule_series: RuleSeries | None = None,
+    config_path: str | None = None,
 ) -> FastAPI:
     """token: required from every client but the daemon's unix socket (local, by permission);
     several, by name ({name: token}), tell clients apart in the audit trail (a lone token is
@@ -91,7 +95,8 @@ def create_app(
     lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
     body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS).
     capture: the daemon's xdpfw.capture.CaptureHub (None: /api/v1/capture answers 503).
-    rule_series: how many per-rule and per-set series /metrics holds."""
+    rule_series: how many per-rule and per-set series /metrics holds.
+    config_path: the daemon's config file, which `POST /api/v1/config/reload` reads again."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -108,8 +113,9 @@ def create_app(
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
+    app.state.config_path = config_path
     for router in (rules.router, sets.router, explain.router, audit_routes.router,
-                   interfaces.router, stats.router):
+                   config_routes.router, interfaces.router, stats.router):
         app.include_router(router)
     for router in (metrics_routes.router, program_routes.router, events_routes.router,
                    capture_routes.router):

@@ -107,8 +107,10 @@ def parse_text(data: bytes | bytearray, default: RuleKind) -> RuleDocument:
     if len(starts) > MAX_SECTIONS:
         raise RuleValidationError(f"{len(starts)} sections: at most {MAX_SECTIONS}")
     sections = []
-    if starts[0] > 0:
-        sections.append(Section(parse_blocklist_bytes(data[:starts[0]]), default))
+    if starts[0] > 0:  # lines before the first header: a blocklist of the default kind
+        before = parse_blocklist_bytes(data[:starts[0]])
+        if len(before):
+            sections.append(Section(before, default))
     line, counted = 1, 0  # the line number of offset `counted`
     for i, at in enumerate(starts):
         eol = data.find(b"\n", at)
@@ -293,6 +295,15 @@ def write_text(ex: Export) -> Iterator[bytes]:
         yield HEADER + json.dumps(kind_json(kind)).encode() + b"\n"
         for lines in prefix_lines(ex.section(i)):
             yield ("\n".join(lines) + "\n").encode()
+
+
+def document_text(doc: RuleDocument) -> bytes:
+    """A RuleDocument in the text format (what `check-config --diff` sends)."""
+    out = [f"# {len(doc)} rules\n".encode()]
+    for s in doc.sections:
+        out.append(HEADER + json.dumps(kind_json(s.kind)).encode() + b"\n")
+        out += [("\n".join(lines) + "\n").encode() for lines in prefix_lines(s.prefixes)]
+    return b"".join(out)
 
 
 def write_json(ex: Export) -> Iterator[bytes]:
