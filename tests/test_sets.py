@@ -343,3 +343,21 @@ CREATE TABLE rule_batches (batch INTEGER PRIMARY KEY AUTOINCREMENT, ids BLOB NOT
 CREATE TABLE deleted_batch_rules (id INTEGER PRIMARY KEY);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+def test_deleting_every_rule_of_a_prefix_at_once_frees_its_entry_once(fw):
+    """Three rules on one prefix deleted in one change touch the prefix three times: its
+    verdict id must go back once, or two later prefixes share it (and one's verdict)."""
+    p = "192.0.2.0/24"
+    rules = fw.add_rules([RuleSpec(parse_prefix(p), Action.DROP),
+                          RuleSpec(parse_prefix(p), Action.PASS, Proto.TCP),
+                          RuleSpec(parse_prefix(p), Action.DROP, Proto.TCP, 23)])
+    fw.delete_where(ids=[r.id for r in rules])
+    assert fw.maps.prefix_keys() == []
+    import time
+
+    time.sleep(1.1)  # past the quarantine: freed ids are handed out again
+    fw.add_rules([RuleSpec(parse_prefix("10.0.0.0/8"), Action.DROP),
+                  RuleSpec(parse_prefix("11.0.0.0/8"), Action.PASS)])
+    assert test_run(fw.program.fd, P.tcp4("10.1.1.1", 80)).verdict == "XDP_DROP"
+    assert test_run(fw.program.fd, P.tcp4("11.1.1.1", 80)).verdict == "XDP_PASS"

@@ -467,9 +467,10 @@ class V4Table:
         parent (what covers it after this change, found by `parents`), the /24s holding the
         longer ones are laid out again, then their ids go. A prefix without an entry is
         skipped (a rollback of a change whose writes never ran)."""
-        nets = np.asarray(nets, dtype=np.uint32)
-        plens = np.asarray(plens, dtype=np.uint8)
-        keys = keys_of(nets, plens)
+        keys, first = np.unique(keys_of(np.asarray(nets, dtype=np.uint32),
+                                        np.asarray(plens, dtype=np.uint8)), return_index=True)
+        nets = np.asarray(nets, dtype=np.uint32)[first]  # each prefix once: its id goes once
+        plens = np.asarray(plens, dtype=np.uint8)[first]
         vids = self.vid.get_many(keys)
         there = vids >= 0
         if not there.any():

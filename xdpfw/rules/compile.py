@@ -318,8 +318,10 @@ class RuleIndex:
         return next((q for q in prefix.parent_candidates() if q in self.prefix_values), None)
 
     def _affected(self, touched: list[Prefix]) -> Iterable[Prefix]:
+        """Each touched prefix once (a change of several rules on one prefix touches it once
+        per rule), and the port-only prefixes inside them."""
         if not self.port_only:
-            return touched
+            return dict.fromkeys(touched)
         affected = set(touched)
         for p in touched:
             affected.update(q for q in self.port_only if p.contains(q))
