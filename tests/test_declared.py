@@ -133,7 +133,7 @@ def test_sets_in_the_config_are_checked(tmp_path):
             declared_rules(load_config(path), path)
     (tmp_path / "f.txt").write_text('@rules {"set": "other"}\n10.0.0.0/8\n')
     path.write_text('[[sets]]\nname = "a"\nfile = "f.txt"\n')
-    with pytest.raises(ConfigError, match="f.txt: these rules name set 'other'"):
+    with pytest.raises(ConfigError, match=r"f\.txt: these rules name set 'other'"):
         declared_rules(load_config(path), path)
 
 

@@ -47,7 +47,7 @@ def sources(rules: list[ModelRule], rng: random.Random) -> list[str]:
         net = r.network
         for off in (0, net.num_addresses - 1, rng.randrange(net.num_addresses)):
             out.append(str(net.network_address + off))
-    return out + [f"38.{rng.randrange(256)}.{rng.randrange(256)}.1", "192.0.2.1", "2001:db8::"]
+    return [*out, f"38.{rng.randrange(256)}.{rng.randrange(256)}.1", "192.0.2.1", "2001:db8::"]
 
 
 def ip_proto(proto: Proto | None, v6: bool) -> int:

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import TEST_CAPACITY, isolated_program_config, remove_pins
+from tests.prefix_gen import v4_prefixes
 from xdpfw.api.app import create_app
 from xdpfw.errors import RuleValidationError
 from xdpfw.rules import document as D
@@ -29,16 +30,6 @@ def big_firewall(tmp_path_factory, name: str):
     cfg = type(cfg)(pin_dir=cfg.pin_dir, **{**TEST_CAPACITY, "max_rules": 1 << 20,
                                             "max_tbl8_groups": 65_536})
     return Firewall(tmp_path_factory.mktemp(name), cfg), cfg
-
-
-def v4_prefixes(rng: np.random.Generator, n: int) -> Prefixes:
-    """n distinct IPv4 prefixes: hosts, /24s and /16-/23 in the mix of a real blocklist."""
-    plen = rng.choice(np.array([32, 32, 24, 20, 16, 28], dtype=np.uint8), size=2 * n)
-    net = rng.integers(1 << 24, 223 << 24, size=2 * n, dtype=np.uint64)
-    net &= ~((np.uint64(1) << (np.uint64(32) - plen.astype(np.uint64))) - np.uint64(1))
-    _, first = np.unique((net << np.uint64(6)) | plen, return_index=True)
-    keep = np.sort(first)[:n]
-    return Prefixes(np.full(n, 4, np.uint8), np.zeros(n, np.uint64), net[keep], plen[keep])
 
 
 def columns(fw) -> dict[str, np.ndarray]:

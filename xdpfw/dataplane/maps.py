@@ -136,9 +136,15 @@ class MapHandle:
                              offset=start - offset)
         try:
             yield view
-        finally:
-            del view  # no export may outlive the mapping
-            mm.close()
+        except BaseException:
+            del view
+            # The exception's traceback may hold the block's own reference to the view: the
+            # mapping then goes with it, and the exception, not a BufferError, is what shows.
+            with contextlib.suppress(BufferError):
+                mm.close()
+            raise
+        del view  # no export may outlive the mapping
+        mm.close()
 
     def update_many(self, keys: bytes, values: bytes, count: int) -> None:
         if count == 0:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xdpfw.dataplane import abi
-from xdpfw.errors import MapFullError
+from xdpfw.errors import MapFullError, XdpfwError
 from xdpfw.rules.u64map import U64Map
 
 QUARANTINE_S = 1.0  # packets take microseconds; a freed id waits a second before reuse
@@ -482,7 +482,11 @@ class V4Table:
             p_nets, p_lens, found = parents(nets[short], plens[short])
             to = np.zeros(int(short.sum()), dtype=np.uint32)
             if found.any():
-                to[found] = self.vid.get_many(keys_of(p_nets[found], p_lens[found]))
+                parent = self.vid.get_many(keys_of(p_nets[found], p_lens[found]))
+                if (parent < 0).any():  # the caller broke the order: entries before removals
+                    raise XdpfwError("internal error: a removed IPv4 prefix's parent has no "
+                                     "entry yet; nothing of the removal was written")
+                to[found] = parent
             self._fall_back(nets[short], plens[short], vids[short], to)
         if not short.all():
             self._remove_longs(nets[~short], plens[~short], vids[~short])
