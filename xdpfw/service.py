@@ -419,10 +419,14 @@ class Firewall:
         diff = diff_rules(self.table, group, new, name)
         examples = self._examples(diff, new)  # rows are the table's as it is now
         ids = range(0)
-        if diff and not dry_run:
+        if dry_run or not diff:
+            pass
+        elif len(diff.removed) or len(diff.changed):
             rows = self._swap(diff, new)
             ids = self._ids_of(rows)
             self.table.compact_if_sparse()  # rows renumber: nothing below uses them
+        else:  # only additions (a set's first load): in chunks, with the bulk load's memory
+            ids = self._ids_of(self._add(new.take(diff.added)))
         return SyncReport(len(diff.added), len(diff.removed), len(diff.kept),
                           len(diff.changed), ids, examples, dry_run)
 
@@ -486,7 +490,7 @@ class Firewall:
                 self.rule_slots.give(slots)
                 raise
         freed = t.col["slot"][gone]
-        self.maps.reset_rule_counters(freed.tolist())
+        self.maps.reset_rule_counters(freed)
         self.rule_slots.give(freed)
         self._next_id = first_id + n
         if n + len(gone) >= heap.BULK:

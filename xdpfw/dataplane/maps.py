@@ -592,11 +592,11 @@ class FirewallMaps:
         """A reused slot starts from zero: it belongs to a new rule."""
         self.rule_counters.update(struct.pack("<I", slot), bytes(self.rule_counters.value_size))
 
-    def reset_rule_counters(self, slots: Sequence[int]) -> None:
-        if not slots:
+    def reset_rule_counters(self, slots: Sequence[int] | np.ndarray) -> None:
+        if not len(slots):
             return
         zero = bytes(self.rule_counters.value_size)
-        keys = array("I", slots).tobytes()
+        keys = np.asarray(slots, dtype="<u4").tobytes()
         for start in range(0, len(slots), BATCH_CHUNK):  # bounds the zero buffer
             n = min(BATCH_CHUNK, len(slots) - start)
             self.rule_counters.update_many(keys[4 * start : 4 * (start + n)], zero * n, n)
