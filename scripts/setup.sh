@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up of an xdpfw host (Debian 12): system packages, kernel headers for BCC,
-# bpffs, and a venv at .venv that sees Debian's BCC bindings. Safe to run again.
+# bpffs, a venv at .venv that sees Debian's BCC bindings, `xdpfw` on PATH with bash
+# completion, and Docker with the base image (scripts/docker-setup.sh). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and BPF need CAP_SYS_ADMIN/CAP_NET_ADMIN)" >&2; exit 1; }
 
 pkgs=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iproute2 iputils-ping bpftool
-      python3-venv xdp-tools netsniff-ng nftables iperf3 systemd ethtool tcpdump chromium)
+      python3-venv xdp-tools netsniff-ng nftables iperf3 systemd ethtool tcpdump chromium
+      python3-seccomp)  # tests/unit_sandbox.py: the unit's system-call filter, without systemd
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -35,4 +37,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; 
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/python -c "import bcc, pyroute2, fastapi" || { echo "setup: imports failed" >&2; exit 1; }
-echo "setup: ready (.venv/bin/xdpfw)"
+
+# The CLI on every shell's PATH (a fresh one has no .venv/bin), with bash completion.
+ln -sfn "$PWD/.venv/bin/xdpfw" /usr/local/bin/xdpfw
+mkdir -p /usr/share/bash-completion/completions
+.venv/bin/xdpfw completion bash > /usr/share/bash-completion/completions/xdpfw
+
+bash scripts/docker-setup.sh
+echo "setup: ready: /usr/local/bin/xdpfw -> $PWD/.venv/bin/xdpfw (bash completion installed)"

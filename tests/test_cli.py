@@ -1,9 +1,10 @@
-"""`xdpfw` commands against a real `xdpfw serve` over its unix socket (no interface needed),
-and the local ones: check-config, install-service."""
+"""`xdpfw` commands against a real `xdpfw serve` over its unix socket, and the local ones:
+check-config, install-service, completion."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import httpx
 import pytest
 
 from conftest import require_kernel
+from xdpfw import netns as nsutil
 from xdpfw.cli import main
 
 DATA = Path(__file__).parent / "data"
+XDPFW_BIN = str(Path(sys.executable).parent / "xdpfw")  # the console script, as installed
 
 
 class Serve:
@@ -205,17 +208,17 @@ def test_install_service_writes_a_unit_systemd_accepts(tmp_path, capsys):
 
 def test_services_commands_reach_the_real_routes(xdpfw):
     body = '{"name": "cli", "vip": "10.96.100.1", "port": 443}'
-    code, out, err = xdpfw("services", "add", body)
+    code, out, err = xdpfw("services", "add", body, "--json")
     assert code == 0, err
     svc = json.loads(out)
     sid = str(svc["id"])
     try:
         assert (svc["vip"], svc["port"], svc["forward"]) == ("10.96.100.1", 443, "tx"), svc
-        code, out, err = xdpfw("services", "list")
+        code, out, err = xdpfw("services", "list", "--json")
         assert code == 0 and [s["id"] for s in json.loads(out)] == [svc["id"]], (out, err)
-        code, out, err = xdpfw("services", "get", sid)
+        code, out, err = xdpfw("services", "get", sid, "--json")
         assert code == 0 and json.loads(out)["name"] == "cli", (out, err)
-        code, out, err = xdpfw("services", "backends", sid)
+        code, out, err = xdpfw("services", "backends", sid, "--json")
         assert code == 0 and json.loads(out) == [], (out, err)
 
         code, out, err = xdpfw("services", "add", body)
@@ -231,7 +234,140 @@ def test_services_commands_reach_the_real_routes(xdpfw):
         code, _, err = xdpfw("services", "delete-backend", sid, "999999")
         assert code == 1 and "999999" in err, err
     finally:
-        code, out, err = xdpfw("services", "delete", sid)
+        code, out, err = xdpfw("services", "delete", sid, "--json")
     assert code == 0 and json.loads(out)["id"] == svc["id"], (out, err)
     code, _, err = xdpfw("services", "get", sid)
     assert (code, err) == (1, f"xdpfw: no service with id {sid}\n"), err
+
+
+# -- what an operator saw (issue "The operator's surfaces hold up") -------------------------
+
+
+def run_bin(*args: str, timeout: float = 60, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """The installed `xdpfw` in a process of its own: what an operator's shell runs."""
+    return subprocess.run([XDPFW_BIN, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_commands_print_no_log_lines(serve):
+    for args in (["rules", "list"], ["status", "--interval", "0"], ["services", "list"]):
+        p = run_bin(*args, "--socket", serve.socket)
+        assert p.returncode == 0 and p.stderr == "", (args, p.stdout, p.stderr)
+
+
+def test_dport_zero_is_refused_not_an_any_port_rule(xdpfw):
+    code, out, err = xdpfw("rules", "add", "198.51.100.0/24", "--proto", "tcp", "--dport", "0")
+    assert (code, out) == (1, ""), (code, out, err)
+    assert err == "xdpfw: port 0 is out of range 1-65535\n", err
+    assert '"total": 0' in xdpfw("rules", "list", "--json")[1]
+
+
+def test_delete_goes_on_past_a_missing_id_and_says_what_it_did(xdpfw):
+    ids = []
+    for prefix in ("198.51.100.0/24", "198.51.101.0/24"):
+        code, out, err = xdpfw("rules", "add", prefix)
+        assert code == 0, err
+        ids.append(out.split()[1].rstrip(":"))
+    code, out, err = xdpfw("rules", "delete", ids[0], "999999", ids[1])
+    assert code == 1, (out, err)
+    assert out.splitlines() == [
+        f"deleted rule {ids[0]}: 198.51.100.0/24 drop (0 packets)",
+        f"deleted rule {ids[1]}: 198.51.101.0/24 drop (0 packets)"], out
+    assert err.splitlines() == ["xdpfw: no rule with id 999999",
+                                "xdpfw: 2 of 3 rules deleted; not deleted: 999999"], err
+    assert '"total": 0' in xdpfw("rules", "list", "--json")[1]
+
+
+def test_watch_seconds_ends_without_events_and_says_it_samples(serve):
+    t0 = time.monotonic()
+    try:
+        p = run_bin("watch", "--seconds", "2", "--socket", serve.socket, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("`xdpfw watch --seconds 2` had not returned after 20 s with no event")
+    took = time.monotonic() - t0
+    assert p.returncode == 0 and p.stdout == "", (p.stdout, p.stderr)
+    assert 2 <= took < 10, took
+    assert p.stderr.startswith("watching drop events: 1 drop in 100 is an event"), p.stderr
+
+
+def test_events_rate_shows_and_sets_the_sample_rate(xdpfw, serve):
+    try:
+        assert xdpfw("events", "rate")[1].startswith("1 drop in 100 is an event")
+        code, out, err = xdpfw("events", "rate", "7")
+        assert code == 0 and out.startswith("1 drop in 7 is an event"), (out, err)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=serve.socket)) as c:
+            assert c.get("http://xdpfw/api/v1/events/config").json()["sample_rate"] == 7
+        code, out, _ = xdpfw("events", "rate", "0")
+        assert out.startswith("drop events are off"), out
+        code, _, err = xdpfw("events", "rate", "-1")
+        assert code == 2 and "-1" in err, err
+    finally:
+        xdpfw("events", "rate", "100")
+
+
+def test_attach_again_changes_only_what_is_given(xdpfw, make_netns):
+    ns, peer = make_netns("att"), make_netns("atp")
+    nsutil.veth_pair(ns, "att0", peer, "atp0")
+    code, out, err = xdpfw("attach", "att0", "--netns", ns, "--mode", "generic", "--policy",
+                           "drop", "--unparsed-policy", "drop", "--guard-l2")
+    assert code == 0, err
+    try:
+        code, out, err = xdpfw("attach", "att0", "--netns", ns, "--policy", "pass")
+        assert code == 0, err
+        assert out == (f"guarding att0 (netns {ns}) in generic mode, policy pass (unparsed: drop,"
+                       " ARP/ND guarded)\n"), out
+        code, out, err = xdpfw("attach", "att0", "--netns", ns, "--no-guard-l2")
+        assert code == 0 and "ARP/ND" not in out and "unparsed: drop" in out, (out, err)
+    finally:
+        assert xdpfw("detach", "att0", "--netns", ns)[0] == 0
+
+
+def test_upgrade_source_missing_is_a_usage_error(xdpfw, tmp_path):
+    code, out, err = xdpfw("upgrade", "--source", str(tmp_path / "missing.c"))
+    assert code == 2 and out == "", (code, out, err)
+    assert "missing.c' does not exist" in err, err
+
+
+def test_uploaded_source_that_does_not_build_is_422_not_500(serve, tmp_path):
+    with httpx.Client(transport=httpx.HTTPTransport(uds=serve.socket), timeout=120) as c:
+        r = c.post("http://xdpfw/api/v1/program/reload",
+                   json={"source_text": "int main( {\n", "source_name": "broken.c"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("BCC could not compile broken.c"), r.text
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == "xdpfw, version 0.1.0\n"
+
+
+def test_shell_completion():
+    p = run_bin("completion", "bash")
+    assert p.returncode == 0 and "_XDPFW_COMPLETE=bash_complete" in p.stdout, p.stdout
+    p = run_bin(env={"_XDPFW_COMPLETE": "bash_complete", "COMP_WORDS": "xdpfw rules de",
+                     "COMP_CWORD": "2"})
+    assert p.returncode == 0 and p.stdout.split() == ["plain,delete"], (p.stdout, p.stderr)
+    p = run_bin(env={"_XDPFW_COMPLETE": "bash_complete", "COMP_WORDS": "xdpfw attach x --po",
+                     "COMP_CWORD": "3"})
+    assert p.stdout.split() == ["plain,--policy"], (p.stdout, p.stderr)
+
+
+def test_services_are_tables(xdpfw):
+    code, out, err = xdpfw("services", "add", '{"name": "tbl", "vip": "10.96.100.2", '
+                           '"port": 80}')
+    assert code == 0, err
+    assert out.startswith("service ") and "10.96.100.2:80 tcp, forward tx, 0 backends" in out
+    sid = out.split()[1].rstrip(":")
+    try:
+        code, out, err = xdpfw("services", "list")
+        header, row = out.splitlines()[:2]
+        assert header.split() == ["ID", "NAME", "VIP", "PROTO", "FORWARD", "IN", "TABLE",
+                                  "BACKENDS", "FORWARDED", "NO", "BACKEND"], out
+        assert row.split() == [sid, "tbl", "10.96.100.2:80", "tcp", "tx", "0", "0", "0",
+                               "0"], out
+        code, out, err = xdpfw("services", "get", sid)
+        assert code == 0 and "10.96.100.2:80" in out and "{" not in out, (out, err)
+    finally:
+        code, out, err = xdpfw("services", "delete", sid)
+    assert code == 0 and out == f"deleted service {sid}: 10.96.100.2:80 tcp\n", (out, err)

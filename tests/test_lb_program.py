@@ -225,3 +225,58 @@ def test_lb_outcomes_are_never_counted_as_pass(run, fw, lb):
                 ("XDP_REDIRECT", "lb_redirect", forwarded)))
     bad = [f"{desc}: {have}, wanted {want}" for desc, have, want in got if have != want]
     assert not bad, "\n".join(bad)
+
+
+def _vips_in_one_bucket(n: int) -> list[str]:
+    """n IPv4 VIPs whose lb_vip_index buckets are the same (found with abi's mirror of the
+    program's hash: if the two disagreed, the services below would not be found)."""
+    by_bucket: dict[int, list[str]] = collections.defaultdict(list)
+    for i in range(1, 60000):
+        addr = f"10.98.{i >> 8}.{i & 255}"
+        bucket = abi.lb_vip_bucket(Vip(addr, PORT, "tcp").key())
+        by_bucket[bucket].append(addr)
+        if len(by_bucket[bucket]) == n:
+            return by_bucket[bucket]
+    raise AssertionError("no bucket filled")
+
+
+def test_vips_are_found_alone_and_when_they_share_a_bucket(run, lb):
+    """The index of VIPs (one array read, then the slot's VIP compared) and the hash map it
+    falls back to when several VIPs share a bucket: every service is found, before and as
+    the bucket empties again; a VIP of the bucket with no service is not."""
+    shared = _vips_in_one_bucket(4)
+    vips = shared[:3]
+    for slot, (vip, be) in enumerate(zip(vips, (1, 2, 3), strict=True)):
+        service(lb, vip, slot=slot, backends=(be,))
+    bucket = abi.lb_vip_bucket(Vip(vips[0], PORT, "tcp").key())
+    index = lb.vip_index.lookup(bucket.to_bytes(4, "little"))
+    assert int.from_bytes(index, "little") == abi.LB_VIP_COLLIDE
+
+    def check(live: list[str]) -> None:
+        for slot, vip in enumerate(vips):
+            res = run(frame(dst=vip))
+            if vip in live:
+                assert res.verdict == "XDP_TX" and backend_of(res.data) == slot + 1, vip
+            else:
+                assert res.verdict == "XDP_PASS", f"{vip} has no service: {res.verdict}"
+        assert run(frame(dst=shared[3])).verdict == "XDP_PASS", "a VIP of no service"
+
+    check(vips)
+    for gone in vips[:2]:
+        lb.del_service(Vip(gone, PORT, "tcp"))
+        lb.vips.remove(Vip(gone, PORT, "tcp"))
+        check([v for v in vips if v in [x.address for x in lb.vips]])
+    index = lb.vip_index.lookup(bucket.to_bytes(4, "little"))
+    assert int.from_bytes(index, "little") == 2 + 1, "one service left: its slot + 1"
+
+
+def test_the_flow_cache_forgets_what_conntrack_forgets(run, lb):
+    """An established flow is served from the per-CPU cache; clearing conntrack clears the
+    cache too, so the flow then follows the table."""
+    service(lb, VIP4, backends=(1,))
+    assert backend_of(run(frame(sport=5555)).data) == 1
+    lb.set_backend(2, MACS[2], EGRESS_MAC, TX_PORT, gen=102)
+    write_table(lb, 0, [2])
+    assert backend_of(run(frame(sport=5555), repeat=3).data) == 1, "cached flow moved"
+    lb.clear_conntrack()
+    assert backend_of(run(frame(sport=5555)).data) == 2, "a forgotten flow kept its backend"

@@ -9,11 +9,13 @@ each chunk, so `tcpdump -r -` (or Wireshark) shows packets live.
 
 from __future__ import annotations
 
-import argparse
 import struct
 import sys
 
+import click
+
 from xdpfw.client import Client
+from xdpfw.commands import socket_option
 
 
 class PacketCounter:
@@ -46,21 +48,40 @@ class PacketCounter:
         self._tail = data[pos:]
 
 
-def capture(args: argparse.Namespace) -> int:
-    pcapng = args.pcapng or args.write.endswith(".pcapng")
-    params: dict = {"snaplen": args.snaplen, "format": "pcapng" if pcapng else "pcap"}
-    for key, value in (("interface", args.interface), ("netns", args.netns),
-                       ("rule", args.rule), ("count", args.count), ("seconds", args.seconds)):
+@click.command()
+@click.option("-i", "--interface", help="a guarded interface (default: all)")
+@click.option("--netns", help="the interface's network namespace")
+@click.option("--rule", type=int, help="only packets this rule (id) decided")
+@click.option("--reason", multiple=True,
+              help="only this reason (rule_drop, policy_drop, ...; repeat for more)")
+@click.option("--pass", "pass_", is_flag=True,
+              help="packets let through (to the stack or forwarded) instead of drops")
+@click.option("-c", "--count", type=int, help="stop after this many packets")
+@click.option("--seconds", type=float, help="stop after this long")
+@click.option("-s", "--snaplen", type=int, default=2048, show_default=True,
+              help="bytes kept of each packet (at most 2048)")
+@click.option("--pcapng", is_flag=True,
+              help="pcapng (interfaces named, each packet's reason as a comment); also when "
+                   "FILE ends in .pcapng")
+@click.option("-w", "--write", required=True, metavar="FILE", help="where to write, - for stdout")
+@socket_option
+def capture(interface, netns, rule, reason, pass_, count, seconds, snaplen, pcapng, write,
+            socket) -> int:
+    """Write the packets the firewall drops (or passes) to a pcap file."""
+    pcapng = pcapng or write.endswith(".pcapng")
+    params: dict = {"snaplen": snaplen, "format": "pcapng" if pcapng else "pcap"}
+    for key, value in (("interface", interface), ("netns", netns), ("rule", rule),
+                       ("count", count), ("seconds", seconds)):
         if value is not None:
             params[key] = value
-    if args.reason:
-        params["reason"] = args.reason
-    if args.pass_:
+    if reason:
+        params["reason"] = list(reason)
+    if pass_:
         params["verdict"] = "pass"
     counter = PacketCounter(pcapng)
-    out = sys.stdout.buffer if args.write == "-" else open(args.write, "wb")  # noqa: SIM115
+    out = sys.stdout.buffer if write == "-" else open(write, "wb")  # noqa: SIM115
     try:
-        with Client(args.socket) as c:
+        with Client(socket) as c:
             before = c.get("/api/v1/capture/status")["kernel"]
             try:
                 for chunk in c.stream("/api/v1/capture", params):
@@ -75,32 +96,10 @@ def capture(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout.buffer:
             out.close()
-    where = "stdout" if args.write == "-" else args.write
+    where = "stdout" if write == "-" else write
     limited = after["rate_limited"]["packets"] - before["rate_limited"]["packets"]
     lost = after["ring_full"]["packets"] - before["ring_full"]["packets"]
     note = (f"; meanwhile the kernel refused {limited} (rate limit) and lost {lost} (ring "
             "full) packets of the captures running") if limited or lost else ""
     print(f"{counter.packets} packets captured to {where}{note}", file=sys.stderr)
     return 0
-
-
-def add_capture_command(sub: argparse._SubParsersAction, api: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("capture", parents=[api],
-                       help="write the packets the firewall drops (or passes) to a pcap file")
-    p.add_argument("-i", "--interface", help="a guarded interface (default: all)")
-    p.add_argument("--netns", help="the interface's network namespace")
-    p.add_argument("--rule", type=int, help="only packets this rule (id) decided")
-    p.add_argument("--reason", action="append",
-                   help="only this reason (rule_drop, policy_drop, ...; repeat for more)")
-    p.add_argument("--pass", dest="pass_", action="store_true",
-                   help="packets let through (to the stack or forwarded) instead of drops")
-    p.add_argument("-c", "--count", type=int, help="stop after this many packets")
-    p.add_argument("--seconds", type=float, help="stop after this long")
-    p.add_argument("-s", "--snaplen", type=int, default=2048,
-                   help="bytes kept of each packet (at most 2048)")
-    p.add_argument("--pcapng", action="store_true",
-                   help="pcapng (interfaces named, each packet's reason as a comment); also "
-                        "when FILE ends in .pcapng")
-    p.add_argument("-w", "--write", required=True, metavar="FILE",
-                   help="where to write, - for stdout")
-    p.set_defaults(func=capture)

@@ -37,16 +37,13 @@ class ApiError(XdpfwError):
 
 
 def _detail(r: httpx.Response) -> str:
+    """The API's errors are {"detail": str, "errors": [...]?} (xdpfw.api.errors); detail
+    says it all in its first line."""
     try:
         body = r.json()
     except ValueError:
         return r.text.strip() or r.reason_phrase
     detail = body.get("detail", body) if isinstance(body, dict) else body
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        # FastAPI's validation errors: name the field of the first one.
-        err = detail[0]
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
     return detail if isinstance(detail, str) else json.dumps(detail)
 
 
@@ -63,6 +60,9 @@ class Client:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.http.close()
 
     def request(self, method: str, path: str, **kw) -> Any:
@@ -83,6 +83,9 @@ class Client:
 
     def post(self, path: str, **kw) -> Any:
         return self.request("POST", path, **kw)
+
+    def put(self, path: str, **kw) -> Any:
+        return self.request("PUT", path, **kw)
 
     def patch(self, path: str, **kw) -> Any:
         return self.request("PATCH", path, **kw)

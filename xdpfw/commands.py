@@ -7,63 +7,71 @@ Output is for people: tables and one-line errors (xdpfw.cli prints XdpfwError as
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
+import click
+
+from xdpfw.cli_output import ImportProgress, print_json, si, table
 from xdpfw.client import ApiError, ApiUnavailable, Client, default_socket
 from xdpfw.errors import RuleValidationError, XdpfwError
 
-UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "scripts" / "xdpfw.service"
+REPO = Path(__file__).resolve().parent.parent
+UNIT_TEMPLATE = REPO / "scripts" / "xdpfw.service"
+README = REPO / "README.md"
 TEMPLATE_BIN, TEMPLATE_CONFIG = "/usr/local/bin/xdpfw", "/etc/xdpfw/config.toml"
+TEMPLATE_DOC = "file:///opt/xdpfw/README.md"
 IMPORT_CHUNK = 50_000
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.socket)
+def socket_option(f):
+    return click.option(
+        "--socket", default=None, envvar="XDPFW_SOCKET", show_envvar=True,
+        help=f"API unix socket [default: {default_socket()}]",
+    )(f)
 
 
-def _print_json(data) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _table(rows: Iterable[Iterable], header: Iterable[str]) -> None:
-    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
-    header = list(header)
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-def _si(n: float) -> str:
-    for unit in ("", "k", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")(f)
 
 
 # -- rules ---------------------------------------------------------------------------------
 
 
-def rules_add(args) -> int:
-    body = {"prefix": args.prefix, "action": args.action, "comment": args.comment}
-    if args.proto:
-        body["proto"] = args.proto
-    if args.dport:
-        body["dport"] = args.dport
-    with _client(args) as c:
+@click.group()
+def rules() -> None:
+    """Add, list, delete or import rules."""
+
+
+@rules.command("add")
+@click.argument("prefix")
+@click.option("--action", default="drop", show_default=True, help="drop or pass")
+@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]))
+@click.option("--dport", type=int, help="destination port 1-65535 (needs --proto tcp/udp)")
+@click.option("--comment", default="")
+@socket_option
+@json_option
+def rules_add(prefix, action, proto, dport, comment, socket, as_json) -> int:
+    """Add one rule for a source PREFIX (or address), e.g. 203.0.113.0/24."""
+    body = {"prefix": prefix, "action": action, "comment": comment}
+    if proto is not None:
+        body["proto"] = proto
+    if dport is not None:  # 0 too: the API refuses it, rather than this making an any-port rule
+        body["dport"] = dport
+    with Client(socket) as c:
         r = c.post("/api/v1/rules", json=body)
-    if args.json:
-        _print_json(r)
+    if as_json:
+        print_json(r)
     else:
         print(f"rule {r['id']}: {_match(r)} {r['action']}")
     return 0
@@ -78,20 +86,31 @@ def _match(r: dict) -> str:
     return " ".join(parts)
 
 
-def rules_list(args) -> int:
-    params = {"limit": args.limit, "offset": args.offset}
-    for k in ("action", "proto", "prefix", "comment"):
-        if getattr(args, k):
-            params[k] = getattr(args, k)
-    with _client(args) as c:
+@rules.command("list")
+@click.option("--action")
+@click.option("--proto")
+@click.option("--prefix")
+@click.option("--comment")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True)
+@socket_option
+@json_option
+def rules_list(action, proto, prefix, comment, limit, offset, socket, as_json) -> int:
+    """List rules with their counters."""
+    params = {"limit": limit, "offset": offset}
+    for k, v in (("action", action), ("proto", proto), ("prefix", prefix), ("comment", comment)):
+        if v:
+            params[k] = v
+    with Client(socket) as c:
         page = c.get("/api/v1/rules", params=params)
-    if args.json:
-        _print_json(page)
+    if as_json:
+        print_json(page)
         return 0
-    _table(
+    table(
         ([r["id"], r["prefix"], r["action"], r["proto"] or "any", r["dport"] or "any",
           r["packets"], r["bytes"], r["comment"]] for r in page["items"]),
         ["ID", "PREFIX", "ACTION", "PROTO", "DPORT", "PACKETS", "BYTES", "COMMENT"],
+        right=["ID", "PACKETS", "BYTES"],
     )
     shown = len(page["items"])
     if page["total"] > shown:
@@ -99,20 +118,43 @@ def rules_list(args) -> int:
     return 0
 
 
-def rules_delete(args) -> int:
-    with _client(args) as c:
-        for rid in args.ids:
-            r = c.delete(f"/api/v1/rules/{rid}")
-            print(f"deleted rule {r['id']}: {_match(r)} {r['action']} ({r['packets']} packets)")
-    return 0
+@rules.command("delete")
+@click.argument("ids", nargs=-1, required=True, type=int)
+@socket_option
+def rules_delete(ids, socket) -> int:
+    """Delete rules by id. Like rm, every id is tried: each deleted rule is printed, each
+    failure named, and the exit status is 1 if any failed."""
+    failed: list[tuple[int, str]] = []
+    with Client(socket) as c:
+        for rid in ids:
+            try:
+                r = c.delete(f"/api/v1/rules/{rid}")
+            except ApiError as e:  # an unreachable daemon (ApiUnavailable) stops it all
+                failed.append((rid, str(e)))
+                print(f"xdpfw: {e}", file=sys.stderr)
+                continue
+            print(f"deleted rule {r['id']}: {_match(r)} {r['action']} ({r['packets']} packets)",
+                  flush=True)
+    if failed and len(ids) > 1:
+        print(f"xdpfw: {len(ids) - len(failed)} of {len(ids)} rules deleted; not deleted: "
+              + ", ".join(str(rid) for rid, _ in failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
-def rules_import(args) -> int:
-    """Validate the whole file first (nothing is sent if a line is bad), then send it in
-    chunks, each all-or-nothing, with progress on stderr."""
+@rules.command("import")
+@click.argument("file")
+@click.option("--action", default="drop", show_default=True)
+@click.option("--comment", default="")
+@click.option("--chunk", type=click.IntRange(min=1), default=IMPORT_CHUNK, show_default=True,
+              help="rules per request")
+@click.option("--quiet", is_flag=True, help="no progress output")
+@socket_option
+def rules_import(file, action, comment, chunk, quiet, socket) -> int:
+    """Import a blocklist FILE (- for stdin): every line is checked first (nothing is sent if
+    one is bad), then it is sent in chunks, each all-or-nothing, with progress on stderr."""
     from xdpfw.rules.blocklist import parse_prefixes
 
-    src = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
+    src = sys.stdin if file == "-" else open(file)  # noqa: SIM115
     with src:
         entries = [(n, line) for n, line in enumerate(src, 1) if line.split("#", 1)[0].strip()]
     try:
@@ -122,95 +164,109 @@ def rules_import(args) -> int:
         msg = str(e)
         idx = int(msg.split()[1].rstrip(":")) - 1
         raise RuleValidationError(
-            f"{args.file}:{entries[idx][0]}: {msg.split(': ', 1)[1]} (nothing was imported)"
+            f"{file}:{entries[idx][0]}: {msg.split(': ', 1)[1]} (nothing was imported)"
         ) from None
     total = len(prefixes)
     if total == 0:
-        raise RuleValidationError(f"{args.file} holds no prefix")
-    progress = _Progress(total, "rules", enabled=not args.quiet)
+        raise RuleValidationError(f"{file} holds no prefix")
+    progress = ImportProgress(total, "rules", enabled=not quiet)
     added = 0
     first_id = last_id = None
-    with _client(args) as c:
-        for start in range(0, total, args.chunk):
-            chunk = [str(p) for p in prefixes[start : start + args.chunk]]
-            body = {"prefixes": chunk, "action": args.action, "comment": args.comment}
-            try:
-                r = c.post("/api/v1/rules/bulk", json=body)
-            except ApiError as e:
-                progress.done()
-                line_from = entries[start][0]
-                line_to = entries[min(start + args.chunk, total) - 1][0]
-                kept = f"; lines before {line_from} were imported (rules {first_id}-{last_id})" \
-                    if added else "; nothing was imported"
-                raise ApiError(
-                    e.status, f"{args.file} lines {line_from}-{line_to}: {e}{kept}"
-                ) from None
-            first_id = first_id if first_id is not None else r["first_id"]
-            last_id = r["last_id"]
-            added += r["added"]
-            progress.update(added)
-    progress.done()
-    print(f"imported {added} rules from {args.file} (ids {first_id}-{last_id})")
+    with Client(socket) as c:
+        try:
+            for start in range(0, total, chunk):
+                body = {"prefixes": [str(p) for p in prefixes[start : start + chunk]],
+                        "action": action, "comment": comment}
+                try:
+                    r = c.post("/api/v1/rules/bulk", json=body)
+                except ApiError as e:
+                    line_from = entries[start][0]
+                    line_to = entries[min(start + chunk, total) - 1][0]
+                    kept = (f"; lines before {line_from} were imported (rules {first_id}-"
+                            f"{last_id})" if added else "; nothing was imported")
+                    raise ApiError(e.status, f"{file} lines {line_from}-{line_to}: {e}{kept}"
+                                   ) from None
+                first_id = first_id if first_id is not None else r["first_id"]
+                last_id = r["last_id"]
+                added += r["added"]
+                progress.update(added)
+        finally:
+            progress.done()
+    print(f"imported {added} rules from {file} (ids {first_id}-{last_id})")
     return 0
-
-
-class _Progress:
-    """`\\r`-updated line on a terminal; a line per step otherwise (logs, CI)."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True) -> None:
-        self.total, self.what, self.enabled = total, what, enabled
-        self.start = time.monotonic()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        if not self.enabled:
-            return
-        rate = n / max(time.monotonic() - self.start, 1e-6)
-        line = f"{n}/{self.total} {self.what} ({100 * n // self.total}%), {_si(rate)}/s"
-        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
 
 
 # -- interfaces, status --------------------------------------------------------------------
 
+POLICY = click.Choice(["pass", "drop"])
 
-def attach(args) -> int:
-    body = {"name": args.ifname, "netns": args.netns, "mode": args.mode, "policy": args.policy,
-            "unparsed_policy": args.unparsed_policy, "guard_l2": args.guard_l2,
-            "chain_existing": not args.no_chain, "chain_prog_id": args.chain_prog_id}
-    with _client(args) as c:
+
+@click.command()
+@click.argument("ifname")
+@click.option("--netns", help="the network namespace the interface is in")
+@click.option("--mode", type=click.Choice(["auto", "native", "generic", "offload"]),
+              help="XDP mode [new interface: auto]")
+@click.option("--policy", type=POLICY, help="packets no rule decides [new interface: pass]")
+@click.option("--unparsed-policy", type=POLICY,
+              help="packets the parser cannot read [new interface: pass]")
+@click.option("--guard-l2/--no-guard-l2", default=None,
+              help="a drop policy drops ARP/ND too [new interface: no]")
+@click.option("--chain-prog-id", type=int,
+              help="run this loaded XDP program (bpftool prog id) after xdpfw's passes")
+@click.option("--no-chain", is_flag=True,
+              help="refuse to attach over another XDP program instead of chaining it")
+@socket_option
+def attach(ifname, netns, mode, policy, unparsed_policy, guard_l2, chain_prog_id, no_chain,
+           socket) -> int:
+    """Guard an interface, or change how a guarded one is guarded: only the options given
+    change, the others keep their current values."""
+    given = {"mode": mode, "policy": policy, "unparsed_policy": unparsed_policy,
+             "guard_l2": guard_l2, "chain_prog_id": chain_prog_id}
+    body = {"name": ifname, "netns": netns, **{k: v for k, v in given.items() if v is not None}}
+    if no_chain:
+        body["chain_existing"] = False
+    with Client(socket) as c:
         r = c.post("/api/v1/interfaces", json=body)
     ns = f" (netns {r['netns']})" if r["netns"] else ""
     chained = f", then program {r['chained_prog_id']}" if r.get("chained_prog_id") else ""
-    print(f"guarding {r['name']}{ns} in {r['mode_in_use']} mode, policy {r['policy']}{chained}")
+    l2 = ", ARP/ND guarded" if r["guard_l2"] else ""
+    print(f"guarding {r['name']}{ns} in {r['mode_in_use']} mode, policy {r['policy']} "
+          f"(unparsed: {r['unparsed_policy']}{l2}){chained}")
     return 0
 
 
-def detach(args) -> int:
-    params = {"netns": args.netns} if args.netns else None
-    with _client(args) as c:
-        r = c.delete(f"/api/v1/interfaces/{args.ifname}", params=params)
+@click.command()
+@click.argument("ifname")
+@click.option("--netns")
+@socket_option
+def detach(ifname, netns, socket) -> int:
+    """Stop guarding an interface."""
+    params = {"netns": netns} if netns else None
+    with Client(socket) as c:
+        r = c.delete(f"/api/v1/interfaces/{ifname}", params=params)
     print(f"detached {r['name']}" + (f" (netns {r['netns']})" if r["netns"] else ""))
     return 0
 
 
-def status(args) -> int:
-    with _client(args) as c:
+@click.command()
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="seconds between the two samples rates come from (0: no rates)")
+@socket_option
+@json_option
+def status(interval, socket, as_json) -> int:
+    """Program, interfaces, modes, counters and rates."""
+    with Client(socket) as c:
         prog = c.get("/api/v1/program")
         health = c.get("/healthz")
         first = c.get("/api/v1/stats")
         t0 = time.monotonic()
         second = first
-        if args.interval > 0:
-            time.sleep(args.interval)
+        if interval > 0:
+            time.sleep(interval)
             second = c.get("/api/v1/stats")
         dt = max(time.monotonic() - t0, 1e-6)
-    if args.json:
-        _print_json({"program": prog, "health": health, "stats": second})
+    if as_json:
+        print_json({"program": prog, "health": health, "stats": second})
         return 0
     print(f"program id {prog['id']} (tag {prog['tag']}), {health['rules']} rules, "
           f"{health['interfaces']} interfaces")
@@ -224,17 +280,27 @@ def status(args) -> int:
         state = "guarding" if a.get("current") else f"NOT GUARDED (prog {a.get('prog_id')})"
         rows.append([i["name"], i["netns"] or "-", i["mode"], state,
                      i["passed"]["packets"], i["dropped"]["packets"],
-                     _si((i["passed"]["packets"] - b["passed"]["packets"]) / dt),
-                     _si((i["dropped"]["packets"] - b["dropped"]["packets"]) / dt)])
-    _table(rows, ["INTERFACE", "NETNS", "MODE", "STATE", "PASSED", "DROPPED", "PASS/S",
-                  "DROP/S"])
+                     si((i["passed"]["packets"] - b["passed"]["packets"]) / dt),
+                     si((i["dropped"]["packets"] - b["dropped"]["packets"]) / dt)])
+    numbers = ["PASSED", "DROPPED", "PASS/S", "DROP/S"]
+    table(rows, ["INTERFACE", "NETNS", "MODE", "STATE", *numbers], right=numbers)
     print()
     rows = []
     for name, v in second["actions"].items():
         prev = first["actions"].get(name, v)
-        rows.append([name, v["packets"], v["bytes"],
-                     _si((v["packets"] - prev["packets"]) / dt)])
-    _table(rows, ["REASON", "PACKETS", "BYTES", "PKT/S"])
+        rows.append([name, v["packets"], v["bytes"], si((v["packets"] - prev["packets"]) / dt)])
+    table(rows, ["REASON", "PACKETS", "BYTES", "PKT/S"], right=["PACKETS", "BYTES", "PKT/S"])
+    return 0
+
+
+@click.command()
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@socket_option
+def health(timeout, socket) -> int:
+    """Exit 0 if the daemon's API answers /healthz (for container health checks)."""
+    with Client(socket, timeout=timeout) as c:
+        h = c.get("/healthz")
+    print(f"{h['status']}: {h['rules']} rules, {h['interfaces']} interfaces")
     return 0
 
 
@@ -256,44 +322,114 @@ def _hostport(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-def watch(args) -> int:
-    deadline = time.monotonic() + args.seconds if args.seconds else None
-    n = 0
-    with Client(args.socket, timeout=args.seconds or 60.0) as c:
+def _sampling(rate: int) -> str:
+    if rate == 0:
+        return "drop events are off (sample rate 0): none will come; `xdpfw events rate N` " \
+               "turns them on"
+    if rate == 1:
+        return "every drop is an event (sample rate 1)"
+    return f"1 drop in {rate} is an event (sample rate {rate}; `xdpfw events rate N` changes it)"
+
+
+_END = object()
+
+
+@click.command()
+@click.option("--count", type=int, default=0, help="exit after this many events")
+@click.option("--seconds", type=float, default=0, help="exit after this long, events or not")
+@socket_option
+@json_option
+def watch(count, seconds, socket, as_json) -> int:
+    """Print sampled drop events live."""
+    with Client(socket) as c:
+        rate = c.get("/api/v1/events/config")["sample_rate"]
+    print(f"watching drop events: {_sampling(rate)}", file=sys.stderr, flush=True)
+    # The stream is read on a thread, so that --seconds holds even when no event (not even a
+    # keep-alive) comes: the main thread waits on the queue with the time that is left.
+    events: queue.Queue = queue.Queue()
+    client = Client(socket)
+
+    def read() -> None:
         try:
-            for event in c.events():
-                if event.get("type") == "lagged":
-                    print(f"(missed {event['missed']} events: this client was too slow)",
-                          file=sys.stderr, flush=True)
-                    continue
-                print(json.dumps(event) if args.json else format_event(event), flush=True)
-                n += 1
-                if args.count and n >= args.count:
-                    break
-                if deadline and time.monotonic() > deadline:
-                    break
-        except ApiUnavailable:
-            if n == 0 or not args.seconds:
-                raise
-        except KeyboardInterrupt:
-            pass
+            for event in client.events():
+                events.put(event)
+        except BaseException as e:
+            events.put(e)
+        finally:
+            events.put(_END)
+
+    threading.Thread(target=read, name="xdpfw-watch", daemon=True).start()
+    deadline = time.monotonic() + seconds if seconds else None
+    n = 0
+    try:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                item = events.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                if isinstance(item, ApiUnavailable) and n and seconds:
+                    break  # the daemon went away after we saw events: a normal end
+                raise item
+            if item.get("type") == "lagged":
+                print(f"(missed {item['missed']} events: this client was too slow)",
+                      file=sys.stderr, flush=True)
+                continue
+            print(json.dumps(item) if as_json else format_event(item), flush=True)
+            n += 1
+            if count and n >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()  # ends the reader's blocking read
+    return 0
+
+
+@click.group()
+def events() -> None:
+    """Drop events: their sample rate."""
+
+
+@events.command("rate")
+@click.argument("n", type=click.IntRange(min=0), required=False)
+@socket_option
+def events_rate(n, socket) -> int:
+    """Show the drop-event sample rate, or set it to N (1 drop in N; 0 turns events off)."""
+    with Client(socket) as c:
+        if n is None:
+            r = c.get("/api/v1/events/config")
+        else:
+            r = c.put("/api/v1/events/config", json={"sample_rate": n})
+    print(_sampling(r["sample_rate"]))
     return 0
 
 
 # -- program, lifecycle --------------------------------------------------------------------
 
 
-def upgrade(args) -> int:
+@click.command()
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, readable=True),
+              help="C source to build instead of the installed xdpfw.c")
+@socket_option
+def upgrade(source, socket) -> int:
+    """Build the program again and swap it in atomically on every interface."""
     body = {}
-    if args.source:  # read here, with the caller's permissions: the daemon reads no path
-        source = Path(args.source)
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem)[:60].lstrip(".-") or "upload"
-        body = {"source_text": source.read_text(), "source_name": f"{name}.c"}
-    with Client(args.socket, timeout=300.0) as c:
+    if source:  # read here, with the caller's permissions: the daemon reads no path
+        path = Path(source)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:60].lstrip(".-") or "upload"
+        body = {"source_text": path.read_text(), "source_name": f"{name}.c"}
+    with Client(socket, timeout=300.0) as c:
         try:
             r = c.post("/api/v1/program/reload", json=body)
         except ApiError as e:
-            # The verifier log follows the one-line reason: it is what the operator needs.
+            # The compiler's or verifier's log follows the one-line reason: the operator
+            # needs it.
             rest = e.detail.split("\n", 1)[1:] if "\n" in e.detail else []
             if rest:
                 print(rest[0].rstrip(), file=sys.stderr)
@@ -306,31 +442,61 @@ def upgrade(args) -> int:
     return 0
 
 
-def stop(args) -> int:
-    """Ask the daemon to exit (and, with --detach, to unguard everything and remove pins);
-    wait until it has. If the API does not answer, fall back to SIGTERM via the pid file."""
-    pid = _read_pid(args.state_dir)
+@click.command()
+@click.option("--detach", is_flag=True,
+              help="also detach every interface and remove the pinned maps")
+@click.option("--state-dir", default="/var/lib/xdpfw", show_default=True,
+              help="where the pid file is")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@socket_option
+def stop(detach, state_dir, timeout, socket) -> int:
+    """Stop the daemon (the data plane keeps guarding unless --detach).
+
+    Asks the API, then waits until the daemon has exited. If the API does not answer, falls
+    back to SIGTERM through the pid file: only to a pid that is an `xdpfw serve` in this pid
+    namespace (a daemon in a container wrote its own namespace's pid)."""
+    pid = daemon_pid(state_dir)
+    sock = socket or default_socket()
     try:
-        with _client(args) as c:
-            c.post("/api/v1/shutdown", json={"detach": args.detach})
+        with Client(socket) as c:
+            c.post("/api/v1/shutdown", json={"detach": detach})
     except ApiUnavailable:
-        if args.detach or pid is None:
+        if detach or pid is None:
             raise
         os.kill(pid, signal.SIGTERM)
-    gone = _wait(lambda: not os.path.exists(args.socket or default_socket())
-                 and (pid is None or not _alive(pid)), args.timeout)
+    gone = _wait(lambda: not os.path.exists(sock) and (pid is None or not _alive(pid)),
+                 timeout)
     if not gone:
-        raise XdpfwError(f"the daemon did not exit within {args.timeout}s")
-    print("stopped; " + ("interfaces detached and pins removed" if args.detach
+        raise XdpfwError(f"the daemon did not exit within {timeout}s")
+    print("stopped; " + ("interfaces detached and pins removed" if detach
                          else "the data plane keeps guarding"))
     return 0
 
 
-def _read_pid(state_dir: str) -> int | None:
+def daemon_pid(state_dir: str) -> int | None:
+    """The pid in the state directory's pid file, if it names an `xdpfw serve` that this
+    process can see as such: same pid namespace, and that command line."""
     try:
-        return int((Path(state_dir) / "xdpfw.pid").read_text().split()[0])
+        lines = (Path(state_dir) / "xdpfw.pid").read_text().split()
+        pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None
+    if len(lines) > 1 and lines[1] != _pid_ns():
+        return None  # written in another pid namespace: the number means another process
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not any(b"xdpfw" in a for a in argv) or b"serve" not in argv:
+        return None  # stale: the pid was reused
+    return pid
+
+
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
 
 
 def _alive(pid: int) -> bool:
@@ -357,7 +523,7 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return predicate()
 
 
-# -- services (load balancer: a thin pass-through to /api/v1/services) ----------------------
+# -- services (load balancer) --------------------------------------------------------------
 
 
 def _json_arg(text: str) -> dict:
@@ -367,45 +533,162 @@ def _json_arg(text: str) -> dict:
         raise XdpfwError(f"the body is not JSON ({e}): {text!r}") from None
 
 
-def services(args) -> int:
-    path = "/api/v1/services"
-    with _client(args) as c:
-        if args.op == "list":
-            r = c.get(path)
-        elif args.op == "get":
-            r = c.get(f"{path}/{args.id}")
-        elif args.op == "add":
-            r = c.post(path, json=_json_arg(args.body))
-        elif args.op == "delete":
-            r = c.delete(f"{path}/{args.id}")
-        elif args.op == "backends":
-            r = c.get(f"{path}/{args.id}/backends")
-        elif args.op == "add-backend":
-            r = c.post(f"{path}/{args.id}/backends", json=_json_arg(args.body))
-        elif args.op == "update-backend":
-            body = {k: v for k, v in (("weight", args.weight), ("state", args.state))
-                    if v is not None}
-            r = c.patch(f"{path}/{args.id}/backends/{args.backend}", json=body)
-        else:  # delete-backend
-            r = c.delete(f"{path}/{args.id}/backends/{args.backend}")
-    _print_json(r)
+def _service_rows(svcs: list[dict]) -> None:
+    table(([s["id"], s["name"] or "-", _hostport(s["vip"], s["port"]), s["proto"], s["forward"],
+            sum(1 for b in s["backends"] if b["in_table"]), len(s["backends"]),
+            s["forwarded"]["packets"], s["no_backend"]["packets"]] for s in svcs),
+          ["ID", "NAME", "VIP", "PROTO", "FORWARD", "IN TABLE", "BACKENDS", "FORWARDED",
+           "NO BACKEND"], right=["ID", "IN TABLE", "BACKENDS", "FORWARDED", "NO BACKEND"])
+
+
+def _backend_rows(bes: list[dict]) -> None:
+    def health(b: dict) -> str:
+        if not b["resolved"]:
+            return f"unresolved: {b['error']}"
+        return "healthy" if b["healthy"] else f"unhealthy: {b['health_error']}"
+
+    table(([b["id"], b["address"], b["weight"], b["state"], health(b), f"{b['share']:.1%}",
+            b["traffic"]["packets"]] for b in bes),
+          ["ID", "ADDRESS", "WEIGHT", "STATE", "HEALTH", "SHARE", "PACKETS"],
+          right=["ID", "WEIGHT", "SHARE", "PACKETS"])
+
+
+def _show(r, as_json: bool, render: Callable[[], None]) -> int:
+    if as_json:
+        print_json(r)
+    else:
+        render()
     return 0
+
+
+@click.group()
+def services() -> None:
+    """Load-balancer services and their backends (tables; --json for the API's answer)."""
+
+
+@services.command("list")
+@socket_option
+@json_option
+def services_list(socket, as_json) -> int:
+    """List services."""
+    with Client(socket) as c:
+        r = c.get("/api/v1/services")
+    return _show(r, as_json, lambda: _service_rows(r))
+
+
+@services.command("get")
+@click.argument("service_id")
+@socket_option
+@json_option
+def services_get(service_id, socket, as_json) -> int:
+    """One service and its backends."""
+    with Client(socket) as c:
+        r = c.get(f"/api/v1/services/{service_id}")
+
+    def render() -> None:
+        _service_rows([r])
+        if r["backends"]:
+            print()
+            _backend_rows(r["backends"])
+
+    return _show(r, as_json, render)
+
+
+@services.command("add")
+@click.argument("body")
+@socket_option
+@json_option
+def services_add(body, socket, as_json) -> int:
+    """Add a service given as JSON (see POST /api/v1/services in /docs)."""
+    with Client(socket) as c:
+        r = c.post("/api/v1/services", json=_json_arg(body))
+    return _show(r, as_json, lambda: print(
+        f"service {r['id']}: {_hostport(r['vip'], r['port'])} {r['proto']}, forward "
+        f"{r['forward']}, {len(r['backends'])} backends"))
+
+
+@services.command("delete")
+@click.argument("service_id")
+@socket_option
+@json_option
+def services_delete(service_id, socket, as_json) -> int:
+    """Delete a service."""
+    with Client(socket) as c:
+        r = c.delete(f"/api/v1/services/{service_id}")
+    return _show(r, as_json, lambda: print(
+        f"deleted service {r['id']}: {_hostport(r['vip'], r['port'])} {r['proto']}"))
+
+
+@services.command("backends")
+@click.argument("service_id")
+@socket_option
+@json_option
+def services_backends(service_id, socket, as_json) -> int:
+    """List a service's backends."""
+    with Client(socket) as c:
+        r = c.get(f"/api/v1/services/{service_id}/backends")
+    return _show(r, as_json, lambda: _backend_rows(r))
+
+
+@services.command("add-backend")
+@click.argument("service_id")
+@click.argument("body")
+@socket_option
+@json_option
+def services_add_backend(service_id, body, socket, as_json) -> int:
+    """Add a backend given as JSON, e.g. '{"address": "10.0.0.2", "weight": 2}'."""
+    with Client(socket) as c:
+        r = c.post(f"/api/v1/services/{service_id}/backends", json=_json_arg(body))
+    return _show(r, as_json, lambda: _backend_rows([r]))
+
+
+@services.command("update-backend")
+@click.argument("service_id")
+@click.argument("backend_id")
+@click.option("--weight", type=int)
+@click.option("--state", type=click.Choice(["active", "draining"]))
+@socket_option
+@json_option
+def services_update_backend(service_id, backend_id, weight, state, socket, as_json) -> int:
+    """Change a backend's weight or state (draining keeps its flows)."""
+    body = {k: v for k, v in (("weight", weight), ("state", state)) if v is not None}
+    with Client(socket) as c:
+        r = c.patch(f"/api/v1/services/{service_id}/backends/{backend_id}", json=body)
+    return _show(r, as_json, lambda: _backend_rows([r]))
+
+
+@services.command("delete-backend")
+@click.argument("service_id")
+@click.argument("backend_id")
+@socket_option
+@json_option
+def services_delete_backend(service_id, backend_id, socket, as_json) -> int:
+    """Delete a backend (its flows are re-balanced)."""
+    with Client(socket) as c:
+        r = c.delete(f"/api/v1/services/{service_id}/backends/{backend_id}")
+    return _show(r, as_json, lambda: print(f"deleted backend {r['id']}: {r['address']}"))
 
 
 # -- local: check-config, install-service --------------------------------------------------
 
 
-def check_config_cmd(args) -> int:
+@click.command("check-config")
+@click.argument("file")
+@click.option("--no-interfaces", is_flag=True,
+              help="do not check that the interfaces exist on this box")
+def check_config_cmd(file, no_interfaces) -> int:
+    """Validate a config file (names the line of each mistake)."""
     from xdpfw.config import check_config
 
-    cfg = check_config(args.file, interfaces=not args.no_interfaces)
-    print(f"{args.file}: ok ({len(cfg.interfaces)} interfaces, {len(cfg.rules)} rules)")
+    cfg = check_config(file, interfaces=not no_interfaces)
+    print(f"{file}: ok ({len(cfg.interfaces)} interfaces, {len(cfg.rules)} rules)")
     return 0
 
 
-def render_unit(xdpfw_bin: str, config: str) -> str:
+def render_unit(xdpfw_bin: str, config: str, readme: Path = README) -> str:
     text = UNIT_TEMPLATE.read_text()
-    return text.replace(TEMPLATE_BIN, xdpfw_bin).replace(TEMPLATE_CONFIG, config)
+    return (text.replace(TEMPLATE_BIN, xdpfw_bin).replace(TEMPLATE_CONFIG, config)
+            .replace(TEMPLATE_DOC, readme.resolve().as_uri()))
 
 
 def xdpfw_executable() -> str:
@@ -414,16 +697,22 @@ def xdpfw_executable() -> str:
     return str(here) if here.exists() else (shutil.which("xdpfw") or TEMPLATE_BIN)
 
 
-def install_service(args) -> int:
-    unit = Path(args.unit_dir) / "xdpfw.service"
-    config = str(Path(args.config).resolve())
+@click.command("install-service")
+@click.option("--config", default=TEMPLATE_CONFIG, show_default=True)
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
+@click.option("--xdpfw", "xdpfw_bin", help="path of the xdpfw executable (default: this one)")
+@click.option("--no-enable", is_flag=True, help="only write the file")
+def install_service(config, unit_dir, xdpfw_bin, no_enable) -> int:
+    """Write (and enable) the systemd unit."""
+    unit = Path(unit_dir) / "xdpfw.service"
+    config = str(Path(config).resolve())
     if not Path(config).exists():
         print(f"note: {config} does not exist yet; the unit will not start without it",
               file=sys.stderr)
     unit.parent.mkdir(parents=True, exist_ok=True)
-    unit.write_text(render_unit(args.xdpfw or xdpfw_executable(), config))
+    unit.write_text(render_unit(xdpfw_bin or xdpfw_executable(), config))
     print(f"wrote {unit}")
-    if args.no_enable:
+    if no_enable:
         return 0
     if not Path("/run/systemd/system").is_dir():
         print("systemd is not running here: enable it later with "
@@ -437,123 +726,5 @@ def install_service(args) -> int:
     return 0
 
 
-# -- parser --------------------------------------------------------------------------------
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    api = argparse.ArgumentParser(add_help=False)
-    api.add_argument("--socket", default=None,
-                     help=f"API unix socket (default $XDPFW_SOCKET or {default_socket()})")
-    js = argparse.ArgumentParser(add_help=False)
-    js.add_argument("--json", action="store_true", help="print the API's JSON answer")
-
-    rules = sub.add_parser("rules", help="add, list, delete or import rules")
-    rsub = rules.add_subparsers(dest="op", required=True)
-    p = rsub.add_parser("add", parents=[api, js], help="add one rule")
-    p.add_argument("prefix", help="source prefix or address, e.g. 203.0.113.0/24")
-    p.add_argument("--action", default="drop", help="drop (default) or pass")
-    p.add_argument("--proto", choices=["tcp", "udp", "icmp"])
-    p.add_argument("--dport", type=int, help="destination port (needs --proto tcp/udp)")
-    p.add_argument("--comment", default="")
-    p.set_defaults(func=rules_add)
-    p = rsub.add_parser("list", parents=[api, js], help="list rules with their counters")
-    p.add_argument("--action")
-    p.add_argument("--proto")
-    p.add_argument("--prefix")
-    p.add_argument("--comment")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--offset", type=int, default=0)
-    p.set_defaults(func=rules_list)
-    p = rsub.add_parser("delete", parents=[api], help="delete rules by id")
-    p.add_argument("ids", nargs="+", type=int)
-    p.set_defaults(func=rules_delete)
-    p = rsub.add_parser("import", parents=[api], help="import a blocklist file (- for stdin)")
-    p.add_argument("file")
-    p.add_argument("--action", default="drop")
-    p.add_argument("--comment", default="")
-    p.add_argument("--chunk", type=int, default=IMPORT_CHUNK, help="rules per request")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=rules_import)
-
-    p = sub.add_parser("attach", parents=[api], help="guard an interface")
-    p.add_argument("ifname")
-    p.add_argument("--netns")
-    p.add_argument("--mode", default="auto", choices=["auto", "native", "generic", "offload"])
-    p.add_argument("--policy", default="pass", choices=["pass", "drop"])
-    p.add_argument("--unparsed-policy", default="pass", choices=["pass", "drop"])
-    p.add_argument("--guard-l2", action="store_true")
-    p.add_argument("--chain-prog-id", type=int,
-                   help="run this loaded XDP program (bpftool prog id) after xdpfw's passes")
-    p.add_argument("--no-chain", action="store_true",
-                   help="refuse to attach over another XDP program instead of chaining it")
-    p.set_defaults(func=attach)
-    p = sub.add_parser("detach", parents=[api], help="stop guarding an interface")
-    p.add_argument("ifname")
-    p.add_argument("--netns")
-    p.set_defaults(func=detach)
-
-    p = sub.add_parser("status", parents=[api, js],
-                       help="program, interfaces, modes, counters and rates")
-    p.add_argument("--interval", type=float, default=1.0,
-                   help="seconds between the two samples rates come from (0: no rates)")
-    p.set_defaults(func=status)
-
-    p = sub.add_parser("watch", parents=[api, js], help="print sampled drop events live")
-    p.add_argument("--count", type=int, default=0, help="exit after this many events")
-    p.add_argument("--seconds", type=float, default=0, help="exit after this long")
-    p.set_defaults(func=watch)
-
-    from xdpfw.capture_cli import add_capture_command
-
-    add_capture_command(sub, api)
-
-    p = sub.add_parser("upgrade", parents=[api],
-                       help="build the program again and swap it in atomically")
-    p.add_argument("--source", help="C source to build instead of the installed xdpfw.c")
-    p.set_defaults(func=upgrade)
-
-    p = sub.add_parser("stop", parents=[api], help="stop the daemon (the data plane stays)")
-    p.add_argument("--detach", action="store_true",
-                   help="also detach every interface and remove the pinned maps")
-    p.add_argument("--state-dir", default="/var/lib/xdpfw", help="where the pid file is")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.set_defaults(func=stop)
-
-    svc = sub.add_parser("services", help="load-balancer services (JSON in, JSON out)")
-    ssub = svc.add_subparsers(dest="op", required=True)
-    ssub.add_parser("list", parents=[api]).set_defaults(func=services)
-    for op in ("get", "delete", "backends"):
-        p = ssub.add_parser(op, parents=[api])
-        p.add_argument("id")
-        p.set_defaults(func=services)
-    p = ssub.add_parser("add", parents=[api])
-    p.add_argument("body", help="the service as JSON")
-    p.set_defaults(func=services)
-    p = ssub.add_parser("add-backend", parents=[api])
-    p.add_argument("id")
-    p.add_argument("body", help="the backend as JSON")
-    p.set_defaults(func=services)
-    p = ssub.add_parser("update-backend", parents=[api],
-                        help="change a backend's weight or state (draining keeps its flows)")
-    p.add_argument("id")
-    p.add_argument("backend")
-    p.add_argument("--weight", type=int)
-    p.add_argument("--state", choices=["active", "draining"])
-    p.set_defaults(func=services)
-    p = ssub.add_parser("delete-backend", parents=[api])
-    p.add_argument("id")
-    p.add_argument("backend")
-    p.set_defaults(func=services)
-
-    p = sub.add_parser("check-config", help="validate a config file (names the line)")
-    p.add_argument("file")
-    p.add_argument("--no-interfaces", action="store_true",
-                   help="do not check that the interfaces exist on this box")
-    p.set_defaults(func=check_config_cmd)
-
-    p = sub.add_parser("install-service", help="write (and enable) the systemd unit")
-    p.add_argument("--config", default=TEMPLATE_CONFIG)
-    p.add_argument("--unit-dir", default="/etc/systemd/system")
-    p.add_argument("--xdpfw", help="path of the xdpfw executable (default: this one)")
-    p.add_argument("--no-enable", action="store_true", help="only write the file")
-    p.set_defaults(func=install_service)
+COMMANDS = [rules, attach, detach, status, health, watch, events, upgrade, stop, services,
+            check_config_cmd, install_service]

@@ -18,10 +18,11 @@ import shutil
 import signal
 import socket
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpfw import demo, heap, logfilter, statedir
+from xdpfw import demo, heap, logfilter, sdnotify, statedir
 from xdpfw.api.app import create_app
 from xdpfw.api.metrics_app import create_metrics_app
 from xdpfw.api.middleware import BodyLimits
@@ -201,7 +202,13 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     servers: ApiServers | None = None
     unix: socket.socket | None = None
 
+    daemon_pid = os.getpid()
+
     def on_signal(signum: int, _frame) -> None:
+        # A process forked from this one (pyroute2's namespace workers) inherits the handler;
+        # it must not unwind the daemon's stack (closing its maps and store): it just exits.
+        if os.getpid() != daemon_pid:
+            os._exit(128 + signum)
         # uvicorn handles these while it serves, then puts this handler back and raises the
         # signal again: here that is harmless, and `serve` returns (exit status 0).
         if servers is None:
@@ -209,7 +216,9 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         servers.stop()
 
     try:
-        pid.write_text(f"{os.getpid()}\n")
+        # The pid namespace too: `xdpfw stop` on a container's host must not read this
+        # number as one of its own processes.
+        pid.write_text(f"{os.getpid()}\n{os.readlink('/proc/self/ns/pid')}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         if cfg.state.rules_from_config:
@@ -253,8 +262,14 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         log.info("xdpfw: %d rules, %d interfaces; API on %s%s", counts.rules,
                  counts.interfaces, ", ".join([cfg.api.socket, *cfg.api.listen, *cfg.ui.listen]),
                  f"; metrics on {cfg.metrics.listen}" if cfg.metrics.listen else "")
-        servers.run()
+        serving_ended = threading.Event()  # no READY=1 after that
+        sdnotify.ready_when_answering(cfg.api.socket, serving_ended)
+        try:
+            servers.run()
+        finally:
+            serving_ended.set()
     finally:
+        sdnotify.notify("STOPPING=1")
         if events is not None:
             events.stop()
         if capture is not None:

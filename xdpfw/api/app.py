@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from xdpfw.api import error_body, openapi
 from xdpfw.api.audit import TOKEN_KEY, AuditTrail
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
 from xdpfw.api.peer import peer_of
@@ -101,6 +102,8 @@ def create_app(
         title="xdpfw",
         version="0.1.0",
         description="XDP firewall appliance: source-prefix rules enforced in XDP.",
+        docs_url=None,  # openapi.install serves /docs from the package's assets
+        redoc_url=None,
     )
     app.state.firewall = firewall
     app.state.events = events
@@ -125,6 +128,8 @@ def create_app(
     app.include_router(dashboard.router)
     app.mount(dashboard.UI_PATH, dashboard.ui_files(), name="ui")
 
+    error_body.install(app)  # one error shape: {"detail": str, "errors": [...]?}
+    openapi.install(app)
     for exc_type, code in ERROR_STATUS.items():
         app.add_exception_handler(exc_type, _handler(code))
     for exc_type in (sqlite3.Error, OSError):  # storage, or else a plain 500
@@ -140,9 +145,10 @@ def create_app(
     @app.middleware("http")
     async def bearer_token_off_the_unix_socket(request: Request, call_next):
         # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
-        # The dashboard's files hold no data (its page asks for the token), so a browser
-        # gets them without one.
-        if peer_of(request.scope) is None and tokens and not _ui_file(request):
+        # The dashboard's files and the API docs hold no data (the page asks for the token;
+        # a browser opening the docs has none), so they are served without one.
+        public = openapi.is_public(request.url.path) or _ui_file(request)
+        if peer_of(request.scope) is None and tokens and not public:
             name = _token_name(request.headers.get("authorization", ""), tokens)
             request.scope.setdefault("state", {})[TOKEN_KEY] = name
             if name is None:

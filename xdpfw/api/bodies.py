@@ -3,39 +3,38 @@ a list of rules (POST /api/v1/rules/bulk, PUT /api/v1/rules, PUT /api/v1/sets/{n
 the same forms:
 - text/plain: a blocklist (one prefix per line; the query's action, comment and set apply),
   or an export's sections (xdpfw/rules/document.py);
-- JSON: an export ({"format": "xdpfw-rules", ...}), {"prefixes": [...], "action": ...}
-  (one kind for all), or {"rules": [{"prefix": ..., ...}, ...]}.
+- JSON, chosen by its keys: an export ({"format": "xdpfw-rules", "sections": ...}),
+  {"prefixes": [...], "action": ...} (one kind for all), or {"rules": [{"prefix": ...}]}.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 from fastapi import HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from xdpfw.api.schemas import BulkPrefixes, BulkRules
+from xdpfw.api.error_body import validation_detail
+from xdpfw.api.openapi import body_schema_ref
+from xdpfw.api.schemas import BULK_BODY, BulkPrefixes, BulkRules
 from xdpfw.errors import RuleValidationError
 from xdpfw.rules import document as D
 from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import parse_prefix
 from xdpfw.rules.table import Prefixes
 
-FIRST_KEY = re.compile(rb'\s*\{\s*"([a-z_]{1,16})"\s*:')
 FORMS = ("text/plain (a blocklist, or an export's sections), or JSON: an export, "
          '{"prefixes": [...], "action": ...} or {"rules": [...]}')
 
 
 # The OpenAPI requestBody of these endpoints (they read their body themselves).
 RULES_BODY = {
+    "required": True,
     "content": {
         "text/plain": {"schema": {"type": "string"}},
-        "application/json": {"schema": {"oneOf": [
-            D.JsonDocument.model_json_schema(), BulkPrefixes.model_json_schema(),
-            BulkRules.model_json_schema()]}},
-    }
+        "application/json": {"schema": body_schema_ref(BulkPrefixes, BulkRules,
+                                                        D.JsonDocument)},
+    },
 }
 
 
@@ -61,23 +60,19 @@ async def read_rules(request: Request, default: RuleKind) -> D.RuleDocument:
 
 
 def _parse_json(body: bytearray) -> D.RuleDocument:
-    """The form is chosen by the object's first key (a million-item body is parsed once)."""
-    first = _first_key(body)
-    if first in ("format", "version", "sections"):
-        return D.parse_json(body)
     try:
-        if first == "rules":
-            return _from_rules(BulkRules.model_validate_json(body))
-        bulk = BulkPrefixes.model_validate_json(body)
+        bulk = BULK_BODY.validate_json(body)
     except ValidationError as e:
-        raise RuleValidationError(D.first_error(e)) from None
+        # The tag the union chose leads each loc; the person wants the field.
+        errors = [{**err, "loc": err["loc"][1:]} if err["type"] != "bulk_body" else err
+                  for err in e.errors(include_input=False, include_url=False)]
+        raise RuleValidationError(validation_detail(errors)[0]) from None
+    if isinstance(bulk, D.JsonDocument):
+        return D.from_json(bulk)
+    if isinstance(bulk, BulkRules):
+        return _from_rules(bulk)
     kind = RuleKind.model_validate(bulk.model_dump(exclude={"prefixes"}))
     return D.RuleDocument([D.Section(D.prefixes_of(bulk.prefixes, "prefixes item"), kind)])
-
-
-def _first_key(body: bytearray) -> str | None:
-    m = FIRST_KEY.match(body)
-    return m.group(1).decode() if m else None
 
 
 def _from_rules(bulk: BulkRules) -> D.RuleDocument:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from xdpfw.dataplane.attach import Mode
 from xdpfw.errors import RuleValidationError
+from xdpfw.rules.document import JsonDocument
 from xdpfw.rules.kind import RuleKind, invalid
 from xdpfw.rules.model import Action, Proto, Rule, check_set_name, parse_prefix
 from xdpfw.service import Attachment, RuleSpec, SyncReport
@@ -41,6 +51,26 @@ class BulkPrefixes(RuleKind):
 class BulkRules(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rules: list[RuleCreate] = Field(min_length=1)
+
+
+def _bulk_form(v: Any) -> str | None:
+    if isinstance(v, dict):
+        if "format" in v or "sections" in v:
+            return "export"
+        return "rules" if "rules" in v else "prefixes"
+    return None  # not an object: the union's own error names every form
+
+
+# The JSON body of every endpoint that takes many rules (api/bodies.py), chosen by its keys,
+# not guessed from its first bytes.
+BULK_BODY: TypeAdapter[BulkPrefixes | BulkRules | JsonDocument] = TypeAdapter(Annotated[
+    Annotated[BulkPrefixes, Tag("prefixes")] | Annotated[BulkRules, Tag("rules")]
+    | Annotated[JsonDocument, Tag("export")],
+    Discriminator(_bulk_form, custom_error_type="bulk_body",
+                  custom_error_message='the body must be a JSON object with "prefixes" (and '
+                  'one action/match for all), "rules" (a list of rules), or an export '
+                  '("format": "xdpfw-rules", "sections")'),
+])
 
 
 class RulePublic(BaseModel):

@@ -3,7 +3,9 @@
  * lb_forward() returns the verdict of a passing packet, and when it is not XDP_PASS sets the
  * reason it is counted under (XDPFW_REASON_LB_*): XDP_PASS when it belongs to no service (or
  * XDP_REDIRECT to a CPU when cpu steering is on), else the service's forwarding:
- *   conntrack hit (same backend generation, not aged out) -> that backend
+ *   the service: lb_vip_index bucket -> lb_service_slots (lb_services when VIPs share one)
+ *   conntrack hit (same backend generation, not aged out) -> that backend: the per-CPU
+ *     lb_flow_cache first, lb_conntrack on a miss there
  *   else Maglev: lb_tables[slot * LB_TABLE_SIZE + jhash(5-tuple) % LB_TABLE_SIZE]
  *   tx:       dst MAC = backend, src MAC = ours (the frame's old dst), XDP_TX
  *   redirect: dst MAC = backend, src MAC = egress NIC, XDP_REDIRECT via tx_ports
@@ -15,10 +17,55 @@
 
 #include "hash.h"
 
-#ifndef LB_CT_TIMEOUT_NS
-#define LB_CT_TIMEOUT_NS (300ULL * 1000000000ULL) /* idle flows re-balance after this */
+/* Times in jiffies (bpf_jiffies64: a memory read; bpf_ktime_get_ns cost 34 ns on this
+ * machine): ProgramConfig passes the kernel's HZ. */
+#ifndef LB_HZ
+#define LB_HZ 1000
 #endif
-#define LB_CT_REFRESH_NS 1000000000ULL /* write last_seen at most once a second per flow */
+#ifndef LB_CT_TIMEOUT_S
+#define LB_CT_TIMEOUT_S 300 /* idle flows re-balance after this */
+#endif
+#define LB_CT_TIMEOUT_J ((__u64)LB_CT_TIMEOUT_S * LB_HZ)
+#define LB_CT_REFRESH_J ((__u64)LB_HZ) /* write last_seen at most once a second per flow */
+
+/* lb_vip_index's bucket of a VIP: its five words folded, Fibonacci-hashed (abi.py mirrors it). */
+static __always_inline __u32 xdpfw_lb_vip_bucket(struct lb_vip *v)
+{
+	__u32 *w = (__u32 *)v;
+	__u32 x = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4];
+	return (x * 0x9E3779B1u) >> (32 - XDPFW_LB_VIP_INDEX_BITS);
+}
+
+static __always_inline int lb_vip_equal(struct lb_vip *a, struct lb_vip *b)
+{
+	__u32 *x = (__u32 *)a, *y = (__u32 *)b;
+	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]));
+}
+
+static __always_inline int lb_flow_equal(struct lb_flow *a, struct lb_flow *b)
+{
+	__u32 *x = (__u32 *)a, *y = (__u32 *)b;
+	__u32 d = 0;
+#pragma unroll
+	for (int i = 0; i < sizeof(struct lb_flow) / 4; i++)
+		d |= x[i] ^ y[i];
+	return !d;
+}
+
+/* The service of a VIP, or NULL. */
+static __always_inline struct lb_service *lb_find_service(struct lb_vip *vip)
+{
+	__u32 bucket = xdpfw_lb_vip_bucket(vip);
+	__u32 *at = lb_vip_index.lookup(&bucket);
+	if (!at || *at == 0)
+		return NULL;
+	if (*at == XDPFW_LB_VIP_COLLIDE)
+		return lb_services.lookup(vip);
+	__u32 slot = *at - 1;
+	struct lb_service_slot *s = lb_service_slots.lookup(&slot);
+	/* The VIP check also covers a slot being rewritten for another service. */
+	return s && lb_vip_equal(&s->vip, vip) ? &s->svc : NULL;
+}
 
 static __always_inline __u32 lb_flow_hash(struct lb_flow *f)
 {
@@ -45,19 +92,49 @@ static __always_inline int lb_steer(struct lb_steer *s, __u32 hash, __u32 *reaso
 	return verdict;
 }
 
-/* The backend slot of a flow: conntrack first, else the Maglev table (and remember it). */
+/* The backend of a conntrack entry, if it may keep its flow: live, same generation. */
+static __always_inline struct lb_backend *lb_ct_backend(struct lb_ct *ct, __u64 now)
+{
+	if (now - ct->last_seen >= LB_CT_TIMEOUT_J)
+		return NULL;
+	__u32 s = ct->backend;
+	struct lb_backend *be = lb_backends.lookup(&s);
+	return be && (be->flags & XDPFW_LB_BE_LIVE) && be->gen == ct->gen ? be : NULL;
+}
+
+/* The backend slot of a flow: conntrack first (its per-CPU cache, then the LRU), else the
+ * Maglev table (and remember it in both). */
 static __always_inline struct lb_backend *lb_pick(struct lb_service *svc, struct lb_flow *f,
 						  __u32 hash, __u32 *slot)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_jiffies64();
+	__u32 ci = hash & (XDPFW_LB_FLOW_CACHE - 1);
+	struct lb_flow_slot *c = lb_flow_cache.lookup(&ci);
+	if (!c)
+		return NULL;
+	struct lb_backend *be;
+	if (lb_flow_equal(&c->flow, f)) {
+		be = lb_ct_backend(&c->ct, now);
+		if (be) {
+			if (now - c->ct.last_seen > LB_CT_REFRESH_J) {
+				c->ct.last_seen = now;
+				struct lb_ct *ct = lb_conntrack.lookup(f); /* keep the truth alive too */
+				if (ct)
+					ct->last_seen = now;
+			}
+			*slot = c->ct.backend;
+			return be;
+		}
+	}
 	struct lb_ct *ct = lb_conntrack.lookup(f);
-	if (ct && now - ct->last_seen < LB_CT_TIMEOUT_NS) {
-		__u32 s = ct->backend;
-		struct lb_backend *be = lb_backends.lookup(&s);
-		if (be && (be->flags & XDPFW_LB_BE_LIVE) && be->gen == ct->gen) {
-			if (now - ct->last_seen > LB_CT_REFRESH_NS)
+	if (ct) {
+		be = lb_ct_backend(ct, now);
+		if (be) {
+			if (now - ct->last_seen > LB_CT_REFRESH_J)
 				ct->last_seen = now;
-			*slot = s;
+			c->flow = *f;
+			c->ct = *ct;
+			*slot = ct->backend;
 			return be;
 		}
 	}
@@ -66,11 +143,13 @@ static __always_inline struct lb_backend *lb_pick(struct lb_service *svc, struct
 	if (!entry || *entry == XDPFW_LB_NO_BACKEND)
 		return NULL;
 	__u32 s = *entry;
-	struct lb_backend *be = lb_backends.lookup(&s);
+	be = lb_backends.lookup(&s);
 	if (!be || !(be->flags & XDPFW_LB_BE_LIVE))
 		return NULL;
 	struct lb_ct fresh = {.backend = s, .gen = be->gen, .last_seen = now};
 	lb_conntrack.update(f, &fresh);
+	c->flow = *f;
+	c->ct = fresh;
 	*slot = s;
 	return be;
 }
@@ -134,7 +213,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct packet *p, __u3
 			__builtin_memcpy(f.saddr, p->saddr, 16);
 			__builtin_memcpy(f.daddr, p->daddr, 16);
 		}
-		struct lb_service *svc = lb_services.lookup(&vip);
+		struct lb_service *svc = lb_find_service(&vip);
 		if (svc)
 			return lb_to_service(ctx, svc, &f, reason);
 	}

@@ -69,9 +69,16 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, iface_counters,
  * steering of passing traffic. */
 BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1, PIN("lb_config"));
 
-/* Virtual services by VIP, port and protocol. */
+/* Virtual services by VIP, port and protocol: every one (the lookup of VIPs that share an
+ * lb_vip_index bucket). */
 BPF_TABLE_PINNED("hash", struct lb_vip, struct lb_service, lb_services, MAX_SERVICES,
 		 PIN("lb_services"));
+
+/* The fast way to the same: VIP bucket -> service slot + 1 (xdpfw_abi.h), then the slot. */
+BPF_TABLE_PINNED("array", __u32, __u32, lb_vip_index, XDPFW_LB_VIP_INDEX,
+		 PIN("lb_vip_index"));
+BPF_TABLE_PINNED("array", __u32, struct lb_service_slot, lb_service_slots, MAX_SERVICES,
+		 PIN("lb_service_slots"));
 
 /* Maglev lookup tables, one row of LB_TABLE_SIZE (a prime) per service slot: backend slots. */
 BPF_TABLE_PINNED("array", __u32, __u32, lb_tables, MAX_SERVICES * LB_TABLE_SIZE,
@@ -84,6 +91,10 @@ BPF_TABLE_PINNED("array", __u32, struct lb_backend, lb_backends, MAX_BACKENDS,
 /* Connection tracking: flow -> backend, so a flow keeps its backend when tables change. */
 BPF_TABLE_PINNED("lru_hash", struct lb_flow, struct lb_ct, lb_conntrack, LB_CT_SIZE,
 		 PIN("lb_conntrack"));
+
+/* Per CPU, a direct-mapped cache of conntrack entries (struct lb_flow_slot). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_flow_slot, lb_flow_cache,
+		 XDPFW_LB_FLOW_CACHE, PIN("lb_flow_cache"));
 
 /* Egress interfaces of redirect-mode backends: port slot -> ifindex. */
 BPF_REDIRECT_MAP_PINNED("devmap", tx_ports, MAX_IFACES, PIN("tx_ports"));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import struct
 from pathlib import Path
 
 ABI_HEADER = Path(__file__).resolve().parent.parent / "bpf" / "xdpfw_abi.h"
@@ -150,6 +151,10 @@ LB_BE_LIVE = 0x1
 LB_SVC_FORWARDED = 0
 LB_SVC_NO_BACKEND = 1
 LB_SVC_COUNTERS = 2
+LB_VIP_INDEX_BITS = 12
+LB_VIP_INDEX = 1 << LB_VIP_INDEX_BITS
+LB_VIP_COLLIDE = 0xFFFFFFFF
+LB_FLOW_CACHE = 4096
 
 
 class LbVip(ctypes.Structure):
@@ -207,6 +212,22 @@ class LbCt(ctypes.Structure):
         ("gen", ctypes.c_uint32),
         ("last_seen", ctypes.c_uint64),
     )
+
+
+class LbServiceSlot(ctypes.Structure):
+    _fields_ = (("vip", LbVip), ("svc", LbService))
+
+
+class LbFlowSlot(ctypes.Structure):
+    _fields_ = (("flow", LbFlow), ("ct", LbCt))
+
+
+def lb_vip_bucket(key: bytes) -> int:
+    """xdpfw_lb_vip_bucket() of lb.h, for a packed struct lb_vip."""
+    x = 0
+    for (w,) in struct.iter_unpack("<I", key):
+        x ^= w
+    return ((x * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - LB_VIP_INDEX_BITS)
 
 
 class FwCfg(ctypes.Structure):
@@ -329,6 +350,9 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "lb_tables": (ctypes.c_uint32, ctypes.c_uint32),
     "lb_backends": (ctypes.c_uint32, LbBackend),
     "lb_conntrack": (LbFlow, LbCt),
+    "lb_vip_index": (ctypes.c_uint32, ctypes.c_uint32),
+    "lb_service_slots": (ctypes.c_uint32, LbServiceSlot),
+    "lb_flow_cache": (ctypes.c_uint32, LbFlowSlot),
     "tx_ports": (ctypes.c_uint32, ctypes.c_int32),
     "cpu_map": (ctypes.c_uint32, ctypes.c_int32),
     "lb_service_counters": (ctypes.c_uint32, Counter),

@@ -63,9 +63,12 @@ class LbMaps:
         self.table_size = config.lb_table_size
         self.config = handle("lb_config")
         self.services = handle("lb_services")
+        self.vip_index = handle("lb_vip_index")
+        self.service_slots = handle("lb_service_slots")
         self.tables = handle("lb_tables")
         self.backends = handle("lb_backends")
         self.conntrack = handle("lb_conntrack")
+        self.flow_cache = handle("lb_flow_cache")
         self.tx_ports = handle("tx_ports")
         self.cpu_map = handle("cpu_map")
         self.service_counters = handle("lb_service_counters")
@@ -87,11 +90,39 @@ class LbMaps:
         return abi.LbConfig.from_buffer_copy(raw) if raw else abi.LbConfig()
 
     def set_service(self, vip: Vip, slot: int, fwd: int, steer_cpus: Sequence[int] = ()) -> None:
+        """The service in lb_services (the truth), then in its slot, then its VIP's bucket
+        of lb_vip_index points there: the program's fast lookup never meets a slot not
+        written yet."""
+        key = vip.key()
         value = abi.LbService(slot=slot, fwd=fwd, steer=_steer(steer_cpus))
-        self.services.update(vip.key(), bytes(value))
+        self.services.update(key, bytes(value))
+        entry = abi.LbServiceSlot(vip=abi.LbVip.from_buffer_copy(key), svc=value)
+        self.service_slots.update(_U32.pack(slot), bytes(entry))
+        self._index(abi.lb_vip_bucket(key))
 
     def del_service(self, vip: Vip) -> bool:
-        return self.services.delete(vip.key())
+        return self.del_service_key(vip.key())
+
+    def del_service_key(self, key: bytes) -> bool:
+        gone = self.services.delete(key)
+        self._index(abi.lb_vip_bucket(key))
+        return gone
+
+    def _index(self, bucket: int) -> None:
+        """A bucket of lb_vip_index from lb_services: none, the one service's slot + 1, or
+        "several: look in lb_services"."""
+        members = [v.slot for k, v in self.service_entries().items()
+                   if abi.lb_vip_bucket(k) == bucket]
+        value = (0 if not members else members[0] + 1 if len(members) == 1
+                 else abi.LB_VIP_COLLIDE)
+        self.vip_index.update(_U32.pack(bucket), _U32.pack(value))
+
+    def sync_vip_index(self) -> None:
+        """Every bucket from lb_services (start-up: the pins may be older)."""
+        buckets = {abi.lb_vip_bucket(k) for k in self.service_entries()}
+        for bucket in range(abi.LB_VIP_INDEX):
+            if bucket in buckets or self.vip_index.lookup(_U32.pack(bucket)) != bytes(4):
+                self._index(bucket)
 
     def service_entries(self) -> dict[bytes, abi.LbService]:
         out = {}
@@ -164,6 +195,10 @@ class LbMaps:
         return ct.backend, ct.gen
 
     def clear_conntrack(self) -> int:
+        """Forget every flow: the per-CPU caches, then the LRU."""
+        n = abi.LB_FLOW_CACHE
+        keys = b"".join(_U32.pack(i) for i in range(n))
+        self.flow_cache.update_many(keys, bytes(self.flow_cache.value_size * n), n)
         keys = self.conntrack.all_keys()
         for k in keys:
             self.conntrack.delete(k)

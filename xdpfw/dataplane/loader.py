@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xdpfw.dataplane.instances import Instance, load_xdp, patched, slot_site
+from xdpfw.dataplane.kernel_hz import kernel_hz
 from xdpfw.dataplane.pins import layout_differences
 from xdpfw.errors import BpffsError, CompileError, PinLayoutError, XdpfwError
 
@@ -65,7 +66,8 @@ class ProgramConfig:
             f"-DMAX_BACKENDS={self.max_backends}",
             f"-DLB_TABLE_SIZE={self.lb_table_size}",
             f"-DLB_CT_SIZE={self.lb_ct_size}",
-            f"-DLB_CT_TIMEOUT_NS={self.lb_ct_timeout_s * 1_000_000_000}ULL",
+            f"-DLB_CT_TIMEOUT_S={self.lb_ct_timeout_s}",
+            f"-DLB_HZ={kernel_hz()}",
             f"-DMAX_CPUS={self.max_cpus}",
             *self.extra_cflags,
         ]

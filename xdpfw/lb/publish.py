@@ -82,7 +82,8 @@ class MaglevPublisher:
         wanted = {vip(s.rec).key() for s in services if not s.proxied}
         for key in self.maps.service_entries():
             if key not in wanted:
-                self.maps.services.delete(key)
+                self.maps.del_service_key(key)
+        self.maps.sync_vip_index()
 
     def write_config(self, services: Iterable[ServiceState], steer: Sequence[int]) -> None:
         """lb_config: how many services XDP forwards, and the CPUs passing traffic is

@@ -162,6 +162,10 @@ def parse_json(data: bytes | bytearray) -> RuleDocument:
         doc = JsonDocument.model_validate_json(data)
     except ValidationError as e:
         raise RuleValidationError(first_error(e)) from None
+    return from_json(doc)
+
+
+def from_json(doc: JsonDocument) -> RuleDocument:
     return RuleDocument([
         Section(prefixes_of(s.prefixes, f"sections[{i}].prefixes item"),
                 RuleKind.model_validate(s.model_dump(exclude={"prefixes"})))

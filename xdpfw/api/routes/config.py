@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from xdpfw.api.audit import audit
 from xdpfw.api.deps import FirewallDep
+from xdpfw.api.error_body import responses
 from xdpfw.api.schemas import SyncResult
 from xdpfw.config import load_config
 from xdpfw.declared import declared_rules
@@ -19,7 +20,7 @@ from xdpfw.errors import ConflictError
 router = APIRouter(prefix="/api/v1/config", tags=["config"])
 
 
-@router.post("/reload", response_model=SyncResult)
+@router.post("/reload", response_model=SyncResult, responses=responses(409, 503, 507))
 async def reload_rules(
     request: Request,
     fw: FirewallDep,

@@ -9,7 +9,10 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-router = APIRouter(prefix="/api/v1/events", tags=["events"])
+from xdpfw.api.error_body import responses
+
+# Every route: 503 when no event reader runs (an app not run by `xdpfw serve`).
+router = APIRouter(prefix="/api/v1/events", tags=["events"], responses=responses(503))
 
 KEEPALIVE_S = 15.0
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from xdpfw.api.deps import FirewallDep
+from xdpfw.api.error_body import responses
 from xdpfw.api.schemas import RulePublic
 from xdpfw.explain import Probe
 from xdpfw.rules.model import Proto
@@ -35,7 +36,7 @@ class ExplainPublic(BaseModel):
         description="every rule whose prefix contains the source, in the order they decide")
 
 
-@router.get("", response_model=ExplainPublic)
+@router.get("", response_model=ExplainPublic, responses=responses(404))
 def explain(
     fw: FirewallDep,
     src: Annotated[str, Query(description="the source address")],

@@ -9,8 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xdpfw.api.deps import FirewallDep
+from xdpfw.api.error_body import responses
 from xdpfw.api.peer import peer_of
 from xdpfw.api.upload import staged
+from xdpfw.errors import CompileError, VerifierError
 
 router = APIRouter(tags=["program"])
 
@@ -77,13 +79,15 @@ def program(fw: FirewallDep) -> ProgramPublic:
                          interfaces=ifaces)
 
 
-@router.post("/api/v1/program/reload", response_model=ReloadResult)
+@router.post("/api/v1/program/reload", response_model=ReloadResult, responses=responses(403))
 async def reload_program(
     request: Request, fw: FirewallDep, body: ReloadRequest | None = None
 ) -> ReloadResult:
     """Build and load the program again (a new version after an upgrade of the package) and
     swap it in atomically on every guarded interface, on the same pinned maps. A build the
-    verifier rejects leaves the running one in place; the error carries the verifier log."""
+    verifier rejects leaves the running one in place; the error carries the verifier log.
+    That is a 422 for a source sent in the request (the client's to fix), a 500 for the
+    installed one."""
     if body is None or body.source_text is None:
         up = await run_in_threadpool(fw.upgrade, None)
     else:
@@ -93,12 +97,15 @@ async def reload_program(
             raise HTTPException(403, "a program source is accepted only from root on the "
                                 "unix socket")
         with staged(body.source_text, body.source_name) as path:
-            up = await run_in_threadpool(fw.upgrade, path)
+            try:
+                up = await run_in_threadpool(fw.upgrade, path)
+            except (CompileError, VerifierError) as e:
+                raise HTTPException(422, str(e)) from None
     return ReloadResult(old_id=up.old.id, new_id=up.new.id, interfaces=len(up.swapped),
                         swapped=[SwapPublic(**vars(s)) for s in up.swapped])
 
 
-@router.post("/api/v1/shutdown", status_code=202)
+@router.post("/api/v1/shutdown", status_code=202, responses=responses(503))
 def shutdown(request: Request, body: ShutdownRequest | None = None) -> dict:
     """Stop the control plane. The data plane keeps guarding unless `detach` is true."""
     stop = request.app.state.shutdown

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from xdpfw.api.audit import audit
 from xdpfw.api.bodies import RULES_BODY, read_rules
 from xdpfw.api.deps import FirewallDep
+from xdpfw.api.error_body import responses, validation_detail
 from xdpfw.api.schemas import (
     BulkResult,
     RuleCreate,
@@ -22,7 +23,6 @@ from xdpfw.api.schemas import (
 )
 from xdpfw.errors import RuleValidationError
 from xdpfw.rules import document
-from xdpfw.rules.document import first_error
 from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import Action, Proto, parse_prefix
 from xdpfw.service import SyncReport
@@ -30,9 +30,12 @@ from xdpfw.service import SyncReport
 router = APIRouter(prefix="/api/v1/rules", tags=["rules"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RulePublic)
-def add_rule(body: RuleCreate, request: Request, fw: FirewallDep) -> RulePublic:
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RulePublic,
+             responses=responses(409, 503, 507))
+def add_rule(body: RuleCreate, request: Request, fw: FirewallDep,
+             response: Response) -> RulePublic:
     rule = fw.add_rules([body.spec()])[0]
+    response.headers["Location"] = f"{router.prefix}/{rule.id}"
     audit(request, f"added rule {rule.id}: {describe(rule)}")
     return RulePublic.of(rule, (0, 0))
 
@@ -78,13 +81,13 @@ def export_rules(
     return StreamingResponse(document.write_text(ex), media_type="text/plain")
 
 
-@router.get("/{rule_id}", response_model=RulePublic)
+@router.get("/{rule_id}", response_model=RulePublic, responses=responses(404))
 def get_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     return RulePublic.of(rule, fw.rule_counter(rule))
 
 
-@router.delete("/{rule_id}", response_model=RulePublic)
+@router.delete("/{rule_id}", response_model=RulePublic, responses=responses(404, 409, 503))
 def delete_rule(rule_id: int, request: Request, fw: FirewallDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     counters = fw.rule_counter(rule)
@@ -104,6 +107,7 @@ def describe(rule) -> str:
     "/bulk",
     status_code=status.HTTP_201_CREATED,
     response_model=BulkResult,
+    responses=responses(409, 415, 503, 507),
     openapi_extra={"requestBody": RULES_BODY},
 )
 async def add_bulk(
@@ -128,7 +132,8 @@ async def add_bulk(
                       last_id=ids[-1] if ids else None, skipped=len(doc) - len(ids))
 
 
-@router.put("", response_model=SyncResult, openapi_extra={"requestBody": RULES_BODY})
+@router.put("", response_model=SyncResult, responses=responses(409, 415, 503, 507),
+            openapi_extra={"requestBody": RULES_BODY})
 async def replace_rules(
     request: Request,
     fw: FirewallDep,
@@ -145,7 +150,7 @@ async def replace_rules(
     return SyncResult.of(report)
 
 
-@router.post("/delete", response_model=SyncResult)
+@router.post("/delete", response_model=SyncResult, responses=responses(404, 409, 503))
 def delete_many(body: RuleSelection, request: Request, fw: FirewallDep) -> SyncResult:
     """Delete in one change the rules listed by id (all must exist), or those of a set, or
     those whose comment is exactly the one given."""
@@ -158,7 +163,7 @@ def _kind(action: Action, comment: str, rule_set: str) -> RuleKind:
     try:
         return RuleKind(action=action, comment=comment, set=rule_set)
     except ValidationError as e:
-        raise RuleValidationError(first_error(e)) from None
+        raise RuleValidationError(validation_detail(e.errors())[0]) from None
 
 
 def _counts(r: SyncReport) -> str:

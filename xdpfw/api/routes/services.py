@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Request, Response, status
 
+from xdpfw.api.error_body import responses
 from xdpfw.api.lb_schemas import (
     BackendCreate,
     BackendPublic,
@@ -27,16 +28,21 @@ def get_lb(request: Request) -> LoadBalancer:
 
 LbDep = Annotated[LoadBalancer, Depends(get_lb)]
 
-router = APIRouter(prefix="/api/v1/services", tags=["services"])
-steer_router = APIRouter(prefix="/api/v1/cpu-steer", tags=["services"])
+# Every route: 404 also when the load balancer is not enabled.
+router = APIRouter(prefix="/api/v1/services", tags=["services"], responses=responses(404))
+steer_router = APIRouter(prefix="/api/v1/cpu-steer", tags=["services"],
+                         responses=responses(404))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ServicePublic)
-def create_service(body: ServiceCreate, lb: LbDep) -> ServicePublic:
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ServicePublic,
+             responses=responses(409, 503, 507))
+def create_service(body: ServiceCreate, lb: LbDep, response: Response) -> ServicePublic:
     """Backends' MACs are resolved now: an unresolvable backend fails the request (422).
     forward proxy resolves no MACs; it listens on VIP:port, which must be free (409) and an
     address of the appliance (422)."""
-    return ServicePublic.of(lb, lb.create_service(body.spec()))
+    view = ServicePublic.of(lb, lb.create_service(body.spec()))
+    response.headers["Location"] = f"{router.prefix}/{view.id}"
+    return view
 
 
 @router.get("", response_model=list[ServicePublic])
@@ -51,7 +57,7 @@ def get_service(service_id: int, lb: LbDep) -> ServicePublic:
         return ServicePublic.of(lb, lb.get_service(service_id))
 
 
-@router.delete("/{service_id}", response_model=ServicePublic)
+@router.delete("/{service_id}", response_model=ServicePublic, responses=responses(503))
 def delete_service(service_id: int, lb: LbDep) -> ServicePublic:
     with lb.lock:
         view = ServicePublic.of(lb, lb.get_service(service_id))
@@ -60,12 +66,16 @@ def delete_service(service_id: int, lb: LbDep) -> ServicePublic:
 
 
 @router.post(
-    "/{service_id}/backends", status_code=status.HTTP_201_CREATED, response_model=BackendPublic
+    "/{service_id}/backends", status_code=status.HTTP_201_CREATED, response_model=BackendPublic,
+    responses=responses(409, 503, 507),
 )
-def add_backend(service_id: int, body: BackendCreate, lb: LbDep) -> BackendPublic:
+def add_backend(service_id: int, body: BackendCreate, lb: LbDep,
+                response: Response) -> BackendPublic:
     be = lb.add_backend(service_id, body.spec())
     with lb.lock:
-        return BackendPublic.of(lb, lb.get_service(service_id), be)
+        view = BackendPublic.of(lb, lb.get_service(service_id), be)
+    response.headers["Location"] = f"{router.prefix}/{service_id}/backends/{view.id}"
+    return view
 
 
 @router.get("/{service_id}/backends", response_model=list[BackendPublic])
@@ -82,7 +92,8 @@ def get_backend(service_id: int, backend_id: int, lb: LbDep) -> BackendPublic:
         return BackendPublic.of(lb, svc, lb.get_backend(svc, backend_id))
 
 
-@router.patch("/{service_id}/backends/{backend_id}", response_model=BackendPublic)
+@router.patch("/{service_id}/backends/{backend_id}", response_model=BackendPublic,
+              responses=responses(503))
 def update_backend(
     service_id: int, backend_id: int, body: BackendUpdate, lb: LbDep
 ) -> BackendPublic:
@@ -92,7 +103,8 @@ def update_backend(
         return BackendPublic.of(lb, lb.get_service(service_id), be)
 
 
-@router.delete("/{service_id}/backends/{backend_id}", response_model=BackendPublic)
+@router.delete("/{service_id}/backends/{backend_id}", response_model=BackendPublic,
+               responses=responses(503))
 def delete_backend(service_id: int, backend_id: int, lb: LbDep) -> BackendPublic:
     """Its established flows are re-balanced to the remaining backends."""
     with lb.lock:

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from xdpfw.api.audit import audit
 from xdpfw.api.bodies import RULES_BODY, read_rules
 from xdpfw.api.deps import FirewallDep
+from xdpfw.api.error_body import responses
 from xdpfw.api.schemas import SetPublic, SyncResult
 from xdpfw.errors import NotFoundError, RuleValidationError
 from xdpfw.rules.kind import RuleKind
@@ -27,7 +28,7 @@ def list_sets(fw: FirewallDep) -> list[SetPublic]:
     return [SetPublic(name=n, rules=k) for n, k in sorted(fw.sets().items())]
 
 
-@router.get("/{name}", response_model=SetPublic)
+@router.get("/{name}", response_model=SetPublic, responses=responses(404))
 def get_set(name: SetName, fw: FirewallDep) -> SetPublic:
     size = fw.sets().get(check_set_name(name))
     if size is None:
@@ -35,7 +36,8 @@ def get_set(name: SetName, fw: FirewallDep) -> SetPublic:
     return SetPublic(name=name, rules=size)
 
 
-@router.put("/{name}", response_model=SyncResult, openapi_extra={"requestBody": RULES_BODY})
+@router.put("/{name}", response_model=SyncResult, responses=responses(409, 415, 503, 507),
+            openapi_extra={"requestBody": RULES_BODY})
 async def replace_set(
     name: SetName,
     request: Request,
@@ -61,7 +63,7 @@ async def replace_set(
     return SyncResult.of(report)
 
 
-@router.delete("/{name}", response_model=SyncResult)
+@router.delete("/{name}", response_model=SyncResult, responses=responses(404, 409, 503))
 def delete_set(name: SetName, request: Request, fw: FirewallDep) -> SyncResult:
     """Every rule of the set, in one change."""
     report = fw.delete_where(rule_set=check_set_name(name))
