@@ -68,7 +68,8 @@ def serve(config, socket, state_dir, bpffs_dir, max_rules, demo, adopt_pins, log
         cfg.state.bpffs_dir = bpffs_dir
     if max_rules:
         cfg.limits.max_rules = max_rules
-    run(ServeOptions(cfg, demo=demo, log_level=log_level, adopt_pins=adopt_pins))
+    run(ServeOptions(cfg, demo=demo, log_level=log_level, adopt_pins=adopt_pins,
+                     config_path=config))
     return 0
 
 

@@ -15,7 +15,8 @@ from xdpfw.fleet.layout import Keys
 from xdpfw.fleet.set_writer import SetWriter
 from xdpfw.fleet.status import StatusPublisher, fleet_view
 from xdpfw.fleet.sync import SyncEngine
-from xdpfw.fleet.writer import FleetWriter
+from xdpfw.fleet.writer import FleetWriter, check_txn_size
+from xdpfw.rules.document import RuleDocument
 from xdpfw.rules.model import Action, Rule
 from xdpfw.rules.table import Prefixes
 from xdpfw.service import Firewall, RuleSpec
@@ -59,11 +60,27 @@ class Fleet:
     # -- writes (REST) --------------------------------------------------------------------
 
     def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
+        for s in specs:
+            if s.rule_set:
+                raise ConflictError(
+                    f"a rule of set {s.rule_set}: on a fleet node a set is the fleet's, "
+                    f"replaced whole through PUT /api/v1/fleet/sets/{s.rule_set}")
         with self._refused_while_away():
             ids, revision = self.writer.add_rules(specs)
         self.engine.wait_applied(revision, OWN_APPLY_WAIT_S)
         return [Rule(i, s.prefix, s.action, s.proto, s.dport, s.comment)
                 for i, s in zip(ids, specs, strict=True)]
+
+    def add_document(self, doc: RuleDocument, skip_existing: bool = False) -> list[int]:
+        """POST /api/v1/rules/bulk on a fleet node: rules in no set, in one etcd transaction
+        (add_rules). What etcd's rules cannot say is refused, never written only here."""
+        if skip_existing:
+            raise ConflictError(
+                "skip_existing is not offered on a fleet node (a fleet write is one guarded "
+                "etcd transaction): send only the new rules, or a whole set to PUT "
+                "/api/v1/fleet/sets/{name}")
+        check_txn_size(len(doc))
+        return [r.id for r in self.add_rules(_specs(doc))]
 
     def delete_rule(self, rule_id: int) -> Rule:
         rule = self.fw.get_rule(rule_id)
@@ -115,3 +132,18 @@ class Fleet:
         return {"node": self.cfg.node, "prefix": self.cfg.prefix,
                 **fleet_view(self.etcd, self.keys, self.publisher.status())}
 
+
+
+def _specs(doc: RuleDocument) -> list[RuleSpec]:
+    """A document's rules one by one, in the request's order when it had one (ids are given
+    in that order)."""
+    specs, where = [], []
+    for sec in doc.sections:
+        k = sec.kind
+        specs += [RuleSpec(sec.prefixes.prefix(i), k.action, k.proto, k.dport, k.comment,
+                           k.set) for i in range(len(sec.prefixes))]
+        if sec.positions is not None:
+            where += sec.positions.tolist()
+    if len(where) == len(specs):
+        specs = [s for _, s in sorted(zip(where, specs, strict=True), key=lambda p: p[0])]
+    return specs

@@ -40,10 +40,7 @@ class FleetWriter:
 
     def add_rules(self, specs: Sequence[RuleSpec]) -> tuple[list[int], int]:
         """Create rules, all or nothing. Returns (their ids, the revision that holds them)."""
-        if len(specs) > MAX_TXN_RULES:
-            raise RuleValidationError(
-                f"{len(specs)} rules in one request: a fleet writes a request in one etcd "
-                f"transaction, which holds at most {MAX_TXN_RULES} rules")
+        check_txn_size(len(specs))
         keys = [self.keys.rule(s.prefix, s.proto, s.dport) for s in specs]
         if len(set(keys)) != len(keys):
             raise ConflictError("a rule appears twice in this request")
@@ -96,6 +93,13 @@ class FleetWriter:
             if ok:
                 return revision
         raise EtcdUnavailable("etcd is being written too fast by other nodes: try again")
+
+
+def check_txn_size(n: int) -> None:
+    if n > MAX_TXN_RULES:
+        raise RuleValidationError(
+            f"{n} rules in one request: a fleet writes a request in one etcd transaction, "
+            f"which holds at most {MAX_TXN_RULES} rules")
 
 
 def same_mod(key: bytes, mod_revision: int) -> dict:

@@ -8,9 +8,9 @@ import json
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 
+from xdpfw.api.bodies import read_body
 from xdpfw.api.deps import FleetDep
 from xdpfw.api.error_body import responses
-from xdpfw.api.routes.rules import read_body
 from xdpfw.errors import NotFoundError, RuleValidationError
 from xdpfw.rules.blocklist import parse_blocklist_bytes, parse_prefixes
 from xdpfw.rules.model import Action
