@@ -1,5 +1,6 @@
 """The Firewall calls a fleet node's sync engine makes: rules with ids given by etcd (in any
-order), deleted many at a time, all or nothing, and found back by id and by match."""
+order), deleted many at a time (delete_where), a set's chunks swapped with ids given
+(replace_ids), all or nothing, and found back by id, by match and by set."""
 
 from __future__ import annotations
 
@@ -42,39 +43,62 @@ def test_a_given_id_in_use_or_out_of_order_changes_nothing(fw):
     assert [r.id for r in fw.list_rules()] == [5]
 
 
-def test_delete_rules_is_all_or_nothing(fw, run):
+def test_delete_by_ids_is_all_or_nothing(fw, run):
     fw.add_rules([_spec("10.0.0.0/8"), _spec("11.0.0.0/8"), _spec("12.0.0.0/8")],
                  ids=[1, 2, 3])
     with pytest.raises(NotFoundError):
-        fw.delete_rules([1, 99])
+        fw.delete_where(ids=[1, 99])
     assert len(fw.list_rules()) == 3
-    assert fw.delete_rules([1, 3, 3]) == 2
+    assert fw.delete_where(ids=[1, 3, 3]).removed == 2
     assert [r.id for r in fw.list_rules()] == [2]
     assert run(P.udp4("10.0.0.1", 53)).verdict == PASS
     assert run(P.udp4("11.0.0.1", 53)).verdict == DROP
 
 
-def test_replace_rules_swaps_many_rules_in_one_change(fw, run):
+def test_replace_ids_swaps_many_rules_in_one_change(fw, run):
     first = canonical_hosts(0x0A000000, 5000)  # 10.0.0.0 ...
-    fw.replace_rules(np.zeros(0, np.int64), first, Action.DROP, "set a",
-                     np.arange(1000, 1000 + len(first)))
+    fw.replace_ids(np.zeros(0, np.int64), first, Action.DROP, "set a",
+                   np.arange(1000, 1000 + len(first)), rule_set="a")
     assert run(P.udp4("10.0.0.7", 53)).verdict == DROP
     # Half stays (under new ids), half goes, and as many come.
     second = Prefixes.concat([first.take(slice(2500, 5000)), canonical_hosts(0x0B000000, 2500)])
-    fw.replace_rules(np.arange(1000, 6000), second, Action.DROP, "set a",
-                     np.arange(9000, 9000 + len(second)))
-    assert len(fw.list_rules()) == 5000
+    report = fw.replace_ids(np.arange(1000, 6000), second, Action.DROP, "set a",
+                            np.arange(9000, 9000 + len(second)), rule_set="a")
+    assert (report.added, report.removed, report.changed, report.kept) == (2500, 2500, 2500, 0)
+    assert len(fw.list_rules()) == 5000 and fw.sets() == {"a": 5000}
     assert run(P.udp4("10.0.0.7", 53)).verdict == PASS
     assert run(P.udp4("10.0.19.100", 53)).verdict == DROP  # the kept half: 10.0.9.196 on
     assert run(P.udp4("11.0.0.9", 53)).verdict == DROP
     assert fw.get_rule(9000).prefix == parse_prefix("10.0.9.196")
+    assert fw.get_rule(9000).rule_set == "a"
     with pytest.raises(ConflictError):  # a prefix that exists, not leaving: nothing changes
-        fw.replace_rules(np.zeros(0, np.int64), second.take(slice(0, 1)), Action.DROP, "",
-                         np.array([20000]))
+        fw.replace_ids(np.zeros(0, np.int64), second.take(slice(0, 1)), Action.DROP, "",
+                       np.array([20000]))
+    with pytest.raises(ConflictError, match="id 9000"):  # an id that is a rule already
+        fw.replace_ids(np.array([9001]), canonical_hosts(0x0C000000, 1), Action.DROP, "",
+                       np.array([9000]))
     with pytest.raises(NotFoundError):
-        fw.replace_rules(np.array([1]), second.take(slice(0, 0)), Action.DROP, "",
-                         np.zeros(0, np.int64))
+        fw.replace_ids(np.array([1]), second.take(slice(0, 0)), Action.DROP, "",
+                       np.zeros(0, np.int64))
     assert len(fw.list_rules()) == 5000 and run(P.udp4("11.0.0.9", 53)).verdict == DROP
+
+
+def test_replace_ids_below_existing_ids_keeps_rows_in_id_order(fw, run):
+    """A set's chunk may come with ids below rules added since (etcd handed them out
+    first): found by id afterwards, and a later add gets an id above all."""
+    fw.add_rules([_spec("192.0.2.0/24")], ids=[5000])
+    fw.replace_ids(np.zeros(0, np.int64), canonical_hosts(0x0A000000, 3000), Action.DROP,
+                   "", np.arange(10, 3010), rule_set="low")
+    fw.replace_ids(np.arange(10, 1010), canonical_hosts(0x0B000000, 10), Action.PASS, "",
+                   np.arange(3100, 3110), rule_set="low")
+    assert fw.table.ids_ascend()
+    assert fw.get_rule(3100).prefix == parse_prefix("11.0.0.0/32")
+    assert fw.get_rule(5000).prefix == parse_prefix("192.0.2.0/24")
+    assert fw.get_rule(3009).rule_set == "low"
+    assert run(P.udp4("11.0.0.1", 53)).verdict == PASS
+    assert run(P.udp4("10.0.3.231", 53)).verdict == PASS  # 10.0.0.0 + 999: went
+    assert run(P.udp4("10.0.3.232", 53)).verdict == DROP  # + 1000: stayed
+    assert fw.add_rules([_spec("198.51.100.0/24")])[0].id > 5000
 
 
 def canonical_hosts(base: int, n: int) -> Prefixes:

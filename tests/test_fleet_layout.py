@@ -40,6 +40,8 @@ def test_a_rule_round_trips_through_its_key_and_value():
     ("10.0.0.0/8|any|0", b'{"id": 1, "prefix": "11.0.0.0/8", "action": "drop"}',
      "does not name its rule"),
     ("10.0.0.0/8|any|0", b"x" * 5000, "more than a rule can be"),
+    ("10.0.0.0/8|any|0", b'{"id": 1, "prefix": "10.0.0.0/8", "action": "drop", "set": "a"}',
+     "set: a fleet set is a manifest"),
 ])
 def test_a_value_that_is_not_its_rule_is_refused(key, value, why):
     with pytest.raises(RuleValidationError, match=why):

@@ -217,6 +217,31 @@ def test_a_replace_that_runs_out_of_room_changes_nothing(fw):
     assert fw.maps.v4_verdict(0x0A090001) != 0 and fw.maps.v4_verdict(0x0A080001) == 0
 
 
+def test_a_replace_too_big_for_old_and_new_at_once_is_laid_out_again(fw, run):
+    """In place, a replace writes every new entry before any old one goes: 700 /24s of two
+    hosts each replaced by 700 others need 1400 tbl8 groups at once, more than the running
+    half's 1024 (TEST_CAPACITY). Laid out in the other half instead (as a start does), they
+    need 700. A small change after goes in place again."""
+    def crowd(second_octet: int) -> dict:
+        return {(f"10.{second_octet + i // 256}.{i % 256}.{host}/32", None, None):
+                ("drop", "", "hosts") for i in range(700) for host in (1, 2)}
+
+    fw.replace_set("hosts", document(crowd(20)))
+    generation = fw.maps.v4.generation
+    report = fw.replace_set("hosts", document(crowd(40)))
+    assert (report.added, report.removed, report.kept) == (1400, 1400, 0)
+    assert fw.maps.v4.generation != generation, "not laid out again"
+    assert run(P.udp4("10.40.2.1", 53)).verdict == "XDP_DROP"
+    assert run(P.udp4("10.20.2.1", 53)).verdict == "XDP_PASS"
+    assert fw.sets() == {"hosts": 1400}
+    generation = fw.maps.v4.generation
+    fw.replace_set("hosts", document(crowd(40) | {("10.60.0.0/16", None, None): (
+        "drop", "", "hosts")}))
+    assert fw.maps.v4.generation == generation, "a small change was laid out again"
+    assert run(P.udp4("10.60.1.1", 53)).verdict == "XDP_DROP"
+    assert run(P.udp4("10.40.2.2", 53)).verdict == "XDP_DROP"
+
+
 def test_a_replace_whose_store_write_fails_changes_nothing(fw, monkeypatch):
     import sqlite3
 

@@ -165,7 +165,7 @@ class Firewall:
         trusted, and entries no rule of this store explains go. Returns True when the pins
         held another store's state (their counters then mean nothing here)."""
         table = self.store.load_table()
-        store_id, owner = self.store.identity(), self.maps.identity.read()
+        store_id, owner = self.store_id, self.maps.identity.read()
         pin_dir = self.config.pin_dir
         foreign = owner.store_id not in (0, store_id)
         if foreign and not adopt_pins:
@@ -228,8 +228,7 @@ class Firewall:
                 raise ValueError("skip_existing cannot take given ids")
             rows = self._add(NewRules.of(specs, self.table), skip_existing, given)
             rules = list(self.table.iter_rules(rows))
-            if given is not None and not self.table.ids_ascend():
-                self.table.sort_by_id()  # rows renumber: the rules were read before
+            self._rows_in_id_order(given)  # rows renumber: the rules were read before
             return rules
 
     def _check_ids(self, ids: Sequence[int], n: int) -> np.ndarray:
@@ -376,80 +375,8 @@ class Firewall:
             self.table.compact_if_sparse()
             return rule
 
-    def delete_rules(self, rule_ids: Sequence[int]) -> int:
-        """Delete rules by id, all or nothing, in one transaction. Returns how many."""
-        with self.lock:
-            rows = np.array([self._row_of(i) for i in dict.fromkeys(rule_ids)], dtype=np.int64)
-            if not len(rows):
-                return 0
-            slots = self.table.column("slot", rows)
-            ids = self.table.column("id", rows).tolist()
-            changes = self.index.remove_rows(rows)
-            try:
-                with self.store.transaction():
-                    self.store.delete_rules(ids)
-                    self._apply(changes)
-                    self.maps.reset_rule_counters(slots.tolist())
-            except BaseException:
-                self._rollback(lambda: self._apply(self.index.revive_rows(rows)))
-                raise
-            self.rule_slots.give(slots)
-            self.table.compact_if_sparse()
-            return len(rows)
-
-    def replace_rules(self, delete_ids: np.ndarray, prefixes: Prefixes, action: Action,
-                      comment: str, ids: np.ndarray) -> None:
-        """One large change, all or nothing: plain rules `delete_ids` go and plain rules for
-        `prefixes` (with these ids, ascending) come, in one store transaction. The maps are
-        then laid out again beside the running layout and switched to word by word, as every
-        start does (FirewallMaps.rebuild): an address the change keeps guarded (in a rule
-        that goes and in one that comes) is guarded throughout. Costs what a start costs for
-        every rule, so it is for changes too large for the per-rule paths (a fleet's sets)."""
-        delete_ids = sorted_unique(delete_ids)
-        ids = np.asarray(ids, dtype=np.int64)
-        with self.lock, gc_paused():
-            table = self.table
-            rows = self._rows_of_ids(delete_ids)
-            if table.col["proto"][rows].any():
-                raise ValueError("replace_rules takes plain rules only")
-            given = self._check_ids(ids, len(prefixes)) if len(ids) else ids
-            pos = np.minimum(np.searchsorted(delete_ids, given), max(len(delete_ids) - 1, 0))
-            if len(delete_ids) and (delete_ids[pos] == given).any():
-                raise ConflictError("an id both leaves and comes")
-            new = NewRules.plain(prefixes, action, table.comment_id(comment))
-            slots = self.rule_slots.take_array(len(new), "rules")  # none of the leaving ones
-            old_slots = table.column("slot", rows)
-            first_row, laid_out = table.n, False
-            table.delete(rows)
-            try:
-                self._check_new(new)
-                table.reserve(len(new))
-                added = table.append(ids=given, slots=slots, **new.columns(slice(None)))
-                with self.store.transaction():
-                    self.store.delete_many(delete_ids)
-                    self.store.insert_table_rows(table, added)
-                    laid_out = True
-                    self._relayout()
-            except BaseException:
-                if table.n > first_row:
-                    table.delete(np.arange(first_row, table.n)[table.col["live"][first_row:
-                                                                               table.n]])
-                    table.truncate(first_row)
-                table.revive(rows)
-                self.rule_slots.give(slots)
-                if laid_out:
-                    self._rollback(self._relayout)
-                raise
-            if len(given) and not table.ids_ascend():
-                table.sort_by_id()
-            self.maps.reset_rule_counters(old_slots.tolist())
-            self.rule_slots.give(old_slots)
-            self._next_id = max(self._next_id, int(given[-1]) + 1 if len(given) else 0)
-            table.compact_if_sparse()
-        if len(new) + len(rows) >= heap.BULK:
-            heap.trim()
-
     def _rows_of_ids(self, rule_ids: np.ndarray) -> np.ndarray:
+        """The living rows of these ids (ascending, unique), all found or NotFoundError."""
         ids = self.table.col["id"][: self.table.n]
         rows = np.searchsorted(ids, rule_ids)
         ok = rows < len(ids)
@@ -457,20 +384,6 @@ class Firewall:
         if not ok.all():
             raise NotFoundError(f"no rule with id {int(rule_ids[~ok][0])}")
         return rows
-
-    def _relayout(self) -> None:
-        """The maps made equal to the table through a layout in the other half
-        (FirewallMaps.rebuild). A half read by packets of the last switch is not written
-        again within RELAYOUT_GAP_S."""
-        wait = self._last_relayout + RELAYOUT_GAP_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        index = RuleIndex(port_set_base=self.maps.new_generation() * self.maps.port_set_half,
-                          table=self.table)
-        index.compile_added(list(self.table.iter_rules(self.table.port_rows())))
-        self.maps.rebuild(index, self.store_id, str(self.state_dir))
-        self.index = index
-        self._last_relayout = time.monotonic()
 
     def live_ids(self, rule_ids: np.ndarray) -> np.ndarray:
         """Those of these ids that are rules here."""
@@ -538,8 +451,7 @@ class Firewall:
         with self.lock:
             self._check_writable()
             if ids is not None:
-                rows = [self._row_of(i) for i in dict.fromkeys(ids)]
-                group = np.sort(np.array(rows, dtype=np.int64))
+                group = self._rows_of_ids(sorted_unique(np.asarray(ids, dtype=np.int64)))
             elif rule_set is not None:
                 group = self.table.rows_of_set(rule_set)
                 if rule_set and not len(group):
@@ -551,26 +463,52 @@ class Firewall:
             empty = NewRules.plain(Prefixes.empty(), Action.DROP, 0)
             return self._sync(group, empty, rule_set, dry_run=False)
 
+    def replace_ids(self, leaving: np.ndarray, prefixes: Prefixes, action: Action,
+                    comment: str, ids: np.ndarray, rule_set: str = "") -> SyncReport:
+        """Rules `leaving` (ids) go and plain rules for `prefixes` come, with these ids
+        (ascending, none in use), in one change (_sync): a fleet set's changed chunks
+        (xdpfw/fleet/sync.py), whose ids etcd gives. A prefix in both comes back under its
+        new id (a changed rule: its verdict replaced in place). A prefix that is a rule
+        outside `leaving` is a conflict: nothing changes."""
+        with self.lock:
+            group = self._rows_of_ids(sorted_unique(leaving))
+            given = self._check_ids(ids, len(prefixes))
+            new = NewRules.plain(prefixes, action, self.table.comment_id(comment),
+                                 self.table.set_id(rule_set))
+            return self._sync(group, new, rule_set or None, dry_run=False, given_ids=given)
+
     def sets(self) -> dict[str, int]:
         """Every named set that has rules, and how many."""
         with self.lock:
             return self.table.set_sizes()
 
-    def _sync(self, group: np.ndarray, new: NewRules, name: str | None,
-              dry_run: bool) -> SyncReport:
-        diff = diff_rules(self.table, group, new, name)
+    def _sync(self, group: np.ndarray, new: NewRules, name: str | None, dry_run: bool,
+              given_ids: np.ndarray | None = None) -> SyncReport:
+        """given_ids: the new rules' ids, one each (replace_ids); then no rule is kept, a
+        match in both is changed (it takes its new id), and the report's ids span the
+        entering ones. Default: ids of the next free ones, and unchanged rules kept."""
+        diff = diff_rules(self.table, group, new, name, renumber=given_ids is not None)
         examples = self._examples(diff, new)  # rows are the table's as it is now
         ids = range(0)
         if dry_run or not diff:
             pass
         elif len(diff.removed) or len(diff.changed):
-            rows = self._swap(diff, new)
+            rows = self._swap(diff, new, given_ids)
             ids = self._ids_of(rows)
+            self._rows_in_id_order(given_ids)
             self.table.compact_if_sparse()  # rows renumber: nothing below uses them
         else:  # only additions (a set's first load): in chunks, with the bulk load's memory
-            ids = self._ids_of(self._add(new.take(diff.added)))
+            ids = self._ids_of(self._add(new.take(diff.added), given_ids=(
+                None if given_ids is None else given_ids[diff.added])))
+            self._rows_in_id_order(given_ids)
         return SyncReport(len(diff.added), len(diff.removed), len(diff.kept),
                           len(diff.changed), ids, examples, dry_run)
+
+    def _rows_in_id_order(self, given_ids: np.ndarray | None) -> None:
+        """After rules came with given ids, below some already here (row_of_id needs rows
+        in id order): the rows renumber."""
+        if given_ids is not None and not self.table.ids_ascend():
+            self.table.sort_by_id()
 
     def _examples(self, diff: RuleDiff, new: NewRules) -> dict[str, list[str]]:
         t = self.table
@@ -583,18 +521,27 @@ class Firewall:
                                         diff.changed_new[:EXAMPLES].tolist(), strict=True)],
         }
 
-    def _swap(self, diff: RuleDiff, new: NewRules) -> np.ndarray:
+    def _swap(self, diff: RuleDiff, new: NewRules,
+              given_ids: np.ndarray | None = None) -> np.ndarray:
         """Rules leave (the removed, and the old side of the changed) and enter (the added,
         and the new side of the changed) in one change: one store transaction, and in the
         maps every entering rule is written before any leaving one goes, so an address
         covered before and after is covered throughout; a prefix on both sides keeps its
-        entry, its verdict changed in place (one word). On failure, nothing changes.
-        Returns the rows that entered (valid until the table compacts)."""
+        entry, its verdict changed in place (one word). That needs room in the maps' running
+        half for the rules before and after at once; when there is none, the maps are laid
+        out again in the other half instead (_relayout, as a start does), which needs room
+        for the rules after only. On failure, nothing changes.
+        given_ids: the new list's ids (replace_ids); default: the next free ones. Returns
+        the rows that entered (valid until the table compacts or sorts)."""
         gone, entering = diff.gone_rows, diff.entering
         enter = new.take(entering)
         n = len(enter)
+        relayout = not self._fits_in_place(enter.prefixes.take(np.isin(entering, diff.added)))
         # Plain rules into a plain-only index: written from columns, nothing compiled.
-        fast = self.index.plain_only() and not enter.proto.any()
+        fast = not relayout and self.index.plain_only() and not enter.proto.any()
+        if relayout:
+            log.info("%d rules out, %d in: no room for both in the maps' running half, so "
+                     "they are laid out again in the other", len(gone), n)
         t = self.table
         with gc_paused(), ThreadPoolExecutor(1, "xdpfw-map-writer") as writer:
             slots = self.rule_slots.take_array(n, "rules")
@@ -604,15 +551,18 @@ class Firewall:
             try:
                 t.reserve(n)
                 self.maps.reserve(int(np.count_nonzero(enter.prefixes.family == V4)))
-                if fast:
+                if fast or relayout:
                     t.delete(gone)
                 else:
                     pending = self.index.forget(gone)
                 left = True
-                rows = t.append(ids=np.arange(first_id, first_id + n), slots=slots,
-                                **enter.columns(slice(None)))
+                ids = (np.arange(first_id, first_id + n) if given_ids is None
+                       else given_ids[entering])
+                rows = t.append(ids=ids, slots=slots, **enter.columns(slice(None)))
                 added = rows[np.isin(entering, diff.added)]  # prefixes that had no rule
-                if fast:
+                if relayout:
+                    job = self._relayout
+                elif fast:
                     job = partial(self._write_plain, rows, diff.removed)
                 else:
                     touched = pending[0] + self.index.enter(list(t.iter_rules(rows)))
@@ -627,14 +577,16 @@ class Firewall:
             except BaseException:
                 if write is not None:
                     futures.wait([write])  # never undo under a write still running
-                self._unswap(fast, gone if left else gone[:0], rows, added)
+                how = "relayout" if relayout else "plain" if fast else "index"
+                self._unswap(how, gone if left else gone[:0], rows, added, write is not None)
                 t.truncate(first_row)
                 self.rule_slots.give(slots)
                 raise
         freed = t.col["slot"][gone]
         self.maps.reset_rule_counters(freed)
         self.rule_slots.give(freed)
-        self._next_id = first_id + n
+        self._next_id = first_id + n if given_ids is None or not n else max(
+            first_id, int(ids[-1]) + 1)
         if n + len(gone) >= heap.BULK:
             heap.trim()
         return rows
@@ -649,21 +601,59 @@ class Firewall:
         self.maps.apply_plain(put, c["slot"][entered], c["action"][entered], gone,
                               self._parents4)
 
-    def _unswap(self, fast: bool, gone: np.ndarray, entered: np.ndarray,
-                added: np.ndarray) -> None:
-        """Undo _swap's table and map changes: the rules that left are written back before
-        the prefixes that came go (the same order as forward)."""
+    def _unswap(self, how: str, gone: np.ndarray, entered: np.ndarray,
+                added: np.ndarray, wrote: bool) -> None:
+        """Undo _swap's table and map changes (how: "plain", "index" or "relayout", as
+        _swap wrote; wrote: whether the map writes started): the rules that left are written
+        back before the prefixes that came go (the same order as forward)."""
         t = self.table
-        if fast:
+        if how != "index":
             t.delete(entered)
             t.revive(gone)
-            self._rollback(lambda: self._write_plain(gone, added))
+            if how == "plain":
+                self._rollback(lambda: self._write_plain(gone, added))
+            elif wrote:
+                self._rollback(self._relayout)
             return
         pending = self.index.forget(entered)
         t.revive(gone)
         touched = self.index.enter(list(t.iter_rules(gone)))
         self._rollback(lambda: self._apply(self.index.recompile(pending[0] + touched,
                                                                 pending[1])))
+
+    def _fits_in_place(self, come: Prefixes) -> bool:
+        """Whether the maps' running half has IPv4 verdict ids and tbl8 groups for the rules
+        here now and the prefixes `come` (new ones) at once, as a swap in place needs.
+        Counted only when a change is large enough for that to be in doubt."""
+        v4 = self.maps.v4
+        come = come.take(come.family == V4)
+        if (len(v4) + len(come) <= v4.half_ids
+                and len(v4.group_of) + len(come) <= v4.half_groups):
+            return True
+        t, c = self.table, self.table.col
+        rows = t.rows()
+        rows = rows[c["family"][rows] == V4]
+        keys = sorted_unique(
+            (np.concatenate([c["lo"][rows], come.lo]).astype(np.int64) << 6)
+            | np.concatenate([c["plen"][rows], come.plen]).astype(np.int64))
+        s24 = keys[(keys & 63) > 24] >> 14  # the /24 of each prefix longer than /24
+        starts = np.flatnonzero(np.concatenate(([True], s24[1:] != s24[:-1])))
+        grouped = int(np.count_nonzero(np.diff(np.append(starts, len(s24))) > 1))
+        return len(keys) <= v4.half_ids and grouped <= v4.half_groups
+
+    def _relayout(self) -> None:
+        """The maps made equal to the table through a layout in the other half
+        (FirewallMaps.rebuild, as every start does). A half read by packets of the last
+        switch is not written again within RELAYOUT_GAP_S."""
+        wait = self._last_relayout + RELAYOUT_GAP_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        index = RuleIndex(port_set_base=self.maps.new_generation() * self.maps.port_set_half,
+                          table=self.table)
+        index.compile_added(list(self.table.iter_rules(self.table.port_rows())))
+        self.maps.rebuild(index, self.store_id, str(self.state_dir))
+        self.index = index
+        self._last_relayout = time.monotonic()
 
     def _parents4(self, nets: np.ndarray, plens: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

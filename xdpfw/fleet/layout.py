@@ -120,6 +120,9 @@ def decode_rule(keys: Keys, key: bytes, value: bytes) -> FleetRule:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise RuleValidationError(f"{name}: {where}: {err['msg']}") from None
+    if spec.rule_set:  # RuleCreate takes one (a single appliance's sets)
+        raise RuleValidationError(f"{name}: set: a fleet set is a manifest under data/sets/, "
+                                  "not a field of a rule")
     if keys.rule(spec.prefix, spec.proto, spec.dport) != key:
         raise RuleValidationError(
             f"{name}: the key does not name its rule "

@@ -1,10 +1,11 @@
 """The sync engine: a node's agent that makes its firewall equal to what etcd holds.
 
 It watches data/ from the revision it last applied and turns each batch of changes into
-Firewall calls (delete_rules, add_rules with the fleet's ids): the same validate, compile and
-apply path as the REST API, in revision order. Whatever arrived while a batch was applied is
-the next batch. When the watch cannot resume (history compacted, another cluster, a first
-start), it reads a snapshot and applies only the difference from what the node enforces.
+Firewall calls (delete_where, replace_ids and add_rules with the fleet's ids): the same
+validate, compile and apply path as the REST API, in revision order. Whatever arrived while
+a batch was applied is the next batch. When the watch cannot resume (history compacted,
+another cluster, a first start), it reads a snapshot and applies only the difference from
+what the node enforces.
 
 Fail-static: while etcd is away the node keeps what it applied, and retries with backoff.
 A key whose value is not a valid rule is refused alone (the node keeps what that key held
@@ -185,12 +186,13 @@ class SyncEngine:
         return IdRanges([e for m in self.sets.values() for e in m.entries])
 
     def _apply(self, changes: dict[bytes, KeyValue | None]) -> dict[str, int]:
-        """Turn key changes into one delete_rules call, one replace_rules call per set that
+        """Turn key changes into one delete_where call, one replace_ids call per set that
         changed, and one add_rules call, in that order (a prefix may move between a rule of
         its own and a set)."""
         deletes, adds = self._plan_rules(changes)
         try:
-            self.fw.delete_rules(deletes)
+            if deletes:
+                self.fw.delete_where(ids=deletes)
             sets = sum(self._apply_set(key, kv) for key, kv in changes.items()
                        if key.startswith(self.keys.sets))
             self.fw.add_rules([r.spec for r in adds], ids=[r.id for r in adds])
@@ -203,8 +205,8 @@ class SyncEngine:
 
     def _apply_set(self, key: bytes, kv: KeyValue | None) -> int:
         """A set's manifest changed: its chunks that left go and those that came are read (at
-        the manifest's revision) and added, in one Firewall.replace_rules. Returns 1 if the
-        set changed here."""
+        the manifest's revision) and added, in one Firewall.replace_ids; here the rules are
+        in the set of that name (GET /api/v1/sets). Returns 1 if the set changed here."""
         name = key[len(self.keys.sets):].decode(errors="replace")
         old = self.sets.get(name)
         try:
@@ -230,8 +232,8 @@ class SyncEngine:
                 raise RuleValidationError(f"set {name}: a chunk's count differs")
             prefixes = Prefixes.concat(parts)
             ids = IdRanges(coming).all()
-            self.fw.replace_rules(self.fw.live_ids(leaving), prefixes,
-                                  (new or old).action, (new or old).comment, ids)
+            self.fw.replace_ids(self.fw.live_ids(leaving), prefixes, (new or old).action,
+                                (new or old).comment, ids, rule_set=name)
         except (RuleValidationError, ConflictError) as e:
             self._refuse(key, f"set {name}: {e}")
             return 0

@@ -46,9 +46,11 @@ class RuleDiff:
 
 
 def diff_rules(table: RuleTable, group: np.ndarray, new: NewRules,
-               group_name: str | None) -> RuleDiff:
+               group_name: str | None, renumber: bool = False) -> RuleDiff:
     """group: the living rows the new list replaces. group_name: how a conflict names the
-    group (a set's name; None: every rule, where no conflict can arise)."""
+    group (a set's name; None: every rule, where no conflict can arise). renumber: the new
+    rules bring ids of their own (a fleet's, Firewall.replace_ids), so none is kept: a
+    match in both is changed."""
     repeat = new.first_repeat()
     if repeat is not None:
         raise ConflictError(f"{new.describe(repeat)} appears twice in this request")
@@ -69,7 +71,7 @@ def diff_rules(table: RuleTable, group: np.ndarray, new: NewRules,
     old = rows[both]
     c = table.col
     same = ((c["action"][old] == new.action[both]) & (c["comment"][old] == new.comment[both])
-            & (c["set"][old] == new.rule_set[both]))
+            & (c["set"][old] == new.rule_set[both]) & (not renumber))
     in_new = np.zeros(table.n, dtype=bool)
     in_new[old] = True
     order = np.argsort(old[~same])

@@ -285,33 +285,11 @@ class Store(SqliteDb):
             ),
         )
 
-    def delete_many(self, ids: np.ndarray) -> None:
-        """Delete many rules at once: a batch whose every rule goes is dropped whole, the
-        rest are rows of their own or tombstones."""
-        left = sorted_unique(ids)
-        for batch, blob in self._db.execute("SELECT batch, ids FROM rule_batches").fetchall():
-            if not len(left):
-                break
-            mine = np.frombuffer(blob, "<u8").astype(np.int64)
-            hit = np.isin(mine, left, assume_unique=True)
-            if hit.all():
-                # (Tombstones of its rules deleted before stay: ids are never reused.)
-                self._db.execute("DELETE FROM rule_batches WHERE batch = ?", (batch,))
-                left = left[~np.isin(left, mine, assume_unique=True)]
-        if len(left) < BATCH_MIN:
-            self.delete_rules(left.tolist())
-            return
-        rows = {i for (i,) in self._db.execute("SELECT id FROM rules")}
-        own = [i for i in left.tolist() if i in rows]
-        self._db.executemany("DELETE FROM rules WHERE id = ?", ((i,) for i in own))
-        self._db.executemany("INSERT OR IGNORE INTO deleted_batch_rules (id) VALUES (?)",
-                             ((i,) for i in left.tolist() if i not in rows))
-
     def delete_rules(self, ids: Iterable[int] | np.ndarray) -> None:
         """Rules gone: rows of their own are deleted, batch rules are listed as deleted (one
         blob for the lot). A large delete then compacts the batches."""
-        ids = np.unique(np.asarray(ids if isinstance(ids, np.ndarray) else list(ids),
-                                   dtype=np.int64))
+        ids = sorted_unique(np.asarray(ids if isinstance(ids, np.ndarray) else list(ids),
+                                       dtype=np.int64))
         if not len(ids):
             return
         lo, hi = int(ids[0]), int(ids[-1])
@@ -333,7 +311,7 @@ class Store(SqliteDb):
             "SELECT id FROM deleted_batch_rules")], dtype=np.int64)
         blobs = [np.frombuffer(b, "<u8").astype(np.int64)
                  for (b,) in self._db.execute("SELECT ids FROM deleted_ids")]
-        return np.unique(np.concatenate([rows, *blobs]))
+        return sorted_unique(np.concatenate([rows, *blobs]))
 
     def compact(self) -> None:
         """Batches with no living rule go, batches more than half dead are written again
