@@ -80,10 +80,15 @@ def test_fleet_config_is_read_and_checked(tmp_path):
             _config(tmp_path, f"[fleet]\n{bad}\n")
 
 
-def test_config_rules_cannot_seed_a_fleet_node(tmp_path):
-    with pytest.raises(ConfigError, match="live in etcd"):
-        _config(tmp_path, '[fleet]\netcd = ["http://h:1"]\nnode = "a"\n'
-                          '[[rules]]\nprefix = "10.0.0.0/8"\n')
+@pytest.mark.parametrize(("extra", "why"), [
+    ('[[rules]]\nprefix = "10.0.0.0/8"\n', r"\[\[rules\]\] cannot seed"),
+    ('[[sets]]\nname = "feed"\nprefixes = ["10.0.0.0/8"]\n', r"\[\[sets\]\] cannot seed"),
+    ('[state]\nrules_from_config = true\n', "rules_from_config cannot be on with"),
+])
+def test_config_rules_cannot_seed_a_fleet_node(tmp_path, extra, why):
+    with pytest.raises(ConfigError, match=why) as e:
+        _config(tmp_path, '[fleet]\netcd = ["http://h:1"]\nnode = "a"\n' + extra)
+    assert "etcd" in str(e.value)
 
 
 def test_encoded_values_are_compact_json():

@@ -326,9 +326,15 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _rules_in_one_place(self):
-        if self.fleet is not None and self.rules:
-            raise ValueError("[[rules]] cannot seed a fleet node: with [fleet] the rules live "
-                             "in etcd (add them through the API of any node)")
+        if self.fleet is None:
+            return self
+        if self.rules or self.sets:
+            raise ValueError(f"[[{'rules' if self.rules else 'sets'}]] cannot seed a fleet "
+                             "node: with [fleet] the rules live in etcd (add them through the "
+                             "API of any node; a set through PUT /api/v1/fleet/sets/{name})")
+        if self.state.rules_from_config:
+            raise ValueError("[state] rules_from_config cannot be on with [fleet]: the rules "
+                             "live in etcd, and the file's would fight them at every sync")
         return self
 
 

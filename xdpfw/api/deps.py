@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from xdpfw.errors import ConflictError
 from xdpfw.service import Firewall
 
 
@@ -22,3 +23,11 @@ def get_fleet(request: Request):
 
 
 FleetDep = Annotated[Any, Depends(get_fleet)]
+
+
+def refuse_on_fleet(fleet, why: str) -> None:
+    """A change etcd cannot hold (replace every rule, bulk delete, rules from the config
+    file): on a fleet node it would change this node alone, and the next sync would undo
+    it. Refused (409) before anything is read or changed."""
+    if fleet is not None:
+        raise ConflictError(f"on a fleet node rules live in etcd; {why}")

@@ -17,6 +17,7 @@ from xdpfw.fleet.status import StatusPublisher, fleet_view
 from xdpfw.fleet.sync import SyncEngine
 from xdpfw.fleet.writer import FleetWriter, check_txn_size
 from xdpfw.rules.document import RuleDocument
+from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import Action, Rule
 from xdpfw.rules.table import Prefixes
 from xdpfw.service import Firewall, RuleSpec
@@ -87,7 +88,7 @@ class Fleet:
         for name, m in list(self.engine.sets.items()):
             if any(rule_id in e.ids for e in m.entries):
                 raise ConflictError(f"rule {rule_id} belongs to fleet set {name}: replace the "
-                                    "set without it (PUT /api/v1/fleet/sets/{name})")
+                                    f"set without it (PUT /api/v1/fleet/sets/{name})")
         with self._refused_while_away():
             revision = self.writer.delete_rule(rule)
         self.engine.wait_applied(revision, OWN_APPLY_WAIT_S)
@@ -99,6 +100,27 @@ class Fleet:
             result = self.set_writer.replace(name, prefixes, action, comment)
         result["applied_here"] = self.engine.wait_applied(result["revision"], wait_s)
         return result
+
+    def set_of(self, name: str, doc: RuleDocument) -> tuple[Prefixes, RuleKind]:
+        """PUT /api/v1/sets/{name} on a fleet node: the body as fleet set `name` (its
+        prefixes and their one kind), or 409 saying why a fleet set cannot hold it."""
+        doc.check_set(name)
+        sections = [s for s in doc.sections if len(s.prefixes)]
+        narrow = next((s.kind for s in sections if s.kind.proto or s.kind.dport), None)
+        kinds = {(s.kind.action, s.kind.comment) for s in sections}
+        why = None
+        if narrow is not None:  # a port needs a protocol (check_match)
+            match = narrow.proto.value + (f"/{narrow.dport}" if narrow.dport else "")
+            why = f"these rules narrow by protocol ({match})"
+        elif len(kinds) > 1:
+            why = f"these rules have {len(kinds)} different actions or comments"
+        if why is not None:
+            raise ConflictError(
+                f"on a fleet node set {name} is the fleet's, and a fleet set is prefixes "
+                f"under one action and comment, any protocol: {why}. Send such a body here "
+                f"or to PUT /api/v1/fleet/sets/{name}; a rule with a protocol or port goes "
+                "alone, in no set, through POST /api/v1/rules")
+        return Prefixes.concat([s.prefixes for s in sections]), sections[0].kind
 
     def delete_set(self, name: str) -> dict:
         with self._refused_while_away():

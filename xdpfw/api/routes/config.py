@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from xdpfw.api.audit import audit
-from xdpfw.api.deps import FirewallDep
+from xdpfw.api.deps import FirewallDep, FleetDep, refuse_on_fleet
 from xdpfw.api.error_body import responses
 from xdpfw.api.schemas import SyncResult
 from xdpfw.config import load_config
@@ -24,10 +24,15 @@ router = APIRouter(prefix="/api/v1/config", tags=["config"])
 async def reload_rules(
     request: Request,
     fw: FirewallDep,
+    fleet: FleetDep,
     dry_run: Annotated[bool, Query(description="say what would change, change nothing")] = False,
 ) -> SyncResult:
     """The file is read again and checked whole (a mistake is a 422 naming its line, and
-    nothing changes); only the rules are applied: other settings take a restart."""
+    nothing changes); only the rules are applied: other settings take a restart. Never on
+    a fleet node (409)."""
+    refuse_on_fleet(fleet, "rules_from_config cannot apply to a fleet node (the file's rules "
+                    "would fight etcd's at every sync), so nothing was changed: change rules "
+                    "through the API of any node")
     path = request.app.state.config_path
     if path is None or fw.rules_source is None:
         raise ConflictError("the rules do not come from a config file ([state] "

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from xdpfw.api.audit import audit
 from xdpfw.api.bodies import RULES_BODY, read_rules
-from xdpfw.api.deps import FirewallDep, FleetDep
+from xdpfw.api.deps import FirewallDep, FleetDep, refuse_on_fleet
 from xdpfw.api.error_body import responses, validation_detail
 from xdpfw.api.schemas import (
     BulkResult,
@@ -141,12 +141,18 @@ async def add_bulk(
 async def replace_rules(
     request: Request,
     fw: FirewallDep,
+    fleet: FleetDep,
     action: Action = Action.DROP,
     comment: str = "",
     dry_run: Annotated[bool, Query(description="say what would change, change nothing")] = False,
 ) -> SyncResult:
     """Make the rules exactly the body's (an export, `xdpfw rules import --replace`), in one
-    change: rules in both keep their ids and counters; a prefix in both keeps its entry."""
+    change: rules in both keep their ids and counters; a prefix in both keeps its entry.
+    Not on a fleet node (409): etcd holds its rules."""
+    refuse_on_fleet(fleet, "replacing every rule of this node alone would be undone by the "
+                    "next sync, so nothing was changed: add and delete rules through POST "
+                    "/api/v1/rules, POST /api/v1/rules/bulk and DELETE /api/v1/rules/{id}, "
+                    "and replace sets through PUT /api/v1/fleet/sets/{name}")
     doc = await read_rules(request, _kind(action, comment, ""))
     report = await run_in_threadpool(fw.replace_all, doc, dry_run)
     if not dry_run:
@@ -155,9 +161,13 @@ async def replace_rules(
 
 
 @router.post("/delete", response_model=SyncResult, responses=responses(404, 409, 503))
-def delete_many(body: RuleSelection, request: Request, fw: FirewallDep) -> SyncResult:
+def delete_many(body: RuleSelection, request: Request, fw: FirewallDep,
+                fleet: FleetDep) -> SyncResult:
     """Delete in one change the rules listed by id (all must exist), or those of a set, or
-    those whose comment is exactly the one given."""
+    those whose comment is exactly the one given. Not on a fleet node (409)."""
+    refuse_on_fleet(fleet, "a bulk delete of this node alone would be undone by the next "
+                    "sync, so nothing was deleted: delete rules through DELETE "
+                    "/api/v1/rules/{id}, and a set through DELETE /api/v1/fleet/sets/{name}")
     report = fw.delete_where(ids=body.ids, rule_set=body.set, comment=body.comment)
     audit(request, f"deleted {report.removed} rules ({body.describe()})")
     return SyncResult.of(report)
