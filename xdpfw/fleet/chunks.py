@@ -34,7 +34,6 @@ HEADER = struct.Struct("<4sBI")
 AVG_ENTRIES = 1 << 15  # a cut after a prefix whose hash is 0 modulo this ...
 MAX_CHUNK_BYTES = 512 << 10  # ... or where a chunk would outgrow this (etcd takes 1.5 MiB)
 MAX_MANIFEST_BYTES = 1 << 20
-SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADDR_BYTES = {V4: 4, V6: 16}
 
 
@@ -66,14 +65,6 @@ class Manifest:
                            "count": self.count,
                            "chunks": [[e.key, e.count, e.first_id] for e in self.entries]},
                           separators=(",", ":")).encode()
-
-
-def check_name(name: str) -> str:
-    if not SET_NAME.match(name):
-        raise RuleValidationError(
-            f"set name {name!r}: 1-64 letters, digits, '.', '_' or '-', not starting with "
-            "a punctuation mark")
-    return name
 
 
 def decode_manifest(name: str, value: bytes, max_id: int) -> Manifest:

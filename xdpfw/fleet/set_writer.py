@@ -25,7 +25,6 @@ from xdpfw.fleet.chunks import (
     Entry,
     Manifest,
     canonical,
-    check_name,
     chunk_key,
     cut,
     decode_manifest,
@@ -34,7 +33,7 @@ from xdpfw.fleet.chunks import (
 from xdpfw.fleet.etcd import Etcd, EtcdUnavailable, b64
 from xdpfw.fleet.layout import MAX_ID, Keys
 from xdpfw.fleet.writer import ATTEMPTS, FleetWriter, put_op, same_mod
-from xdpfw.rules.model import Action
+from xdpfw.rules.model import Action, check_set_name
 from xdpfw.rules.table import Prefixes
 from xdpfw.service import Firewall
 
@@ -51,7 +50,7 @@ class SetWriter:
     def replace(self, name: str, prefixes: Prefixes, action: Action, comment: str) -> dict:
         """Make set `name` exactly these prefixes. Returns what the manifest says and the
         revision that holds it."""
-        check_name(name)
+        check_set_name(name)
         if not len(prefixes):
             raise RuleValidationError(f"set {name}: no prefix (DELETE the set to remove it)")
         if len(comment) > 256:
@@ -93,7 +92,7 @@ class SetWriter:
         raise EtcdUnavailable("etcd is being written too fast by other nodes: try again")
 
     def delete(self, name: str) -> int:
-        check_name(name)
+        check_set_name(name)
         for _ in range(ATTEMPTS):
             last, ids_mod = self.ids.last_id()
             old, set_mod = self._manifest(name)
