@@ -139,8 +139,8 @@ def test_the_page_loads_with_no_console_errors(page, tcp_daemon, lab):
                                  "window.xdpfw.plotted.times.length > 1")
         p.page.wait_for_selector(f"#interfaces td:text-is('{lab.server_if}')")
         assert "token" not in p.page.url, p.page.url
-        assert p.page.evaluate("document.querySelector('#set-form').hidden"), \
-            "'replace a set' shown, yet this daemon has no PUT /api/v1/sets/{name}"
+        assert not p.page.evaluate("document.querySelector('#set-form').hidden"), \
+            "'replace a set' hidden, yet this daemon has PUT /api/v1/sets/{name}"
         assert not p.errors, f"console errors on {url}: {p.errors}"
 
 
