@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
 MAX_REFUSED = 100  # refused keys named in the status (the count is exact)
+STOP_POLL_S = 0.2  # how soon the agent sees stop() while no change arrives
 
 
 class ApplyFailed(XdpfwError):
@@ -158,7 +159,10 @@ class SyncEngine:
         reader.start()
         try:
             while not self._stop.is_set():
-                batch = [arrivals.get()]
+                try:  # a quiet watch blocks its reader, closed or not: stop() must not wait
+                    batch = [arrivals.get(timeout=STOP_POLL_S)]
+                except queue.Empty:
+                    continue
                 while not arrivals.empty():
                     batch.append(arrivals.get_nowait())
                 failure = next((b for b in batch if isinstance(b, BaseException)), None)
