@@ -34,6 +34,11 @@ def _match(r: dict) -> str:
     return " ".join(parts)
 
 
+def _given(**params) -> dict:
+    """Query parameters: those the person gave (None: left out)."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _rule_rows(rules: list[dict]) -> None:
     table(([r["id"], r["prefix"], r["action"], r["proto"] or "any", r["dport"] or "any",
             r["packets"], r["bytes"], r.get("set") or "-", r["comment"]] for r in rules),
@@ -148,11 +153,8 @@ def rules_add(prefix, action, proto, dport, comment, socket, as_json) -> int:
 def rules_list(action, proto, prefix, covering, rule_set, comment, limit, offset, socket,
                as_json) -> int:
     """List rules with their counters (`rules export` writes them all)."""
-    params = {"limit": limit, "offset": offset}
-    for k, v in (("action", action), ("proto", proto), ("prefix", prefix),
-                 ("covering", covering), ("set", rule_set), ("comment", comment)):
-        if v is not None:
-            params[k] = v
+    params = _given(limit=limit, offset=offset, action=action, proto=proto, prefix=prefix,
+                    covering=covering, set=rule_set, comment=comment)
     with Client(socket) as c:
         page = c.get("/api/v1/rules", params=params)
     if as_json:
@@ -358,10 +360,7 @@ def _probe(what: str | None) -> dict:
 def explain(address, what, dst, interface, netns, socket, as_json) -> int:
     """Which rule decides for ADDRESS, e.g. `xdpfw explain 38.158.13.5 tcp/22`: the loaded
     program runs on a crafted packet, and every rule covering the address is listed."""
-    params = {"src": address} | _probe(what)
-    for k, v in (("dst", dst), ("interface", interface), ("netns", netns)):
-        if v is not None:
-            params[k] = v
+    params = _given(src=address, dst=dst, interface=interface, netns=netns) | _probe(what)
     with Client(socket) as c:
         r = c.get("/api/v1/explain", params=params)
     if as_json:
