@@ -48,8 +48,9 @@ def firewall(tmp_path_factory):
 def fw(firewall):
     firewall.maps.set_policy(TEST_SLOT, abi.POLICY_PASS, abi.POLICY_PASS, 0)
     yield firewall
-    for rule in firewall.list_rules():
-        firewall.delete_rule(rule.id)
+    ids = [int(i) for i in firewall.table.column("id")]
+    if ids:  # in one change (Firewall.delete_where): 40,000 deletes one by one took 25 s
+        firewall.delete_where(ids=ids)
     firewall.maps.clear_policy(TEST_SLOT)
 
 

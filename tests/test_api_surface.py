@@ -111,11 +111,15 @@ def test_openapi_documents_errors_everywhere_and_the_bearer_scheme(client):
                 if int(code) >= 400:
                     schema = resp["content"]["application/json"]["schema"]
                     assert schema["$ref"].endswith("/ErrorBody"), (method, path, code)
-    bulk = spec["paths"]["/api/v1/rules/bulk"]["post"]["requestBody"]["content"]
-    refs = [s["$ref"] for s in bulk["application/json"]["schema"]["oneOf"]]
-    assert refs == ["#/components/schemas/BulkPrefixes", "#/components/schemas/BulkRules"]
-    for ref in refs:
-        assert ref.rsplit("/", 1)[1] in spec["components"]["schemas"], ref
+    for path, method in (("/api/v1/rules/bulk", "post"), ("/api/v1/rules", "put"),
+                         ("/api/v1/sets/{name}", "put")):
+        body = spec["paths"][path][method]["requestBody"]["content"]
+        refs = [s["$ref"] for s in body["application/json"]["schema"]["oneOf"]]
+        assert refs == ["#/components/schemas/BulkPrefixes", "#/components/schemas/BulkRules",
+                        "#/components/schemas/JsonDocument"], (path, refs)
+        assert "text/plain" in body, path
+        for ref in refs:
+            assert ref.rsplit("/", 1)[1] in spec["components"]["schemas"], ref
     created = spec["paths"]["/api/v1/rules"]["post"]["responses"]["201"]
     assert "Location" in created["headers"], created
 

@@ -102,16 +102,18 @@ def test_batched_counter_read_equals_per_slot_lookups(fw, run):
 
 def test_per_rule_series_are_bounded_to_the_top_rules_and_set_totals(fw, run):
     """A blocklist under attack: every rule matches, yet a scrape holds top_rules rule series
-    and max_sets set series (the rest summed under _other), and the totals stay exact."""
+    and max_sets set series (the rest summed under _other), and the totals stay exact. A
+    rule's set is its named set, or its comment when it is in none."""
     from xdpfw.metrics import OTHER_SETS, RuleSeries
 
     client = TestClient(create_app(fw, rule_series=RuleSeries(top_rules=3, max_sets=2)))
     hits = {}
     for i in range(12):
         spec = RuleSpec(parse_prefix(f"203.0.113.{i}/32"), Action.DROP,
-                        comment=["blocklist-a", "blocklist-b", "manual", ""][i % 4])
+                        comment=["blocklist-a", "blocklist-b", "manual", ""][i % 4],
+                        rule_set="feed" if i % 3 == 0 else "")
         rule = fw.add_rules([spec])[0]
-        hits[rule.id] = (i + 1, spec.comment)
+        hits[rule.id] = (i + 1, spec.rule_set or spec.comment)
         run(P.tcp4(f"203.0.113.{i}", 80), repeat=i + 1)
     m = scrape(client)
     rule_series = {dict(k[1])["rule_id"]: v for k, v in m.items()

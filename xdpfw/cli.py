@@ -18,6 +18,7 @@ from click.shell_completion import get_completion_class
 from xdpfw.capture_cli import capture
 from xdpfw.commands import COMMANDS
 from xdpfw.errors import XdpfwError
+from xdpfw.rules_cli import RULE_COMMANDS
 
 COMPLETE_VAR = "_XDPFW_COMPLETE"
 
@@ -67,7 +68,8 @@ def serve(config, socket, state_dir, bpffs_dir, max_rules, demo, adopt_pins, log
         cfg.state.bpffs_dir = bpffs_dir
     if max_rules:
         cfg.limits.max_rules = max_rules
-    run(ServeOptions(cfg, demo=demo, log_level=log_level, adopt_pins=adopt_pins))
+    run(ServeOptions(cfg, demo=demo, log_level=log_level, adopt_pins=adopt_pins,
+                     config_path=config))
     return 0
 
 
@@ -91,7 +93,7 @@ def completion(shell) -> int:
     return 0
 
 
-for _command in COMMANDS:
+for _command in [*RULE_COMMANDS, *COMMANDS]:
     cli.add_command(_command)
 cli.add_command(capture)
 

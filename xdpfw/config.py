@@ -4,6 +4,7 @@
     socket = "/run/xdpfw/api.sock"   # always served; local clients need no token
     listen = ["127.0.0.1:8080"]      # optional TCP; then a bearer token is required
     token = "..."                    # or the XDPFW_API_TOKEN environment variable
+    tokens = { ci = "...", fleet = "..." }  # more, by name: the audit trail names the client
     max_connections = 256            # TCP connections at once; more are closed unread
     header_timeout_s = 10            # a TCP request's headers must be in within this
     idle_timeout_s = 30              # a TCP client silent this long mid-request is cut off
@@ -13,6 +14,8 @@
     [state]
     dir = "/var/lib/xdpfw"
     bpffs_dir = "/sys/fs/bpf/xdpfw"
+    rules_from_config = false        # true: [[rules]] and [[sets]] are all the rules (start-up
+                                     # and `xdpfw reload` make the store equal to them)
 
     [limits]
     max_rules = 2097152
@@ -46,6 +49,13 @@
     proto = "tcp"                    # optional: tcp | udp | icmp
     dport = 22                       # optional, needs proto tcp or udp
     comment = "ssh scanners"
+    set = "ssh"                      # optional: a named set
+
+    [[sets]]                         # a named set: its prefixes here and/or in a file
+    name = "spamhaus"
+    file = "spamhaus-drop.txt"       # relative to this file's directory
+    prefixes = ["192.0.2.0/24"]
+    action = "drop"
 
 `xdpfw check-config FILE` validates a file and names the line of each mistake.
 """
@@ -58,13 +68,25 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xdpfw.api.schemas import RuleCreate
 from xdpfw.dataplane.attach import Mode
-from xdpfw.errors import XdpfwError
+from xdpfw.errors import RuleValidationError, XdpfwError
+from xdpfw.rules.kind import RuleKind
+from xdpfw.rules.model import check_set_name
 
 Policy = Literal["pass", "drop"]
+
+
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class ConfigError(XdpfwError):
@@ -79,6 +101,7 @@ class ApiConfig(_Strict):
     socket: str = "/run/xdpfw/api.sock"
     listen: list[str] = Field(default_factory=list)
     token: str | None = None
+    tokens: dict[str, str] = Field(default_factory=dict)  # more tokens, by name (audit)
     # TCP only, and before authentication: what one client without a token can hold.
     max_connections: int = Field(256, ge=1, le=65_536)
     header_timeout_s: float = Field(10.0, gt=0, le=3600)
@@ -99,10 +122,29 @@ class ApiConfig(_Strict):
     def effective_token(self) -> str | None:
         return self.token or os.environ.get("XDPFW_API_TOKEN") or None
 
+    def tokens_by_name(self) -> dict[str, str]:
+        """Every token a TCP client may show, by the name the audit trail gives it: `token`
+        (or XDPFW_API_TOKEN) is "default"."""
+        lone = self.effective_token()
+        return ({"default": lone} if lone else {}) | self.tokens
+
+    @field_validator("tokens")
+    @classmethod
+    def _named(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not TOKEN_NAME.fullmatch(name):
+                raise ValueError(f"token name {name[:40]!r}: 1-32 of A-Z a-z 0-9 _ -")
+            if len(value) < 8:
+                raise ValueError(f"token {name!r} is shorter than 8 characters")
+        return v
+
 
 class StateConfig(_Strict):
     dir: str = "/var/lib/xdpfw"
     bpffs_dir: str = "/sys/fs/bpf/xdpfw"
+    # True: [[rules]] and [[sets]] are the rules, all of them (start-up and `xdpfw reload`
+    # make the store equal to them, and the API changes none). False: [[rules]] only seed.
+    rules_from_config: bool = False
 
 
 class LimitsConfig(_Strict):
@@ -188,6 +230,30 @@ class UiConfig(_Strict):
 RuleConfig = RuleCreate
 
 
+class SetConfig(RuleKind):
+    """[[sets]]: a named set, its prefixes listed here and/or in a file (a blocklist, or an
+    export's sections naming this set or none), relative to the config file's directory.
+    action, proto, dport and comment apply to every prefix listed."""
+
+    name: str = Field(min_length=1)
+    prefixes: list[str] = Field(default_factory=list)
+    file: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return check_set_name(v)
+        except RuleValidationError as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _one_name(self):
+        if self.set and self.set != self.name:
+            raise ValueError(f"set {self.set!r} in [[sets]] {self.name!r}: leave it out")
+        return self
+
+
 class AppConfig(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     state: StateConfig = Field(default_factory=StateConfig)
@@ -199,6 +265,15 @@ class AppConfig(_Strict):
     lb: LbConfig = Field(default_factory=LbConfig)
     interfaces: list[InterfaceConfig] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(default_factory=list)
+    sets: list[SetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sets_once(self):
+        names = [s.name for s in self.sets]
+        twice = {n for n in names if names.count(n) > 1}
+        if twice:
+            raise ValueError(f"[[sets]] {sorted(twice)[0]!r} is defined twice")
+        return self
 
 
 def load_config(path: str | Path | None) -> AppConfig:

@@ -30,6 +30,7 @@ from xdpfw.capture import CaptureHub, RateLimit
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.dataplane.loader import ProgramConfig
+from xdpfw.declared import declared_rules
 from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
@@ -45,6 +46,7 @@ class ServeOptions:
     demo: bool = False
     log_level: str = "info"
     adopt_pins: bool = False  # see Firewall: pins another store claimed are made equal to ours
+    config_path: str | None = None  # the file `config` came from (reloaded by xdpfw reload)
 
 
 def program_config(cfg: AppConfig) -> ProgramConfig:
@@ -131,6 +133,18 @@ def pid_file(cfg: AppConfig) -> Path:
     return Path(cfg.state.dir) / "xdpfw.pid"
 
 
+def rules_from_config(fw: Firewall, cfg: AppConfig, path: str | None) -> None:
+    """[state] rules_from_config: make the store equal to the file's [[rules]] and [[sets]]
+    (and keep the API from changing rules until the next start or reload)."""
+    if path is None:
+        raise ConfigError("[state] rules_from_config needs the rules in a config file: "
+                          "start with --config FILE")
+    report = fw.sync_config(declared_rules(cfg, path), path)
+    fw.audit.record("config file (start-up)", f"rules from {path}",
+                    f"{report.added} added, {report.removed} removed, {report.changed} "
+                    f"changed, {report.kept} kept")
+
+
 def seed_rules(fw: Firewall, rules: list[RuleConfig]) -> int:
     """Add the config file's rules that the store does not hold yet (same prefix, proto and
     port): rules changed through the API since are left as they are."""
@@ -167,8 +181,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
     os.umask(0o077)  # what the daemon creates is root's alone unless it says otherwise
     statedir.secure(state)
     logfilter.install()
-    token = cfg.api.effective_token()
-    if (cfg.api.listen or cfg.ui.listen) and not token:
+    if (cfg.api.listen or cfg.ui.listen) and not cfg.api.tokens_by_name():
         raise ConfigError(
             f"{'api' if cfg.api.listen else 'ui'}.listen opens the API over TCP, which needs "
             "a token: set api.token or XDPFW_API_TOKEN"
@@ -208,7 +221,9 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         pid.write_text(f"{os.getpid()}\n{os.readlink('/proc/self/ns/pid')}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-        if added := seed_rules(fw, cfg.rules):
+        if cfg.state.rules_from_config:
+            rules_from_config(fw, cfg, opts.config_path)
+        elif added := seed_rules(fw, cfg.rules):
             log.info("added %d rules from the config file", added)
         for iface in cfg.interfaces:
             fw.attach_interface(**iface.model_dump())
@@ -229,7 +244,8 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
-        app = create_app(fw, token, lb=lb, events=events, body_limits=limits, capture=capture,
+        app = create_app(fw, cfg.api.tokens_by_name(), lb=lb, events=events, body_limits=limits,
+                         capture=capture, config_path=opts.config_path,
                          rule_series=RuleSeries(cfg.metrics.top_rules, cfg.metrics.max_sets))
         servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level,
                              create_metrics_app(app.state.metrics), metrics_sockets)

@@ -6,9 +6,10 @@ wire their own; other parts of the appliance (the load balancer) register their 
 
 Per-rule series are bounded, so that a blocklist under attack (every prefix matching) cannot
 make a scrape a million series: the `top_rules` rules with the most hits get a series each,
-and every rule that matched is counted in its set's total. A set is the rules that share a
-comment (a blocklist imported in one go shares one; rules without one are in set ""); the
-`max_sets` sets with the most hits get a series each, the rest are summed under "_other".
+and every rule that matched is counted in its set's total. A rule's set is its named set
+(PUT /api/v1/sets/{name}); a rule in no named set counts under its comment, as before named
+sets existed (a blocklist imported in one go shares one; no comment: set ""). The `max_sets`
+sets with the most hits get a series each, the rest are summed under "_other".
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ class FirewallCollector(Collector):
         by = CounterMetricFamily("xdpfw_rule_bytes", "Bytes decided by each of the rules with "
                                  "the most hits", labels=labels)
         set_pk = CounterMetricFamily(
-            "xdpfw_rule_set_packets", "Packets decided by the rules of a set (rules sharing a "
-            f"comment); sets past the {self.series.max_sets} with the most hits are summed "
-            f"under set=\"{OTHER_SETS}\"", labels=["set"])
+            "xdpfw_rule_set_packets", "Packets decided by the rules of a set (a named set, or "
+            f"for rules in none, their comment); sets past the {self.series.max_sets} with the "
+            f"most hits are summed under set=\"{OTHER_SETS}\"", labels=["set"])
         set_by = CounterMetricFamily("xdpfw_rule_set_bytes", "Bytes decided by the rules of a "
                                      "set", labels=["set"])
         matched = GaugeMetricFamily("xdpfw_rules_matched", "Rules that have matched at least "
@@ -150,7 +151,7 @@ class FirewallCollector(Collector):
             by.add_metric(lv, b)
         sets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for r, p, b in counters:
-            total = sets[r.comment]
+            total = sets[r.rule_set or r.comment]
             total[0] += p
             total[1] += b
         top = heapq.nlargest(self.series.max_sets, sets.items(), key=lambda kv: kv[1][0])

@@ -7,35 +7,52 @@ either takes full effect and is on disk, or changes nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from xdpfw import heap
+from xdpfw.audit import AuditLog
 from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, link_info, where
 from xdpfw.dataplane.dataplane import Build, Dataplane, LinkState, Upgrade
 from xdpfw.dataplane.loader import LoadedProgram, ProgramConfig
 from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.progs import ProgInfo
+from xdpfw.dataplane.testrun import XDP_DROP
 from xdpfw.errors import (
     ConflictError,
     MapFullError,
     NotFoundError,
     PinOwnerError,
 )
+from xdpfw.explain import Explanation, Probe
 from xdpfw.gcpause import gc_paused
+from xdpfw.rules import document
 from xdpfw.rules.compile import Changes, RuleIndex
-from xdpfw.rules.model import V4, Action, Prefix, Proto, Rule, check_match
+from xdpfw.rules.diff import RuleDiff, diff_rules
+from xdpfw.rules.document import Export, RuleDocument
+from xdpfw.rules.model import (
+    ADDR_BITS,
+    V4,
+    Action,
+    Prefix,
+    Proto,
+    Rule,
+    check_match,
+    check_set_name,
+)
 from xdpfw.rules.store import InterfaceRecord, Store
-from xdpfw.rules.table import NewRules, Prefixes, RuleTable
+from xdpfw.rules.table import ACTION_OF, NewRules, Prefixes, RuleTable
 from xdpfw.slots import SlotAllocator
 from xdpfw.statedir import store_path
 
@@ -54,8 +71,24 @@ class RuleSpec(NamedTuple):
     proto: Proto | None = None
     dport: int | None = None
     comment: str = ""
+    rule_set: str = ""
 
 
+@dataclass(frozen=True)
+class SyncReport:
+    """What making a group of rules (a set, or every rule) equal to a list did, or would do
+    (dry run). ids: the rules that entered (added and changed), ascending."""
+
+    added: int
+    removed: int
+    kept: int
+    changed: int
+    ids: range
+    examples: dict[str, list[str]]  # added / removed / changed: the first few, described
+    dry_run: bool = False
+
+
+EXAMPLES = 20  # rules of each kind a SyncReport names
 @dataclass(frozen=True)
 class Attachment:
     record: InterfaceRecord
@@ -81,11 +114,15 @@ class Firewall:
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir)
         self.store = Store(store_path(self.state_dir))
+        self.audit = AuditLog(store_path(self.state_dir))
         self._owns_dataplane = not isinstance(dataplane, Dataplane)
         self.dp = Dataplane(dataplane) if self._owns_dataplane else dataplane
         self.config = self.dp.config
         self.index = RuleIndex()
         self.attachments: dict[tuple[str, str | None], Attachment] = {}
+        # The config file whose [[rules]] and [[sets]] are the rules (rules_from_config):
+        # while set, only sync_config changes rules.
+        self.rules_source: str | None = None
         with gc_paused():
             foreign = self._restore_rules(adopt_pins)
         self._next_id = max(self.store.last_rule_id(), self.table.max_id()) + 1
@@ -169,30 +206,50 @@ class Firewall:
 
     # -- rules ----------------------------------------------------------------------------
 
-    def add_rules(self, specs: Sequence[RuleSpec]) -> list[Rule]:
-        """Add rules, all or nothing."""
+    def add_rules(self, specs: Sequence[RuleSpec], skip_existing: bool = False) -> list[Rule]:
+        """Add rules, all or nothing. skip_existing: a rule whose match (prefix, proto,
+        port) exists already is left out (and that rule left as it is), not refused."""
         for s in specs:
             if s.proto is not None or s.dport is not None:
                 check_match(s.proto, s.dport)
+            if s.rule_set:
+                check_set_name(s.rule_set)
         with self.lock:
-            rows = self._add(NewRules.of(specs, self.table))
+            self._check_writable()
+            rows = self._add(NewRules.of(specs, self.table), skip_existing)
             return list(self.table.iter_rules(rows))
 
-    def add_prefixes(self, prefixes: Prefixes, action: Action, comment: str = "") -> range:
-        """A blocklist: rules for every prefix, one action and comment, all or nothing, from
-        columns end to end (no object per rule). Returns the new rules' ids."""
+    def add_prefixes(self, prefixes: Prefixes, action: Action, comment: str = "",
+                     rule_set: str = "", skip_existing: bool = False) -> range:
+        """A blocklist: rules for every prefix, one action, comment and set, all or nothing,
+        from columns end to end (no object per rule). Returns the new rules' ids."""
+        if rule_set:
+            check_set_name(rule_set)
         with self.lock:
-            rows = self._add(NewRules.plain(prefixes, action, self.table.comment_id(comment)))
-            ids = self.table.col["id"]
-            return range(int(ids[rows[0]]), int(ids[rows[-1]]) + 1) if len(rows) else range(0)
+            self._check_writable()
+            new = NewRules.plain(prefixes, action, self.table.comment_id(comment),
+                                 self.table.set_id(rule_set))
+            return self._ids_of(self._add(new, skip_existing))
 
-    def _add(self, new: NewRules) -> np.ndarray:
+    def add_document(self, doc: RuleDocument, skip_existing: bool = False) -> range:
+        """Every rule of a document (an export, a config's rules), all or nothing."""
+        with self.lock:
+            self._check_writable()
+            return self._ids_of(self._add(doc.new_rules(self.table), skip_existing))
+
+    def _ids_of(self, rows: np.ndarray) -> range:
+        ids = self.table.col["id"]
+        return range(int(ids[rows[0]]), int(ids[rows[-1]]) + 1) if len(rows) else range(0)
+
+    def _add(self, new: NewRules, skip_existing: bool = False) -> np.ndarray:
         """Check, then in chunks: into the table, compiled (plain rules into a plain index
         need nothing), written to the maps by a writer thread (syscalls, no GIL) while the
         next chunk is prepared and the rows go into one SQLite transaction. On any failure
         the transaction rolls back and what was written is removed: the request changes
         nothing. Returns the new rows."""
         with gc_paused(), ThreadPoolExecutor(1, "xdpfw-map-writer") as writer:
+            if skip_existing:
+                new = self._without_existing(new)
             self._check_new(new)
             n = len(new)
             slots = self.rule_slots.take_array(n, "rules")
@@ -250,6 +307,14 @@ class Firewall:
         parent = self.index.parent_of(Prefix(V4, net, plen))
         return (parent.net, parent.length) if parent else None
 
+    def _without_existing(self, new: NewRules) -> NewRules:
+        """`new` less the rules whose match the table has (repeats within `new` stay, and
+        are refused as such)."""
+        p = new.prefixes
+        rows = self.table.find_many(p.family, p.hi, p.lo, p.plen, new.proto, new.dport)
+        absent = rows < 0
+        return new if absent.all() else new.take(np.flatnonzero(absent))
+
     def _check_new(self, new: NewRules) -> None:
         """Refuse a rule whose match exists already, or appears twice in the request."""
         p = new.prefixes
@@ -268,6 +333,7 @@ class Firewall:
 
     def delete_rule(self, rule_id: int) -> Rule:
         with self.lock:
+            self._check_writable()
             row = self._row_of(rule_id)
             rule, rows = self.table.rule(row), np.array([row])
             changes = self.index.remove_rows(rows)
@@ -284,6 +350,204 @@ class Firewall:
             self.rule_slots.give([rule.slot])
             self.table.compact_if_sparse()
             return rule
+
+    # -- groups of rules: sets, replace, bulk delete ------------------------------------------
+
+    def replace_set(self, name: str, doc: RuleDocument, dry_run: bool = False) -> SyncReport:
+        """Make set `name` exactly the document's rules (which name no other set), in one
+        change (see _swap). A rule of another set, or of no set, with a match of the
+        document is a conflict: nothing changes."""
+        check_set_name(name)
+        doc.check_set(name)
+        with self.lock:
+            if not dry_run:
+                self._check_writable()
+            new = doc.new_rules(self.table, rule_set=name)
+            return self._sync(self.table.rows_of_set(name), new, name, dry_run)
+
+    def replace_all(self, doc: RuleDocument, dry_run: bool = False) -> SyncReport:
+        """Make the rules exactly the document's (an export), in one change: rules in both
+        keep their ids and counters."""
+        with self.lock:
+            if not dry_run:
+                self._check_writable()
+            return self._sync(self.table.rows(), doc.new_rules(self.table), None, dry_run)
+
+    def sync_config(self, doc: RuleDocument, source: str, dry_run: bool = False
+                    ) -> SyncReport:
+        """replace_all for the config file `source` that declares every rule: from then on
+        the API changes none (_check_writable), only this does."""
+        with self.lock:
+            report = self._sync(self.table.rows(), doc.new_rules(self.table), None, dry_run)
+            if not dry_run:
+                self.rules_source = source
+            return report
+
+    def _check_writable(self) -> None:
+        if self.rules_source is not None:
+            raise ConflictError(
+                f"the rules come from {self.rules_source} ([state] rules_from_config): "
+                "change that file and run `xdpfw reload`")
+
+    def delete_where(self, ids: Sequence[int] | None = None, rule_set: str | None = None,
+                     comment: str | None = None) -> SyncReport:
+        """Delete, in one change, the rules with these ids (every one must exist), or those
+        of a set, or those whose comment is exactly `comment`."""
+        with self.lock:
+            self._check_writable()
+            if ids is not None:
+                rows = [self._row_of(i) for i in dict.fromkeys(ids)]
+                group = np.sort(np.array(rows, dtype=np.int64))
+            elif rule_set is not None:
+                group = self.table.rows_of_set(rule_set)
+                if rule_set and not len(group):
+                    raise NotFoundError(f"no set {rule_set!r}")
+            elif comment is not None:
+                group = self.table.rows_with_comment(comment)
+            else:
+                raise ValueError("delete_where needs ids, a set or a comment")
+            empty = NewRules.plain(Prefixes.empty(), Action.DROP, 0)
+            return self._sync(group, empty, rule_set, dry_run=False)
+
+    def sets(self) -> dict[str, int]:
+        """Every named set that has rules, and how many."""
+        with self.lock:
+            return self.table.set_sizes()
+
+    def _sync(self, group: np.ndarray, new: NewRules, name: str | None,
+              dry_run: bool) -> SyncReport:
+        diff = diff_rules(self.table, group, new, name)
+        examples = self._examples(diff, new)  # rows are the table's as it is now
+        ids = range(0)
+        if dry_run or not diff:
+            pass
+        elif len(diff.removed) or len(diff.changed):
+            rows = self._swap(diff, new)
+            ids = self._ids_of(rows)
+            self.table.compact_if_sparse()  # rows renumber: nothing below uses them
+        else:  # only additions (a set's first load): in chunks, with the bulk load's memory
+            ids = self._ids_of(self._add(new.take(diff.added)))
+        return SyncReport(len(diff.added), len(diff.removed), len(diff.kept),
+                          len(diff.changed), ids, examples, dry_run)
+
+    def _examples(self, diff: RuleDiff, new: NewRules) -> dict[str, list[str]]:
+        t = self.table
+        return {
+            "added": [f"{new.describe(i)} {ACTION_OF[int(new.action[i])]}"
+                      for i in diff.added[:EXAMPLES].tolist()],
+            "removed": [_describe_rule(t.rule(r)) for r in diff.removed[:EXAMPLES].tolist()],
+            "changed": [_change(t, r, new, i)
+                        for r, i in zip(diff.changed[:EXAMPLES].tolist(),
+                                        diff.changed_new[:EXAMPLES].tolist(), strict=True)],
+        }
+
+    def _swap(self, diff: RuleDiff, new: NewRules) -> np.ndarray:
+        """Rules leave (the removed, and the old side of the changed) and enter (the added,
+        and the new side of the changed) in one change: one store transaction, and in the
+        maps every entering rule is written before any leaving one goes, so an address
+        covered before and after is covered throughout; a prefix on both sides keeps its
+        entry, its verdict changed in place (one word). On failure, nothing changes.
+        Returns the rows that entered (valid until the table compacts)."""
+        gone, entering = diff.gone_rows, diff.entering
+        enter = new.take(entering)
+        n = len(enter)
+        # Plain rules into a plain-only index: written from columns, nothing compiled.
+        fast = self.index.plain_only() and not enter.proto.any()
+        t = self.table
+        with gc_paused(), ThreadPoolExecutor(1, "xdpfw-map-writer") as writer:
+            slots = self.rule_slots.take_array(n, "rules")
+            first_id, first_row = self._next_id, t.n
+            left, rows, write = False, np.zeros(0, np.int64), None
+            added = rows
+            try:
+                t.reserve(n)
+                self.maps.reserve(int(np.count_nonzero(enter.prefixes.family == V4)))
+                if fast:
+                    t.delete(gone)
+                else:
+                    pending = self.index.forget(gone)
+                left = True
+                rows = t.append(ids=np.arange(first_id, first_id + n), slots=slots,
+                                **enter.columns(slice(None)))
+                added = rows[np.isin(entering, diff.added)]  # prefixes that had no rule
+                if fast:
+                    job = partial(self._write_plain, rows, diff.removed)
+                else:
+                    touched = pending[0] + self.index.enter(list(t.iter_rules(rows)))
+                    changes = self.index.recompile(touched, pending[1])
+                    self._check_port_room()
+                    job = partial(self._apply, changes)
+                with self.store.transaction():
+                    write = writer.submit(job)
+                    self.store.delete_rules(t.col["id"][gone])
+                    self.store.insert_table_rows(t, rows)
+                    write.result()
+            except BaseException:
+                if write is not None:
+                    futures.wait([write])  # never undo under a write still running
+                self._unswap(fast, gone if left else gone[:0], rows, added)
+                t.truncate(first_row)
+                self.rule_slots.give(slots)
+                raise
+        freed = t.col["slot"][gone]
+        self.maps.reset_rule_counters(freed)
+        self.rule_slots.give(freed)
+        self._next_id = first_id + n
+        if n + len(gone) >= heap.BULK:
+            heap.trim()
+        return rows
+
+    def _write_plain(self, entered: np.ndarray, removed: np.ndarray) -> None:
+        """_swap's map writes for a plain-only index, from the table's columns."""
+        c = self.table.col
+        put = Prefixes(c["family"][entered], c["hi"][entered], c["lo"][entered],
+                       c["plen"][entered])
+        gone = Prefixes(c["family"][removed], c["hi"][removed], c["lo"][removed],
+                        c["plen"][removed])
+        self.maps.apply_plain(put, c["slot"][entered], c["action"][entered], gone,
+                              self._parents4)
+
+    def _unswap(self, fast: bool, gone: np.ndarray, entered: np.ndarray,
+                added: np.ndarray) -> None:
+        """Undo _swap's table and map changes: the rules that left are written back before
+        the prefixes that came go (the same order as forward)."""
+        t = self.table
+        if fast:
+            t.delete(entered)
+            t.revive(gone)
+            self._rollback(lambda: self._write_plain(gone, added))
+            return
+        pending = self.index.forget(entered)
+        t.revive(gone)
+        touched = self.index.enter(list(t.iter_rules(gone)))
+        self._rollback(lambda: self._apply(self.index.recompile(pending[0] + touched,
+                                                                pending[1])))
+
+    def _parents4(self, nets: np.ndarray, plens: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For a plain-only index: the longest IPv4 rule prefix shorter than each prefix
+        that covers it, as columns (nets, lengths, found), one vectorised lookup per prefix
+        length the table holds."""
+        t = self.table
+        out_net = np.zeros(len(nets), dtype=np.uint32)
+        out_len = np.zeros(len(nets), dtype=np.uint8)
+        found = np.zeros(len(nets), dtype=bool)
+        rows = t.any_rows()
+        have = np.bincount(t.col["plen"][rows[t.col["family"][rows] == V4]],
+                           minlength=ADDR_BITS[V4] + 1)
+        todo = np.arange(len(nets))
+        for length in range(ADDR_BITS[V4] - 1, -1, -1):
+            if not have[length]:
+                continue
+            cand = todo[plens[todo] > length]
+            if not len(cand):
+                continue
+            mask = ((1 << length) - 1) << (32 - length) if length else 0
+            net = nets[cand].astype(np.uint32) & np.uint32(mask)
+            hit = t.find_many4(net, np.full(len(cand), length, np.uint8)) >= 0
+            out_net[cand[hit]], out_len[cand[hit]], found[cand[hit]] = net[hit], length, True
+            todo = np.setdiff1d(todo, cand[hit], assume_unique=True)
+        return out_net, out_len, found
 
     def _row_of(self, rule_id: int) -> int:
         row = self.table.row_of_id(rule_id)
@@ -304,6 +568,36 @@ class Firewall:
         with self.lock:
             rows = self.table.select(**filters)
             return len(rows), list(self.table.iter_rules(rows[offset: offset + limit]))
+
+    def export(self) -> Export:
+        """A copy of every rule, grouped for writing out (document.write_text/json)."""
+        with self.lock:
+            return document.export(self.table)
+
+    def explain(self, probe: Probe, interface: str | None = None,
+                netns: str | None = None) -> Explanation:
+        """What the program decides for the probe's packet arriving on `interface` (its
+        explain instance; without an interface, the test instance's slot, whose policy
+        passes), and every rule whose prefix contains the source."""
+        with self.lock:
+            att = None
+            if interface is not None:
+                att = self.attachments.get((interface, netns))
+                if att is None:
+                    raise NotFoundError(f"{where(interface, netns)} is not attached")
+            slot = att.record.slot if att else 0
+            out = self.dp.explain(slot, probe.frame())
+            row = self.table.row_of_slot(out.rule_slot) if out.rule_slot != abi.NO_RULE else None
+            host = Prefix(probe.family, int(ipaddress.ip_address(probe.src)),
+                          ADDR_BITS[probe.family])
+            covering = list(self.table.iter_rules(self.table.select(covering=host)))
+            return Explanation(
+                probe=probe, verdict="drop" if out.verdict == XDP_DROP else "pass",
+                reason=abi.REASON_NAMES.get(out.reason, str(out.reason)),
+                rule=self.table.rule(row) if row is not None else None,
+                interface=(interface, netns) if att else None,
+                policy="drop" if self.maps.policy(slot).policy == abi.POLICY_DROP else "pass",
+                covering=covering)
 
     def rule_counter(self, rule: Rule) -> tuple[int, int]:
         return self.maps.rule_counter(rule.slot)
@@ -520,10 +814,27 @@ class Firewall:
         if self._owns_dataplane:
             self.dp.close()
         self.store.close()
+        self.audit.close()
 
 
 def att_key(att: Attachment) -> tuple[str, str | None]:
     return att.record.name, att.record.netns
+
+
+def _change(t: RuleTable, row: int, new: NewRules, i: int) -> str:
+    """A changed rule: its match, then what changed ("drop -> pass, comment 'a' -> 'b')."""
+    old = t.rule(row)
+    after = (ACTION_OF[int(new.action[i])], t.comments[int(new.comment[i])],
+             t.sets[int(new.rule_set[i])])
+    parts = [f"{what}{a!r} -> {b!r}" if what else f"{a} -> {b}"
+             for what, a, b in (("", old.action.value, after[0].value),
+                                ("comment ", old.comment, after[1]),
+                                ("set ", old.rule_set, after[2])) if a != b]
+    return f"{_describe(old)}: {', '.join(parts)}"
+
+
+def _describe_rule(r: Rule) -> str:
+    return f"{_describe(r)} {r.action.value}"
 
 
 def _describe(s: RuleSpec | Rule) -> str:

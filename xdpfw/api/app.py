@@ -5,18 +5,23 @@ from __future__ import annotations
 import hmac
 import logging
 import sqlite3
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from xdpfw.api import error_body, openapi
+from xdpfw.api.audit import TOKEN_KEY, AuditTrail
 from xdpfw.api.middleware import BodyLimit, BodyLimits, JsonErrors, internal_error
 from xdpfw.api.peer import peer_of
+from xdpfw.api.routes import audit as audit_routes
 from xdpfw.api.routes import capture as capture_routes
-from xdpfw.api.routes import dashboard, interfaces, rules, services, stats
+from xdpfw.api.routes import config as config_routes
+from xdpfw.api.routes import dashboard, explain, interfaces, rules, services, sets, stats
 from xdpfw.api.routes import events as events_routes
 from xdpfw.api.routes import metrics as metrics_routes
 from xdpfw.api.routes import program as program_routes
+from xdpfw.config import ConfigError
 from xdpfw.db import storage_error
 from xdpfw.errors import (
     AttachError,
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 # names only the error's type (middleware.JsonErrors).
 ERROR_STATUS: dict[type[Exception], int] = {
     RuleValidationError: 422,
+    ConfigError: 422,  # a config file reloaded (POST /api/v1/config/reload) has a mistake
     # Also lb.maglev.MaglevError, lb.health.HealthConfigError, and proxy.engine.ListenError:
     # a proxy service's VIP:port cannot be listened on.
     ServiceValidationError: 422,
@@ -68,25 +74,30 @@ def status_of(exc: BaseException) -> int | None:
     return next((ERROR_STATUS[c] for c in type(exc).__mro__ if c in ERROR_STATUS), None)
 
 
-# Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default.
-SET_PATHS = frozenset({"/api/v1/rules/bulk"})
+# Endpoints that take a whole set in one request: they get BodyLimits.sets, not .default
+# (BodyLimits says how these read).
+SET_PATHS = frozenset({"/api/v1/rules/bulk", "PUT /api/v1/rules", "PUT /api/v1/sets/"})
 
 
 def create_app(
     firewall: Firewall,
-    token: str | None = None,
+    token: str | Mapping[str, str] | None = None,
     events=None,
     lb=None,
     body_limits: BodyLimits | None = None,
     capture=None,
     rule_series: RuleSeries | None = None,
+    config_path: str | None = None,
 ) -> FastAPI:
-    """token: required from every client but the daemon's unix socket (local, by permission).
+    """token: required from every client but the daemon's unix socket (local, by permission);
+    several, by name ({name: token}), tell clients apart in the audit trail (a lone token is
+    named "default").
     events: the daemon's xdpfw.events.EventHub (None: /api/v1/events answers 503).
     lb: the xdpfw.lb.service.LoadBalancer (None: /api/v1/services answers 404).
     body_limits: request body limits (default: 1 MiB, 64 MiB for SET_PATHS).
     capture: the daemon's xdpfw.capture.CaptureHub (None: /api/v1/capture answers 503).
-    rule_series: how many per-rule and per-set series /metrics holds."""
+    rule_series: how many per-rule and per-set series /metrics holds.
+    config_path: the daemon's config file, which `POST /api/v1/config/reload` reads again."""
     app = FastAPI(
         title="xdpfw",
         version="0.1.0",
@@ -105,7 +116,9 @@ def create_app(
     if lb is not None:
         app.state.metrics.register(LbCollector(lb))
     app.state.shutdown = None  # set by `xdpfw serve`: POST /api/v1/shutdown calls it
-    for router in (rules.router, interfaces.router, stats.router):
+    app.state.config_path = config_path
+    for router in (rules.router, sets.router, explain.router, audit_routes.router,
+                   config_routes.router, interfaces.router, stats.router):
         app.include_router(router)
     for router in (metrics_routes.router, program_routes.router, events_routes.router,
                    capture_routes.router):
@@ -127,15 +140,18 @@ def create_app(
     limits = body_limits or BodyLimits()
     app.add_middleware(BodyLimit, limits=BodyLimits(limits.default, limits.sets, SET_PATHS))
 
+    tokens = {"default": token} if isinstance(token, str) else dict(token or {})
+
     @app.middleware("http")
     async def bearer_token_off_the_unix_socket(request: Request, call_next):
         # Only the daemon's unix socket reports the peer's credentials (xdpfw.api.peer).
         # The dashboard's files and the API docs hold no data (the page asks for the token;
         # a browser opening the docs has none), so they are served without one.
         public = openapi.is_public(request.url.path) or _ui_file(request)
-        if peer_of(request.scope) is None and token is not None and not public:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if peer_of(request.scope) is None and tokens and not public:
+            name = _token_name(request.headers.get("authorization", ""), tokens)
+            request.scope.setdefault("state", {})[TOKEN_KEY] = name
+            if name is None:
                 return JSONResponse(
                     {"detail": "a bearer token is required over TCP"},
                     status_code=401,
@@ -145,7 +161,18 @@ def create_app(
         return await call_next(request)
 
     app.add_middleware(JsonErrors)
+    app.state.audit_log = firewall.audit
+    app.add_middleware(AuditTrail, log=firewall.audit)  # outermost: it sees every answer
     return app
+
+
+def _token_name(header: str, tokens: Mapping[str, str]) -> str | None:
+    """The name of the token `header` shows; every one compared, in constant time each."""
+    found = None
+    for name, value in tokens.items():
+        if hmac.compare_digest(header.encode(), f"Bearer {value}".encode()):
+            found = name
+    return found
 
 
 def _ui_file(request: Request) -> bool:

@@ -22,14 +22,17 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class BodyLimits:
     """default: every endpoint. sets: endpoints that take a whole set in one request (a
-    2M-prefix blocklist is ~33 MB of text), listed by path in `set_paths`."""
+    2M-prefix blocklist is ~33 MB of text), listed in `set_paths` by path, or by "METHOD
+    path" (an entry ending in "/" stands for the paths one level below it)."""
 
     default: int = 1 * MIB
     sets: int = 64 * MIB
     set_paths: frozenset[str] = frozenset()
 
-    def for_path(self, path: str) -> int:
-        return self.sets if path in self.set_paths else self.default
+    def for_path(self, path: str, method: str = "POST") -> int:
+        parent = path.rsplit("/", 1)[0] + "/"  # /api/v1/sets/NAME: "/api/v1/sets/"
+        names = (path, parent, f"{method} {path}", f"{method} {parent}")
+        return self.sets if any(n in self.set_paths for n in names) else self.default
 
 
 class BodyTooLarge(HTTPException):
@@ -57,7 +60,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.for_path(scope["path"])
+        limit = self.limits.for_path(scope["path"], scope.get("method", "GET"))
         length = _content_length(scope)
         if length is not None and length > limit:
             await send_json(send, 413, too_large(limit), close=True)

@@ -18,42 +18,15 @@ from pydantic_core import PydanticCustomError
 
 from xdpfw.dataplane.attach import Mode
 from xdpfw.errors import RuleValidationError
-from xdpfw.rules.model import Action, Proto, Rule, check_match, parse_prefix
-from xdpfw.service import Attachment, RuleSpec
+from xdpfw.rules.document import JsonDocument
+from xdpfw.rules.kind import RuleKind, invalid
+from xdpfw.rules.model import Action, Proto, Rule, check_set_name, parse_prefix
+from xdpfw.service import Attachment, RuleSpec, SyncReport
 
 Policy = Literal["pass", "drop"]
-ACTION_ALIASES = {"allow": "pass", "accept": "pass", "deny": "drop", "block": "drop"}
 
 
-def _invalid(e: RuleValidationError) -> PydanticCustomError:
-    """A 422 whose message is our reason, without pydantic's "Value error, " prefix."""
-    return PydanticCustomError("invalid_rule", str(e).replace("{", "{{").replace("}", "}}"))
-
-
-def _action(v):
-    return ACTION_ALIASES.get(v, v) if isinstance(v, str) else v
-
-
-class RuleMatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    action: Action = Field(Action.DROP, description="drop, or pass (alias: allow)")
-    proto: Proto | None = Field(None, description="tcp, udp or icmp (ICMPv6 for IPv6)")
-    dport: int | None = Field(None, description="destination port; needs proto tcp or udp")
-    comment: str = Field("", max_length=256)
-
-    _norm_action = field_validator("action", mode="before")(_action)
-
-    @model_validator(mode="after")
-    def _ports_need_proto(self):
-        try:
-            check_match(self.proto, self.dport)
-        except RuleValidationError as e:
-            raise _invalid(e) from None
-        return self
-
-
-class RuleCreate(RuleMatch):
+class RuleCreate(RuleKind):
     prefix: str = Field(description="source prefix, e.g. 203.0.113.0/24 or 2001:db8::/32")
 
     @field_validator("prefix")
@@ -62,14 +35,14 @@ class RuleCreate(RuleMatch):
         try:
             return str(parse_prefix(v))
         except RuleValidationError as e:
-            raise _invalid(e) from None
+            raise invalid(e) from None
 
     def spec(self) -> RuleSpec:
         prefix = parse_prefix(self.prefix)
-        return RuleSpec(prefix, self.action, self.proto, self.dport, self.comment)
+        return RuleSpec(prefix, self.action, self.proto, self.dport, self.comment, self.set)
 
 
-class BulkPrefixes(RuleMatch):
+class BulkPrefixes(RuleKind):
     """Many prefixes sharing one action/match: the fast form of a bulk request."""
 
     prefixes: list[str] = Field(min_length=1)
@@ -82,16 +55,21 @@ class BulkRules(BaseModel):
 
 def _bulk_form(v: Any) -> str | None:
     if isinstance(v, dict):
+        if "format" in v or "sections" in v:
+            return "export"
         return "rules" if "rules" in v else "prefixes"
-    return None  # not an object: the union's own error names both forms
+    return None  # not an object: the union's own error names every form
 
 
-# POST /api/v1/rules/bulk's JSON body, chosen by its keys, not guessed from its first bytes.
-BULK_BODY: TypeAdapter[BulkPrefixes | BulkRules] = TypeAdapter(Annotated[
-    Annotated[BulkPrefixes, Tag("prefixes")] | Annotated[BulkRules, Tag("rules")],
+# The JSON body of every endpoint that takes many rules (api/bodies.py), chosen by its keys,
+# not guessed from its first bytes.
+BULK_BODY: TypeAdapter[BulkPrefixes | BulkRules | JsonDocument] = TypeAdapter(Annotated[
+    Annotated[BulkPrefixes, Tag("prefixes")] | Annotated[BulkRules, Tag("rules")]
+    | Annotated[JsonDocument, Tag("export")],
     Discriminator(_bulk_form, custom_error_type="bulk_body",
                   custom_error_message='the body must be a JSON object with "prefixes" (and '
-                  'one action/match for all) or "rules" (a list of rules)'),
+                  'one action/match for all), "rules" (a list of rules), or an export '
+                  '("format": "xdpfw-rules", "sections")'),
 ])
 
 
@@ -102,6 +80,7 @@ class RulePublic(BaseModel):
     proto: Proto | None
     dport: int | None
     comment: str
+    set: str = Field(description="the named set the rule belongs to ('': none)")
     packets: int
     bytes: int
 
@@ -114,6 +93,7 @@ class RulePublic(BaseModel):
             proto=rule.proto,
             dport=rule.dport,
             comment=rule.comment,
+            set=rule.rule_set,
             packets=counters[0],
             bytes=counters[1],
         )
@@ -128,8 +108,66 @@ class RulePage(BaseModel):
 
 class BulkResult(BaseModel):
     added: int
-    first_id: int
-    last_id: int
+    first_id: int | None = Field(description="ids of the rules added (none: null)")
+    last_id: int | None
+    skipped: int = Field(0, description="rules left out as existing (skip_existing)")
+
+
+class SetPublic(BaseModel):
+    name: str
+    rules: int
+
+
+class SyncResult(BaseModel):
+    """What making a set (or every rule) exactly a list did, or would do (dry_run)."""
+
+    added: int
+    removed: int
+    kept: int = Field(description="in both, unchanged: same id, same counters")
+    changed: int = Field(description="in both with another action, comment or set: a new "
+                         "rule (new id) in the same entry, its verdict changed in place")
+    first_id: int | None = Field(description="ids of the rules added and changed")
+    last_id: int | None
+    dry_run: bool
+    examples: dict[str, list[str]] = Field(
+        description="the first few added, removed and changed rules")
+
+    @classmethod
+    def of(cls, r: SyncReport) -> SyncResult:
+        return cls(added=r.added, removed=r.removed, kept=r.kept, changed=r.changed,
+                   first_id=r.ids[0] if r.ids else None,
+                   last_id=r.ids[-1] if r.ids else None, dry_run=r.dry_run,
+                   examples=r.examples)
+
+
+class RuleSelection(BaseModel):
+    """Rules to delete in one request: exactly one of ids, set, comment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[int] | None = Field(None, min_length=1, max_length=1_000_000,
+                                  description="rule ids; every one must exist")
+    set: str | None = Field(None, description="every rule of this set")
+    comment: str | None = Field(None, description="every rule whose comment is exactly this")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("ids", "set", "comment") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "selection", "give exactly one of ids, set, comment (got {given})",
+                {"given": ", ".join(given) or "none"})
+        if self.set is not None:
+            try:
+                check_set_name(self.set)
+            except RuleValidationError as e:
+                raise invalid(e) from None
+        return self
+
+    def describe(self) -> str:
+        if self.ids is not None:
+            return f"{len(self.ids)} ids"
+        return f"set {self.set}" if self.set is not None else f"comment {self.comment!r}"
 
 
 class InterfaceCreate(BaseModel):

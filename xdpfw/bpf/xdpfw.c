@@ -10,6 +10,9 @@
  * One build, many instances: each attached instance is this program with XDPFW_SLOT_MARKER
  * patched to its interface slot (xdpfw/dataplane/instances.py), because the ifindex repeats
  * across network namespaces and XDP cannot see the namespace.
+ *
+ * Two entry points share the decision (decide()): xdpfw_main, which interfaces run, and
+ * xdpfw_explain, which only BPF_PROG_TEST_RUN runs, to say what xdpfw_main would decide.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -146,10 +149,29 @@ static __always_inline int capture(struct xdp_md *ctx, __u32 iface, __u32 reason
 	return 0;
 }
 
+/* xdpfw_explain's exit: the decision over the frame's first bytes, nothing counted. Test runs
+ * only: the frame is the caller's copy. */
+static __always_inline int explain_out(struct xdp_md *ctx, __u32 reason, __u32 rule_slot,
+				       int verdict)
+{
+	struct explain_result *r = (void *)(long)ctx->data;
+	if ((void *)(r + 1) <= (void *)(long)ctx->data_end) {
+		r->magic = XDPFW_EXPLAIN_MAGIC;
+		r->reason = reason;
+		r->rule_slot = rule_slot;
+		r->verdict = verdict;
+	}
+	return verdict;
+}
+
 static __always_inline int record(struct xdp_md *ctx, struct fw_cfg *fc, __u32 iface,
-				  struct packet *p, __u32 reason, __u32 rule_slot, int verdict)
+				  struct packet *p, __u32 reason, __u32 rule_slot, int verdict,
+				  const int explain)
 {
 	__u64 bytes = ctx->data_end - ctx->data;
+
+	if (explain)
+		return explain_out(ctx, reason, rule_slot, verdict);
 
 	if (verdict == XDP_DROP)
 		sample_drop(ctx, fc, p, iface, reason, rule_slot);
@@ -317,7 +339,11 @@ static __always_inline __u8 strictest(__u64 pv, __u32 *slot)
 	return v->action;
 }
 
-int xdpfw_main(struct xdp_md *ctx)
+/* The firewall's decision for one frame. `explain` is a compile-time constant: xdpfw_main
+ * (0) is what interfaces run, xdpfw_explain (1) what GET /api/v1/explain runs (under
+ * BPF_PROG_TEST_RUN): the same decision, from the same maps, reported over the frame's first
+ * bytes (struct explain_result) instead of counted, sampled, captured or forwarded. */
+static __always_inline int decide(struct xdp_md *ctx, const int explain)
 {
 	struct cursor c = {.pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end};
 	struct packet p = {};
@@ -410,17 +436,32 @@ unreadable:
 drop_unparsed:
 	reason = XDPFW_REASON_UNPARSED_DROP;
 drop:
-	return record(ctx, fc, iface, &p, reason, slot, XDP_DROP);
+	return record(ctx, fc, iface, &p, reason, slot, XDP_DROP, explain);
 forward:
 	/* Passing packets whose headers were read: the load balancer may take them, and then
-	 * the verdict and the reason are its own. */
+	 * the verdict and the reason are its own. An explain stops at the firewall's verdict
+	 * (the load balancer would remember the flow). */
+	if (explain)
+		return explain_out(ctx, reason, slot, XDP_PASS);
 	verdict = lb_forward(ctx, &p, &reason);
 	if (verdict != XDP_PASS)
-		return record(ctx, fc, iface, &p, reason, slot, verdict);
+		return record(ctx, fc, iface, &p, reason, slot, verdict, 0);
 pass:
-	record(ctx, fc, iface, &p, reason, slot, XDP_PASS);
+	if (explain)
+		return explain_out(ctx, reason, slot, XDP_PASS);
+	record(ctx, fc, iface, &p, reason, slot, XDP_PASS, 0);
 	/* Another XDP program chained behind xdpfw on this interface decides next; with none
 	 * (or if the call fails) the packet goes to the stack. */
 	chain_progs.call(ctx, iface);
 	return XDP_PASS;
+}
+
+int xdpfw_main(struct xdp_md *ctx)
+{
+	return decide(ctx, 0);
+}
+
+int xdpfw_explain(struct xdp_md *ctx)
+{
+	return decide(ctx, 1);
 }

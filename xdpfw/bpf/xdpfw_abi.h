@@ -50,6 +50,10 @@
  * (xdpfw/dataplane/instances.py). Slot 0 is the test instance, never attached. */
 #define XDPFW_SLOT_MARKER 0x5107c0de
 
+/* explain_result.magic: written by xdpfw_explain (GET /api/v1/explain), an entry point
+ * that decides as xdpfw_main does for the same slot and reports instead of counting. */
+#define XDPFW_EXPLAIN_MAGIC 0x78706c6e /* "xpln" */
+
 #define XDPFW_NO_RULE     0xffffffff /* rule_slot when no rule decided */
 #define XDPFW_NO_PORT_SET 0          /* prefix_verdict.port_set when no proto/port rule applies */
 
@@ -342,6 +346,14 @@ struct capture_record {
 	__u8 verdict;    /* XDP_* action the packet got */
 	__u8 pad[6];
 	__u8 data[XDPFW_CAPTURE_MAX_SNAPLEN];
+};
+
+/* ---- Explain (an explain instance's answer, over the frame's first 16 bytes) ---- */
+struct explain_result {
+	__u32 magic;     /* host order: XDPFW_EXPLAIN_MAGIC */
+	__u32 reason;    /* host order: XDPFW_REASON_* */
+	__u32 rule_slot; /* host order: counter slot of the deciding rule, or XDPFW_NO_RULE */
+	__u32 verdict;   /* host order: the XDP_* action an attached instance would return */
 };
 
 #endif /* XDPFW_ABI_H */

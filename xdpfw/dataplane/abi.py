@@ -64,6 +64,7 @@ IFACE_DROPPED = 1
 IFACE_FORWARDED = 2
 IFACE_COUNTERS = 3
 SLOT_MARKER = 0x5107C0DE
+EXPLAIN_MAGIC = 0x78706C6E
 
 NO_RULE = 0xFFFFFFFF
 NO_PORT_SET = 0
@@ -282,6 +283,17 @@ class CaptureRecord(ctypes.Structure):
 
 
 CAPTURE_HEADER = CaptureRecord.data.offset  # bytes before a record's frame
+
+
+class ExplainResult(ctypes.Structure):
+    """An explain instance's decision, over the first bytes of the frame it ran on."""
+
+    _fields_ = (
+        ("magic", ctypes.c_uint32),
+        ("reason", ctypes.c_uint32),
+        ("rule_slot", ctypes.c_uint32),
+        ("verdict", ctypes.c_uint32),
+    )
 
 
 class DropEvent(ctypes.Structure):

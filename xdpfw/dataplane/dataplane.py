@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from xdpfw.dataplane import abi
 from xdpfw.dataplane.attach import Mode, attach, detach, link_info, replace, where
 from xdpfw.dataplane.capture_maps import CaptureMaps
 from xdpfw.dataplane.lb_maps import LbMaps
@@ -37,7 +38,8 @@ from xdpfw.dataplane.maps import FirewallMaps
 from xdpfw.dataplane.pins import move_aside
 from xdpfw.dataplane.progs import ProgInfo, prog_fd_by_id, prog_info
 from xdpfw.dataplane.ringbuf import RingReader
-from xdpfw.errors import AttachError, ConflictError, NotFoundError, PinLayoutError
+from xdpfw.dataplane.testrun import test_run
+from xdpfw.errors import AttachError, ConflictError, NotFoundError, PinLayoutError, XdpfwError
 from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
 from xdpfw.proxy.loader import SockProxyDataplane
 
@@ -256,6 +258,16 @@ class Dataplane:
                     log.debug("%s: %s", where(link.name, link.netns), e)
             current = prog_id is not None and prog_id == self.instance_id(slot)
             return LinkState(mode, prog_id, current, self.maps.chain_id(slot))
+
+    def explain(self, slot: int, frame: bytes) -> abi.ExplainResult:
+        """What slot's instance decides for `frame`, from its explain instance (loaded on
+        first use; LoadedProgram.explainer): nothing is counted or forwarded."""
+        with self.lock:
+            run = test_run(self.program.explainer(slot).fd, frame)
+        out = abi.ExplainResult.from_buffer_copy(run.data.ljust(16, b"\0")[:16])
+        if out.magic != abi.EXPLAIN_MAGIC:
+            raise XdpfwError("the running build's xdpfw_explain wrote no answer")
+        return out
 
     def instance_id(self, slot: int) -> int:
         return self.program.instance(slot).info().id

@@ -19,12 +19,13 @@ from pathlib import Path
 from xdpfw.dataplane.instances import Instance, load_xdp, patched, slot_site
 from xdpfw.dataplane.kernel_hz import kernel_hz
 from xdpfw.dataplane.pins import layout_differences
-from xdpfw.errors import BpffsError, CompileError, PinLayoutError
+from xdpfw.errors import BpffsError, CompileError, PinLayoutError, XdpfwError
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 ENTRY_POINT = "xdpfw_main"
+EXPLAIN_ENTRY = "xdpfw_explain"  # the same decision, reported: GET /api/v1/explain
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class LoadedProgram:
         # slotted=False: a program without iface_slot() (benchmark baselines); one instance.
         self._site = slot_site(insns) if slotted else None
         self.instances: dict[int, Instance] = {}
+        self.explainers: dict[int, Instance] = {}
         self.instance(0)
 
     @property
@@ -145,9 +147,26 @@ class LoadedProgram:
             inst = self.instances[slot] = load_xdp(code, f"xdpfw_if{slot}", slot, self.entry)
         return inst
 
+    def explainer(self, slot: int) -> Instance:
+        """The explain instance of an interface slot (EXPLAIN_ENTRY: decides as that slot's
+        instance, reports instead of counting), loaded on first use."""
+        inst = self.explainers.get(slot)
+        if inst is None:
+            try:
+                insns = self.bpf.dump_func(EXPLAIN_ENTRY.encode())
+            except Exception:  # BCC raises bare Exception: a source without the entry
+                raise XdpfwError(f"the running build has no {EXPLAIN_ENTRY} (an uploaded "
+                                 "source without it?): it cannot explain") from None
+            code = patched(insns, slot_site(insns), slot)
+            inst = self.explainers[slot] = load_xdp(code, f"xdpfw_x{slot}", slot,
+                                                    EXPLAIN_ENTRY)
+        return inst
+
     def release(self, slot: int) -> None:
-        """Close a detached interface's instance (slot 0 stays)."""
+        """Close a detached interface's instances (slot 0 stays)."""
         if slot and (inst := self.instances.pop(slot, None)) is not None:
+            inst.close()
+        if slot and (inst := self.explainers.pop(slot, None)) is not None:
             inst.close()
 
     def table(self, name: str):
@@ -155,9 +174,10 @@ class LoadedProgram:
 
     def close(self) -> None:
         """Close fds only: attached instances and pinned maps stay in the kernel."""
-        for inst in self.instances.values():
+        for inst in [*self.instances.values(), *self.explainers.values()]:
             inst.close()
         self.instances.clear()
+        self.explainers.clear()
         self.bpf.cleanup()
 
 

@@ -23,7 +23,7 @@ from xdpfw.dataplane import abi
 from xdpfw.dataplane.fw_config import FwConfig
 from xdpfw.dataplane.pins import PinIdentity
 from xdpfw.dataplane.progs import map_spec, obj_get
-from xdpfw.dataplane.v4table import ParentOf, V4Table, pack_verdict
+from xdpfw.dataplane.v4table import ParentOf, ParentsOf, V4Table, pack_verdict
 from xdpfw.errors import MapFullError, XdpfwError
 from xdpfw.rules.compile import STRICT, Changes, PortKey, PrefixValue
 from xdpfw.rules.model import V4, Prefix
@@ -136,9 +136,15 @@ class MapHandle:
                              offset=start - offset)
         try:
             yield view
-        finally:
-            del view  # no export may outlive the mapping
-            mm.close()
+        except BaseException:
+            del view
+            # The exception's traceback may hold the block's own reference to the view: the
+            # mapping then goes with it, and the exception, not a BufferError, is what shows.
+            with contextlib.suppress(BufferError):
+                mm.close()
+            raise
+        del view  # no export may outlive the mapping
+        mm.close()
 
     def update_many(self, keys: bytes, values: bytes, count: int) -> None:
         if count == 0:
@@ -380,17 +386,42 @@ class FirewallMaps:
         if v4_sets or v4_gone:
             self.v4.apply(v4_sets, v4_gone, parent_of)
         self._write_v6([(p, v) for p, v in ch.prefixes.items() if p.family != V4])
-        emptied, hosts_gone = set(), False
-        for p in ch.deleted_prefixes:
-            if p.family != V4:
-                handle, key = self._where6(p)
-                handle.delete(key)
-                emptied.add(handle)
-                hosts_gone |= p.length == 128
-        if emptied:
-            self.fw_config.refresh(emptied, deleted_hosts_v6=hosts_gone)
+        self._delete_v6([p for p in ch.deleted_prefixes if p.family != V4])
         for k in ch.deleted_ports:
             self.port_rules.delete(pack_port_key(k))
+
+    def _delete_v6(self, prefixes: Sequence[Prefix]) -> None:
+        emptied, hosts_gone = set(), False
+        for p in prefixes:
+            handle, key = self._where6(p)
+            handle.delete(key)
+            emptied.add(handle)
+            hosts_gone |= p.length == 128
+        if emptied:
+            self.fw_config.refresh(emptied, deleted_hosts_v6=hosts_gone)
+
+    def apply_plain(self, put: Prefixes, slots: np.ndarray, actions: np.ndarray,
+                    gone: Prefixes, parents: ParentsOf) -> None:
+        """Plain rules in (`put`: new entries laid out, existing ones changed in place) and
+        prefixes out (`gone`), from columns, in the order that keeps covered every address
+        covered before and after: every entry is written before any goes. Only for an index
+        with no port rules (RuleIndex.plain_only), where each entry is its rule's own
+        verdict. parents: the IPv4 prefixes that cover the gone ones afterwards."""
+        v4 = put.family == V4
+        slots = np.asarray(slots, dtype=np.uint64)
+        actions = np.asarray(actions, dtype=np.uint64)
+        if v4.any():
+            packed = (slots[v4] & np.uint64(abi.PV_SLOT_MASK)) | (
+                actions[v4] << np.uint64(abi.PV_ACT_SHIFT))
+            self.v4.put(put.lo[v4].astype(np.uint32), put.plen[v4], packed)
+        if not v4.all():
+            self._write_v6([(put.prefix(i), (int(slots[i]), int(actions[i]), 0))
+                            for i in np.nonzero(~v4)[0].tolist()])
+        g4 = gone.family == V4
+        if g4.any():
+            self.v4.remove(gone.lo[g4].astype(np.uint32), gone.plen[g4], parents)
+        if not g4.all():
+            self._delete_v6([gone.prefix(i) for i in np.nonzero(~g4)[0].tolist()])
 
     def reserve(self, v4_prefixes: int) -> None:
         """Room for this many more IPv4 entries, allocated once (before a bulk add)."""
@@ -561,11 +592,11 @@ class FirewallMaps:
         """A reused slot starts from zero: it belongs to a new rule."""
         self.rule_counters.update(struct.pack("<I", slot), bytes(self.rule_counters.value_size))
 
-    def reset_rule_counters(self, slots: Sequence[int]) -> None:
-        if not slots:
+    def reset_rule_counters(self, slots: Sequence[int] | np.ndarray) -> None:
+        if not len(slots):
             return
         zero = bytes(self.rule_counters.value_size)
-        keys = array("I", slots).tobytes()
+        keys = np.asarray(slots, dtype="<u4").tobytes()
         for start in range(0, len(slots), BATCH_CHUNK):  # bounds the zero buffer
             n = min(BATCH_CHUNK, len(slots) - start)
             self.rule_counters.update_many(keys[4 * start : 4 * (start + n)], zero * n, n)

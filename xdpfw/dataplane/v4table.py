@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xdpfw.dataplane import abi
-from xdpfw.errors import MapFullError
+from xdpfw.errors import MapFullError, XdpfwError
 from xdpfw.rules.u64map import U64Map
 
 QUARANTINE_S = 1.0  # packets take microseconds; a freed id waits a second before reuse
@@ -47,6 +47,8 @@ FREE = 255  # vid_plen of an id no prefix holds
 
 Prefix4 = tuple[int, int]  # (network as int, length)
 ParentOf = Callable[[int, int], Prefix4 | None]
+# (nets, lengths) -> (their parents' nets, lengths, and whether each has one), as columns
+ParentsOf = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def pack_verdict(slot: int, action: int, port_set: int) -> int:
@@ -59,6 +61,21 @@ def key_of(net: int, plen: int) -> int:
     return (net << 6) | plen
 
 
+def keys_of(nets: np.ndarray, plens: np.ndarray) -> np.ndarray:
+    return (nets.astype(np.uint64) << np.uint64(6)) | plens.astype(np.uint64)
+
+
+def parents_by_call(parent_of: ParentOf) -> ParentsOf:
+    """A ParentsOf that asks parent_of once per prefix (for the few of an incremental
+    change)."""
+    def parents(nets: np.ndarray, plens: np.ndarray):
+        found = [parent_of(n, p) for n, p in zip(nets.tolist(), plens.tolist(), strict=True)]
+        return (np.array([f[0] if f else 0 for f in found], dtype=np.uint32),
+                np.array([f[1] if f else 0 for f in found], dtype=np.uint8),
+                np.array([f is not None for f in found], dtype=bool))
+    return parents
+
+
 def one_entry(net: int, plen: int, vid: int) -> int:
     """The kind and aux bits of a /24 whose only longer prefix is net/plen (/25 .. /32)."""
     return ((abi.V4_ONE << abi.V4_KIND_SHIFT) | ((plen - 25) << abi.V4_LEN_SHIFT)
@@ -66,45 +83,54 @@ def one_entry(net: int, plen: int, vid: int) -> int:
 
 
 class _Ids:
-    """Free numbers with quarantine: released ones come back after QUARANTINE_S."""
+    """Free numbers with quarantine: released ones come back after QUARANTINE_S. Kept as
+    arrays (a set replace frees half a million ids at once)."""
 
     def __init__(self, first: int, limit: int, what: str) -> None:
         self.next, self.limit, self.what = first, limit, what
-        self.free: list[int] = []
-        self.waiting: deque[tuple[float, int]] = deque()
+        self.free = np.zeros(0, dtype=np.uint32)
+        self.waiting: deque[tuple[float, np.ndarray]] = deque()
 
     def _release_due(self) -> None:
         now = time.monotonic()
+        due = []
         while self.waiting and now - self.waiting[0][0] >= QUARANTINE_S:
-            self.free.append(self.waiting.popleft()[1])
+            due.append(self.waiting.popleft()[1])
+        if due:
+            self.free = np.concatenate([self.free, *due])
+
+    def _pop(self, n: int) -> np.ndarray:
+        k = min(n, len(self.free))
+        out = self.free[len(self.free) - k:]
+        self.free = self.free[: len(self.free) - k]
+        return out
 
     def take_many(self, n: int) -> np.ndarray:
         self._release_due()
-        reuse = [self.free.pop() for _ in range(min(n, len(self.free)))]
-        fresh = min(n - len(reuse), self.limit - self.next)
-        out = [np.array(reuse, dtype=np.uint32),
-               np.arange(self.next, self.next + fresh, dtype=np.uint32)]
+        reused = [self._pop(n)]
+        fresh = min(n - len(reused[0]), self.limit - self.next)
+        new = np.arange(self.next, self.next + fresh, dtype=np.uint32)
         self.next += fresh
-        got = len(reuse) + fresh
+        got = len(reused[0]) + fresh
         while got < n:
             if not self.waiting:
-                self.free.extend(reuse)
+                self.free = np.concatenate([self.free, *reused])
                 self.next -= fresh
                 raise MapFullError(f"no room for {n} more {self.what} (capacity "
                                    f"{self.limit}); raise limits in the config")
             time.sleep(max(0.0, QUARANTINE_S - (time.monotonic() - self.waiting[0][0])))
             self._release_due()
-            more = [self.free.pop() for _ in range(min(n - got, len(self.free)))]
-            out.append(np.array(more, dtype=np.uint32))
-            got += len(more)
-        return np.concatenate(out)
+            reused.append(self._pop(n - got))
+            got += len(reused[-1])
+        return np.concatenate([reused[0], new, *reused[1:]])
 
     def take(self) -> int:
         return int(self.take_many(1)[0])
 
-    def give(self, ids: Iterable[int]) -> None:
-        now = time.monotonic()
-        self.waiting.extend((now, int(i)) for i in ids)
+    def give(self, ids: Iterable[int] | np.ndarray) -> None:
+        ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.uint32)
+        if len(ids):
+            self.waiting.append((time.monotonic(), ids.copy()))
 
 
 def _spans(starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -284,19 +310,26 @@ class V4Table:
         """sets: (net, plen) -> packed verdict, new or changed; deletes: (net, plen) gone.
         parent_of(net, plen): the longest prefix shorter than it that covers it and still has
         an entry (after this change), or None. Writes in the order the module doc says."""
-        new, changed = {}, {}
-        for p, v in sets.items():
-            (changed if key_of(*p) in self.vid else new)[p] = v
-        if changed:  # in place, one word each
-            vids = np.array([self.vid[key_of(*p)] for p in changed], dtype=np.uint32)
-            self._write(VERDICTS, vids, np.array(list(changed.values()), dtype=np.uint64))
-        if new:
-            self.add(np.array([p[0] for p in new], dtype=np.uint32),
-                     np.array([p[1] for p in new], dtype=np.uint8),
-                     np.array(list(new.values()), dtype=np.uint64))
+        if sets:
+            self.put(np.array([p[0] for p in sets], dtype=np.uint32),
+                     np.array([p[1] for p in sets], dtype=np.uint8),
+                     np.array(list(sets.values()), dtype=np.uint64))
         deletes = list(deletes)
         if deletes:
-            self.remove(deletes, parent_of)
+            self.remove(np.array([p[0] for p in deletes], dtype=np.uint32),
+                        np.array([p[1] for p in deletes], dtype=np.uint8),
+                        parents_by_call(parent_of))
+
+    def put(self, nets: np.ndarray, plens: np.ndarray, verdicts: np.ndarray) -> None:
+        """Prefixes new or changed, as columns: a prefix that has an entry keeps it and its
+        verdict changes in place (one word); the others are laid out (add)."""
+        vids = self.vid.get_many(keys_of(nets, plens))
+        there = vids >= 0
+        if there.any():
+            self._write(VERDICTS, vids[there], verdicts[there].astype(np.uint64))
+        if not there.all():
+            new = ~there
+            self.add(nets[new], plens[new], verdicts[new])
 
     def add(self, nets: np.ndarray, plens: np.ndarray, verdicts: np.ndarray) -> None:
         """New prefixes (none may have an entry yet), as columns: a blocklist of a million
@@ -429,46 +462,74 @@ class V4Table:
                         np.fromiter(out.words.values(), dtype=np.uint64, count=len(out.words)))
         self.groups.give(out.freed_groups)
 
-    def remove(self, deletes: list[Prefix4], parent_of: ParentOf) -> None:
-        """Prefixes gone: their /24s fall back to each one's parent, then their ids go. A
-        prefix never laid out is skipped (a rollback of a change whose writes never ran)."""
-        deletes = [p for p in deletes if key_of(*p) in self.vid]
-        if not deletes:
+    def remove(self, nets: np.ndarray, plens: np.ndarray, parents: ParentsOf) -> None:
+        """Prefixes gone, as columns: the /24s that fell back to each one fall back to its
+        parent (what covers it after this change, found by `parents`), the /24s holding the
+        longer ones are laid out again, then their ids go. A prefix without an entry is
+        skipped (a rollback of a change whose writes never ran)."""
+        keys, first = np.unique(keys_of(np.asarray(nets, dtype=np.uint32),
+                                        np.asarray(plens, dtype=np.uint8)), return_index=True)
+        nets = np.asarray(nets, dtype=np.uint32)[first]  # each prefix once: its id goes once
+        plens = np.asarray(plens, dtype=np.uint8)[first]
+        vids = self.vid.get_many(keys)
+        there = vids >= 0
+        if not there.any():
             return
-        gone = np.array([self.vid[key_of(*p)] for p in deletes], dtype=np.uint32)
-        short = [(p, v) for p, v in zip(deletes, gone.tolist(), strict=True) if p[1] <= 24]
-        if short:
-            self._fall_back(short, parent_of)
-        by24: dict[int, list[int]] = {}
-        for net, plen in deletes:
-            if plen > 24:
-                by24.setdefault(net >> 8, []).append(key_of(net, plen))
-        if by24:
-            slash24s = np.array(sorted(by24), dtype=np.int64)
+        nets, plens, keys = nets[there], plens[there], keys[there]
+        vids = vids[there].astype(np.uint32)
+        short = plens <= 24
+        if short.any():
+            p_nets, p_lens, found = parents(nets[short], plens[short])
+            to = np.zeros(int(short.sum()), dtype=np.uint32)
+            if found.any():
+                parent = self.vid.get_many(keys_of(p_nets[found], p_lens[found]))
+                if (parent < 0).any():  # the caller broke the order: entries before removals
+                    raise XdpfwError("internal error: a removed IPv4 prefix's parent has no "
+                                     "entry yet; nothing of the removal was written")
+                to[found] = parent
+            self._fall_back(nets[short], plens[short], vids[short], to)
+        if not short.all():
+            self._remove_longs(nets[~short], plens[~short], vids[~short])
+        self.vid.pop_many(keys)
+        self.vid_plen[vids] = FREE
+        self.ids.give(vids)
+
+    def _remove_longs(self, nets: np.ndarray, plens: np.ndarray, vids: np.ndarray) -> None:
+        """Prefixes longer than /24 out of their /24s: a /24 whose one such prefix goes
+        (ONE) keeps only its fallback, in one word, through numpy; a /24 with a group is
+        laid out again."""
+        s24 = (nets >> 8).astype(np.int64)
+        uniq = _distinct(s24)
+        current = self._read24(uniq)
+        kind = current >> np.uint64(abi.V4_KIND_SHIFT)
+        aux = ((current >> np.uint64(abi.V4_AUX_SHIFT)) & ID_MASK).astype(np.uint32)
+        one = (kind == abi.V4_ONE) & np.isin(aux, vids)
+        if one.any():
+            self._write(TBL24, uniq[one], current[one] & ID_MASK)
+        grouped = kind == abi.V4_GROUP
+        if grouped.any():
+            mine = grouped[np.searchsorted(uniq, s24)]
+            by24: dict[int, list[int]] = {}
+            for s, k in zip(s24[mine].tolist(), keys_of(nets[mine], plens[mine]).tolist(),
+                            strict=True):
+                by24.setdefault(s, []).append(k)
             out = _Writes()
-            for s, entry in zip(slash24s.tolist(), self._read24(slash24s).tolist(),
+            for s, entry in zip(uniq[grouped].tolist(), current[grouped].tolist(),
                                 strict=True):
                 longs = self._longs(s, entry)
                 for k in by24[s]:
                     longs.pop(k, None)
                 self._lay_out(s, entry, longs, out)
             self._flush(out)
-        self.vid.pop_many(np.array([key_of(*p) for p in deletes], dtype=np.uint64))
-        self.vid_plen[gone] = FREE
-        self.ids.give(gone.tolist())
 
-    def _fall_back(self, short: list[tuple[Prefix4, int]], parent_of: ParentOf) -> None:
-        """The /24s whose fallback is a deleted prefix get that prefix's parent instead (the
-        parent is what remains after this change)."""
-        old = np.array([vid for _, vid in short], dtype=np.uint32)
-        new = np.zeros(len(short), dtype=np.uint32)
-        for i, ((net, plen), _) in enumerate(short):
-            parent = parent_of(net, plen)
-            new[i] = self.vid[key_of(*parent)] if parent else 0
+    def _fall_back(self, nets: np.ndarray, plens: np.ndarray, old: np.ndarray,
+                   new: np.ndarray) -> None:
+        """The /24s whose fallback is a deleted prefix (its id in `old`) get that prefix's
+        parent's id (`new`, 0: none) instead."""
         order = np.argsort(old)
         old, new = old[order], new[order]
-        starts = np.array([n >> 8 for (n, _), _ in short], dtype=np.int64)
-        ends = starts + (1 << (24 - np.array([p for (_, p), _ in short], dtype=np.int64)))
+        starts = (nets >> 8).astype(np.int64)
+        ends = starts + (1 << (24 - plens.astype(np.int64)))
         for lo, hi, _ in _Overlaps(starts, ends).windows():
             current = self._window(lo, hi)
             fb = (current & ID_MASK).astype(np.uint32)

@@ -17,12 +17,13 @@ _HOST_BITS_V4 = [(1 << (32 - n)) - 1 for n in range(33)]
 _LENGTHS_V4 = {str(n): n for n in range(33)}
 
 
-def parse_prefixes(lines: Iterable[str], source: str = "line") -> list[Prefix]:
-    """Parse every entry, or fail naming the first bad one (nothing is half-applied).
+def parse_prefixes(lines: Iterable[str], source: str = "line", first: int = 0) -> list[Prefix]:
+    """Parse every entry, or fail naming the first bad one (nothing is half-applied);
+    entries are numbered from first + 1.
 
     Well-formed IPv4 entries take an inlined path; anything else, including every malformed
     entry, goes through parse_prefix and its messages."""
-    return _parse_lines(lines if isinstance(lines, list) else list(lines), 0, source)
+    return _parse_lines(lines if isinstance(lines, list) else list(lines), first, source)
 
 
 def _parse_lines(lines: list[str], first: int, source: str) -> list[Prefix]:
@@ -77,9 +78,10 @@ def parse_blocklist(text: str) -> list[Prefix]:
 # parse_prefixes over text.splitlines() (tests/test_blocklist.py compares the two).
 
 
-def parse_blocklist_bytes(data: bytes | bytearray, source: str = "line") -> Prefixes:
+def parse_blocklist_bytes(data: bytes | bytearray, source: str = "line",
+                          first_line: int = 1) -> Prefixes:
     """Every prefix of a blocklist in UTF-8 bytes, as columns, in line order; a bad line
-    raises, naming it."""
+    raises, naming it (the first line of `data` is line `first_line`)."""
     buf = np.frombuffer(data, dtype=np.uint8)
     if _needs_text_path(buf):  # other line breaks (or non-ASCII): str.splitlines decides
         try:
@@ -88,8 +90,8 @@ def parse_blocklist_bytes(data: bytes | bytearray, source: str = "line") -> Pref
             raise RuleValidationError(
                 f"the blocklist is not UTF-8 text (byte {e.start}: "
                 f"{bytes(data[e.start:e.start + 1])!r})") from None
-        return Prefixes.of(parse_prefixes(text.splitlines(), source))
-    parts, line0, start = [], 0, 0
+        return Prefixes.of(parse_prefixes(text.splitlines(), source, first_line - 1))
+    parts, line0, start = [], first_line - 1, 0
     while start < len(data):
         end = data.rfind(b"\n", start, start + BLOCK) + 1
         if end <= start:  # a line longer than a block: take it whole

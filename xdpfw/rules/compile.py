@@ -218,6 +218,11 @@ class RuleIndex:
             return self._plain_changes(rules) if report else Changes()
         if not report:
             raise ValueError("report=False is only for plain rules into a plain-only index")
+        return self.recompile(self.enter(rules), set())
+
+    def enter(self, rules: list[Rule]) -> list[Prefix]:
+        """Rules already in the table join the port bookkeeping; returns the prefixes to
+        recompile."""
         touched: list[Prefix] = []
         port_only = self.port_only
         for rule in rules:
@@ -232,7 +237,7 @@ class RuleIndex:
                 if p not in self.any_rules:
                     port_only.add(p)
             touched.append(p)
-        return self._recompile(touched, set())
+        return touched
 
     def _plain_changes(self, rules: list[Rule]) -> Changes:
         """Plain rules into a plain-only index: each entry is its rule's own verdict."""
@@ -246,6 +251,11 @@ class RuleIndex:
 
     def remove_rows(self, rows: np.ndarray) -> Changes:
         """Rules leave (their rows stay as tombstones: revive_rows undoes this)."""
+        return self.recompile(*self.forget(rows))
+
+    def forget(self, rows: np.ndarray) -> tuple[list[Prefix], set[Prefix]]:
+        """Rules leave the table (tombstones) and the port bookkeeping, uncompiled yet:
+        returns recompile's arguments, to which `enter` may add before compiling once."""
         rules = list(self.table.iter_rules(rows))
         self.table.delete(rows)
         touched: list[Prefix] = []
@@ -263,7 +273,7 @@ class RuleIndex:
                     del self.port_rules[p]
                     self.port_only.discard(p)
             touched.append(p)
-        return self._recompile(touched, dropped_any)
+        return touched, dropped_any
 
     def revive_rows(self, rows: np.ndarray) -> Changes:
         """Undo remove_rows (a delete whose commit failed)."""
@@ -308,8 +318,10 @@ class RuleIndex:
         return next((q for q in prefix.parent_candidates() if q in self.prefix_values), None)
 
     def _affected(self, touched: list[Prefix]) -> Iterable[Prefix]:
+        """Each touched prefix once (a change of several rules on one prefix touches it once
+        per rule), and the port-only prefixes inside them."""
         if not self.port_only:
-            return touched
+            return dict.fromkeys(touched)
         affected = set(touched)
         for p in touched:
             affected.update(q for q in self.port_only if p.contains(q))
@@ -354,7 +366,7 @@ class RuleIndex:
             result[STRICT] = strictest(base, result)
         return base, result
 
-    def _recompile(self, touched: Iterable[Prefix], dropped_any: set[Prefix]) -> Changes:
+    def recompile(self, touched: Iterable[Prefix], dropped_any: set[Prefix]) -> Changes:
         """dropped_any: prefixes whose "any" rule this change removed (so they had an entry
         even when nothing compiled was kept for them)."""
         changes = Changes()

@@ -6,6 +6,7 @@ port. Validation lives here once; the API's pydantic models call into it.
 
 from __future__ import annotations
 
+import re
 import socket
 from enum import StrEnum
 from typing import NamedTuple
@@ -97,6 +98,19 @@ def parse_prefix(text: str) -> Prefix:
     return Prefix(family, net, length)
 
 
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_set_name(name: str) -> str:
+    """A set's name goes into URL paths, file names of feeds and log lines: letters, digits,
+    '_', '.' and '-', starting with a letter or digit, at most 64 characters."""
+    if not SET_NAME.fullmatch(name):
+        raise RuleValidationError(
+            f"{name[:80]!r} is not a set name: 1-64 of A-Z a-z 0-9 _ . -, starting with a "
+            "letter or digit")
+    return name
+
+
 def check_match(proto: Proto | None, dport: int | None) -> None:
     if dport is not None:
         if proto is None:
@@ -117,6 +131,7 @@ class Rule(NamedTuple):
     dport: int | None = None
     comment: str = ""
     slot: int = 0  # index of this rule's counters in the data plane
+    rule_set: str = ""  # the named set the rule belongs to ("": none)
 
     @property
     def match_key(self) -> tuple[Prefix, Proto | None, int | None]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xdpfw.dataplane.abi import ACT_DROP, ACT_PASS
+from xdpfw.errors import RuleValidationError
 from xdpfw.rules.model import V4, V6, Action, Prefix, Proto, Rule
 from xdpfw.rules.u64map import U64Map
 
@@ -27,8 +28,9 @@ ACTION_OF = {v: k for k, v in ACTION_CODE.items()}
 COLUMNS = {
     "id": np.int64, "slot": np.uint32, "family": np.uint8, "hi": np.uint64, "lo": np.uint64,
     "plen": np.uint8, "proto": np.uint8, "dport": np.uint16, "action": np.uint8,
-    "comment": np.uint32, "live": np.bool_,
+    "comment": np.uint32, "set": np.uint16, "live": np.bool_,
 }
+MAX_SETS = 65_535  # set ids are 16 bits (0: no set): 2 bytes a rule
 
 
 def key4(nets: np.ndarray, plens: np.ndarray, protos: np.ndarray,
@@ -41,6 +43,21 @@ def key4(nets: np.ndarray, plens: np.ndarray, protos: np.ndarray,
 def split(prefix: Prefix) -> tuple[int, int]:
     """(hi, lo) 64-bit halves of a prefix's network (IPv4: hi 0)."""
     return prefix.net >> 64, prefix.net & ((1 << 64) - 1)
+
+
+def _masks(bits: int, drop: int) -> np.ndarray:
+    """Per prefix length 0..bits: the mask of a 64-bit word's network bits, where the word
+    holds address bits [drop, drop + 64) (IPv4: the low 32 bits of a word)."""
+    out = []
+    for length in range(bits + 1):
+        net = max(0, min(64, length - drop))  # network bits that fall in this word
+        width = 64 if bits == 128 else 32
+        out.append(((1 << net) - 1) << (width - net) if net else 0)
+    return np.array(out, dtype=np.uint64)
+
+
+_MASK4 = _masks(32, 0)
+_MASK6_HI, _MASK6_LO = _masks(128, 0), _masks(128, 64)
 
 
 @dataclass
@@ -97,6 +114,8 @@ class RuleTable:
         self.col = {name: np.zeros(self._cap, dtype=t) for name, t in COLUMNS.items()}
         self.comments: list[str] = [""]
         self._comment_id: dict[str, int] = {"": 0}
+        self.sets: list[str] = [""]  # set id -> name; ids are never reused in a process
+        self._set_id: dict[str, int] = {"": 0}
         self._keys4 = U64Map(capacity, np.int32)  # IPv4 match key -> row
         self._keys6: dict[tuple, int] = {}  # (hi, lo, plen, proto, dport) -> row
         self._slot_row = np.full(1024, -1, dtype=np.int32)  # counter slot -> living row
@@ -117,9 +136,23 @@ class RuleTable:
             self.comments.append(text)
         return cid
 
+    def set_id(self, name: str) -> int:
+        """The id of set `name` (made on first use; "" is 0, no set)."""
+        sid = self._set_id.get(name)
+        if sid is None:
+            if len(self.sets) > MAX_SETS:
+                raise RuleValidationError(f"no room for set {name!r}: at most {MAX_SETS} sets")
+            sid = self._set_id[name] = len(self.sets)
+            self.sets.append(name)
+        return sid
+
+    def find_set(self, name: str) -> int | None:
+        return self._set_id.get(name)
+
     def append(self, *, ids: np.ndarray, slots: np.ndarray, family: np.ndarray, hi: np.ndarray,
                lo: np.ndarray, plen: np.ndarray, proto: np.ndarray, dport: np.ndarray,
-               action: np.ndarray, comment: np.ndarray) -> np.ndarray:
+               action: np.ndarray, comment: np.ndarray,
+               rule_set: np.ndarray | int = 0) -> np.ndarray:
         """New rules, as columns (ids ascending, above every id already here, for
         row_of_id). Duplicates are the caller's to refuse first (find_many4). Returns their
         rows."""
@@ -128,7 +161,7 @@ class RuleTable:
         rows = np.arange(self.n, self.n + k)
         for name, values in (("id", ids), ("slot", slots), ("family", family), ("hi", hi),
                              ("lo", lo), ("plen", plen), ("proto", proto), ("dport", dport),
-                             ("action", action), ("comment", comment)):
+                             ("action", action), ("comment", comment), ("set", rule_set)):
             self.col[name][rows] = values
         self.n += k
         self._enter(rows)
@@ -167,6 +200,7 @@ class RuleTable:
             dport=np.array([r.dport or 0 for r in rules], dtype=np.uint16),
             action=np.array([ACTION_CODE[r.action] for r in rules], dtype=np.uint8),
             comment=np.array([self.comment_id(r.comment) for r in rules], dtype=np.uint32),
+            rule_set=np.array([self.set_id(r.rule_set) for r in rules], dtype=np.uint16),
         )
 
     def reserve(self, more: int) -> None:
@@ -247,7 +281,8 @@ class RuleTable:
         dport = int(c["dport"][row])
         return Rule(int(c["id"][row]), Prefix(fam, net, int(c["plen"][row])),
                     ACTION_OF[int(c["action"][row])], PROTO_OF[int(c["proto"][row])],
-                    dport or None, self.comments[int(c["comment"][row])], int(c["slot"][row]))
+                    dport or None, self.comments[int(c["comment"][row])], int(c["slot"][row]),
+                    self.sets[int(c["set"][row])])
 
     def rows(self) -> np.ndarray:
         """Every living row, in id order."""
@@ -279,10 +314,20 @@ class RuleTable:
         return {a: int(counts[code]) for a, code in ACTION_CODE.items()}
 
     def select(self, action: Action | None = None, proto: Proto | None = None,
-               prefix: Prefix | None = None, comment: str | None = None) -> np.ndarray:
-        """Living rows that match every filter given, in id order (comment: a substring)."""
+               prefix: Prefix | None = None, comment: str | None = None,
+               rule_set: str | None = None, covering: Prefix | None = None) -> np.ndarray:
+        """Living rows that match every filter given, in id order (comment: a substring;
+        rule_set: exact, "" for rules in no set; covering: an address, the rules whose
+        prefix contains it, in the order they decide: longest prefix, then most specific)."""
         n, c = self.n, self.col
         keep = c["live"][:n].copy()
+        if rule_set is not None:
+            sid = self._set_id.get(rule_set)
+            if sid is None:
+                return np.zeros(0, dtype=np.int64)
+            keep &= c["set"][:n] == sid
+        if covering is not None:
+            keep &= self._covering(covering)
         if action is not None:
             keep &= c["action"][:n] == ACTION_CODE[action]
         if proto is not None:
@@ -294,7 +339,45 @@ class RuleTable:
         if comment is not None:
             ids = [i for i, text in enumerate(self.comments) if comment in text]
             keep &= np.isin(c["comment"][:n], np.array(ids, dtype=np.uint32))
-        return np.nonzero(keep)[0]
+        rows = np.nonzero(keep)[0]
+        if covering is not None:  # the deciding order: longest prefix, then most specific
+            rows = rows[np.lexsort((c["id"][rows], c["dport"][rows] == 0,
+                                    c["proto"][rows] == 0, -c["plen"][rows].astype(np.int16)))]
+        return rows
+
+    def _covering(self, addr: Prefix) -> np.ndarray:
+        """Over rows [0, n): does the row's prefix contain `addr` (an address, or all of a
+        prefix)?"""
+        n, c = self.n, self.col
+        hi, lo = split(addr)
+        plen = np.minimum(c["plen"][:n], addr.length)  # longer ones cannot contain it
+        if addr.family == V4:
+            inside = ((c["lo"][:n] ^ np.uint64(lo)) & _MASK4[np.minimum(plen, 32)]) == 0
+        else:
+            inside = ((((c["hi"][:n] ^ np.uint64(hi)) & _MASK6_HI[plen]) == 0)
+                      & (((c["lo"][:n] ^ np.uint64(lo)) & _MASK6_LO[plen]) == 0))
+        return inside & (c["family"][:n] == addr.family) & (c["plen"][:n] <= addr.length)
+
+    def rows_of_set(self, name: str) -> np.ndarray:
+        """Living rows of set `name`, in id order (none when there is no such set)."""
+        sid = self._set_id.get(name)
+        if sid is None:
+            return np.zeros(0, dtype=np.int64)
+        n = self.n
+        return np.nonzero(self.col["live"][:n] & (self.col["set"][:n] == sid))[0]
+
+    def rows_with_comment(self, text: str) -> np.ndarray:
+        """Living rows whose comment is exactly `text`, in id order."""
+        cid = self._comment_id.get(text)
+        if cid is None:
+            return np.zeros(0, dtype=np.int64)
+        n = self.n
+        return np.nonzero(self.col["live"][:n] & (self.col["comment"][:n] == cid))[0]
+
+    def set_sizes(self) -> dict[str, int]:
+        """Rules per named set, for the sets that have any."""
+        counts = np.bincount(self.column("set"), minlength=len(self.sets))
+        return {self.sets[i]: int(k) for i, k in enumerate(counts.tolist()) if k and i}
 
     # -- removing -------------------------------------------------------------------------
 
@@ -354,22 +437,25 @@ class NewRules:
     dport: np.ndarray
     action: np.ndarray  # ACTION_CODE
     comment: np.ndarray  # RuleTable.comment_id
+    rule_set: np.ndarray  # RuleTable.set_id
 
     def __len__(self) -> int:
         return len(self.prefixes)
 
     @classmethod
-    def plain(cls, prefixes: Prefixes, action: Action, comment_id: int) -> NewRules:
-        """A blocklist: every prefix with one action and comment, any protocol."""
+    def plain(cls, prefixes: Prefixes, action: Action, comment_id: int,
+              set_id: int = 0) -> NewRules:
+        """A blocklist: every prefix with one action, comment and set, any protocol."""
         def same(value, dtype) -> np.ndarray:  # one value seen n times: no memory per rule
             return np.broadcast_to(np.array(value, dtype=dtype), (len(prefixes),))
 
         return cls(prefixes, same(0, np.uint8), same(0, np.uint16),
-                   same(ACTION_CODE[action], np.uint8), same(comment_id, np.uint32))
+                   same(ACTION_CODE[action], np.uint8), same(comment_id, np.uint32),
+                   same(set_id, np.uint16))
 
     @classmethod
     def of(cls, specs: Sequence, table: RuleTable) -> NewRules:
-        """From (prefix, action, proto, dport, comment) tuples (service.RuleSpec)."""
+        """From (prefix, action, proto, dport, comment, set) tuples (service.RuleSpec)."""
         n = len(specs)
         return cls(
             Prefixes.of([s[0] for s in specs]),
@@ -377,14 +463,28 @@ class NewRules:
             np.fromiter((s[3] or 0 for s in specs), np.uint16, n),
             np.fromiter((ACTION_CODE[s[1]] for s in specs), np.uint8, n),
             np.fromiter((table.comment_id(s[4]) for s in specs), np.uint32, n),
+            np.fromiter((table.set_id(s[5]) for s in specs), np.uint16, n),
         )
 
-    def columns(self, part: slice) -> dict[str, np.ndarray]:
+    @classmethod
+    def concat(cls, parts: Sequence[NewRules]) -> NewRules:
+        if len(parts) == 1:
+            return parts[0]
+        return cls(Prefixes.concat([p.prefixes for p in parts]),
+                   *(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("proto", "dport", "action", "comment", "rule_set")))
+
+    def take(self, idx) -> NewRules:
+        return NewRules(self.prefixes.take(idx), self.proto[idx], self.dport[idx],
+                        self.action[idx], self.comment[idx], self.rule_set[idx])
+
+    def columns(self, part: slice | np.ndarray) -> dict[str, np.ndarray]:
         """RuleTable.append's columns (but ids and slots) of rows `part`."""
         p = self.prefixes
         return {"family": p.family[part], "hi": p.hi[part], "lo": p.lo[part],
                 "plen": p.plen[part], "proto": self.proto[part], "dport": self.dport[part],
-                "action": self.action[part], "comment": self.comment[part]}
+                "action": self.action[part], "comment": self.comment[part],
+                "rule_set": self.rule_set[part]}
 
     def describe(self, i: int) -> str:
         """Row i's match, as error messages name it."""

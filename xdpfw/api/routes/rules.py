@@ -2,41 +2,41 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from xdpfw.api.audit import audit
+from xdpfw.api.bodies import RULES_BODY, read_rules
 from xdpfw.api.deps import FirewallDep
 from xdpfw.api.error_body import responses, validation_detail
-from xdpfw.api.openapi import body_schema_ref
 from xdpfw.api.schemas import (
-    BULK_BODY,
-    BulkPrefixes,
     BulkResult,
-    BulkRules,
     RuleCreate,
-    RuleMatch,
     RulePage,
     RulePublic,
+    RuleSelection,
+    SyncResult,
 )
 from xdpfw.errors import RuleValidationError
-from xdpfw.rules.blocklist import parse_blocklist_bytes, parse_prefixes
+from xdpfw.rules import document
+from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import Action, Proto, parse_prefix
-from xdpfw.rules.table import Prefixes
-from xdpfw.service import RuleSpec
+from xdpfw.service import SyncReport
 
 router = APIRouter(prefix="/api/v1/rules", tags=["rules"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RulePublic,
              responses=responses(409, 503, 507))
-def add_rule(body: RuleCreate, fw: FirewallDep, response: Response) -> RulePublic:
+def add_rule(body: RuleCreate, request: Request, fw: FirewallDep,
+             response: Response) -> RulePublic:
     rule = fw.add_rules([body.spec()])[0]
     response.headers["Location"] = f"{router.prefix}/{rule.id}"
+    audit(request, f"added rule {rule.id}: {describe(rule)}")
     return RulePublic.of(rule, (0, 0))
 
 
@@ -47,12 +47,18 @@ def list_rules(
     proto: Proto | None = None,
     prefix: Annotated[str | None, Query(description="exact prefix, e.g. 10.0.0.0/8")] = None,
     comment: Annotated[str | None, Query(description="substring of the comment")] = None,
+    rule_set: Annotated[str | None, Query(
+        alias="set", description="rules of this set ('': rules in no set)")] = None,
+    covering: Annotated[str | None, Query(
+        description="an address (or prefix): the rules whose prefix contains it, in the "
+        "order they decide (longest prefix, then most specific)")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RulePage:
     exact = parse_prefix(prefix) if prefix is not None else None
+    inside = parse_prefix(covering) if covering is not None else None
     total, page = fw.select_rules(offset, limit, action=action, proto=proto, prefix=exact,
-                                  comment=comment)
+                                  comment=comment, rule_set=rule_set, covering=inside)
     return RulePage(
         items=[RulePublic.of(r, fw.rule_counter(r)) for r in page],
         total=total,
@@ -61,18 +67,40 @@ def list_rules(
     )
 
 
+@router.get("/export")
+def export_rules(
+    fw: FirewallDep,
+    fmt: Annotated[Literal["text", "json"], Query(alias="format")] = "text",
+) -> StreamingResponse:
+    """Every rule, with its set, comment and match, as `PUT /api/v1/rules` (and `POST
+    /api/v1/rules/bulk`) take them back: text sections or JSON (xdpfw/rules/document.py).
+    The rules are copied under the lock, then written out as they stream."""
+    ex = fw.export()
+    if fmt == "json":
+        return StreamingResponse(document.write_json(ex), media_type="application/json")
+    return StreamingResponse(document.write_text(ex), media_type="text/plain")
+
+
 @router.get("/{rule_id}", response_model=RulePublic, responses=responses(404))
 def get_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     return RulePublic.of(rule, fw.rule_counter(rule))
 
 
-@router.delete("/{rule_id}", response_model=RulePublic, responses=responses(404, 503))
-def delete_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
+@router.delete("/{rule_id}", response_model=RulePublic, responses=responses(404, 409, 503))
+def delete_rule(rule_id: int, request: Request, fw: FirewallDep) -> RulePublic:
     rule = fw.get_rule(rule_id)
     counters = fw.rule_counter(rule)
     fw.delete_rule(rule_id)
+    audit(request, f"deleted rule {rule.id}: {describe(rule)}")
     return RulePublic.of(rule, counters)
+
+
+def describe(rule) -> str:
+    match = f" {rule.proto.value}" + (f"/{rule.dport}" if rule.dport else "") \
+        if rule.proto else ""
+    in_set = f" in set {rule.rule_set}" if rule.rule_set else ""
+    return f"{rule.prefix}{match} {rule.action.value}{in_set}"
 
 
 @router.post(
@@ -80,77 +108,63 @@ def delete_rule(rule_id: int, fw: FirewallDep) -> RulePublic:
     status_code=status.HTTP_201_CREATED,
     response_model=BulkResult,
     responses=responses(409, 415, 503, 507),
-    # The route reads its body itself (text/plain is parsed while the kernel takes chunks),
-    # so the JSON forms are documented here: a body with "rules" is BulkRules, any other
-    # object BulkPrefixes (schemas.BULK_BODY).
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": body_schema_ref(BulkPrefixes, BulkRules)},
-                "text/plain": {"schema": {"type": "string"}},
-            },
-        }
-    },
+    openapi_extra={"requestBody": RULES_BODY},
 )
 async def add_bulk(
     request: Request,
     fw: FirewallDep,
     action: Action = Action.DROP,
     comment: str = "",
+    rule_set: Annotated[str, Query(alias="set",
+                                   description="the set a blocklist's rules join")] = "",
+    skip_existing: Annotated[bool, Query(
+        description="leave out rules whose match exists already, instead of refusing")] = False,
 ) -> BulkResult:
-    """Many rules at once, all or nothing: a JSON body `{"prefixes": [...], "action": ...}` or
-    `{"rules": [...]}`, or a plain-text blocklist (one prefix per line, `#` comments; the
-    query's `action` and `comment` apply to every line)."""
-    body = await _read_body(request)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip()
-    if ctype == "text/plain":
-        prefixes = await run_in_threadpool(parse_blocklist_bytes, body)
-        del body  # the columns are all that is kept: 30 MiB fewer for the add
-        if not len(prefixes):
-            raise RuleValidationError("the blocklist holds no prefix")
-        ids = await run_in_threadpool(fw.add_prefixes, prefixes, action, comment)
-    elif ctype in ("application/json", ""):
-        ids = await run_in_threadpool(_add_json, fw, body)
-    else:
-        raise HTTPException(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-            f"send text/plain (a blocklist) or application/json, not {ctype}",
-        )
-    return BulkResult(added=len(ids), first_id=ids[0], last_id=ids[-1])
+    """Many rules at once, all or nothing (bodies.py: a blocklist, an export, or JSON; the
+    query's `action`, `comment` and `set` apply to a blocklist's lines)."""
+    doc = await read_rules(request, _kind(action, comment, rule_set))
+    if not len(doc):
+        raise RuleValidationError("the request holds no rule: no prefix in it")
+    ids = await run_in_threadpool(fw.add_document, doc, skip_existing)
+    audit(request, f"added {len(ids)} rules" + (f" (ids {ids[0]}-{ids[-1]})" if ids else "")
+          + (f", {len(doc) - len(ids)} existing skipped" if skip_existing else ""))
+    return BulkResult(added=len(ids), first_id=ids[0] if ids else None,
+                      last_id=ids[-1] if ids else None, skipped=len(doc) - len(ids))
 
 
-async def _read_body(request: Request) -> bytearray:
-    """The body in one buffer grown in place (Request.body() keeps every chunk until it
-    joins them: twice a 30 MiB blocklist at once). Its size was bounded by BodyLimits."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-    return body
+@router.put("", response_model=SyncResult, responses=responses(409, 415, 503, 507),
+            openapi_extra={"requestBody": RULES_BODY})
+async def replace_rules(
+    request: Request,
+    fw: FirewallDep,
+    action: Action = Action.DROP,
+    comment: str = "",
+    dry_run: Annotated[bool, Query(description="say what would change, change nothing")] = False,
+) -> SyncResult:
+    """Make the rules exactly the body's (an export, `xdpfw rules import --replace`), in one
+    change: rules in both keep their ids and counters; a prefix in both keeps its entry."""
+    doc = await read_rules(request, _kind(action, comment, ""))
+    report = await run_in_threadpool(fw.replace_all, doc, dry_run)
+    if not dry_run:
+        audit(request, f"replaced every rule: {_counts(report)}")
+    return SyncResult.of(report)
 
 
-def _add_json(fw, body: bytes | bytearray) -> Sequence[int]:
+@router.post("/delete", response_model=SyncResult, responses=responses(404, 409, 503))
+def delete_many(body: RuleSelection, request: Request, fw: FirewallDep) -> SyncResult:
+    """Delete in one change the rules listed by id (all must exist), or those of a set, or
+    those whose comment is exactly the one given."""
+    report = fw.delete_where(ids=body.ids, rule_set=body.set, comment=body.comment)
+    audit(request, f"deleted {report.removed} rules ({body.describe()})")
+    return SyncResult.of(report)
+
+
+def _kind(action: Action, comment: str, rule_set: str) -> RuleKind:
     try:
-        bulk = BULK_BODY.validate_json(body)
+        return RuleKind(action=action, comment=comment, set=rule_set)
     except ValidationError as e:
-        # The tag the union chose leads each loc; the person wants the field.
-        errors = [{**err, "loc": err["loc"][1:]} if err["type"] != "bulk_body" else err
-                  for err in e.errors(include_input=False, include_url=False)]
-        raise RuleValidationError(validation_detail(errors)[0]) from None
-    if isinstance(bulk, BulkRules):
-        return [r.id for r in fw.add_rules([r.spec() for r in bulk.rules])]
-    match = RuleMatch(action=bulk.action, proto=bulk.proto, dport=bulk.dport)
-    prefixes = parse_prefixes(bulk.prefixes, source="prefixes item")
-    if match.proto is None:  # a blocklist in JSON: columns end to end
-        return fw.add_prefixes(Prefixes.of(prefixes), match.action, bulk.comment)
-    specs = _plain_specs(prefixes, match.action, match.proto, match.dport, bulk.comment)
-    return [r.id for r in fw.add_rules(specs)]
+        raise RuleValidationError(validation_detail(e.errors())[0]) from None
 
 
-def _plain_specs(prefixes, action, proto, dport, comment) -> list[RuleSpec]:
-    """RuleSpecs sharing one match, built by tuple.__new__ through map(): no Python call per
-    rule on a million-line blocklist."""
-    same = (itertools.repeat(v, len(prefixes)) for v in (action, proto, dport, comment))
-    rows = zip(prefixes, *same, strict=True)
-    return list(map(tuple.__new__, itertools.repeat(RuleSpec), rows))
-
+def _counts(r: SyncReport) -> str:
+    return f"{r.added} added, {r.removed} removed, {r.changed} changed, {r.kept} kept"
