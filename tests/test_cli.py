@@ -497,6 +497,9 @@ def test_bulk_delete_is_one_request_by_ids_set_or_comment(xdpfw, tmp_path):
     assert (code, out) == (0, "deleted 150 rules\n"), (out, err)
     code, out, err = xdpfw("rules", "delete", "--comment", "batch a")
     assert (code, out) == (0, "deleted 50 rules\n"), (out, err)
+    assert xdpfw("rules", "add", "10.31.0.0/16")[0] == 0  # no comment
+    code, out, err = xdpfw("rules", "delete", "--comment", "")
+    assert (code, out) == (0, "deleted 1 rules\n"), (out, err)
     code, _, err = xdpfw("rules", "delete", "1", "--set", "x")
     assert code == 2 and "one of them" in err, err
 

@@ -178,7 +178,8 @@ def rules_delete(ids, rule_set, comment, socket) -> int:
 
     If some of the ids do not exist, the others are still deleted one by one (as rm does):
     each deleted rule is printed, each failure named, and the exit status is 1."""
-    given = [k for k, v in (("ids", ids), ("--set", rule_set), ("--comment", comment)) if v]
+    given = [k for k, v in (("ids", ids or None), ("--set", rule_set), ("--comment", comment))
+             if v is not None]  # --comment "" is the rules with no comment
     if len(given) != 1:
         raise click.UsageError("give rule ids, or --set NAME, or --comment TEXT (one of them)")
     with Client(socket) as c:
