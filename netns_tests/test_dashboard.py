@@ -206,6 +206,27 @@ def test_a_rule_added_from_the_page_makes_pings_fail(page, tcp_daemon, lab):
     assert [e for e in p.errors if "409" not in e] == [], p.errors  # the duplicate's 409
 
 
+def test_a_set_replaced_from_the_page_guards_its_prefixes(page, tcp_daemon, lab):
+    assert wait_for(lambda: ping(lab.client, lab.server4, count=1).ok, 5), "no ping before"
+    p = page()
+    p.sign_in(tcp_daemon.token)
+    p.live()
+    p.page.fill("#set-name", "ui-feed")
+    p.page.fill("#set-list", f"# from the page\n192.0.2.0/24\n{lab.client4}/32\n")
+    p.page.click("#set-form button")
+    p.page.wait_for_selector(f"#rules tr[data-prefix='{lab.client4}/32']")
+    assert not ping(lab.client, lab.server4, count=2).ok, "pings pass from a set's prefix"
+    api = tcp_daemon.daemon.client()
+    assert api.get("/api/v1/sets/ui-feed").json()["rules"] == 2
+    # The set made exactly the new list: the client's /32 leaves it, pings pass again.
+    p.page.fill("#set-list", "192.0.2.0/24\n")
+    p.page.click("#set-form button")
+    p.page.wait_for_selector(f"#rules tr[data-prefix='{lab.client4}/32']", state="detached")
+    assert wait_for(lambda: ping(lab.client, lab.server4, count=1).ok, 5), "still dropped"
+    assert api.get("/api/v1/sets/ui-feed").json()["rules"] == 1
+    assert p.errors == [], p.errors
+
+
 def api_detail(tcp_daemon, body: dict) -> str:
     r = tcp_daemon.daemon.client().post("/api/v1/rules", json=body)
     assert r.status_code == 409, r.text

@@ -7,6 +7,7 @@ The tests share one lab and run in order; each leaves the cluster running and he
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import subprocess
 import threading
@@ -246,8 +247,15 @@ def test_a_set_reaches_every_node_and_a_change_moves_one_chunk(lab):
                                                                "limit": 1}).json()
     r = lab.nodes[2].client().delete(f"/api/v1/rules/{some['items'][0]['id']}")
     assert r.status_code == 409 and "belongs to fleet set feed" in r.text, r.text
-    # One prefix out: one chunk written, the rest kept (with their ids).
-    second = _put_set(lab.nodes[0], "feed", members[:-1])
+    # One prefix out: one chunk written, the rest kept (with their ids). Through the CLI's
+    # `sets replace`, which on a fleet node writes the fleet set.
+    feed = lab.workdir / "feed.txt"
+    feed.write_text("\n".join(members[:-1]) + "\n")
+    cli = subprocess.run([*XDPFW, "sets", "replace", "feed", str(feed), "--comment", "set feed",
+                          "--json", "--socket", lab.nodes[0].daemon.socket],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    second = json.loads(cli.stdout)
     assert second["chunks_written"] == 1 and second["chunks_kept"] == second["chunks"] - 1, \
         (first, second)
     lab.wait_converged(timeout=30)
@@ -259,8 +267,11 @@ def test_a_set_reaches_every_node_and_a_change_moves_one_chunk(lab):
         assert wait_until(lambda n=n: lab.own_status(n)["refused_keys"] == 1, CONVERGE_S), \
             lab.own_status(n)
         assert _set_size(n, "feed") == len(members) - 1
-    r = lab.nodes[2].client().delete("/api/v1/fleet/sets/feed")
-    assert r.status_code == 200, r.text
+    cli = subprocess.run([*XDPFW, "sets", "delete", "feed", "--socket",
+                          lab.nodes[2].daemon.socket], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert cli.stdout.startswith("deleted set feed: written to the fleet at etcd revision "), \
+        cli.stdout
     lab.wait_converged(timeout=30)
     for n in lab.nodes:
         assert _set_size(n, "feed") == 0

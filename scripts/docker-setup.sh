@@ -28,6 +28,12 @@ if ! $DOCKER info >/dev/null 2>&1; then
     if [ -f /var/run/docker.pid ] && ! grep -qs dockerd "/proc/$(cat /var/run/docker.pid)/comm"; then
         rm -f /var/run/docker.pid
     fi
+    # Likewise containerd's: dockerd takes any live process with that pid for its containerd
+    # and waits for a socket that never comes ("timeout waiting for containerd to start").
+    ctr_pid=/var/run/docker/containerd/containerd.pid
+    if [ -f $ctr_pid ] && ! grep -qs containerd "/proc/$(cat $ctr_pid)/comm"; then
+        rm -f $ctr_pid
+    fi
     setsid -f dockerd >>"$LOG" 2>&1 </dev/null
     for _ in $(seq 60); do $DOCKER info >/dev/null 2>&1 && break; sleep 0.5; done
     $DOCKER info >/dev/null 2>&1 || { echo "docker-setup: dockerd did not start; see $LOG" >&2; exit 1; }

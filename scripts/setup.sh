@@ -50,5 +50,9 @@ ln -sfn "$PWD/.venv/bin/xdpfw" /usr/local/bin/xdpfw
 mkdir -p /usr/share/bash-completion/completions
 .venv/bin/xdpfw completion bash > /usr/share/bash-completion/completions/xdpfw
 
-bash scripts/docker-setup.sh
+# Docker serves docker-compose (and its test) only: the appliance runs without it, so a Docker
+# that cannot start is said loudly but does not stop the set-up (the compose test then fails
+# under CI, naming the reason).
+bash scripts/docker-setup.sh || echo "setup: WARNING: Docker is not ready (above); the appliance" \
+    "does not need it, docker-compose and tests/test_compose.py do" >&2
 echo "setup: ready: /usr/local/bin/xdpfw -> $PWD/.venv/bin/xdpfw (bash completion installed)"

@@ -72,9 +72,11 @@ def xdpfw(serve, capsys):
         return code, out, err
 
     yield run
-    _, out, _ = run("rules", "list", "--json", "--limit", "10000")
-    ids = [str(r["id"]) for r in json.loads(out)["items"]]
-    if ids:
+    while True:  # every rule the test left, 10,000 per request
+        _, out, _ = run("rules", "list", "--json", "--limit", "10000")
+        ids = [str(r["id"]) for r in json.loads(out)["items"]]
+        if not ids:
+            break
         run("rules", "delete", *ids)
 
 
@@ -92,8 +94,8 @@ def test_rules_add_list_delete(xdpfw):
     assert code == 0, err
     header, row = out.splitlines()[:2]
     assert header.split() == ["ID", "PREFIX", "ACTION", "PROTO", "DPORT", "PACKETS", "BYTES",
-                              "COMMENT"], out
-    assert row.split() == [rid, "198.51.100.0/24", "drop", "tcp", "22", "0", "0", "ssh"], out
+                              "SET", "COMMENT"], out
+    assert row.split() == [rid, "198.51.100.0/24", "drop", "tcp", "22", "0", "0", "-", "ssh"], out
 
     code, out, err = xdpfw("rules", "delete", rid)
     assert code == 0 and f"deleted rule {rid}" in out, (out, err)
@@ -118,18 +120,40 @@ def test_unreachable_daemon_is_one_line(xdpfw, tmp_path):
 
 
 def test_import_blocklist_with_progress(xdpfw, tmp_path):
+    """Over a MiB: progress on stderr as the body goes, then one line of result."""
     blocklist = tmp_path / "block.txt"
-    lines = ["# test blocklist", ""] + [f"10.{i // 256}.{i % 256}.0/24  # n{i}" for i in range(250)]
+    n = 60_000  # the test daemon holds 65,536
+    lines = ["# test blocklist", ""] + [f"10.{i // 256 % 256}.{i % 256}.{i // 65536}/32  # n{i}"
+                                       for i in range(n)]
     blocklist.write_text("\n".join(lines) + "\n")
+    size = blocklist.stat().st_size
+    assert size > 1 << 20
 
-    code, out, err = xdpfw("rules", "import", str(blocklist), "--chunk", "100")
+    code, out, err = xdpfw("rules", "import", str(blocklist))
     assert code == 0, err
-    assert "imported 250 rules" in out, out
-    assert err.splitlines() == [f"{n}/250 rules ({100 * n // 250}%)" + line.split(")", 1)[1]
-                                for n, line in zip((100, 200, 250), err.splitlines(),
-                                                   strict=True)], err
-    code, out, _ = xdpfw("rules", "list", "--json", "--prefix", "10.0.249.0/24")
+    assert out.startswith(f"imported {n} rules from {blocklist} (ids "), out
+    steps = err.splitlines()
+    assert len(steps) == -(-size // (1 << 20)), err
+    assert steps[-1].startswith(f"{size}/{size} bytes sent (100%)"), err
+    code, out, _ = xdpfw("rules", "list", "--json", "--prefix", "10.1.0.0/32")
     assert '"total": 1' in out, out
+
+
+def test_import_is_one_change_all_or_nothing(xdpfw, tmp_path):
+    """Seen: an import went in chunks, each its own change, so a refused line left the lines
+    before it imported. Now a file is one request: a rule that exists refuses all of it,
+    and --skip-existing imports the others."""
+    assert xdpfw("rules", "add", "10.9.0.3")[0] == 0
+    blocklist = tmp_path / "feed.txt"
+    blocklist.write_text("10.9.0.1\n10.9.0.2\n10.9.0.3\n10.9.0.4\n")
+    code, out, err = xdpfw("rules", "import", str(blocklist))
+    assert code == 1 and out == "", (out, err)
+    assert "10.9.0.3/32 exists" in err, err
+    assert '"total": 1' in xdpfw("rules", "list", "--json")[1]
+    code, out, err = xdpfw("rules", "import", str(blocklist), "--skip-existing")
+    assert code == 0, err
+    assert out.startswith("imported 3 rules") and "1 existing skipped" in out, out
+    assert '"total": 4' in xdpfw("rules", "list", "--json")[1]
 
 
 def test_import_names_the_bad_line_and_imports_nothing(xdpfw, tmp_path):
@@ -138,7 +162,7 @@ def test_import_names_the_bad_line_and_imports_nothing(xdpfw, tmp_path):
     code, _, err = xdpfw("rules", "import", str(blocklist))
     assert code == 1, err
     assert err == (f"xdpfw: {blocklist}:4: '10.2.0.0/33': prefix length must be a number from "
-                   "0 to 32 (nothing was imported)\n"), err
+                   "0 to 32 (nothing was sent)\n"), err
     assert '"total": 0' in xdpfw("rules", "list", "--json")[1]
 
 
@@ -183,7 +207,7 @@ def test_check_config_names_the_line(tmp_path, capsys):
                   "host namespace\n", err
 
     assert main(["check-config", str(cfg), "--no-interfaces"]) == 0
-    assert "ok (3 interfaces, 1 rules)" in capsys.readouterr().out
+    assert "ok (3 interfaces, 1 rules, 0 sets)" in capsys.readouterr().out
 
 
 def test_install_service_writes_a_unit_systemd_accepts(tmp_path, capsys):
@@ -371,3 +395,140 @@ def test_services_are_tables(xdpfw):
     finally:
         code, out, err = xdpfw("services", "delete", sid)
     assert code == 0 and out == f"deleted service {sid}: 10.96.100.2:80 tcp\n", (out, err)
+
+
+# -- sets, export/import, explain, audit, bulk delete, declared rules ------------------------
+
+
+def _ids_of(xdpfw, **params) -> list[int]:
+    args = [a for k, v in params.items() for a in (f"--{k}", v)]
+    _, out, _ = xdpfw("rules", "list", "--json", "--limit", "10000", *args)
+    return [r["id"] for r in json.loads(out)["items"]]
+
+
+def test_sets_replace_prints_the_difference_and_keeps_what_stays(xdpfw, tmp_path):
+    feed = tmp_path / "feed.txt"
+    feed.write_text("192.0.2.0/24\n198.51.100.7\n203.0.113.0/25\n")
+    code, out, err = xdpfw("sets", "replace", "feed", str(feed))
+    assert code == 0, err
+    assert out.startswith("set feed: 3 added, 0 removed, 0 changed, 0 kept (ids "), out
+    kept_id = _ids_of(xdpfw, prefix="192.0.2.0/24")
+
+    feed.write_text("192.0.2.0/24\n203.0.113.128/25\n")
+    code, out, err = xdpfw("sets", "replace", "feed", str(feed), "--dry-run")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("set feed: 1 would be added, 2 would be removed, 0 would be "
+                                   "changed, 1 kept (dry run: nothing changed)"), out
+    assert len(_ids_of(xdpfw, set="feed")) == 3
+    code, out, err = xdpfw("sets", "replace", "feed", str(feed))
+    assert code == 0 and out.startswith("set feed: 1 added, 2 removed, 0 changed, 1 kept"), out
+    assert _ids_of(xdpfw, prefix="192.0.2.0/24") == kept_id, "a kept rule got a new id"
+
+    code, out, _ = xdpfw("sets", "list")
+    assert out.splitlines()[1].split() == ["feed", "2"], out
+    code, out, err = xdpfw("sets", "delete", "feed")
+    assert (code, out) == (0, "deleted set feed: 2 rules\n"), (out, err)
+    assert _ids_of(xdpfw) == []
+
+
+def test_export_then_import_replace_gives_the_same_rules(xdpfw, tmp_path):
+    for args in (["10.20.0.0/16", "--comment", "lab net"],
+                 ["10.21.0.0/16", "--action", "pass", "--proto", "tcp", "--dport", "22"],
+                 ["2001:db8:20::/48", "--proto", "udp", "--comment", "v6 feed"]):
+        assert xdpfw("rules", "add", *args)[0] == 0
+    feed = tmp_path / "feed.txt"
+    feed.write_text("192.0.2.0/24\n198.51.100.0/24\n")
+    assert xdpfw("sets", "replace", "partners", str(feed), "--action", "pass")[0] == 0
+    code, text, err = xdpfw("rules", "export")
+    assert code == 0 and text.startswith("# xdpfw rules export: 5 rules"), (text, err)
+    code, js, _ = xdpfw("rules", "export", "--format", "json")
+    assert json.loads(js)["format"] == "xdpfw-rules"
+    saved = tmp_path / "rules.txt"
+    saved.write_text(text)
+    saved_json = tmp_path / "rules.json"
+    saved_json.write_text(js)
+
+    # Change things: one rule gone, one new, one set emptied.
+    ids = _ids_of(xdpfw, prefix="10.20.0.0/16")
+    assert xdpfw("rules", "delete", str(ids[0]))[0] == 0
+    assert xdpfw("rules", "add", "10.99.0.0/16")[0] == 0
+    assert xdpfw("sets", "delete", "partners")[0] == 0
+
+    code, out, err = xdpfw("rules", "import", str(saved), "--replace")
+    assert code == 0, err
+    assert out.startswith(f"rules from {saved}: 3 added, 1 removed, 0 changed, 2 kept"), out
+    assert xdpfw("rules", "export")[1] == text
+    code, out, err = xdpfw("rules", "import", str(saved_json), "--replace")
+    assert code == 0 and ": 0 added, 0 removed, 0 changed, 5 kept" in out, (out, err)
+
+
+def test_explain_and_covering_find_the_rule_that_decides(xdpfw):
+    """Seen: `rules list --prefix 38.158.13.5` found nothing although 38.158.13.0/24 covers
+    the address; no command said which rule decides for it."""
+    assert xdpfw("rules", "add", "38.158.0.0/16", "--action", "pass")[0] == 0
+    assert xdpfw("rules", "add", "38.158.13.0/24", "--proto", "tcp", "--dport", "22")[0] == 0
+    code, out, err = xdpfw("rules", "list", "--covering", "38.158.13.5")
+    assert code == 0, err
+    rows = [line.split()[1] for line in out.splitlines()[1:]]
+    assert rows == ["38.158.13.0/24", "38.158.0.0/16"], out
+
+    code, out, err = xdpfw("explain", "38.158.13.5", "tcp/22")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("tcp/22 from 38.158.13.5 to ") and ": drop (" in first, out
+    assert "decided by rule" in first and "38.158.13.0/24 tcp port 22 drop" in first, out
+    code, out, _ = xdpfw("explain", "38.158.13.5", "udp/53")
+    assert ": pass (" in out.splitlines()[0] and "38.158.0.0/16 pass" in out, out
+    code, out, _ = xdpfw("explain", "192.0.2.1")
+    assert "decided by the pass policy" in out and "no rule covers the address" in out, out
+    code, _, err = xdpfw("explain", "192.0.2.1", "sctp/9")
+    assert code == 2 and "tcp/PORT, udp/PORT" in err, err
+
+
+def test_bulk_delete_is_one_request_by_ids_set_or_comment(xdpfw, tmp_path):
+    """Seen: 1,000 deletes were 1,000 requests."""
+    feed = tmp_path / "feed.txt"
+    feed.write_text("".join(f"10.30.{i}.0/24\n" for i in range(200)))
+    assert xdpfw("rules", "import", str(feed), "--comment", "batch a")[0] == 0
+    code, _, err = xdpfw("sets", "replace", "s1", str(feed))
+    assert code == 1 and "cannot take it over" in err, err  # matches outside the set
+    ids = _ids_of(xdpfw, comment="batch a")
+    code, out, err = xdpfw("rules", "delete", *map(str, ids[:150]))
+    assert (code, out) == (0, "deleted 150 rules\n"), (out, err)
+    code, out, err = xdpfw("rules", "delete", "--comment", "batch a")
+    assert (code, out) == (0, "deleted 50 rules\n"), (out, err)
+    assert xdpfw("rules", "add", "10.31.0.0/16")[0] == 0  # no comment
+    code, out, err = xdpfw("rules", "delete", "--comment", "")
+    assert (code, out) == (0, "deleted 1 rules\n"), (out, err)
+    code, _, err = xdpfw("rules", "delete", "1", "--set", "x")
+    assert code == 2 and "one of them" in err, err
+
+
+def test_audit_names_each_change_and_its_client(xdpfw):
+    since = str(time.time() - 1)
+    assert xdpfw("rules", "add", "10.40.0.0/16", "--comment", "audited")[0] == 0
+    code, out, err = xdpfw("audit", "--since", since, "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert any("10.40.0.0/16" in r["detail"] and r["client"].startswith(f"uid {os.getuid()} ")
+               for r in records), records
+    code, out, _ = xdpfw("audit", "--since", since)
+    assert out.splitlines()[0].split()[:2] == ["ID", "TIME"], out
+
+
+def test_check_config_diff_and_reload_without_declared_rules(xdpfw, serve, tmp_path, capsys):
+    assert xdpfw("rules", "add", "10.50.0.0/16")[0] == 0
+    cfg = tmp_path / "xdpfw.toml"
+    feed = tmp_path / "feed.txt"
+    feed.write_text("192.0.2.0/24\n")
+    cfg.write_text('[[rules]]\nprefix = "10.51.0.0/16"\n\n'
+                   '[[sets]]\nname = "feed"\nfile = "feed.txt"\n')
+    code, out, err = xdpfw("check-config", str(cfg), "--no-interfaces", "--diff")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{cfg}: ok (0 interfaces, 2 rules, 1 sets)", out
+    assert lines[1].startswith("the running rules, made the file's: 2 would be added, 1 would "
+                               "be removed"), out
+    assert _ids_of(xdpfw) != [] and len(_ids_of(xdpfw)) == 1, "--diff changed the rules"
+    code, out, err = xdpfw("reload")
+    assert code == 1 and "rules_from_config is off" in err, (out, err)

@@ -19,6 +19,7 @@ from xdpfw.capture_cli import capture
 from xdpfw.commands import COMMANDS
 from xdpfw.errors import XdpfwError
 from xdpfw.fleet_cli import fleet
+from xdpfw.rules_cli import RULE_COMMANDS
 
 COMPLETE_VAR = "_XDPFW_COMPLETE"
 
@@ -93,7 +94,7 @@ def completion(shell) -> int:
     return 0
 
 
-for _command in COMMANDS:
+for _command in [*RULE_COMMANDS, *COMMANDS]:
     cli.add_command(_command)
 cli.add_command(capture)
 cli.add_command(fleet)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import click
 
-from xdpfw.cli_output import ImportProgress, print_json, si, table
+from xdpfw.cli_output import print_json, si, table
 from xdpfw.client import ApiError, ApiUnavailable, Client, default_socket
-from xdpfw.errors import RuleValidationError, XdpfwError
+from xdpfw.errors import XdpfwError
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_TEMPLATE = REPO / "scripts" / "xdpfw.service"
@@ -43,157 +43,6 @@ def socket_option(f):
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")(f)
-
-
-# -- rules ---------------------------------------------------------------------------------
-
-
-@click.group()
-def rules() -> None:
-    """Add, list, delete or import rules."""
-
-
-@rules.command("add")
-@click.argument("prefix")
-@click.option("--action", default="drop", show_default=True, help="drop or pass")
-@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]))
-@click.option("--dport", type=int, help="destination port 1-65535 (needs --proto tcp/udp)")
-@click.option("--comment", default="")
-@socket_option
-@json_option
-def rules_add(prefix, action, proto, dport, comment, socket, as_json) -> int:
-    """Add one rule for a source PREFIX (or address), e.g. 203.0.113.0/24."""
-    body = {"prefix": prefix, "action": action, "comment": comment}
-    if proto is not None:
-        body["proto"] = proto
-    if dport is not None:  # 0 too: the API refuses it, rather than this making an any-port rule
-        body["dport"] = dport
-    with Client(socket) as c:
-        r = c.post("/api/v1/rules", json=body)
-    if as_json:
-        print_json(r)
-    else:
-        print(f"rule {r['id']}: {_match(r)} {r['action']}")
-    return 0
-
-
-def _match(r: dict) -> str:
-    parts = [r["prefix"]]
-    if r.get("proto"):
-        parts.append(r["proto"])
-    if r.get("dport"):
-        parts.append(f"port {r['dport']}")
-    return " ".join(parts)
-
-
-@rules.command("list")
-@click.option("--action")
-@click.option("--proto")
-@click.option("--prefix")
-@click.option("--comment")
-@click.option("--limit", type=int, default=100, show_default=True)
-@click.option("--offset", type=int, default=0, show_default=True)
-@socket_option
-@json_option
-def rules_list(action, proto, prefix, comment, limit, offset, socket, as_json) -> int:
-    """List rules with their counters."""
-    params = {"limit": limit, "offset": offset}
-    for k, v in (("action", action), ("proto", proto), ("prefix", prefix), ("comment", comment)):
-        if v:
-            params[k] = v
-    with Client(socket) as c:
-        page = c.get("/api/v1/rules", params=params)
-    if as_json:
-        print_json(page)
-        return 0
-    table(
-        ([r["id"], r["prefix"], r["action"], r["proto"] or "any", r["dport"] or "any",
-          r["packets"], r["bytes"], r["comment"]] for r in page["items"]),
-        ["ID", "PREFIX", "ACTION", "PROTO", "DPORT", "PACKETS", "BYTES", "COMMENT"],
-        right=["ID", "PACKETS", "BYTES"],
-    )
-    shown = len(page["items"])
-    if page["total"] > shown:
-        print(f"({shown} of {page['total']} rules; --limit/--offset for more)")
-    return 0
-
-
-@rules.command("delete")
-@click.argument("ids", nargs=-1, required=True, type=int)
-@socket_option
-def rules_delete(ids, socket) -> int:
-    """Delete rules by id. Like rm, every id is tried: each deleted rule is printed, each
-    failure named, and the exit status is 1 if any failed."""
-    failed: list[tuple[int, str]] = []
-    with Client(socket) as c:
-        for rid in ids:
-            try:
-                r = c.delete(f"/api/v1/rules/{rid}")
-            except ApiError as e:  # an unreachable daemon (ApiUnavailable) stops it all
-                failed.append((rid, str(e)))
-                print(f"xdpfw: {e}", file=sys.stderr)
-                continue
-            print(f"deleted rule {r['id']}: {_match(r)} {r['action']} ({r['packets']} packets)",
-                  flush=True)
-    if failed and len(ids) > 1:
-        print(f"xdpfw: {len(ids) - len(failed)} of {len(ids)} rules deleted; not deleted: "
-              + ", ".join(str(rid) for rid, _ in failed), file=sys.stderr)
-    return 1 if failed else 0
-
-
-@rules.command("import")
-@click.argument("file")
-@click.option("--action", default="drop", show_default=True)
-@click.option("--comment", default="")
-@click.option("--chunk", type=click.IntRange(min=1), default=IMPORT_CHUNK, show_default=True,
-              help="rules per request")
-@click.option("--quiet", is_flag=True, help="no progress output")
-@socket_option
-def rules_import(file, action, comment, chunk, quiet, socket) -> int:
-    """Import a blocklist FILE (- for stdin): every line is checked first (nothing is sent if
-    one is bad), then it is sent in chunks, each all-or-nothing, with progress on stderr."""
-    from xdpfw.rules.blocklist import parse_prefixes
-
-    src = sys.stdin if file == "-" else open(file)  # noqa: SIM115
-    with src:
-        entries = [(n, line) for n, line in enumerate(src, 1) if line.split("#", 1)[0].strip()]
-    try:
-        prefixes = parse_prefixes((line for _, line in entries), source="line")
-    except RuleValidationError as e:
-        # parse_prefixes numbers the non-empty lines it saw; name the file's line.
-        msg = str(e)
-        idx = int(msg.split()[1].rstrip(":")) - 1
-        raise RuleValidationError(
-            f"{file}:{entries[idx][0]}: {msg.split(': ', 1)[1]} (nothing was imported)"
-        ) from None
-    total = len(prefixes)
-    if total == 0:
-        raise RuleValidationError(f"{file} holds no prefix")
-    progress = ImportProgress(total, "rules", enabled=not quiet)
-    added = 0
-    first_id = last_id = None
-    with Client(socket) as c:
-        try:
-            for start in range(0, total, chunk):
-                body = {"prefixes": [str(p) for p in prefixes[start : start + chunk]],
-                        "action": action, "comment": comment}
-                try:
-                    r = c.post("/api/v1/rules/bulk", json=body)
-                except ApiError as e:
-                    line_from = entries[start][0]
-                    line_to = entries[min(start + chunk, total) - 1][0]
-                    kept = (f"; lines before {line_from} were imported (rules {first_id}-"
-                            f"{last_id})" if added else "; nothing was imported")
-                    raise ApiError(e.status, f"{file} lines {line_from}-{line_to}: {e}{kept}"
-                                   ) from None
-                first_id = first_id if first_id is not None else r["first_id"]
-                last_id = r["last_id"]
-                added += r["added"]
-                progress.update(added)
-        finally:
-            progress.done()
-    print(f"imported {added} rules from {file} (ids {first_id}-{last_id})")
-    return 0
 
 
 # -- interfaces, status --------------------------------------------------------------------
@@ -676,12 +525,26 @@ def services_delete_backend(service_id, backend_id, socket, as_json) -> int:
 @click.argument("file")
 @click.option("--no-interfaces", is_flag=True,
               help="do not check that the interfaces exist on this box")
-def check_config_cmd(file, no_interfaces) -> int:
+@click.option("--diff", is_flag=True,
+              help="also show what making the running rules the file's [[rules]] and [[sets]] "
+              "would change (asks the daemon; changes nothing)")
+@socket_option
+def check_config_cmd(file, no_interfaces, diff, socket) -> int:
     """Validate a config file (names the line of each mistake)."""
     from xdpfw.config import check_config
+    from xdpfw.declared import declared_rules
+    from xdpfw.rules.document import document_text
+    from xdpfw.rules_cli import print_sync
 
     cfg = check_config(file, interfaces=not no_interfaces)
-    print(f"{file}: ok ({len(cfg.interfaces)} interfaces, {len(cfg.rules)} rules)")
+    declared = declared_rules(cfg, file)
+    print(f"{file}: ok ({len(cfg.interfaces)} interfaces, {len(declared)} rules, "
+          f"{len(cfg.sets)} sets)")
+    if diff:
+        with Client(socket) as c:
+            r = c.put("/api/v1/rules", params={"dry_run": True},
+                      content=document_text(declared), headers={"content-type": "text/plain"})
+        print_sync(r, "the running rules, made the file's", as_json=False)
     return 0
 
 
@@ -726,5 +589,5 @@ def install_service(config, unit_dir, xdpfw_bin, no_enable) -> int:
     return 0
 
 
-COMMANDS = [rules, attach, detach, status, health, watch, events, upgrade, stop, services,
+COMMANDS = [attach, detach, status, health, watch, events, upgrade, stop, services,
             check_config_cmd, install_service]
