@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from netns_tests.traffic import udp_delivered
+from netns_tests.traffic import PACED_FLOOD, udp_delivered
 from xdpfw import netns as nsutil
 from xdpfw.dataplane.attach import link_info
 
@@ -41,25 +41,6 @@ while True:
         s.recv(2048); n += 1
     except socket.timeout:
         pass
-"""
-
-# Sends paced datagrams until SIGTERM or its bounds, then prints how many it sent.
-FLOOD = """
-import signal, socket, sys, time
-dst, port = sys.argv[1], int(sys.argv[2])
-pps, cap, max_s = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-stop = False
-def halt(*_):
-    global stop; stop = True
-signal.signal(signal.SIGTERM, halt)
-print('ready', flush=True)
-burst, sent, start = max(pps // 100, 1), 0, time.monotonic()
-while not stop and sent < cap and time.monotonic() - start < max_s:
-    for _ in range(burst):
-        s.sendto(b'f' * 32, (dst, port)); sent += 1
-    time.sleep(max(0.0, start + sent / pps - time.monotonic()))
-print(sent, flush=True)
 """
 
 
@@ -123,7 +104,7 @@ def flood_while(daemon, pair, rule_id: int, disrupt) -> Flood:
     """Flood, call disrupt() in the middle of it, and count what got through."""
     drops_before = tx_dropped(pair.client, pair.client_if)
     sink = _spawn(pair.server, SINK, pair.server4, str(PORT))
-    flood = _spawn(pair.client, FLOOD, pair.server4, str(PORT), str(FLOOD_PPS),
+    flood = _spawn(pair.client, PACED_FLOOD, pair.server4, str(PORT), str(FLOOD_PPS),
                    str(FLOOD_MAX), str(FLOOD_MAX_S))
     try:
         start = rule_packets(daemon, rule_id)

@@ -24,7 +24,7 @@ import pytest
 from conftest import require_kernel
 from netns_tests.conftest import Daemon, new_pin_dir
 from netns_tests.test_restart import SINK, _finish, _spawn
-from netns_tests.traffic import udp_delivered
+from netns_tests.traffic import PACED_FLOOD, udp_delivered
 from tests.prefix_gen import text, v4_prefixes
 from xdpfw.rules.table import Prefixes
 
@@ -40,29 +40,6 @@ NEW_ONLY, NEW_SRC = "10.201.0.128/26", "10.201.0.130"
 FLOOD_PPS = 20_000
 FLOOD_MAX = 600_000
 FLOOD_MAX_S = 120
-
-# Sends paced datagrams from each source address in turn until SIGTERM or its bounds.
-MULTI_FLOOD = """
-import signal, socket, sys, time
-dst, port, pps, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-max_s = float(sys.argv[5])
-socks = []
-for src in sys.argv[6:]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((src, 0))
-    socks.append(s)
-stop = False
-def halt(*_):
-    global stop; stop = True
-signal.signal(signal.SIGTERM, halt)
-print('ready', flush=True)
-burst, sent, start = max(pps // 100, 1), 0, time.monotonic()
-while not stop and sent < cap and time.monotonic() - start < max_s:
-    for _ in range(burst):
-        socks[sent % len(socks)].sendto(b'f' * 32, (dst, port)); sent += 1
-    time.sleep(max(0.0, start + sent / pps - time.monotonic()))
-print(sent, flush=True)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +84,7 @@ def test_a_flood_from_the_shared_half_is_dropped_throughout_a_million_set_replac
     assert _from(pair, NEW_SRC) == 20, "the new set's /26 must pass before the replace"
 
     sink = _spawn(pair.server, SINK, pair.server4, str(PORT))
-    flood = _spawn(pair.client, MULTI_FLOOD, pair.server4, str(PORT), str(FLOOD_PPS),
+    flood = _spawn(pair.client, PACED_FLOOD, pair.server4, str(PORT), str(FLOOD_PPS),
                    str(FLOOD_MAX), str(FLOOD_MAX_S), *FLOOD_SOURCES)
     try:
         time.sleep(1.0)  # the flood is under way before the replace starts

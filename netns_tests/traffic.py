@@ -15,6 +15,31 @@ from xdpfw.netns import run_in
 
 PY = sys.executable
 
+# Sends paced datagrams (from each SOURCE address in turn, else from any) until SIGTERM or its
+# bounds, then prints how many it sent. argv: DST PORT PPS MAX_PACKETS MAX_SECONDS [SOURCE...]
+PACED_FLOOD = """
+import signal, socket, sys, time
+dst, port, pps, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+max_s = float(sys.argv[5])
+socks = []
+for src in sys.argv[6:] or [None]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if src is not None:
+        s.bind((src, 0))
+    socks.append(s)
+stop = False
+def halt(*_):
+    global stop; stop = True
+signal.signal(signal.SIGTERM, halt)
+print('ready', flush=True)
+burst, sent, start = max(pps // 100, 1), 0, time.monotonic()
+while not stop and sent < cap and time.monotonic() - start < max_s:
+    for _ in range(burst):
+        socks[sent % len(socks)].sendto(b'f' * 32, (dst, port)); sent += 1
+    time.sleep(max(0.0, start + sent / pps - time.monotonic()))
+print(sent, flush=True)
+"""
+
 UDP_SINK = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
