@@ -121,14 +121,22 @@ def test_a_pre_auth_flood_leaves_the_unix_socket_answering(hard):
                 assert r.status_code == 201, r.text
 
         add = timed(add_rule)
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        # Connections past max_connections are closed as soon as they are accepted; on a busy
+        # machine (another suite beside this one) the accept loop can be seconds behind, so
+        # what counts is that the descriptors go, not one instant's reading.
+        first = fds = len(os.listdir(f"/proc/{pid}/fd"))
+        settle = time.monotonic() + 5
+        while fds >= 256 + 300 and time.monotonic() < settle:
+            time.sleep(0.2)
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
         grown = log.stat().st_size - log_before
         print(f"\nflood: {opened} opened, {handshakes} handshakes ({reports}); unix /healthz "
               f"worst {max(during, default=0):.3f}s over {len(during)} tries during, "
-              f"{after:.3f}s after; rule add {add:.3f}s; daemon fds {fds}; log +{grown} bytes")
+              f"{after:.3f}s after; rule add {add:.3f}s; daemon fds {first}, then {fds}; "
+              f"log +{grown} bytes")
         assert opened == 25_000 and handshakes >= 20_000, reports
         assert max(during, default=0) < 2 and after < 2 and add < 2
-        assert fds < 256 + 300, f"the daemon holds {fds} descriptors"
+        assert fds < 256 + 300, f"the daemon holds {fds} descriptors 5 s after the flood"
         assert grown < 10 * MB, f"the log grew {grown} bytes"
     finally:
         for p in helpers:
