@@ -22,6 +22,7 @@ from xdpfw.rules import document
 from xdpfw.rules.kind import RuleKind
 
 PIECE = 1 << 20  # the body goes in pieces of this many bytes, one progress step each
+SHOWN = 5  # examples of added/removed/changed rules printed (--json has all the API gives)
 RULE_COLUMNS = ["ID", "PREFIX", "ACTION", "PROTO", "DPORT", "PACKETS", "BYTES", "SET", "COMMENT"]
 
 
@@ -112,7 +113,8 @@ def print_sync(r: dict, what: str, as_json: bool) -> None:
     print(f"{what}: {_sync_line(r)}" + (" (dry run: nothing changed)" if r["dry_run"] else ""))
     for name, items in r["examples"].items():
         if items:
-            print(f"  {name}: " + ", ".join(items) + (" ..." if len(items) > 4 else ""))
+            more = ", ..." if len(items) > SHOWN else ""
+            print(f"  {name}: " + ", ".join(items[:SHOWN]) + more)
 
 
 # -- rules ---------------------------------------------------------------------------------
