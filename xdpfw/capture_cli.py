@@ -14,8 +14,8 @@ import sys
 
 import click
 
+from xdpfw.cli_options import socket_option
 from xdpfw.client import Client
-from xdpfw.commands import socket_option
 
 
 class PacketCounter:

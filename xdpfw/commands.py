@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from xdpfw.cli_options import json_option, socket_option
 from xdpfw.cli_output import print_json, si, table
 from xdpfw.client import ApiError, ApiUnavailable, Client, default_socket
 from xdpfw.errors import XdpfwError
@@ -31,18 +32,6 @@ UNIT_TEMPLATE = REPO / "scripts" / "xdpfw.service"
 README = REPO / "README.md"
 TEMPLATE_BIN, TEMPLATE_CONFIG = "/usr/local/bin/xdpfw", "/etc/xdpfw/config.toml"
 TEMPLATE_DOC = "file:///opt/xdpfw/README.md"
-IMPORT_CHUNK = 50_000
-
-
-def socket_option(f):
-    return click.option(
-        "--socket", default=None, envvar="XDPFW_SOCKET", show_envvar=True,
-        help=f"API unix socket [default: {default_socket()}]",
-    )(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")(f)
 
 
 # -- interfaces, status --------------------------------------------------------------------

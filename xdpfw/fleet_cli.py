@@ -6,9 +6,9 @@ import time
 
 import click
 
+from xdpfw.cli_options import json_option, socket_option
 from xdpfw.cli_output import print_json, table
 from xdpfw.client import Client
-from xdpfw.commands import json_option, socket_option
 
 
 @click.group()

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import click
 
+from xdpfw.cli_options import json_option, socket_option
 from xdpfw.cli_output import ImportProgress, print_json, table
 from xdpfw.client import ApiError, Client
-from xdpfw.commands import json_option, socket_option
 from xdpfw.errors import RuleValidationError
 from xdpfw.rules import document
 from xdpfw.rules.kind import RuleKind
