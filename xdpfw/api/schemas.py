@@ -140,6 +140,30 @@ class SyncResult(BaseModel):
                    examples=r.examples)
 
 
+class FleetSetWritten(BaseModel):
+    """A fleet set written to etcd (PUT /api/v1/fleet/sets/{name}, and PUT
+    /api/v1/sets/{name} on a fleet node)."""
+
+    name: str
+    count: int = Field(description="prefixes in the set")
+    chunks: int
+    chunks_written: int = Field(description="chunks new in etcd (the others were kept)")
+    chunks_kept: int
+    action: Action
+    comment: str
+    revision: int = Field(description="the etcd revision that holds the manifest")
+    applied_here: bool = Field(description="this node enforced it before answering")
+
+
+class FleetSetDeleted(BaseModel):
+    """A fleet set deleted (DELETE /api/v1/fleet/sets/{name}, and DELETE /api/v1/sets/{name}
+    on a fleet node)."""
+
+    name: str
+    revision: int
+    applied_here: bool
+
+
 class RuleSelection(BaseModel):
     """Rules to delete in one request: exactly one of ids, set, comment."""
 

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from xdpfw.api.bodies import read_body
 from xdpfw.api.deps import FleetDep
 from xdpfw.api.error_body import responses
+from xdpfw.api.schemas import FleetSetDeleted, FleetSetWritten
 from xdpfw.errors import NotFoundError, RuleValidationError
 from xdpfw.rules.blocklist import parse_blocklist_bytes, parse_prefixes
 from xdpfw.rules.model import Action
@@ -39,7 +40,8 @@ def list_sets(fleet: FleetDep) -> list[dict]:
     return _fleet(fleet).list_sets()
 
 
-@router.put("/sets/{name}", responses=responses(404, 409, 413, 415, 422, 502, 503))
+@router.put("/sets/{name}", response_model=FleetSetWritten,
+            responses=responses(404, 409, 413, 415, 422, 502, 503))
 async def replace_set(request: Request, name: str, fleet: FleetDep,
                       action: Action = Action.DROP, comment: str = "") -> dict:
     """Make fleet set `name` exactly the body: a `text/plain` blocklist, or JSON
@@ -59,7 +61,8 @@ async def replace_set(request: Request, name: str, fleet: FleetDep,
     return await run_in_threadpool(f.replace_set, name, prefixes, action, comment)
 
 
-@router.delete("/sets/{name}", responses=responses(404, 502, 503))
+@router.delete("/sets/{name}", response_model=FleetSetDeleted,
+               responses=responses(404, 502, 503))
 def delete_set(name: str, fleet: FleetDep) -> dict:
     return _fleet(fleet).delete_set(name)
 

@@ -19,7 +19,7 @@ from xdpfw.api.audit import audit
 from xdpfw.api.bodies import RULES_BODY, read_rules
 from xdpfw.api.deps import FirewallDep, FleetDep
 from xdpfw.api.error_body import responses
-from xdpfw.api.schemas import SetPublic, SyncResult
+from xdpfw.api.schemas import FleetSetDeleted, FleetSetWritten, SetPublic, SyncResult
 from xdpfw.errors import NotFoundError, RuleValidationError
 from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import Action, check_set_name
@@ -43,7 +43,7 @@ def get_set(name: SetName, fw: FirewallDep) -> SetPublic:
     return SetPublic(name=name, rules=size)
 
 
-@router.put("/{name}", response_model=SyncResult,
+@router.put("/{name}", response_model=SyncResult | FleetSetWritten,
             responses=responses(409, 415, 502, 503, 507),
             openapi_extra={"requestBody": RULES_BODY})
 async def replace_set(
@@ -82,7 +82,7 @@ async def replace_set(
     return SyncResult.of(report)
 
 
-@router.delete("/{name}", response_model=SyncResult,
+@router.delete("/{name}", response_model=SyncResult | FleetSetDeleted,
                responses=responses(404, 409, 502, 503))
 def delete_set(name: SetName, request: Request, fw: FirewallDep, fleet: FleetDep
                ) -> SyncResult:
