@@ -12,6 +12,12 @@ Under the configured prefix (default /xdpfw/):
                                   rules with one match cannot both exist
     data/sets/<name>              a set's manifest, and chunks/<sha256> its prefixes
                                   (xdpfw/fleet/chunks.py)
+    data/meta/lb-ids              the last service or backend id handed out (decimal; one
+                                  counter for both, below 2^32: a backend's id is its data
+                                  plane generation)
+    data/services/<id>            one load-balancer service whole, JSON: its definition as
+                                  POST /api/v1/services takes it, with "id" and each
+                                  backend's "id" (xdpfw/fleet/lb_layout.py)
     nodes/<node>                  a node's status, JSON, under a lease of that node
 
 Nodes watch data/ only: their own status writes never wake them.
@@ -56,6 +62,17 @@ class Keys:
     @property
     def sets(self) -> bytes:
         return self.root + b"data/sets/"
+
+    @property
+    def lb_ids(self) -> bytes:
+        return self.root + b"data/meta/lb-ids"
+
+    @property
+    def services(self) -> bytes:
+        return self.root + b"data/services/"
+
+    def service(self, service_id: int) -> bytes:
+        return self.services + str(service_id).encode()
 
     def set(self, name: str) -> bytes:
         return self.sets + name.encode()
