@@ -5,7 +5,7 @@ LoadBalancer, refusing what it cannot decode alone."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -206,15 +206,8 @@ def test_a_hand_written_counter_is_not_overwritten(etcd):
 
 
 @pytest.fixture
-def lb(fw, make_netns) -> Iterator[LoadBalancer]:
-    """Backends reached from an empty namespace: none resolves (quickly)."""
-    lb = LoadBalancer(fw.state_dir, fw.dp, make_netns("fsv"), resolve_timeout_s=0.1)
-    try:
-        yield lb
-    finally:
-        for svc in lb.list_services():
-            lb.delete_service(svc.rec.id)
-        lb.close()
+def lb(unresolving_lb) -> LoadBalancer:
+    return unresolving_lb
 
 
 def _kv(fs: FleetService | None, key: bytes | None = None, value: bytes | None = None):
