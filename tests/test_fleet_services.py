@@ -264,3 +264,24 @@ def test_what_a_node_cannot_apply_is_refused_alone(lb):
     fs = FleetService(FleetIds(50, ()), ServiceSpec("10.96.0.20", 80))
     assert ap.apply(KEYS.service(50), _kv(fs))[0] is None
     assert list(_local(lb)) == [50]
+
+
+@pytest.mark.bpf
+def test_a_resync_makes_this_nodes_services_etcds(fw, lb, etcd, tmp_path):
+    from xdpfw.fleet.cache import FleetCache
+    from xdpfw.fleet.sync import SyncEngine
+
+    mine = lb.create_service(ServiceSpec("10.96.0.30", 80))  # this node's alone: goes
+    fs = FleetService(FleetIds(50, (51, 53)), SPEC)
+    for key, value in [(KEYS.service(50), fs.encode()), (KEYS.service(52), b"{")]:
+        etcd.kv[key] = KeyValue(key, value, 3, 3)
+    cache = FleetCache(tmp_path / "cache.db")
+    try:
+        engine = SyncEngine(fw, etcd, KEYS, cache, ServiceApplier(lb, KEYS))
+        engine._resync()
+        assert mine.rec.id not in lb.services and list(_local(lb)) == [50]
+        assert engine.state.refused_count == 1 and engine.state.health == "degraded"
+        assert "not JSON" in engine.state.refused[KEYS.service(52).decode()]
+        assert engine.state.applied == 3
+    finally:
+        cache.close()
