@@ -2,7 +2,8 @@
 
 It watches data/ from the revision it last applied and turns each batch of changes into
 Firewall calls (delete_where, replace_ids and add_rules with the fleet's ids): the same
-validate, compile and apply path as the REST API, in revision order. Whatever arrived while
+validate, compile and apply path as the REST API, in revision order; a load-balancer
+service's key goes to the LoadBalancer the same way (lb_sync.py). Whatever arrived while
 a batch was applied is the next batch. When the watch cannot resume (history compacted,
 another cluster, a first start), it reads a snapshot and applies only the difference from
 what the node enforces.
