@@ -46,8 +46,8 @@ def test_a_service_round_trips_through_its_key_and_value():
 
 @pytest.mark.parametrize("key, value, why", [
     ("7", b"{not json", "not JSON"),
-    ("7", b"[1]", "not a service's JSON object"),
-    ("7", _value(backends={"id": 8}), "not a service's JSON object"),
+    ("7", b"[1]", "not a JSON object"),
+    ("7", _value(backends={"id": 8}), "backends: not a list"),
     ("7", _value(id=None), "id must be"),
     ("7", _value(id=1 << 32), "id must be"),
     ("7", _value(id=True), "id must be"),

@@ -17,11 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
 from xdpfw.api.lb_schemas import HealthCheck, ServiceCreate
 from xdpfw.errors import ServiceValidationError
-from xdpfw.fleet.layout import Keys
+from xdpfw.fleet.layout import Keys, json_object, validated
 from xdpfw.lb.model import ServiceSpec
 from xdpfw.lb.registry import FleetIds
 
@@ -70,14 +68,9 @@ def decode_service(keys: Keys, key: bytes, value: bytes) -> FleetService:
     are the key's and unique. ServiceValidationError says what is wrong (the node records
     it)."""
     name = key.decode(errors="replace")
-    if len(value) > MAX_SERVICE_VALUE:
-        raise ServiceValidationError(f"{name}: {len(value)} bytes, more than a service can be")
-    try:
-        data = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        raise ServiceValidationError(f"{name}: the value is not JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("backends", []), list):
-        raise ServiceValidationError(f"{name}: the value is not a service's JSON object")
+    data = json_object(name, value, MAX_SERVICE_VALUE, "a service", ServiceValidationError)
+    if not isinstance(data.get("backends", []), list):
+        raise ServiceValidationError(f"{name}: backends: not a list")
     sid = _id(name, "id", data.pop("id", None))
     if keys.service(sid) != key:
         raise ServiceValidationError(f"{name}: the key does not name its service (id {sid})")
@@ -88,12 +81,7 @@ def decode_service(keys: Keys, key: bytes, value: bytes) -> FleetService:
         bids.append(_id(name, f"backends.{i}.id", b.pop("id", None)))
     if len(set(bids)) != len(bids) or sid in bids:
         raise ServiceValidationError(f"{name}: an id appears twice")
-    try:
-        spec = ServiceCreate.model_validate(data).spec()
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ServiceValidationError(f"{name}: {where}: {err['msg']}") from None
+    spec = validated(ServiceCreate, data, name, ServiceValidationError).spec()
     if len({b.address for b in spec.backends}) != len(spec.backends):
         raise ServiceValidationError(f"{name}: a backend address appears twice")
     return FleetService(FleetIds(sid, tuple(bids)), spec)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from xdpfw.errors import ConflictError, NotFoundError, ServiceValidationError
-from xdpfw.fleet.etcd import Etcd, EtcdError, EtcdUnavailable, b64
+from xdpfw.fleet.etcd import Etcd, EtcdUnavailable, b64
 from xdpfw.fleet.layout import Keys
 from xdpfw.fleet.lb_layout import MAX_LB_ID, FleetService, decode_service
 from xdpfw.fleet.writer import ATTEMPTS, FleetWriter, put_op, same_mod
@@ -116,7 +116,7 @@ class ServiceWriter:
         Returns (the service as put, or as it was before a delete; the revision)."""
         for _ in range(ATTEMPTS):
             last, ids_mod = self.ids.last_id()
-            lb_last, lb_mod = self._last_lb_id()
+            lb_last, lb_mod = self.ids.counter(self.keys.lb_ids, "service id")
             old, key_mod = (None, 0) if service_id is None else self._service(service_id)
             if service_id is not None and old is None:
                 raise NotFoundError(f"no service with id {service_id} in the fleet")
@@ -133,17 +133,6 @@ class ServiceWriter:
             if ok:
                 return new or old, revision
         raise EtcdUnavailable("etcd is being written too fast by other nodes: try again")
-
-    def _last_lb_id(self) -> tuple[int, int]:
-        _, kv = self.etcd.get(self.keys.lb_ids)
-        if kv is None:
-            return 0, 0
-        try:
-            return int(kv.value), kv.mod_revision
-        except ValueError:
-            raise EtcdError(f"{self.keys.lb_ids.decode()} holds {kv.value[:40]!r}, not the "
-                            "last service id: fix it by hand (etcdctl put) before writing"
-                            ) from None
 
     def _service(self, service_id: int) -> tuple[FleetService | None, int]:
         _, kv = self.etcd.get(self.keys.service(service_id))
