@@ -47,7 +47,7 @@ class ServiceApplier:
                 svc = self.lb.services.get(sid)
                 unresolved = [f"service {sid} backend {b.rec.address}: {b.error}"
                               for b in (svc.backends.values() if svc else ()) if b.error]
-        except (XdpfwError, sqlite3.Error) as e:  # an id this node holds for another
+        except (XdpfwError, sqlite3.Error, OSError) as e:  # e.g. an id held for another
             return f"service {sid}: {e}", []
         return None, unresolved
 
