@@ -143,6 +143,69 @@ def test_a_garbage_key_is_refused_alone(lab):
         assert n.client().get("/api/v1/rules/900002").status_code == 404
 
 
+def _services(node) -> dict:
+    r = node.client().get("/api/v1/services")
+    assert r.status_code == 200, r.text
+    return {s["id"]: (s["vip"], s["port"], [(b["id"], b["address"], b["state"])
+                                            for b in s["backends"]]) for s in r.json()}
+
+
+def _same_services_everywhere(lab, want: dict) -> None:
+    for n in lab.nodes:
+        ok = wait_until(lambda n=n: _services(n) == want, CONVERGE_S)
+        assert ok, (n.name, _services(n), want)
+
+
+def test_a_service_written_through_any_node_is_the_same_on_every_node(lab):
+    """Created through node 1, drained through node 2, deleted through node 3: every node
+    shows it with one id and the same backends (their MACs are each node's own)."""
+    n1, n2, n3 = lab.nodes
+    r = n1.client().post("/api/v1/services", json={
+        "vip": "10.96.0.10", "port": 80, "backends": [{"address": "10.96.1.1"},
+                                                      {"address": "10.96.1.2"}]})
+    assert r.status_code == 201, r.text
+    sid, (b1, b2) = r.json()["id"], [b["id"] for b in r.json()["backends"]]
+    want = {sid: ("10.96.0.10", 80, [(b1, "10.96.1.1", "active"),
+                                     (b2, "10.96.1.2", "active")])}
+    _same_services_everywhere(lab, want)
+    r = n2.client().patch(f"/api/v1/services/{sid}/backends/{b1}", json={"state": "draining"})
+    assert r.status_code == 200 and r.json()["state"] == "draining", r.text
+    want[sid][2][0] = (b1, "10.96.1.1", "draining")
+    _same_services_everywhere(lab, want)
+    # Two nodes add one backend at once: one wins, the other gets a 409.
+    start, answers = threading.Barrier(2), []
+
+    def add(node):
+        with node.client() as c:
+            start.wait()
+            answers.append(c.post(f"/api/v1/services/{sid}/backends",
+                                  json={"address": "10.96.1.3"}))
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in (n1, n2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(a.status_code for a in answers) == [201, 409], [a.text for a in answers]
+    b3 = next(a.json()["id"] for a in answers if a.status_code == 201)
+    want[sid][2].append((b3, "10.96.1.3", "active"))
+    _same_services_everywhere(lab, want)
+    # A hand-written service key no node can apply is refused alone.
+    garbage = lab.prefix + "data/services/77"
+    lab.etcd.call("kv/put", {"key": b64(garbage), "value": b64('{"id": 77, "port": 0}')})
+    for n in lab.nodes:
+        assert wait_until(lambda n=n: lab.own_status(n)["refused_keys"] == 1, CONVERGE_S), \
+            lab.own_status(n)
+    lab.etcd.call("kv/deleterange", {"key": b64(garbage)})
+    r = n3.client().delete(f"/api/v1/services/{sid}")
+    assert r.status_code == 200 and r.json()["id"] == sid, r.text
+    _same_services_everywhere(lab, {})
+    for n in lab.nodes:
+        assert wait_until(lambda n=n: lab.own_status(n)["health"] == "ok", CONVERGE_S), \
+            lab.own_status(n)
+    lab.wait_converged()
+
+
 def test_one_member_stopped_writes_still_succeed(lab):
     first = lab.etcd.members[0]  # every node's first endpoint
     lab.etcd.stop_member(first)

@@ -65,3 +65,18 @@ class Runner:
 @pytest.fixture
 def run(fw):
     return Runner(fw)
+
+
+@pytest.fixture
+def unresolving_lb(fw, make_netns):
+    """A LoadBalancer whose backends are reached from an empty namespace: none resolves
+    (quickly). Its services are deleted after the test."""
+    from xdpfw.lb.service import LoadBalancer
+
+    lb = LoadBalancer(fw.state_dir, fw.dp, make_netns("fsv"), resolve_timeout_s=0.1)
+    try:
+        yield lb
+    finally:
+        for svc in lb.list_services():
+            lb.delete_service(svc.rec.id)
+        lb.close()

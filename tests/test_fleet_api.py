@@ -11,9 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.test_api import snapshot
+from tests.test_fleet_services import MemEtcd
 from xdpfw.api.app import create_app
 from xdpfw.config import FleetConfig
+from xdpfw.fleet.lb_writer import ServiceWriter
 from xdpfw.fleet.service import Fleet
+from xdpfw.fleet.writer import FleetWriter
+from xdpfw.lb.model import ServiceSpec
 from xdpfw.rules.model import Action, Proto, parse_prefix
 from xdpfw.service import RuleSpec
 
@@ -198,9 +202,10 @@ def test_writes_of_this_node_alone_are_refused(client, fw, etcd, method, path, k
     assert _documented(client, method, path, 409)
 
 
-# Every route that changes rules, and what it does on a fleet node. A new one fails this
-# test until it is routed to the fleet or refused (and added here).
-RULE_WRITES = {
+# Every route that changes rules or services, and what it does on a fleet node. A new one
+# fails this test until it is routed to the fleet, refused, or said to be the node's own
+# (and added here).
+WRITES = {
     ("post", "/api/v1/rules"): "etcd",
     ("delete", "/api/v1/rules/{rule_id}"): "etcd",
     ("post", "/api/v1/rules/bulk"): "etcd",
@@ -211,13 +216,127 @@ RULE_WRITES = {
     ("post", "/api/v1/config/reload"): "refused",
     ("put", "/api/v1/fleet/sets/{name}"): "etcd",
     ("delete", "/api/v1/fleet/sets/{name}"): "etcd",
+    ("post", "/api/v1/services"): "etcd",
+    ("delete", "/api/v1/services/{service_id}"): "etcd",
+    ("post", "/api/v1/services/{service_id}/backends"): "etcd",
+    ("patch", "/api/v1/services/{service_id}/backends/{backend_id}"): "etcd",
+    ("delete", "/api/v1/services/{service_id}/backends/{backend_id}"): "etcd",
+    ("put", "/api/v1/cpu-steer"): "node",  # this machine's CPUs
 }
 
 
-def test_every_route_that_changes_rules_is_accounted_for(client):
+def test_every_route_that_changes_rules_or_services_is_accounted_for(client):
     paths = client.get("/openapi.json").json()["paths"]
     writes = {(m, p) for p, ops in paths.items() for m in ops
               if m in ("post", "put", "patch", "delete")
               and p.startswith(("/api/v1/rules", "/api/v1/sets", "/api/v1/config",
-                                "/api/v1/fleet"))}
-    assert writes == set(RULE_WRITES)
+                                "/api/v1/fleet", "/api/v1/services", "/api/v1/cpu-steer"))}
+    assert writes == set(WRITES)
+
+
+# -- load-balancer services -------------------------------------------------------------------
+
+
+@pytest.fixture
+def lb_fleet(fw, unresolving_lb, tmp_path):
+    """A fleet node with a load balancer whose service writes go to an in-memory etcd, and
+    whose wait for its own apply applies what that etcd holds (the watch, in short)."""
+    fleet = Fleet(FleetConfig(etcd=["http://127.0.0.1:9"], node="t"), fw, tmp_path,
+                  unresolving_lb)
+    mem = MemEtcd()
+    fleet.service_writer = ServiceWriter(mem, fleet.keys, FleetWriter(mem, fleet.keys))
+    applier = fleet.engine.services
+    fleet.applies = True
+
+    def wait_applied(revision, timeout_s):
+        if not fleet.applies:
+            return False
+        held = {k for k in mem.kv if k.startswith(fleet.keys.services)}
+        for key in sorted(held | set(applier.local_keys())):
+            applier.apply(key, mem.kv.get(key))
+        return True
+
+    fleet.engine.wait_applied = wait_applied
+    fleet.mem = mem
+    yield fleet
+    fleet.etcd.close()
+    fleet.cache.close()
+
+
+def _lb_client(fw, lb, fleet) -> TestClient:
+    return TestClient(create_app(fw, lb=lb, fleet=fleet))
+
+
+SVC = {"vip": "10.96.0.10", "port": 80, "backends": [{"address": "10.96.1.1"},
+                                                     {"address": "10.96.1.2"}]}
+
+
+def test_service_writes_go_to_etcd_and_answer_with_this_nodes_apply(fw, unresolving_lb,
+                                                                     lb_fleet):
+    lb, mem, keys = unresolving_lb, lb_fleet.mem, lb_fleet.keys
+    with _lb_client(fw, lb, lb_fleet) as c:
+        r = c.post("/api/v1/services", json=SVC)
+        assert r.status_code == 201, r.text
+        svc = r.json()
+        assert svc["id"] == 1 and [b["id"] for b in svc["backends"]] == [2, 3]
+        assert not svc["backends"][0]["resolved"] and svc["backends"][0]["error"]
+        assert json.loads(mem.kv[keys.service(1)].value)["backends"][1] == {
+            "id": 3, "address": "10.96.1.2", "weight": 1, "state": "active"}
+        r = c.patch("/api/v1/services/1/backends/2", json={"state": "draining"})
+        assert r.status_code == 200 and r.json()["state"] == "draining", r.text
+        r = c.post("/api/v1/services/1/backends", json={"address": "10.96.1.3", "weight": 2})
+        assert r.status_code == 201 and r.json()["id"] == 4, r.text
+        r = c.delete("/api/v1/services/1/backends/3")
+        assert r.status_code == 200 and r.json()["address"] == "10.96.1.2", r.text
+        got = c.get("/api/v1/services/1").json()
+        assert [(b["id"], b["state"], b["weight"]) for b in got["backends"]] == [
+            (2, "draining", 1), (4, "active", 2)]
+        held = json.loads(mem.kv[keys.service(1)].value)
+        assert [(b["id"], b["state"]) for b in held["backends"]] == [
+            (2, "draining"), (4, "active")]
+        # What a single appliance refuses is refused, and etcd is left alone.
+        revision = mem.revision
+        assert c.post("/api/v1/services", json=SVC).status_code == 409
+        assert c.post("/api/v1/services/1/backends",
+                      json={"address": "10.96.1.1"}).status_code == 409
+        assert c.patch("/api/v1/services/9/backends/2", json={"weight": 2}).status_code == 404
+        assert c.delete("/api/v1/services/1/backends/9").status_code == 404
+        assert c.post("/api/v1/services", json={**SVC, "port": 81,
+                                                "cpu_steer": [4095]}).status_code == 422
+        assert mem.revision == revision
+        r = c.delete("/api/v1/services/1")
+        assert r.status_code == 200 and r.json()["id"] == 1, r.text
+        assert keys.service(1) not in mem.kv and c.get("/api/v1/services").json() == []
+
+
+def test_a_write_not_applied_here_in_time_says_so(fw, unresolving_lb, lb_fleet):
+    lb_fleet.applies = False
+    with _lb_client(fw, unresolving_lb, lb_fleet) as c:
+        r = c.post("/api/v1/services", json=SVC)
+        assert r.status_code == 202 and r.json() == {"id": 1, "applied_here": False}, r.text
+        assert unresolving_lb.list_services() == []
+        assert lb_fleet.keys.service(1) in lb_fleet.mem.kv
+        assert _documented(c, "post", "/api/v1/services", 202)
+
+
+def test_service_writes_are_refused_while_etcd_is_away_and_reads_served(
+        fw, unresolving_lb, tmp_path):
+    fleet = Fleet(FleetConfig(etcd=["http://127.0.0.1:9"], node="t", timeout_s=0.5), fw,
+                  tmp_path, unresolving_lb)
+    local = unresolving_lb.create_service(ServiceSpec("10.96.0.20", 80))
+    try:
+        with _lb_client(fw, unresolving_lb, fleet) as c:
+            for method, path, kw in [
+                ("post", "/api/v1/services", {"json": SVC}),
+                ("delete", f"/api/v1/services/{local.rec.id}", {}),
+                ("post", f"/api/v1/services/{local.rec.id}/backends",
+                 {"json": {"address": "10.96.1.9"}}),
+                ("patch", f"/api/v1/services/{local.rec.id}/backends/1",
+                 {"json": {"weight": 2}}),
+            ]:
+                r = c.request(method.upper(), path, **kw)
+                assert r.status_code == 503 and "etcd is unreachable" in r.text, r.text
+            assert [s["id"] for s in c.get("/api/v1/services").json()] == [local.rec.id]
+    finally:
+        fleet.etcd.close()
+        fleet.cache.close()

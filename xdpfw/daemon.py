@@ -244,10 +244,10 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/watcher.py).
         lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
         lb.start()
-        if cfg.fleet is not None:  # rules from etcd, on a thread of its own (fleet/sync.py)
+        if cfg.fleet is not None:  # rules and services from etcd, on a thread (fleet/sync.py)
             from xdpfw.fleet.service import Fleet
 
-            fleet = Fleet(cfg.fleet, fw, state)
+            fleet = Fleet(cfg.fleet, fw, state, lb)
             fleet.start()
         limits = BodyLimits(cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes)
         app = create_app(fw, cfg.api.tokens_by_name(), lb=lb, events=events, body_limits=limits,

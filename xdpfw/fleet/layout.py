@@ -12,6 +12,12 @@ Under the configured prefix (default /xdpfw/):
                                   rules with one match cannot both exist
     data/sets/<name>              a set's manifest, and chunks/<sha256> its prefixes
                                   (xdpfw/fleet/chunks.py)
+    data/meta/lb-ids              the last service or backend id handed out (decimal; one
+                                  counter for both, below 2^32: a backend's id is its data
+                                  plane generation)
+    data/services/<id>            one load-balancer service whole, JSON: its definition as
+                                  POST /api/v1/services takes it, with "id" and each
+                                  backend's "id" (xdpfw/fleet/lb_layout.py)
     nodes/<node>                  a node's status, JSON, under a lease of that node
 
 Nodes watch data/ only: their own status writes never wake them.
@@ -21,16 +27,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from xdpfw.api.schemas import RuleCreate
-from xdpfw.errors import RuleValidationError
+from xdpfw.errors import RuleValidationError, XdpfwError
 from xdpfw.rules.model import Prefix, Proto, Rule, parse_prefix
 from xdpfw.service import RuleSpec
 
 MAX_RULE_VALUE = 4096  # bytes: a rule's JSON is ~150; anything far larger is not ours
 MAX_ID = (1 << 53) - 1  # ids stay exact in every JSON reader
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,17 @@ class Keys:
     @property
     def sets(self) -> bytes:
         return self.root + b"data/sets/"
+
+    @property
+    def lb_ids(self) -> bytes:
+        return self.root + b"data/meta/lb-ids"
+
+    @property
+    def services(self) -> bytes:
+        return self.root + b"data/services/"
+
+    def service(self, service_id: int) -> bytes:
+        return self.services + str(service_id).encode()
 
     def set(self, name: str) -> bytes:
         return self.sets + name.encode()
@@ -103,23 +123,11 @@ def decode_rule(keys: Keys, key: bytes, value: bytes) -> FleetRule:
     """The rule a key holds, validated as a POST /api/v1/rules body is, and checked to be
     the rule its key names. RuleValidationError says what is wrong (the node records it)."""
     name = key.decode(errors="replace")
-    if len(value) > MAX_RULE_VALUE:
-        raise RuleValidationError(f"{name}: {len(value)} bytes, more than a rule can be")
-    try:
-        data = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        raise RuleValidationError(f"{name}: the value is not JSON") from None
-    if not isinstance(data, dict):
-        raise RuleValidationError(f"{name}: the value is not a JSON object")
+    data = json_object(name, value, MAX_RULE_VALUE, "a rule", RuleValidationError)
     rule_id = data.pop("id", None)
     if not isinstance(rule_id, int) or isinstance(rule_id, bool) or not 1 <= rule_id <= MAX_ID:
         raise RuleValidationError(f"{name}: id must be an integer from 1 to {MAX_ID}")
-    try:
-        spec = RuleCreate.model_validate(data).spec()
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise RuleValidationError(f"{name}: {where}: {err['msg']}") from None
+    spec = validated(RuleCreate, data, name, RuleValidationError).spec()
     if spec.rule_set:  # RuleCreate takes one (a single appliance's sets)
         raise RuleValidationError(f"{name}: set: a fleet set is a manifest under data/sets/, "
                                   "not a field of a rule")
@@ -128,6 +136,30 @@ def decode_rule(keys: Keys, key: bytes, value: bytes) -> FleetRule:
             f"{name}: the key does not name its rule "
             f"({match_name(spec.prefix, spec.proto, spec.dport)})")
     return FleetRule(rule_id, spec)
+
+
+def json_object(name: str, value: bytes, limit: int, what: str,
+                error: type[XdpfwError]) -> dict:
+    """A value's JSON object, or `error` saying why it is none (too large, not JSON)."""
+    if len(value) > limit:
+        raise error(f"{name}: {len(value)} bytes, more than {what} can be")
+    try:
+        data = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise error(f"{name}: the value is not JSON") from None
+    if not isinstance(data, dict):
+        raise error(f"{name}: the value is not a JSON object")
+    return data
+
+
+def validated(model: type[M], data: dict, name: str, error: type[XdpfwError]) -> M:
+    """data as the REST API's `model` takes it, or `error` naming the first field wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise error(f"{name}: {where}: {err['msg']}") from None
 
 
 def match_of_key(keys: Keys, key: bytes) -> tuple[Prefix, Proto | None, int | None] | None:

@@ -12,10 +12,14 @@ from xdpfw.errors import ConflictError, FleetUnavailableError
 from xdpfw.fleet.cache import FleetCache
 from xdpfw.fleet.etcd import Etcd, Tls
 from xdpfw.fleet.layout import Keys
+from xdpfw.fleet.lb_sync import ServiceApplier
+from xdpfw.fleet.lb_writer import ServiceWriter
 from xdpfw.fleet.set_writer import SetWriter
 from xdpfw.fleet.status import StatusPublisher, fleet_view
 from xdpfw.fleet.sync import SyncEngine
 from xdpfw.fleet.writer import FleetWriter, check_txn_size
+from xdpfw.lb.model import BackendSpec, ServiceSpec, check_service
+from xdpfw.lb.service import LoadBalancer
 from xdpfw.rules.document import RuleDocument
 from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import Action, Rule
@@ -29,18 +33,23 @@ log = logging.getLogger(__name__)
 # applied it, so a client reads its own write from the node it wrote through.
 OWN_APPLY_WAIT_S = 2.0
 SET_APPLY_WAIT_S = 30.0  # a set of a million takes seconds to apply
+SERVICE_APPLY_WAIT_S = 10.0  # resolving the MACs of new backends takes up to seconds
 
 
 class Fleet:
-    def __init__(self, cfg: FleetConfig, fw: Firewall, state_dir: Path | str) -> None:
-        self.cfg, self.fw = cfg, fw
+    def __init__(self, cfg: FleetConfig, fw: Firewall, state_dir: Path | str,
+                 lb: LoadBalancer | None = None) -> None:
+        """lb: this node's load balancer; its services are the fleet's (data/services/)."""
+        self.cfg, self.fw, self.lb = cfg, fw, lb
         self.etcd = Etcd(cfg.etcd, timeout_s=cfg.timeout_s,
                          tls=Tls(cfg.ca_file, cfg.cert_file, cfg.key_file),
                          username=cfg.username, password=cfg.effective_password())
         self.keys = Keys.under(cfg.prefix)
         self.cache = FleetCache(store_path(state_dir))
-        self.engine = SyncEngine(fw, self.etcd, self.keys, self.cache)
+        self.engine = SyncEngine(fw, self.etcd, self.keys, self.cache,
+                                 ServiceApplier(lb, self.keys) if lb is not None else None)
         self.writer = FleetWriter(self.etcd, self.keys)
+        self.service_writer = ServiceWriter(self.etcd, self.keys, self.writer)
         self.set_writer = SetWriter(self.etcd, self.keys, self.writer, fw)
         self.publisher = StatusPublisher(self.etcd, self.keys, cfg.node, self.engine,
                                          lambda: fw.counts().rules, cfg.status_ttl_s)
@@ -136,6 +145,39 @@ class Fleet:
             return [{"name": n, "count": m.count, "chunks": len(m.entries),
                      "action": m.action.value, "comment": m.comment, "revision": None}
                     for n, m in self.engine.sets.items()]
+
+    # -- load-balancer services (REST writes; the views are this node's, once applied) ---
+
+    def create_service(self, spec: ServiceSpec) -> tuple[int, bool]:
+        """Returns (the service's fleet-wide id, whether this node applied it in time)."""
+        if self.lb is not None:
+            check_service(spec, self.lb.registry.max_cpus)
+        with self._refused_while_away():
+            svc, revision = self.service_writer.create(spec)
+        return svc.id, self.engine.wait_applied(revision, SERVICE_APPLY_WAIT_S)
+
+    def delete_service(self, service_id: int) -> bool:
+        with self._refused_while_away():
+            _, revision = self.service_writer.delete(service_id)
+        return self.engine.wait_applied(revision, SERVICE_APPLY_WAIT_S)
+
+    def add_backend(self, service_id: int, spec: BackendSpec) -> tuple[int, bool]:
+        """Returns (the backend's fleet-wide id, whether this node applied it in time)."""
+        with self._refused_while_away():
+            svc, revision = self.service_writer.add_backend(service_id, spec)
+        return svc.ids.backends[-1], self.engine.wait_applied(revision, SERVICE_APPLY_WAIT_S)
+
+    def update_backend(self, service_id: int, backend_id: int, weight: int | None,
+                       state: str | None) -> bool:
+        with self._refused_while_away():
+            _, revision = self.service_writer.update_backend(service_id, backend_id, weight,
+                                                             state)
+        return self.engine.wait_applied(revision, SERVICE_APPLY_WAIT_S)
+
+    def delete_backend(self, service_id: int, backend_id: int) -> bool:
+        with self._refused_while_away():
+            _, revision = self.service_writer.delete_backend(service_id, backend_id)
+        return self.engine.wait_applied(revision, SERVICE_APPLY_WAIT_S)
 
     @contextlib.contextmanager
     def _refused_while_away(self) -> Iterator[None]:

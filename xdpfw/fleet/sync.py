@@ -2,7 +2,8 @@
 
 It watches data/ from the revision it last applied and turns each batch of changes into
 Firewall calls (delete_where, replace_ids and add_rules with the fleet's ids): the same
-validate, compile and apply path as the REST API, in revision order. Whatever arrived while
+validate, compile and apply path as the REST API, in revision order; a load-balancer
+service's key goes to the LoadBalancer the same way (lb_sync.py). Whatever arrived while
 a batch was applied is the next batch. When the watch cannot resume (history compacted,
 another cluster, a first start), it reads a snapshot and applies only the difference from
 what the node enforces.
@@ -27,6 +28,7 @@ from xdpfw.fleet.cache import FleetCache, Position
 from xdpfw.fleet.chunks import Entry, Manifest, decode_manifest, unpack
 from xdpfw.fleet.etcd import Compacted, Etcd, EtcdError, EtcdUnavailable, KeyValue, Watch
 from xdpfw.fleet.layout import MAX_ID, FleetRule, Keys, decode_rule, match_of_key
+from xdpfw.fleet.lb_sync import ServiceApplier
 from xdpfw.rules.table import Prefixes
 from xdpfw.service import Firewall
 
@@ -56,8 +58,12 @@ class NodeState:
 
 
 class SyncEngine:
-    def __init__(self, fw: Firewall, etcd: Etcd, keys: Keys, cache: FleetCache) -> None:
+    def __init__(self, fw: Firewall, etcd: Etcd, keys: Keys, cache: FleetCache,
+                 services: ServiceApplier | None = None) -> None:
+        """services: applies data/services/ to the load balancer (None: no LB here, the
+        keys are left alone)."""
         self.fw, self.etcd, self.keys, self.cache = fw, etcd, keys, cache
+        self.services = services
         self.position = cache.position()
         self.state = NodeState(applied=self.position.applied, resume=self.position.resume)
         self.changed = threading.Condition()  # notified after every apply and health change
@@ -143,6 +149,8 @@ class SyncEngine:
         for rule in self.fw.list_rules():  # rules etcd no longer holds go
             if not members.contains(rule.id):
                 changes.setdefault(self.keys.rule(rule.prefix, rule.proto, rule.dport), None)
+        for key in self.services.local_keys() if self.services else ():
+            changes.setdefault(key, None)  # and services
         self._refused.clear()
         applied = max((kv.mod_revision for kv in kvs), default=0)
         counts = self._apply(changes)
@@ -204,8 +212,22 @@ class SyncEngine:
             if isinstance(e, Compacted):
                 raise
             raise ApplyFailed(f"the firewall refused etcd's changes: {e}") from e
+        services = sum(self._apply_service(key, kv) for key, kv in changes.items()
+                       if key.startswith(self.keys.services))
         return {"added": len(adds), "deleted": len(deletes), "sets": sets,
-                "refused": len(self._refused)}
+                "services": services, "refused": len(self._refused)}
+
+    def _apply_service(self, key: bytes, kv: KeyValue | None) -> int:
+        """A service changed: applied alone (xdpfw/fleet/lb_sync.py); what this node refuses
+        or cannot resolve is said in its status. Returns 1 if it was applied."""
+        if self.services is None:
+            return 0
+        why, unresolved = self.services.apply(key, kv)
+        self._refuse(key, why)
+        for what in unresolved:
+            self.state.last_error, self.state.last_error_at = what, time.time()
+            log.warning("fleet: %s", what)
+        return int(why is None)
 
     def _apply_set(self, key: bytes, kv: KeyValue | None) -> int:
         """A set's manifest changed: its chunks that left go and those that came are read (at

@@ -28,15 +28,19 @@ class FleetWriter:
         self.etcd, self.keys = etcd, keys
 
     def last_id(self) -> tuple[int, int]:
-        """(the last id handed out, the mod_revision of the ids key: 0 if none yet)."""
-        _, kv = self.etcd.get(self.keys.ids)
+        """(the last rule id handed out, the mod_revision of the ids key: 0 if none yet)."""
+        return self.counter(self.keys.ids, "rule id")
+
+    def counter(self, key: bytes, what: str) -> tuple[int, int]:
+        """(the last `what` a counter key handed out, its mod_revision: 0 if none yet)."""
+        _, kv = self.etcd.get(key)
         if kv is None:
             return 0, 0
         try:
             return int(kv.value), kv.mod_revision
         except ValueError:
-            raise EtcdError(f"{self.keys.ids.decode()} holds {kv.value[:40]!r}, not the last "
-                            "rule id: fix it by hand (etcdctl put) before writing") from None
+            raise EtcdError(f"{key.decode()} holds {kv.value[:40]!r}, not the last {what}: "
+                            "fix it by hand (etcdctl put) before writing") from None
 
     def add_rules(self, specs: Sequence[RuleSpec]) -> tuple[list[int], int]:
         """Create rules, all or nothing. Returns (their ids, the revision that holds them)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from xdpfw.dataplane.dataplane import Dataplane
@@ -37,6 +37,14 @@ from xdpfw.proxy.fallback import RequestedMode
 from xdpfw.slots import SlotAllocator
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FleetIds:
+    """A fleet's ids for a service and its backends (in the spec's order)."""
+
+    service: int
+    backends: tuple[int, ...]
 
 
 class ServiceRegistry:
@@ -91,7 +99,11 @@ class ServiceRegistry:
 
     # -- services -------------------------------------------------------------------------
 
-    def create_service(self, spec: ServiceSpec) -> ServiceState:
+    def create_service(self, spec: ServiceSpec, ids: FleetIds | None = None) -> ServiceState:
+        """ids: a fleet's service and backend ids (the same on every node), and the fleet's
+        leniency: a backend whose MAC this node cannot resolve is kept unresolved (its
+        `error` says why; the refresher tries again) instead of refusing the service, and a
+        proxy service that cannot listen here is kept with its error (proxy status)."""
         vip = normalize_address(spec.vip, "vip")
         check_service(spec, self.max_cpus)
         with self.lock:
@@ -104,27 +116,30 @@ class ServiceRegistry:
             addresses = [normalize_address(b.address, "backend address") for b in spec.backends]
             if len(set(addresses)) != len(addresses):
                 raise ConflictError("a backend address appears twice in this request")
-            neighbours = [None if spec.forward == "proxy" else self._resolve(a)
-                          for a in addresses]
+            neighbours = [(None, None) if spec.forward == "proxy"
+                          else self._neighbour(a, lenient=ids is not None) for a in addresses]
             if spec.forward == "proxy":
                 self.proxies.prepare()
             slot = self.service_slots.take(1, "services")[0]
             bslots = self.backend_slots.take(len(addresses), "backends")
-            rec = ServiceRecord(0, spec.name, vip, spec.port, spec.proto, spec.forward,
-                                tuple(spec.cpu_steer), spec.health, slot)
+            rec = ServiceRecord(ids.service if ids else 0, spec.name, vip, spec.port,
+                                spec.proto, spec.forward, tuple(spec.cpu_steer), spec.health,
+                                slot)
+            bids = ids.backends if ids else (None,) * len(addresses)
             svc: ServiceState | None = None
             try:
                 with self.store.transaction():
                     rec = replace(rec, id=self.store.insert_service(rec))
                     svc = ServiceState(rec)
-                    for b, addr, n, bslot in zip(spec.backends, addresses, neighbours, bslots,
-                                                 strict=True):
-                        bid = self.store.insert_backend(rec.id, addr, b.weight, b.state, bslot)
+                    for b, addr, (n, err), bslot, want in zip(
+                            spec.backends, addresses, neighbours, bslots, bids, strict=True):
+                        bid = self.store.insert_backend(rec.id, addr, b.weight, b.state, bslot,
+                                                        want)
                         svc.backends[bid] = BackendState(
-                            BackendRecord(bid, rec.id, addr, b.weight, b.state, bslot), n
+                            BackendRecord(bid, rec.id, addr, b.weight, b.state, bslot), n, err
                         )
                     self.services[rec.id] = svc
-                    self._publish(svc, fresh=True)
+                    self._publish(svc, fresh=True, strict=ids is None)
                     self._write_config()
             except BaseException:
                 if svc is not None:
@@ -169,23 +184,27 @@ class ServiceRegistry:
 
     # -- backends -------------------------------------------------------------------------
 
-    def add_backend(self, service_id: int, spec: BackendSpec) -> BackendState:
+    def add_backend(self, service_id: int, spec: BackendSpec,
+                    backend_id: int | None = None) -> BackendState:
+        """backend_id: a fleet's (the same on every node), added as leniently as
+        create_service adds a fleet's backends."""
         address = normalize_address(spec.address, "backend address")
         check_backend(spec)
         with self.lock:
             svc = self.get_service(service_id)
             if svc.by_address(address) is not None:
                 raise ConflictError(f"service {service_id} has backend {address} already")
-            neighbour = None if svc.proxied else self._resolve(address)
+            neighbour, error = (None, None) if svc.proxied else self._neighbour(
+                address, lenient=backend_id is not None)
             slot = self.backend_slots.take(1, "backends")[0]
             be: BackendState | None = None
             try:
                 with self.store.transaction():
                     bid = self.store.insert_backend(service_id, address, spec.weight,
-                                                    spec.state, slot)
+                                                    spec.state, slot, backend_id)
                     be = BackendState(
                         BackendRecord(bid, service_id, address, spec.weight, spec.state, slot),
-                        neighbour,
+                        neighbour, error,
                     )
                     svc.backends[bid] = be
                     self.publisher.add_backend(svc, be)
@@ -309,11 +328,13 @@ class ServiceRegistry:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _publish(self, svc: ServiceState, fresh: bool = False) -> None:
-        """fresh: a new service (its failures raise); else a restored one."""
+    def _publish(self, svc: ServiceState, fresh: bool = False, strict: bool | None = None
+                 ) -> None:
+        """fresh: a new service (its counters start at zero; its failures raise unless
+        strict is False); else a restored one."""
         self.publisher.publish(svc, fresh)
         if svc.proxied:
-            self.proxies.start(svc, strict=fresh)
+            self.proxies.start(svc, strict=fresh if strict is None else strict)
 
     def _unpublish(self, svc: ServiceState) -> None:
         if svc.proxied:
@@ -324,10 +345,16 @@ class ServiceRegistry:
         services = (s for s in self.services.values() if s is not without)
         self.publisher.write_config(services, self.steer)
 
-    def _resolve(self, address: str) -> Neighbour:
-        """A new backend's next hop: NeighbourUnresolved (a BackendUnresolvedError) refuses
-        the request."""
-        return resolve(address, self.netns, timeout_s=self.resolve_timeout_s)
+    def _neighbour(self, address: str, lenient: bool) -> tuple[Neighbour | None, str | None]:
+        """A new backend's next hop, and why there is none. Not lenient: NeighbourUnresolved
+        (a BackendUnresolvedError) refuses the request."""
+        try:
+            return resolve(address, self.netns, timeout_s=self.resolve_timeout_s), None
+        except NeighbourUnresolved as e:
+            if not lenient:
+                raise
+            log.warning("backend %s: %s", address, e)
+            return None, str(e)
 
     def _resolve_into(self, be: BackendState, timeout_s: float) -> None:
         try:

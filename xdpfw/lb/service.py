@@ -16,7 +16,7 @@ from pathlib import Path
 from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.lb.model import BackendSpec, BackendState, ServiceSpec, ServiceState
 from xdpfw.lb.proxies import ProxyStatus
-from xdpfw.lb.registry import ServiceRegistry
+from xdpfw.lb.registry import FleetIds, ServiceRegistry
 from xdpfw.lb.watcher import BackendWatcher
 from xdpfw.proxy.fallback import RequestedMode
 from xdpfw.statedir import store_path
@@ -62,8 +62,8 @@ class LoadBalancer:
 
     # -- changes --------------------------------------------------------------------------
 
-    def create_service(self, spec: ServiceSpec) -> ServiceState:
-        svc = self.registry.create_service(spec)
+    def create_service(self, spec: ServiceSpec, ids: FleetIds | None = None) -> ServiceState:
+        svc = self.registry.create_service(spec, ids)
         self.watcher.sync(svc.rec.id)
         return svc
 
@@ -72,8 +72,9 @@ class LoadBalancer:
         self.watcher.sync(service_id)
         return svc
 
-    def add_backend(self, service_id: int, spec: BackendSpec) -> BackendState:
-        be = self.registry.add_backend(service_id, spec)
+    def add_backend(self, service_id: int, spec: BackendSpec,
+                    backend_id: int | None = None) -> BackendState:
+        be = self.registry.add_backend(service_id, spec, backend_id)
         self.watcher.sync(service_id)
         return be
 

@@ -108,10 +108,12 @@ class LbStore(SqliteDb):
         ]
 
     def insert_service(self, rec: ServiceRecord) -> int:
+        """rec.id 0: the next id; else that id (a fleet's, the same on every node)."""
         cur = self._db.execute(
-            "INSERT INTO lb_services (name, vip, port, proto, forward, cpu_steer, health, slot)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO lb_services (id, name, vip, port, proto, forward, cpu_steer, health,"
+            " slot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                rec.id or None,
                 rec.name,
                 rec.vip,
                 rec.port,
@@ -137,11 +139,12 @@ class LbStore(SqliteDb):
         return [BackendRecord(*r) for r in rows]
 
     def insert_backend(self, service_id: int, address: str, weight: int, state: str,
-                       slot: int) -> int:
+                       slot: int, backend_id: int | None = None) -> int:
+        """backend_id None: the next id; else that id (a fleet's)."""
         cur = self._db.execute(
-            "INSERT INTO lb_backends (service_id, address, weight, state, slot)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (service_id, address, weight, state, slot),
+            "INSERT INTO lb_backends (id, service_id, address, weight, state, slot)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (backend_id, service_id, address, weight, state, slot),
         )
         return cur.lastrowid
 
