@@ -187,8 +187,8 @@ class Fleet:
         except FleetUnavailableError as e:
             raise FleetUnavailableError(
                 f"etcd is unreachable, so this fleet node refuses writes until it is back "
-                f"({e}); it keeps enforcing the {self.fw.counts().rules} rules it applied "
-                f"last (revision {self.engine.state.applied})") from e
+                f"({e}); it keeps enforcing the rules and services it applied last "
+                f"({self.fw.counts().rules} rules, revision {self.engine.state.applied})") from e
 
     # -- reads ----------------------------------------------------------------------------
 
