@@ -104,3 +104,55 @@ def test_replace_ids_below_existing_ids_keeps_rows_in_id_order(fw, run):
 def canonical_hosts(base: int, n: int) -> Prefixes:
     return Prefixes(np.full(n, 4, np.uint8), np.zeros(n, np.uint64),
                     np.arange(base, base + n, dtype=np.uint64), np.full(n, 32, np.uint8))
+
+
+def test_swap_rules_changes_rules_in_place_in_one_change(fw, run):
+    """A fleet rule's value changed under its match: the match keeps its entry and the
+    verdict changes in place, in one change (a delete then an add had a gap)."""
+    fw.add_rules([_spec("10.0.0.0/8"),
+                  _spec("10.1.0.0/16", action=Action.PASS, proto=Proto.UDP, dport=53,
+                        comment="dns")], ids=[5, 6])
+    assert run(P.udp4("10.1.0.1", 53)).verdict == PASS
+    report = fw.swap_rules([5, 6], [_spec("10.0.0.0/8", comment="new"),
+                                    _spec("10.1.0.0/16", proto=Proto.UDP, dport=53)], [9, 10])
+    assert (report.added, report.removed, report.changed, report.kept) == (0, 0, 2, 0)
+    assert [r.id for r in fw.list_rules()] == [9, 10]
+    assert fw.get_rule(9).comment == "new" and fw.get_rule(10).action is Action.DROP
+    assert run(P.udp4("10.1.0.1", 53)).verdict == DROP
+    assert run(P.udp4("10.2.0.1", 53)).verdict == DROP
+    with pytest.raises(ConflictError, match="id 10"):  # an id in use: nothing changes
+        fw.swap_rules([9], [_spec("10.0.0.0/8")], [10])
+    with pytest.raises(NotFoundError):
+        fw.swap_rules([5], [_spec("10.0.0.0/8")], [11])
+    assert [r.id for r in fw.list_rules()] == [9, 10]
+
+
+def test_the_sync_engine_swaps_a_rule_whose_value_changed(fw, run, tmp_path, monkeypatch):
+    """etcd's value under a rule key changes (a delete and an add of one match that came in
+    one batch, or a value written again): the node swaps it, it does not delete it first."""
+    from tests.test_fleet_services import KEYS, MemEtcd
+    from xdpfw.fleet.cache import FleetCache
+    from xdpfw.fleet.etcd import KeyValue
+    from xdpfw.fleet.layout import encode_rule
+    from xdpfw.fleet.sync import SyncEngine
+
+    etcd = MemEtcd()
+    spec = _spec("10.0.0.0/8", proto=Proto.UDP)
+    key = KEYS.rule(spec.prefix, spec.proto, spec.dport)
+    etcd.kv[key] = KeyValue(key, encode_rule(5, spec), 2, 2)
+    cache = FleetCache(tmp_path / "cache.db")
+    try:
+        engine = SyncEngine(fw, etcd, KEYS, cache)
+        engine._resync()
+        assert [r.id for r in fw.list_rules()] == [5]
+        deletes: list = []
+        monkeypatch.setattr(fw, "delete_where", lambda **kw: deletes.append(kw))
+        counts = engine._apply({key: KeyValue(key, encode_rule(8, spec._replace(
+            action=Action.PASS, comment="now pass")), 3, 2)})
+        assert counts["changed"] == 1 and counts["added"] == counts["deleted"] == 0, counts
+        assert deletes == [], "the changed rule was deleted before its new value came"
+        assert [(r.id, r.action, r.comment) for r in fw.list_rules()] == [
+            (8, Action.PASS, "now pass")]
+        assert run(P.udp4("10.0.0.1", 53)).verdict == PASS
+    finally:
+        cache.close()

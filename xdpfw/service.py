@@ -480,6 +480,22 @@ class Firewall:
                                  self.table.set_id(rule_set))
             return self._sync(group, new, rule_set or None, dry_run=False, given_ids=given)
 
+    def swap_rules(self, leaving: Sequence[int], specs: Sequence[RuleSpec],
+                   ids: Sequence[int]) -> SyncReport:
+        """Rules `leaving` (ids) go and `specs` come with these ids (ascending, not in use),
+        in one change (_sync): a fleet node's rules whose etcd value changed under the same
+        match (xdpfw/fleet/sync.py). That match keeps its entry and its verdict changes in
+        place, where a delete then an add left it unguarded in between."""
+        for s in specs:
+            if s.proto is not None or s.dport is not None:
+                check_match(s.proto, s.dport)
+        with self.lock:
+            self._check_writable()
+            group = self._rows_of_ids(sorted_unique(np.asarray(leaving, dtype=np.int64)))
+            given = self._check_ids(ids, len(specs))
+            return self._sync(group, NewRules.of(specs, self.table), None, dry_run=False,
+                              given_ids=given)
+
     def sets(self) -> dict[str, int]:
         """Every named set that has rules, and how many."""
         with self.lock:

@@ -201,10 +201,13 @@ class SyncEngine:
         """Turn key changes into one delete_where call, one replace_ids call per set that
         changed, and one add_rules call, in that order (a prefix may move between a rule of
         its own and a set)."""
-        deletes, adds = self._plan_rules(changes)
+        deletes, swaps, adds = self._plan_rules(changes)
         try:
             if deletes:
                 self.fw.delete_where(ids=deletes)
+            if swaps:  # a value changed under its match: one change, no gap
+                self.fw.swap_rules([old for old, _ in swaps], [r.spec for _, r in swaps],
+                                   [r.id for _, r in swaps])
             sets = sum(self._apply_set(key, kv) for key, kv in changes.items()
                        if key.startswith(self.keys.sets))
             self.fw.add_rules([r.spec for r in adds], ids=[r.id for r in adds])
@@ -214,7 +217,8 @@ class SyncEngine:
             raise ApplyFailed(f"the firewall refused etcd's changes: {e}") from e
         services = sum(self._apply_service(key, kv) for key, kv in changes.items()
                        if key.startswith(self.keys.services))
-        return {"added": len(adds), "deleted": len(deletes), "sets": sets,
+        return {"added": len(adds), "deleted": len(deletes), "changed": len(swaps),
+                "sets": sets,
                 "services": services, "refused": len(self._refused)}
 
     def _apply_service(self, key: bytes, kv: KeyValue | None) -> int:
@@ -280,9 +284,12 @@ class SyncEngine:
         return got.value
 
     def _plan_rules(self, changes: dict[bytes, KeyValue | None]
-                    ) -> tuple[list[int], list[FleetRule]]:
-        """Which rules go and which come, for the rule keys among these changes."""
+                    ) -> tuple[list[int], list[tuple[int, FleetRule]], list[FleetRule]]:
+        """Which rules go, which are swapped (a new value under a match that is a rule here,
+        with a new id: (the local id, the rule)), and which come, for the rule keys among
+        these changes."""
         deletes: list[int] = []
+        swaps: list[tuple[int, FleetRule]] = []
         adds: list[FleetRule] = []
         for key, kv in changes.items():
             if not key.startswith(self.keys.rules):
@@ -306,12 +313,17 @@ class SyncEngine:
             self._refuse(key, None)
             if local is not None and want.same_as(local):
                 continue
-            if local is not None:
+            if local is not None and want.id != local.id:
+                swaps.append((local.id, want))
+                continue
+            if local is not None:  # a hand-written value kept the id: the old way
                 deletes.append(local.id)
             adds.append(want)
-        adds = self._unique_ids(adds, set(deletes))
-        adds.sort(key=lambda r: r.id)
-        return deletes, adds
+        leaving = set(deletes) | {old for old, _ in swaps}
+        kept = {id(r) for r in self._unique_ids([r for _, r in swaps] + adds, leaving)}
+        swaps = sorted((p for p in swaps if id(p[1]) in kept), key=lambda p: p[1].id)
+        adds = sorted((r for r in adds if id(r) in kept), key=lambda r: r.id)
+        return deletes, swaps, adds
 
     def _unique_ids(self, adds: list[FleetRule], leaving: set[int]) -> list[FleetRule]:
         """A hand-written value may reuse an id: the first holder keeps it."""
