@@ -277,6 +277,9 @@ class Firewall:
                 new = self._without_existing(new)
             self._check_new(new)
             n = len(new)
+            bulk = n >= heap.BULK  # the parse's temporaries are free now: give them back
+            if bulk:
+                heap.trim()
             slots = self.rule_slots.take_array(n, "rules")
             first_id, first_row = self._next_id, self.table.n
             self.table.reserve(n)
@@ -300,6 +303,8 @@ class Firewall:
                             self._check_port_room()
                             writes.append(writer.submit(self._apply, changes))
                         self.store.insert_table_rows(self.table, rows)
+                        if bulk:  # each chunk's temporaries, before the next one's: the peak
+                            heap.trim()
                     for w in writes:
                         w.result()
             except BaseException:
@@ -312,7 +317,7 @@ class Firewall:
                 raise
             self._next_id = (first_id + n if given_ids is None or not n
                              else max(first_id, int(given_ids[-1]) + 1))
-        if n >= heap.BULK:
+        if bulk:
             heap.trim()
         return np.arange(first_row, first_row + n)
 
