@@ -11,29 +11,22 @@ DOCKER=/usr/bin/docker              # Debian's client; another `docker` may come
 BASE_IMAGE=${XDPFW_BASE_IMAGE:-debian:12-slim}
 LOG=/var/log/xdpfw-dockerd.log
 
-pkgs=(docker.io docker-compose debootstrap)
-missing=()
-for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "docker-setup: installing Debian packages: ${missing[*]}"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-fi
+source scripts/debian-packages.sh
+install_missing docker-setup docker.io docker-compose debootstrap
 
 # There is no systemd to start dockerd: start it detached, once, and wait until it answers.
 if ! $DOCKER info >/dev/null 2>&1; then
     echo "docker-setup: dockerd is not running: starting it (log: $LOG)"
-    # A dockerd that was killed leaves its pid file; a new one refuses to start if that pid
-    # now names another live process.
-    if [ -f /var/run/docker.pid ] && ! grep -qs dockerd "/proc/$(cat /var/run/docker.pid)/comm"; then
-        rm -f /var/run/docker.pid
-    fi
-    # Likewise containerd's: dockerd takes any live process with that pid for its containerd
-    # and waits for a socket that never comes ("timeout waiting for containerd to start").
-    ctr_pid=/var/run/docker/containerd/containerd.pid
-    if [ -f $ctr_pid ] && ! grep -qs containerd "/proc/$(cat $ctr_pid)/comm"; then
-        rm -f $ctr_pid
-    fi
+    # A dockerd that was killed leaves its pid file, and so does its containerd: a new
+    # dockerd refuses to start if that pid now names another live process, and takes any
+    # live process with containerd's pid for its containerd, waiting for a socket that never
+    # comes ("timeout waiting for containerd to start").
+    for stale in /var/run/docker.pid:dockerd /var/run/docker/containerd/containerd.pid:containerd; do
+        pidfile=${stale%:*}
+        if [ -f "$pidfile" ] && ! grep -qs "${stale#*:}" "/proc/$(cat "$pidfile")/comm"; then
+            rm -f "$pidfile"
+        fi
+    done
     setsid -f dockerd >>"$LOG" 2>&1 </dev/null
     for _ in $(seq 60); do $DOCKER info >/dev/null 2>&1 && break; sleep 0.5; done
     $DOCKER info >/dev/null 2>&1 || { echo "docker-setup: dockerd did not start; see $LOG" >&2; exit 1; }

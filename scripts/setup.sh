@@ -10,13 +10,8 @@ pkgs=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iproute2 iputils-pi
       python3-venv xdp-tools netsniff-ng nftables iperf3 systemd ethtool tcpdump chromium
       python3-seccomp  # tests/unit_sandbox.py: the unit's system-call filter, without systemd
       etcd-server etcd-client)  # netns_tests/test_fleet.py: a real etcd cluster
-missing=()
-for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing Debian packages: ${missing[*]}"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-fi
+source scripts/debian-packages.sh
+install_missing setup "${pkgs[@]}"
 
 # Debian's etcd-server enables a member of its own on localhost:2379; the tests run their own
 # members on free ports, and an appliance's fleet names its etcd in [fleet]: keep it off.
