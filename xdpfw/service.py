@@ -94,6 +94,8 @@ class SyncReport:
 
 
 EXAMPLES = 20  # rules of each kind a SyncReport names
+
+
 @dataclass(frozen=True)
 class Attachment:
     record: InterfaceRecord
@@ -104,6 +106,16 @@ class Attachment:
 class Counts(NamedTuple):
     rules: int
     interfaces: int
+
+
+def _check_specs(specs: Sequence[RuleSpec]) -> None:
+    """What a RuleSpec's fields alone can be refused for: a port without its protocol, a
+    bad set name."""
+    for s in specs:
+        if s.proto is not None or s.dport is not None:
+            check_match(s.proto, s.dport)
+        if s.rule_set:
+            check_set_name(s.rule_set)
 
 
 class Firewall:
@@ -219,11 +231,7 @@ class Firewall:
         port) exists already is left out (and that rule left as it is), not refused.
         ids: theirs, ascending (a fleet node's, given by etcd: xdpfw/fleet); default: the
         next free ones."""
-        for s in specs:
-            if s.proto is not None or s.dport is not None:
-                check_match(s.proto, s.dport)
-            if s.rule_set:
-                check_set_name(s.rule_set)
+        _check_specs(specs)
         with self.lock:
             self._check_writable()
             given = None if ids is None else self._check_ids(ids, len(specs))
@@ -491,9 +499,7 @@ class Firewall:
         in one change (_sync): a fleet node's rules whose etcd value changed under the same
         match (xdpfw/fleet/sync.py). That match keeps its entry and its verdict changes in
         place, where a delete then an add left it unguarded in between."""
-        for s in specs:
-            if s.proto is not None or s.dport is not None:
-                check_match(s.proto, s.dport)
+        _check_specs(specs)
         with self.lock:
             self._check_writable()
             group = self._rows_of_ids(sorted_unique(np.asarray(leaving, dtype=np.int64)))
