@@ -7,9 +7,9 @@ daemon holding 2M rules in ~200 MB of columns showed 750 MB resident, ~330 MB of
 heap. Likewise BCC's compile at start leaves ~80 MB of LLVM's freed memory behind.
 
 So the daemon fixes the mmap threshold (large temporaries are mapped, and unmapped when
-freed), caps the arenas, and trims the heap after start-up, after a large body is read, and
-before, during (after each chunk) and after each bulk change: trimming only at the end left
-the chunks' freed temporaries resident until then (2M rules: peak 588 MiB, now ~560).
+freed), caps the arenas, and trims the heap after start-up and before, during (after each
+chunk) and after each bulk change: trimming only at the end left the parse's and the chunks'
+freed temporaries resident until then (2M rules: peak 588 MiB, now ~560).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ progress on stderr as it is sent.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from xdpfw.rules import document
 from xdpfw.rules.kind import RuleKind
 
 PIECE = 1 << 20  # the body goes in pieces of this many bytes, one progress step each
+FIRST_BYTE = re.compile(rb"\S")
 SHOWN = 5  # examples of added/removed/changed rules printed (--json has all the API gives)
 RULE_COLUMNS = ["ID", "PREFIX", "ACTION", "PROTO", "DPORT", "PACKETS", "BYTES", "SET", "COMMENT"]
 
@@ -49,6 +51,13 @@ def _rule_rows(rules: list[dict]) -> None:
 # -- files: read, checked, sent -------------------------------------------------------------
 
 
+def _is_json(data: bytes) -> bool:
+    """A JSON document (an export, or a bulk body) rather than text: the first byte that is
+    not white space opens an object (found without copying a 30 MB file)."""
+    m = FIRST_BYTE.search(data)
+    return m is not None and m.group() == b"{"
+
+
 def read_rules_file(file: str, kind: RuleKind) -> tuple[bytes, int]:
     """FILE's bytes (- is stdin) and how many rules they hold, checked with the daemon's own
     parser: a bad line is an error naming the file and line, and nothing is sent."""
@@ -57,7 +66,7 @@ def read_rules_file(file: str, kind: RuleKind) -> tuple[bytes, int]:
     else:
         with open(file, "rb") as f:
             data = f.read()
-    if data.lstrip().startswith(b"{"):
+    if _is_json(data):
         doc = document.parse_json(data)
     else:
         try:
@@ -82,7 +91,7 @@ def send_file(c: Client, method: str, path: str, data: bytes, params: dict,
             yield data[start:start + PIECE]
             progress.update(min(start + PIECE, len(data)))
 
-    ctype = "application/json" if data.lstrip().startswith(b"{") else "text/plain"
+    ctype = "application/json" if _is_json(data) else "text/plain"
     try:
         return c.request(method, path, params=params, content=pieces(),
                          headers={"content-type": ctype, "content-length": str(len(data))})

@@ -14,7 +14,6 @@ from fastapi import HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from xdpfw import heap
 from xdpfw.api.error_body import validation_detail
 from xdpfw.api.openapi import body_schema_ref
 from xdpfw.api.schemas import BULK_BODY, BulkPrefixes, BulkRules
@@ -24,7 +23,6 @@ from xdpfw.rules.kind import RuleKind
 from xdpfw.rules.model import parse_prefix
 from xdpfw.rules.table import Prefixes
 
-TRIM_AFTER = 1 << 24  # a body this large is followed by a heap trim (xdpfw/heap.py)
 FORMS = ("text/plain (a blocklist, or an export's sections), or JSON: an export, "
          '{"prefixes": [...], "action": ...} or {"rules": [...]}')
 
@@ -46,8 +44,6 @@ async def read_body(request: Request) -> bytearray:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-    if len(body) >= TRIM_AFTER:  # the chunks' buffers are free now: give them back
-        heap.trim()
     return body
 
 
