@@ -156,3 +156,32 @@ def test_the_sync_engine_swaps_a_rule_whose_value_changed(fw, run, tmp_path, mon
         assert run(P.udp4("10.0.0.1", 53)).verdict == PASS
     finally:
         cache.close()
+
+
+def test_a_hand_written_id_that_is_taken_is_refused_alone(fw, tmp_path):
+    """Two values claiming one id in a batch: the first keeps it; an id of another rule
+    here: refused; the rest of the batch is applied."""
+    from tests.test_fleet_services import KEYS, MemEtcd
+    from xdpfw.fleet.cache import FleetCache
+    from xdpfw.fleet.etcd import KeyValue
+    from xdpfw.fleet.layout import encode_rule
+    from xdpfw.fleet.sync import SyncEngine
+
+    def kv(spec, rule_id):
+        key = KEYS.rule(spec.prefix, spec.proto, spec.dport)
+        return key, KeyValue(key, encode_rule(rule_id, spec), 2, 2)
+
+    a, b, c, d = (_spec(p) for p in ("10.0.0.0/8", "11.0.0.0/8", "12.0.0.0/8", "13.0.0.0/8"))
+    cache = FleetCache(tmp_path / "cache.db")
+    try:
+        engine = SyncEngine(fw, MemEtcd(), KEYS, cache)
+        engine._apply(dict([kv(a, 5)]))
+        counts = engine._apply(dict([kv(b, 7), kv(c, 7), kv(d, 5)]))
+        assert counts["added"] == 1 and counts["refused"] == 2, counts
+        assert [(r.id, str(r.prefix)) for r in fw.list_rules()] == [(5, "10.0.0.0/8"),
+                                                                   (7, "11.0.0.0/8")]
+        refused = engine._refused  # published in the node's status as the revision advances
+        assert refused[kv(c, 7)[0]] == "id 7 belongs to another rule", refused
+        assert refused[kv(d, 5)[0]] == "id 5 belongs to another rule", refused
+    finally:
+        cache.close()

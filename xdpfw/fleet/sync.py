@@ -319,25 +319,21 @@ class SyncEngine:
             if local is not None:  # a hand-written value kept the id: the old way
                 deletes.append(local.id)
             adds.append(want)
-        leaving = set(deletes) | {old for old, _ in swaps}
-        kept = {id(r) for r in self._unique_ids([r for _, r in swaps] + adds, leaving)}
-        swaps = sorted((p for p in swaps if id(p[1]) in kept), key=lambda p: p[1].id)
-        adds = sorted((r for r in adds if id(r) in kept), key=lambda r: r.id)
+        leaving, seen = set(deletes) | {old for old, _ in swaps}, set()
+        swaps = sorted((p for p in swaps if self._claim_id(p[1], seen, leaving)),
+                       key=lambda p: p[1].id)
+        adds = sorted((r for r in adds if self._claim_id(r, seen, leaving)), key=lambda r: r.id)
         return deletes, swaps, adds
 
-    def _unique_ids(self, adds: list[FleetRule], leaving: set[int]) -> list[FleetRule]:
-        """A hand-written value may reuse an id: the first holder keeps it."""
-        seen: set[int] = set()
-        kept = []
-        for r in adds:
-            clash = r.id in seen or (r.id not in leaving and self._id_taken(r.id))
-            if clash:
-                key = self.keys.rule(r.spec.prefix, r.spec.proto, r.spec.dport)
-                self._refuse(key, f"id {r.id} belongs to another rule")
-                continue
-            seen.add(r.id)
-            kept.append(r)
-        return kept
+    def _claim_id(self, r: FleetRule, seen: set[int], leaving: set[int]) -> bool:
+        """A hand-written value may reuse an id: the first holder keeps it (`seen`), and an
+        id of a rule here that is not `leaving` is refused."""
+        if r.id in seen or (r.id not in leaving and self._id_taken(r.id)):
+            key = self.keys.rule(r.spec.prefix, r.spec.proto, r.spec.dport)
+            self._refuse(key, f"id {r.id} belongs to another rule")
+            return False
+        seen.add(r.id)
+        return True
 
     def _id_taken(self, rule_id: int) -> bool:
         try:
