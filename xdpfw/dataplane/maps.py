@@ -13,7 +13,7 @@ import mmap
 import os
 import struct
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -407,16 +407,7 @@ class FirewallMaps:
         covered before and after: every entry is written before any goes. Only for an index
         with no port rules (RuleIndex.plain_only), where each entry is its rule's own
         verdict. parents: the IPv4 prefixes that cover the gone ones afterwards."""
-        v4 = put.family == V4
-        slots = np.asarray(slots, dtype=np.uint64)
-        actions = np.asarray(actions, dtype=np.uint64)
-        if v4.any():
-            packed = (slots[v4] & np.uint64(abi.PV_SLOT_MASK)) | (
-                actions[v4] << np.uint64(abi.PV_ACT_SHIFT))
-            self.v4.put(put.lo[v4].astype(np.uint32), put.plen[v4], packed)
-        if not v4.all():
-            self._write_v6([(put.prefix(i), (int(slots[i]), int(actions[i]), 0))
-                            for i in np.nonzero(~v4)[0].tolist()])
+        self._write_plain(put, slots, actions, self.v4.put)
         g4 = gone.family == V4
         if g4.any():
             self.v4.remove(gone.lo[g4].astype(np.uint32), gone.plen[g4], parents)
@@ -432,13 +423,19 @@ class FirewallMaps:
         numpy into the DIR-24-8 layout, no per-rule object built. Only for an index with no
         port rules (RuleIndex.plain_only), where that is exactly what compiling them
         yields."""
+        self._write_plain(prefixes, slots, actions, self.v4.add)
+
+    def _write_plain(self, prefixes: Prefixes, slots: np.ndarray, actions: np.ndarray,
+                     write_v4: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> None:
+        """Plain rules' entries: IPv4 as packed verdicts through `write_v4` (V4Table.add for
+        new prefixes, .put where some may exist), IPv6 one by one."""
         v4 = prefixes.family == V4
         slots = np.asarray(slots, dtype=np.uint64)
         actions = np.asarray(actions, dtype=np.uint64)
         if v4.any():
             packed = (slots[v4] & np.uint64(abi.PV_SLOT_MASK)) | (
                 actions[v4] << np.uint64(abi.PV_ACT_SHIFT))
-            self.v4.add(prefixes.lo[v4].astype(np.uint32), prefixes.plen[v4], packed)
+            write_v4(prefixes.lo[v4].astype(np.uint32), prefixes.plen[v4], packed)
         if not v4.all():
             self._write_v6([(prefixes.prefix(i), (int(slots[i]), int(actions[i]), 0))
                             for i in np.nonzero(~v4)[0].tolist()])
