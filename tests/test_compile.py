@@ -124,6 +124,27 @@ def test_changes_replayed_on_a_map_equal_the_compiled_state():
     assert ports == expected_ports
 
 
+def test_complex_holds_only_prefixes_with_port_rules_or_entries():
+    """`complex` is the compiled state of prefixes that are not just their own rule; the
+    plain paths (Firewall's columns) never look there. A prefix whose last port rule went
+    once stayed in it with its own verdict, and a plain bulk delete then left it behind."""
+    rng = random.Random(11)
+    index = RuleIndex()
+    live: list[Rule] = []
+    for step in range(300):
+        if live and rng.random() < 0.45:
+            index.remove([live.pop(rng.randrange(len(live)))])
+        else:
+            r = random_rule(rng, step)
+            if index.find(*r.match_key):
+                continue
+            live.append(r)
+            index.add([r])
+        stale = [p for p in index.complex
+                 if p not in index.port_rules and p not in index.port_entries]
+        assert not stale, f"step {step}: {stale} in complex with no port rule"
+
+
 def test_plain_prefix_rules_need_no_port_table():
     index = RuleIndex()
     rules = [

@@ -199,6 +199,19 @@ def test_a_set_replaced_again_is_not_a_conflict_and_keeps_its_rules(fw):
     assert fw.sets() == {"spamhaus": 40}
 
 
+def test_a_bulk_delete_after_a_port_rule_went_leaves_nothing(fw, run):
+    """A /16 with a port rule that came and went, then deleted with delete_where (the plain
+    path, from columns): nothing of it stays in the index or the maps (its compiled value
+    once stayed behind, and the next change of the layout tripped over it)."""
+    drop = fw.add_rules([RuleSpec(parse_prefix("10.1.0.0/16"), Action.DROP)])[0]
+    port = fw.add_rules([RuleSpec(parse_prefix("10.1.0.0/16"), Action.PASS, Proto.TCP, 80)])[0]
+    fw.delete_rule(port.id)
+    assert fw.index.plain_only()
+    assert fw.delete_where(ids=[drop.id]).removed == 1
+    assert snapshot(fw) == ([], {}, [], [])
+    assert run(P.udp4("10.1.5.5", 53)).verdict == "XDP_PASS"
+
+
 def test_a_replace_that_runs_out_of_room_changes_nothing(fw):
     """A real limit of the kernel's layout: more /24s holding two hosts each than there are
     tbl8 groups (TEST_CAPACITY: max_tbl8_groups 1024). Everything is undone: the store, the

@@ -392,6 +392,13 @@ class RuleIndex:
             port_set = self._set_ports(prefix, table, changes)
             slot, action = fallback if fallback else (NO_RULE, ACT_NONE)
             value = (slot, action, port_set)
+            if prefix not in port_rules and prefix not in port_entries:
+                # Its last port rule went: a plain prefix again, its own rule's verdict, and
+                # out of `complex` (which holds only what is not a prefix's own rule: the
+                # plain paths of the table read and write the rest from columns).
+                if complex_.pop(prefix, None) != value:
+                    out[prefix] = value
+                continue
             if complex_.get(prefix) != value:
                 complex_[prefix] = value
                 out[prefix] = value
