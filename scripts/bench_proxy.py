@@ -79,8 +79,7 @@ class Route:
 
 ROUTES = [
     Route("direct", "direct (routed)", None),
-    Route("sockhash", "sockhash, strparser (default)", {"mode": "sockhash", "attach": "stream"}),
-    Route("verdict", "sockhash, verdict-only", {"mode": "sockhash", "attach": "verdict"}),
+    Route("sockhash", "sockhash (strparser)", {"mode": "sockhash"}),
     Route("relay", "user-space relay (asyncio)", {"mode": "userspace"}),
 ]
 WORKLOADS = ("bulk", "rr")

@@ -69,13 +69,12 @@ def test_kernel_refusing_a_map_is_a_typed_error() -> None:
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("attach", ["verdict", "stream"])
-def test_program_the_verifier_refuses_raises_verifier_error_with_log(attach: str) -> None:
+def test_program_the_verifier_refuses_raises_verifier_error_with_log() -> None:
     from xdpfw.proxy.loader import SockProxyDataplane, VerifierError
 
     broken = Path(__file__).parent / "data" / "sockproxy_unchecked_lookup.c"
     with pytest.raises(VerifierError) as info:
-        SockProxyDataplane(max_sockets=64, max_services=8, attach=attach, source=broken)
+        SockProxyDataplane(max_sockets=64, max_services=8, source=broken)
     err = info.value
     assert "sp_verdict" in str(err), f"message does not name the program: {err}"
     # The kernel's own words for a NULL-unchecked map value, not a message made up here.

@@ -12,11 +12,10 @@ DROPPING = Path(__file__).parent / "data" / "sockproxy_drops_everything.c"
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("attach", ["verdict", "stream"])
-def test_self_test_passes_and_leaves_nothing_behind(attach: str) -> None:
+def test_self_test_passes_and_leaves_nothing_behind() -> None:
     from xdpfw.proxy.loader import SELF_TEST_SERVICE, SockProxyDataplane
 
-    dp = SockProxyDataplane(max_sockets=64, max_services=8, attach=attach)
+    dp = SockProxyDataplane(max_sockets=64, max_services=8)
     try:
         dp.self_test()
         left = {"sp_socks": dp.socket_count("sp_socks"),

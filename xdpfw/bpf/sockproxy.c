@@ -4,8 +4,8 @@
  *   1. both go into sp_socks (redirect targets; no programs attached, so nothing is
  *      intercepted yet and bytes that arrive meanwhile wait in the receive queue);
  *   2. sp_peers gets cookie -> peer entries for both;
- *   3. both go into sp_splice, which carries the verdict program (attached as stream
- *      parser + stream verdict by default, or as BPF_SK_SKB_VERDICT alone; see loader.py).
+ *   3. both go into sp_splice, which carries the parser and verdict programs (stream
+ *      parser + stream verdict; loader.py says why not the verdict program alone).
  * Step 1 before 3 means the first skb a verdict sees always finds its peer in sp_socks.
  * The kernel removes a socket from both sockhashes when it closes; user space deletes the
  * sp_peers entries when it closes the pair.
@@ -69,7 +69,8 @@ int sp_verdict(struct __sk_buff *skb)
 		return record_verdict(SP_SERVICE_UNKNOWN, 0, skb->len, SK_PASS,
 				      REASON_NO_PEER);
 
-	/* Verdict-only attach hands over a FIN without payload as a zero-length skb. Redirected,
+	/* Defensive: verdict-only attach (not used, loader.py) hands over a FIN without payload
+	 * as a zero-length skb, and a parser could too. Redirected,
 	 * the peer's backlog worker gets 0 from skb_send_sock(), takes it for a hard error, sets
 	 * EPIPE on the peer socket and stops transmitting: half-close would break. The FIN is
 	 * already in the socket state (EPOLLRDHUP), from which user space propagates it. */

@@ -34,9 +34,7 @@ from xdpfw.netns import thread_in_netns
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
 from xdpfw.proxy.loader import (
-    DEFAULT_ATTACH,
     SPLICE_SNDBUF,
-    Attach,
     ConnCounters,
     SockProxyDataplane,
     SplicedPair,
@@ -150,8 +148,8 @@ class ProxyEngine:
 
     mode: see fallback.py; `mode` reports what actually runs. Pass `dataplane` to share one
     loaded SockProxyDataplane between services; otherwise the engine loads (and unloads) its
-    own, sized for max_sockets spliced sockets (two per connection), with `attach` and
-    `splice_sndbuf` (see loader.py). netns: the network namespace to listen and connect in.
+    own, sized for max_sockets spliced sockets (two per connection), with `splice_sndbuf`
+    (see loader.py). netns: the network namespace to listen and connect in.
     """
 
     def __init__(
@@ -167,7 +165,6 @@ class ProxyEngine:
         connect_timeout: float = 5.0,
         backlog: int = 1024,
         max_sockets: int = SP_MAX_SOCKETS,
-        attach: Attach = DEFAULT_ATTACH,
         splice_sndbuf: int | None = SPLICE_SNDBUF,
     ) -> None:
         self.listen_host = listen_host
@@ -179,7 +176,6 @@ class ProxyEngine:
         self.connect_timeout = connect_timeout
         self.backlog = backlog
         self.max_sockets = max_sockets
-        self.attach = attach
         self.splice_sndbuf = splice_sndbuf
         self._dataplane = dataplane
         self._owns_dataplane = False
@@ -275,7 +271,7 @@ class ProxyEngine:
         return "sockhash"
 
     def _load_dataplane(self) -> SockProxyDataplane:
-        return SockProxyDataplane(max_sockets=self.max_sockets, attach=self.attach,
+        return SockProxyDataplane(max_sockets=self.max_sockets,
                                   splice_sndbuf=self.splice_sndbuf)
 
     def _listen(self) -> socket.socket:

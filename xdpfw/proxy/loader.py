@@ -18,7 +18,6 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from xdpfw import errors
 from xdpfw.dataplane.loader import captured_stderr
@@ -31,19 +30,15 @@ BPF_NOEXIST = 1
 # Kernel attach types (enum bpf_attach_type) for programs attached to a sockhash.
 SK_SKB_STREAM_PARSER = 4
 SK_SKB_STREAM_VERDICT = 5
-SK_SKB_VERDICT = 38  # Linux >= 5.13
-
-# "stream" (the default): strparser + stream verdict. "verdict": the verdict program alone;
-# the kernel hands it each skb from tcp_read_skb(), no strparser, no clone, same throughput
-# here. But on this kernel (6.18.44) verdict mode now and then hands the program one 64 KiB
-# skb twice: 1-2% of 32 MiB streams arrived 65,160 bytes long, with the duplicate counted by
-# sp_verdict itself, in either direction; 0 of 380 in stream mode (docs/perf.md, Socket proxy).
-Attach = Literal["verdict", "stream"]
-DEFAULT_ATTACH: Attach = "stream"
-ATTACH_PROGRAMS: dict[str, tuple[tuple[str, int], ...]] = {
-    "verdict": (("sp_verdict", SK_SKB_VERDICT),),
-    "stream": (("sp_parser", SK_SKB_STREAM_PARSER), ("sp_verdict", SK_SKB_STREAM_VERDICT)),
-}
+# The splice runs strparser + stream verdict. The kernel's other way, the verdict program
+# alone (BPF_SK_SKB_VERDICT, skbs straight from tcp_read_skb()), is not offered: on this
+# kernel (6.18.44) it now and then hands the program one 64 KiB skb twice, so the peer gets
+# 65,160 bytes it was never sent (1-2% of 32 MiB streams, in either direction, the duplicate
+# counted by sp_verdict itself; 0 of 380 with the stream parser; docs/perf.md, Socket proxy).
+SPLICE_PROGRAMS: tuple[tuple[str, int], ...] = (
+    ("sp_parser", SK_SKB_STREAM_PARSER),
+    ("sp_verdict", SK_SKB_STREAM_VERDICT),
+)
 
 # SO_SNDBUF asked for on both spliced sockets (the kernel doubles it). When the peer's send
 # buffer is full, the psock backlog worker that transmits redirected skbs re-arms itself
@@ -142,16 +137,13 @@ class SockProxyDataplane:
     """
 
     def __init__(self, *, max_sockets: int = abi.SP_MAX_SOCKETS,
-                 max_services: int = abi.SP_MAX_SERVICES, attach: Attach = DEFAULT_ATTACH,
+                 max_services: int = abi.SP_MAX_SERVICES,
                  splice_sndbuf: int | None = SPLICE_SNDBUF,
                  source: Path = abi.PROGRAM_SOURCE) -> None:
-        """attach: see Attach. splice_sndbuf: SO_SNDBUF for spliced sockets (None: leave the
+        """splice_sndbuf: SO_SNDBUF for spliced sockets (None: leave the
         kernel's autotuning alone). source: the C file; only tests pass another."""
         from bcc import BPF
 
-        if attach not in ATTACH_PROGRAMS:
-            raise ValueError(f"attach must be one of {sorted(ATTACH_PROGRAMS)}, not {attach!r}")
-        self.attach = attach
         self.splice_sndbuf = splice_sndbuf
         self.source = source
         self._lock = threading.Lock()
@@ -171,8 +163,7 @@ class SockProxyDataplane:
                 raise self._classify_module_error(e, err, out, source) from e
         try:
             self._fns = {}
-            progs = ATTACH_PROGRAMS[attach]
-            for name, _ in progs:
+            for name, _ in SPLICE_PROGRAMS:
                 failure: Exception | None = None
                 ct.set_errno(0)
                 with captured_stderr() as out:
@@ -187,7 +178,7 @@ class SockProxyDataplane:
                 name: self._map_fd(name)
                 for name in ("sp_socks", "sp_splice", "sp_peers", "sp_traffic", "sp_conns")
             }
-            for name, attach_type in progs:
+            for name, attach_type in SPLICE_PROGRAMS:
                 try:
                     BPF.attach_func(self._fns[name], self._fd["sp_splice"], attach_type)
                 except Exception as e:
