@@ -176,6 +176,9 @@ class LbConfig(_Strict):
     # Proxy services: splice in the kernel (sockhash), relay in user space, or try the kernel
     # first and fall back with a log line (auto).
     proxy_mode: Literal["auto", "sockhash", "userspace"] = "auto"
+    # A spliced connection whose receiving peer falls this far behind its sender is reset: the
+    # kernel would otherwise queue its bytes without limit (xdpfw/proxy/engine.py).
+    proxy_max_queued_mib: int = Field(64, ge=1, le=65_536)
 
     @field_validator("table_size")
     @classmethod

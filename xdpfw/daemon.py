@@ -242,7 +242,8 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         # The LB runs its health checks on a thread of its own, not in uvicorn's loop: probes
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/watcher.py).
-        lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode)
+        lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode,
+                          proxy_max_queued=cfg.lb.proxy_max_queued_mib * 1024 * 1024)
         lb.start()
         if cfg.fleet is not None:  # rules and services from etcd, on a thread (fleet/sync.py)
             from xdpfw.fleet.service import Fleet

@@ -141,6 +141,9 @@ class ProxyConnections(BaseModel):
     backend_failures: int = Field(description="backend refused, unreachable, timed out or none "
                                   "usable: the client got a clean close")
     relayed_in_userspace: int = Field(description="connections the kernel would not splice")
+    queue_resets: int = Field(description="spliced connections reset because the kernel held "
+                              "more than [lb] proxy_max_queued_mib of their bytes for a peer "
+                              "that did not read them")
 
 
 class ProxyStats(BaseModel):

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.errors import XdpfwError
 from xdpfw.lb.model import ServiceState
-from xdpfw.proxy.engine import Mode, PickBackend, ProxyEngine, ServiceCounters
+from xdpfw.proxy.engine import (
+    DEFAULT_MAX_QUEUED,
+    Mode,
+    PickBackend,
+    ProxyEngine,
+    ServiceCounters,
+)
 from xdpfw.proxy.fallback import RequestedMode
 from xdpfw.proxy.loader import SockProxyDataplane
 
@@ -55,10 +61,12 @@ def picker(svc: ServiceState) -> PickBackend:
 
 
 class ProxyServices:
-    def __init__(self, dp: Dataplane, netns: str | None, mode: RequestedMode) -> None:
+    def __init__(self, dp: Dataplane, netns: str | None, mode: RequestedMode,
+                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         self.dp = dp
         self.netns = netns
         self.mode = mode
+        self.max_queued = max_queued  # ProxyEngine's
         self.engines: dict[int, ProxyEngine] = {}  # by service id
         self.errors: dict[int, str] = {}  # why a restored service's engine does not run
         self.fallback: str | None = None  # why proxy services relay in user space
@@ -76,7 +84,8 @@ class ProxyServices:
             sockproxy = self._dataplane()
             engine = ProxyEngine(svc.rec.vip, svc.rec.port, picker(svc), sid,
                                  mode="userspace" if sockproxy is None else "sockhash",
-                                 dataplane=sockproxy, netns=self.netns)
+                                 dataplane=sockproxy, netns=self.netns,
+                                 max_queued=self.max_queued)
             engine.start()
         except XdpfwError as e:
             if strict:

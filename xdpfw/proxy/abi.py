@@ -47,6 +47,7 @@ class SpConns(ct.Structure):
         ("closed", ct.c_uint64),
         ("backend_failures", ct.c_uint64),
         ("relayed_in_userspace", ct.c_uint64),
+        ("queue_resets", ct.c_uint64),
     )
 
 

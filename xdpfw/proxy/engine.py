@@ -10,6 +10,13 @@ In "userspace" mode (or for a single connection the kernel would not splice) rel
 the bytes; fallback.py decides which mode runs. The engine runs its own asyncio loop in a
 thread; its public API is synchronous. The listener, the backend sockets and the loop thread
 live in network namespace `netns` (None: the caller's).
+
+The kernel has no backpressure for a splice: bytes read from one socket queue on the other's
+psock without limit when its peer reads more slowly (docs/perf.md, Socket proxy). So the
+engine measures what each spliced connection holds, clamps the sending side's TCP window
+while a direction holds a quarter of `max_queued` (backpressure), and resets a connection
+that still holds more than `max_queued` a second later: one connection lost rather than the
+appliance's memory (_Direction).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -53,6 +61,18 @@ TCPI_BYTES_ACKED = 120  # offsets in struct tcp_info (stable uapi)
 TCPI_BYTES_RECEIVED = 128
 # How long a client refused by every backend gets to read our FIN and close first.
 REFUSED_CLIENT_LINGER = 2.0
+MiB = 1024 * 1024
+# Per spliced connection and direction: bytes the kernel read from one socket and has not yet
+# put in the other's send queue. A quarter of it clamps the sender's window; over it for
+# QUEUE_GRACE_S resets the connection ([lb] proxy_max_queued_mib).
+DEFAULT_MAX_QUEUED = 64 * MiB
+QUEUE_GRACE_S = 1.0
+# How often a spliced connection's queue is measured (6 syscalls): every QUEUE_CHECK_MIN_S
+# while it holds more than 1/16 of max_queued or is clamped, else at an interval that doubles
+# up to QUEUE_CHECK_MAX_S: an idle connection costs a check a second, and a peer that stops
+# reading is seen within a second of its send buffer filling.
+QUEUE_CHECK_MIN_S = 0.02
+QUEUE_CHECK_MAX_S = 1.0
 
 
 class EngineError(XdpfwError):
@@ -139,6 +159,13 @@ def _bytes_written(sock: socket.socket) -> int:
     return acked + _outq(sock)
 
 
+def _queued(src: socket.socket, dst: socket.socket, dst_base: int) -> int:
+    """Bytes the kernel read from src (handed to the verdict) and not yet in dst's send queue:
+    what waits on dst's psock. src is read first, so progress in between undercounts."""
+    taken = _bytes_received(src) - _inq(src)
+    return taken - (_bytes_written(dst) - dst_base)
+
+
 def _is_closed(sock: socket.socket) -> bool:
     return _tcp_info(sock)[0] == TCP_CLOSE
 
@@ -166,6 +193,7 @@ class ProxyEngine:
         backlog: int = 1024,
         max_sockets: int = SP_MAX_SOCKETS,
         splice_sndbuf: int | None = SPLICE_SNDBUF,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -177,6 +205,7 @@ class ProxyEngine:
         self.backlog = backlog
         self.max_sockets = max_sockets
         self.splice_sndbuf = splice_sndbuf
+        self.max_queued = max_queued
         self._dataplane = dataplane
         self._owns_dataplane = False
         self._mode: Mode | None = None
@@ -469,7 +498,72 @@ class ProxyEngine:
             asyncio.ensure_future(self._propagate_eof(client, backend, bases[0])),
             asyncio.ensure_future(self._propagate_eof(backend, client, bases[1])),
         ]
+        tasks.append(asyncio.ensure_future(self._cap_queued(client, backend, bases, tasks[:])))
         try:
             await finish_pair(tasks, client, backend)
         finally:
             self._dataplane.unsplice(pair)
+
+    async def _cap_queued(self, client: socket.socket, backend: socket.socket,
+                          bases: tuple[int, int], eof_tasks: list[asyncio.Future]) -> None:
+        """Until both directions have ended, watch what each direction holds in the kernel
+        (see _Direction.check); raise ConnectionAborted (both sides get a RST) for a peer
+        that does not read."""
+        dirs = [_Direction("backend", client, backend, bases[0], self.max_queued),
+                _Direction("client", backend, client, bases[1], self.max_queued)]
+        pending, delay = set(eof_tasks), QUEUE_CHECK_MIN_S
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=delay)
+            if any(t.done() and (t.cancelled() or t.exception()) for t in eof_tasks):
+                return  # finish_pair resets the connection already
+            now = time.monotonic()
+            try:
+                for d in dirs:
+                    if d.check(now):
+                        self._count(queue_resets=1)
+                        log.warning("service %d: reset a spliced connection: %d bytes queued "
+                                    "for a %s that has not read them (over the limit of %d, "
+                                    "[lb] proxy_max_queued_mib, for %.1f s)", self.service_id,
+                                    d.queued, d.to, self.max_queued, now - d.over_since)
+                        raise ConnectionAborted(f"{d.queued} bytes queued for the {d.to}")
+            except OSError:
+                return  # a socket went; the EOF tasks say how
+            busy = any(d.clamp is not None or d.queued > self.max_queued // 16 for d in dirs)
+            delay = QUEUE_CHECK_MIN_S if busy else min(delay * 2, QUEUE_CHECK_MAX_S)
+
+
+@dataclass
+class _Direction:
+    """One direction of a spliced connection: bytes read from src and queued in the kernel
+    for dst (_queued). Above max_queued/4 the source's TCP window is clamped to its minimum
+    (the sender may send only about 1 KB per round trip), below max_queued/16 it is
+    released: backpressure, which the splice itself lacks (a bulk upload to a backend that
+    reads as fast as it can stays well under the limit, docs/perf.md). A queue that stays
+    above max_queued for QUEUE_GRACE_S despite the clamp is a peer that does not read (or
+    reads more slowly than a minimal window brings): check() says reset."""
+
+    to: str  # "backend" or "client": who the bytes are for
+    src: socket.socket
+    dst: socket.socket
+    dst_base: int
+    max_queued: int
+    queued: int = 0
+    clamp: int | None = None  # the source's TCP_WINDOW_CLAMP before we clamped it
+    over_since: float = 0.0  # when queued went above max_queued (0: it is not)
+
+    def check(self, now: float) -> bool:
+        self.queued = _queued(self.src, self.dst, self.dst_base)
+        if self.queued > self.max_queued // 4:
+            if self.clamp is None:
+                self.clamp = self.src.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+            # 1: the kernel raises it to its minimum, half of SOCK_MIN_RCVBUF. Set at every
+            # check: receive-buffer autotuning may have raised it since.
+            self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, 1)
+        elif self.clamp is not None and self.queued < self.max_queued // 16:
+            self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, self.clamp)
+            self.clamp = None
+        if self.queued <= self.max_queued:
+            self.over_since = 0.0
+        elif not self.over_since:
+            self.over_since = now
+        return bool(self.over_since) and now - self.over_since >= QUEUE_GRACE_S

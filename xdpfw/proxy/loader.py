@@ -128,6 +128,7 @@ class ConnCounters:
     closed: int = 0
     backend_failures: int = 0
     relayed_in_userspace: int = 0
+    queue_resets: int = 0
 
 
 class SockProxyDataplane:
