@@ -35,6 +35,7 @@ class Daemon:
     logs: list[str] = field(default_factory=list)
     socket_path: str | None = None  # default: workdir/api.sock
     nofile_soft: int | None = None  # start with this soft RLIMIT_NOFILE
+    nofile_hard: int | None = None  # and this hard one (the daemon raises soft to hard)
 
     @property
     def socket(self) -> str:
@@ -50,9 +51,10 @@ class Daemon:
                 "--max-rules", "65536", *self.extra_args]
 
     def _limits(self) -> None:
-        if self.nofile_soft is not None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_soft, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard = self.nofile_hard or hard
+        soft = min(self.nofile_soft or soft, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     def start(self, timeout: float = 60.0) -> None:
         log = self.workdir / f"serve-{self.starts}.log"

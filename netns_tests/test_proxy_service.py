@@ -17,10 +17,12 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -40,6 +42,7 @@ VIP = "10.220.100.1"
 LINKS = [("10.220.2.1", "10.220.2.2"), ("10.220.3.1", "10.220.3.2")]  # appliance, backend
 BACKENDS = ["10.220.20.1", "10.220.20.2"]  # on the backends' loopbacks: routed, no ARP
 PORT, DEAD_PORT, RESTART_PORT, FALLBACK_PORT = 8080, 8081, 8082, 8083  # none on DEAD_PORT
+FLOOD_PORT = 8084
 CONNECTIONS, SMALL, BIG = 80, 16 * 1024, 4 * 1024 * 1024
 
 # Per connection: send the backend's name, read to EOF, answer "<sha256> <bytes>", close.
@@ -103,6 +106,22 @@ try:
     print('eof' if c.recv(100) == b'' else 'data')
 except ConnectionResetError as e:
     print('reset', e)
+"""
+
+
+# Open argv[3] connections and hold them until stdin closes; print how many connected.
+HOLD = """
+import socket, sys
+vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for _ in range(n):
+    try:
+        held.append(socket.create_connection((vip, port), timeout=5))
+    except OSError as e:
+        print('connect failed:', e, file=sys.stderr)
+        break
+print(len(held), flush=True)
+sys.stdin.read()
 """
 
 
@@ -303,6 +322,69 @@ def test_restart_restores_proxy_service(env):
             env.evidence(sid))
     finally:
         env.delete(sid)
+
+
+def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_path):
+    """A daemon with 1024 open files: without a limit, 600 connections held at a proxy VIP
+    (two descriptors each) would take every descriptor, and the API could not accept. The
+    daemon sizes [lb] proxy_max_connections from the limit; past it the engine does not
+    accept, the API answers, and the held connections get their turn when others close."""
+    from xdpfw.config import load_config
+    from xdpfw.daemon import proxy_limits, tcp_limits
+
+    nofile, flood = 1024, 600
+    config = tmp_path / "xdpfw.toml"
+    config.write_text(f'[lb]\nnetns = "{env.appliance}"\ntable_size = 251\n'
+                      "max_services = 8\nmax_backends = 64\nconntrack_size = 1024\n")
+    cfg = load_config(config)
+    budget = proxy_limits(cfg, nofile, tcp_limits(cfg, nofile)).max_connections
+    assert budget < flood // 2, f"budget {budget}: the flood would not reach it"
+    d = Daemon(tmp_path / "d", f"/sys/fs/bpf/xdpfw-test-pxfl{uuid.uuid4().hex[:4]}",
+               extra_args=["--config", str(config)], nofile_hard=nofile)
+    d.workdir.mkdir()
+    servers = [start_server(ns, f"be{i + 1}", lo, FLOOD_PORT)
+               for i, (ns, lo) in enumerate(zip(env.backends, BACKENDS, strict=True))]
+    holder = None
+    try:
+        d.start()
+        r = d.client().post("/api/v1/services", json={
+            "name": "flood", "vip": VIP, "port": FLOOD_PORT, "forward": "proxy",
+            "backends": [{"address": a} for a in BACKENDS]})
+        assert r.status_code == 201, f"{r.text}\n{d.log()}"
+        sid = r.json()["id"]
+        holder = subprocess.Popen(["ip", "netns", "exec", env.client, PY, "-c", HOLD, VIP,
+                                   str(FLOOD_PORT), str(flood)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == str(flood), holder.stderr.read()
+
+        def conns() -> dict:
+            return d.client().get(f"/api/v1/services/{sid}").json()["proxy"]["connections"]
+
+        assert nsutil.wait_until(lambda: conns()["accepted"] >= budget, 20, 0.2), conns()
+        time.sleep(0.5)  # give the engine time to take more if it would
+        c = conns()
+        assert (c["accepted"], c["active"]) == (budget, budget), c
+        assert c["limit_waits"] >= 1, c
+        with d.client() as api:  # the API still accepts and works
+            api.timeout = httpx.Timeout(2.0)
+            assert api.get("/healthz").status_code == 200
+            r = api.post("/api/v1/rules", json={"prefix": "10.220.250.0/24", "action": "drop"})
+            assert r.status_code == 201, r.text
+        assert "proxy_max_connections" in d.log(), d.log()[-2000:]
+        holder.stdin.close()  # the held connections close; the waiting ones get accepted
+        assert nsutil.wait_until(
+            lambda: (lambda c: c["accepted"] == flood and c["active"] == 0)(conns()), 30, 0.2), (
+            f"{conns()}\n{d.log()[-2000:]}")
+        assert conns()["backend_failures"] == 0, conns()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+        d.stop()
+        shutil.rmtree(d.pin_dir, ignore_errors=True)
 
 
 def test_kernel_refusal_falls_back_to_userspace(env, tmp_path, monkeypatch, caplog):

@@ -710,6 +710,38 @@ def test_200_concurrent_connections(topo: Topology, children: list) -> None:
     assert state["maps"] == {"sp_peers": 0, "sp_socks": 0, "sp_splice": 0}, state["maps"]
 
 
+def test_connection_budget_stops_accepting_until_one_closes(topo: Topology,
+                                                            children: list) -> None:
+    from xdpfw.proxy.engine import ConnectionBudget
+
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash",
+                       budget=ConnectionBudget(3))
+    backend = start(children, topo.be, echo_backend, 5)
+    assert backend.recv() == "listening"
+    clients = [start(children, topo.cli, idle_client) for _ in range(5)]
+    for c in clients:  # all five connect: the listen backlog holds the two not accepted
+        assert c.recv() == "connected"
+
+    def accepted(n: int) -> bool:
+        return eng.state()["counters"].connections.accepted == n
+
+    assert nsutil.wait_until(lambda: accepted(3), 10, 0.05), eng.state()
+    time.sleep(0.3)  # the engine would have taken the other two by now
+    state = eng.state()
+    c = state["counters"].connections
+    assert (c.accepted, c.active, c.limit_waits) == (3, 3, 1), c
+    assert any("proxy_max_connections" in line for line in state["log"]), state["log"]
+    for cl in clients[:2]:
+        cl.chan.send("close")
+        assert cl.result(10) == "closed"
+    assert nsutil.wait_until(lambda: accepted(5), 10, 0.05), eng.state()
+    for cl in clients[2:]:
+        cl.chan.send("close")
+        assert cl.result(10) == "closed"
+    eng.wait_idle(accepted=5)
+    assert backend.result(30)["finished"] == 5
+
+
 def test_backend_refused_closes_client_cleanly(topo: Topology, children: list) -> None:
     # Round robin: the first connection goes to a port nobody listens on, the second works.
     eng = start_engine(children, topo.app, [(BE_IP, DEAD_PORT), (BE_IP, BE_PORT)],

@@ -35,6 +35,7 @@ from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.metrics import RuleSeries
+from xdpfw.proxy.engine import DEFAULT_MAX_CONNECTIONS, ProxyLimits
 from xdpfw.service import Firewall
 
 log = logging.getLogger("xdpfw")
@@ -129,6 +130,19 @@ def tcp_limits(cfg: AppConfig, fd_limit: int) -> TcpLimits:
     return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s)
 
 
+def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:
+    """[lb] proxy limits; proxied connections get the descriptors the API does not (two each),
+    so that a flood of them at a VIP cannot take the API's."""
+    room = max((fd_limit - FD_RESERVE - api.max_connections) // 2, 1)
+    want = cfg.lb.proxy_max_connections
+    if want is not None and want > room:
+        log.warning("lb.proxy_max_connections %d is more than the open-file limit (%d) "
+                    "allows: using %d", want, fd_limit, room)
+    cap = min(want or DEFAULT_MAX_CONNECTIONS, room)
+    return ProxyLimits(max_queued=cfg.lb.proxy_max_queued_mib * 1024 * 1024,
+                       max_connections=cap)
+
+
 def pid_file(cfg: AppConfig) -> Path:
     return Path(cfg.state.dir) / "xdpfw.pid"
 
@@ -187,6 +201,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
             "a token: set api.token or XDPFW_API_TOKEN"
         )
     fd_limit = raise_fd_limit()
+    api_limits = tcp_limits(cfg, fd_limit)
     heap.tune()
     dp = Dataplane(program_config(cfg))
     try:
@@ -243,7 +258,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
         # must leave from [lb].netns (a per-thread setting), and health changes do blocking
         # map writes and Maglev builds that must not stall the API (xdpfw/lb/watcher.py).
         lb = LoadBalancer(state, dp, cfg.lb.netns, proxy_mode=cfg.lb.proxy_mode,
-                          proxy_max_queued=cfg.lb.proxy_max_queued_mib * 1024 * 1024)
+                          proxy_limits=proxy_limits(cfg, fd_limit, api_limits))
         lb.start()
         if cfg.fleet is not None:  # rules and services from etcd, on a thread (fleet/sync.py)
             from xdpfw.fleet.service import Fleet
@@ -255,7 +270,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
                          capture=capture, config_path=opts.config_path,
                          rule_series=RuleSeries(cfg.metrics.top_rules, cfg.metrics.max_sets),
                          fleet=fleet)
-        servers = ApiServers(app, unix, tcp, tcp_limits(cfg, fd_limit), opts.log_level,
+        servers = ApiServers(app, unix, tcp, api_limits, opts.log_level,
                              create_metrics_app(app.state.metrics), metrics_sockets)
         servers.before_shutdown.append(events.end_streams)
         servers.before_shutdown.append(capture.end_streams)

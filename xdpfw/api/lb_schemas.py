@@ -144,6 +144,8 @@ class ProxyConnections(BaseModel):
     queue_resets: int = Field(description="spliced connections reset because the kernel held "
                               "more than [lb] proxy_max_queued_mib of their bytes for a peer "
                               "that did not read them")
+    limit_waits: int = Field(description="times this service stopped accepting because the "
+                             "daemon's proxied connections reached [lb] proxy_max_connections")
 
 
 class ProxyStats(BaseModel):

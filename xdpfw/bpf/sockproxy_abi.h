@@ -45,6 +45,7 @@ struct sp_conns {
 	__u64 backend_failures;  /* connect refused, unreachable or timed out */
 	__u64 relayed_in_userspace; /* connections the kernel would not splice */
 	__u64 queue_resets; /* spliced connections reset for holding over max_queued bytes */
+	__u64 limit_waits; /* times accepting stopped at proxy_max_connections */
 };
 
 #endif /* XDPFW_SOCKPROXY_ABI_H */

@@ -18,10 +18,11 @@ from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.errors import XdpfwError
 from xdpfw.lb.model import ServiceState
 from xdpfw.proxy.engine import (
-    DEFAULT_MAX_QUEUED,
+    ConnectionBudget,
     Mode,
     PickBackend,
     ProxyEngine,
+    ProxyLimits,
     ServiceCounters,
 )
 from xdpfw.proxy.fallback import RequestedMode
@@ -62,11 +63,12 @@ def picker(svc: ServiceState) -> PickBackend:
 
 class ProxyServices:
     def __init__(self, dp: Dataplane, netns: str | None, mode: RequestedMode,
-                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 limits: ProxyLimits) -> None:
         self.dp = dp
         self.netns = netns
         self.mode = mode
-        self.max_queued = max_queued  # ProxyEngine's
+        self.max_queued = limits.max_queued
+        self.budget = ConnectionBudget(limits.max_connections)  # one for all engines
         self.engines: dict[int, ProxyEngine] = {}  # by service id
         self.errors: dict[int, str] = {}  # why a restored service's engine does not run
         self.fallback: str | None = None  # why proxy services relay in user space
@@ -85,7 +87,7 @@ class ProxyServices:
             engine = ProxyEngine(svc.rec.vip, svc.rec.port, picker(svc), sid,
                                  mode="userspace" if sockproxy is None else "sockhash",
                                  dataplane=sockproxy, netns=self.netns,
-                                 max_queued=self.max_queued)
+                                 max_queued=self.max_queued, budget=self.budget)
             engine.start()
         except XdpfwError as e:
             if strict:

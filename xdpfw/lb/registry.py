@@ -33,7 +33,7 @@ from xdpfw.lb.neigh import Neighbour, NeighbourUnresolved, resolve
 from xdpfw.lb.proxies import ProxyServices
 from xdpfw.lb.publish import MaglevPublisher
 from xdpfw.lb.store import BackendRecord, LbStore, ServiceRecord
-from xdpfw.proxy.engine import DEFAULT_MAX_QUEUED
+from xdpfw.proxy.engine import ProxyLimits
 from xdpfw.proxy.fallback import RequestedMode
 from xdpfw.slots import SlotAllocator
 
@@ -51,7 +51,7 @@ class FleetIds:
 class ServiceRegistry:
     def __init__(self, dp: Dataplane, store_path: Path, netns: str | None = None, *,
                  resolve_timeout_s: float = 2.0, proxy_mode: RequestedMode = "auto",
-                 proxy_max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 proxy_limits: ProxyLimits | None = None) -> None:
         """netns: where backends are reached ([lb].netns)."""
         self.lock = threading.RLock()
         self.netns = netns
@@ -59,7 +59,7 @@ class ServiceRegistry:
         self.resolve_timeout_s = resolve_timeout_s
         self.store = LbStore(store_path)
         self.publisher = MaglevPublisher(dp.lb, dp.config, netns)
-        self.proxies = ProxyServices(dp, netns, proxy_mode, proxy_max_queued)
+        self.proxies = ProxyServices(dp, netns, proxy_mode, proxy_limits or ProxyLimits())
         self.services: dict[int, ServiceState] = {}
         self.steer: tuple[int, ...] = ()
         records = self.store.load_services()

@@ -18,7 +18,7 @@ from xdpfw.lb.model import BackendSpec, BackendState, ServiceSpec, ServiceState
 from xdpfw.lb.proxies import ProxyStatus
 from xdpfw.lb.registry import FleetIds, ServiceRegistry
 from xdpfw.lb.watcher import BackendWatcher
-from xdpfw.proxy.engine import DEFAULT_MAX_QUEUED
+from xdpfw.proxy.engine import ProxyLimits
 from xdpfw.proxy.fallback import RequestedMode
 from xdpfw.statedir import store_path
 
@@ -33,13 +33,13 @@ class LoadBalancer:
         resolve_timeout_s: float = 2.0,
         refresh_s: float = 10.0,
         proxy_mode: RequestedMode = "auto",
-        proxy_max_queued: int = DEFAULT_MAX_QUEUED,
+        proxy_limits: ProxyLimits | None = None,
     ) -> None:
         """state_dir: the firewall's (one store file); netns: where backends are reached."""
         self.registry = ServiceRegistry(dataplane, store_path(state_dir), netns,
                                         resolve_timeout_s=resolve_timeout_s,
                                         proxy_mode=proxy_mode,
-                                        proxy_max_queued=proxy_max_queued)
+                                        proxy_limits=proxy_limits)
         self.watcher = BackendWatcher(self.registry, netns, refresh_s)
         self.lock = self.registry.lock  # views of states are read under it
         self.maps = dataplane.lb

@@ -48,6 +48,7 @@ class SpConns(ct.Structure):
         ("backend_failures", ct.c_uint64),
         ("relayed_in_userspace", ct.c_uint64),
         ("queue_resets", ct.c_uint64),
+        ("limit_waits", ct.c_uint64),
     )
 
 

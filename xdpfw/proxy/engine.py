@@ -73,6 +73,45 @@ QUEUE_GRACE_S = 1.0
 # reading is seen within a second of its send buffer filling.
 QUEUE_CHECK_MIN_S = 0.02
 QUEUE_CHECK_MAX_S = 1.0
+# Proxied connections at once, over every engine sharing a ConnectionBudget: each holds two of
+# the process's descriptors, and the daemon's API needs some too (daemon.proxy_limits sizes it
+# from the open-file limit). At the limit engines stop accepting; the listen backlog, then
+# the client's SYN retries, hold the rest.
+DEFAULT_MAX_CONNECTIONS = SP_MAX_SOCKETS // 2
+ACCEPT_RETRY_S = 0.05
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """What the daemon's proxy services may hold: [lb] proxy_max_queued_mib and
+    proxy_max_connections, in bytes and connections."""
+
+    max_queued: int = DEFAULT_MAX_QUEUED
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+class ConnectionBudget:
+    """Connections in use against a limit, shared by engines on different threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._used >= self.limit:
+                return False
+            self._used += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self._used -= 1
 
 
 class EngineError(XdpfwError):
@@ -194,6 +233,7 @@ class ProxyEngine:
         max_sockets: int = SP_MAX_SOCKETS,
         splice_sndbuf: int | None = SPLICE_SNDBUF,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -206,6 +246,7 @@ class ProxyEngine:
         self.max_sockets = max_sockets
         self.splice_sndbuf = splice_sndbuf
         self.max_queued = max_queued
+        self.budget = budget or ConnectionBudget(DEFAULT_MAX_CONNECTIONS)
         self._dataplane = dataplane
         self._owns_dataplane = False
         self._mode: Mode | None = None
@@ -362,16 +403,35 @@ class ProxyEngine:
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._take_slot()
             try:
                 conn, addr = await loop.sock_accept(lsock)
             except OSError as e:  # e.g. EMFILE: keep serving the connections we have
+                self.budget.give()
                 log.warning("service %d: accept failed: %s", self.service_id, e)
                 await asyncio.sleep(0.1)
                 continue
+            except BaseException:
+                self.budget.give()
+                raise
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn, (addr[0], addr[1])))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            # In a callback, not in _serve: a task cancelled before it ran still gives back.
+            task.add_done_callback(lambda _t: self.budget.give())
+
+    async def _take_slot(self) -> None:
+        """A connection from the shared budget; while there is none, do not accept."""
+        if self.budget.take():
+            return
+        log.warning("service %d: %d proxied connections open, the limit ([lb] "
+                    "proxy_max_connections): not accepting until one closes",
+                    self.service_id, self.budget.limit)
+        self._count(limit_waits=1)
+        while not self.budget.take():
+            await asyncio.sleep(ACCEPT_RETRY_S)
+        log.info("service %d: accepting again", self.service_id)
 
     async def _serve(self, client: socket.socket, addr: tuple[str, int]) -> None:
         self._count(accepted=1, active=1)

@@ -129,6 +129,7 @@ class ConnCounters:
     backend_failures: int = 0
     relayed_in_userspace: int = 0
     queue_resets: int = 0
+    limit_waits: int = 0
 
 
 class SockProxyDataplane:
