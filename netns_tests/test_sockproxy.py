@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from xdpfw import netns as nsutil
+from xdpfw.proxy.limits import Budgets, ProxyLimits
 
 CTX = mp.get_context("fork")
 
@@ -294,10 +295,11 @@ def refused_client(chan: Connection) -> str:
     return f"eof after {len(data)} bytes"
 
 
-def flooding_backend(chan: Connection, nbytes: int, seconds: float) -> dict[str, Any]:
+def flooding_backend(chan: Connection, nbytes: int, seconds: float,
+                     port: int = BE_PORT) -> dict[str, Any]:
     """Send up to nbytes as fast as the connection takes them, for at most `seconds`; report
     how many were taken and how the sending ended."""
-    with socket.create_server((BE_IP, BE_PORT)) as srv:
+    with socket.create_server((BE_IP, port)) as srv:
         srv.settimeout(SOCK_TIMEOUT)
         chan.send(("msg", "listening"))
         conn, _ = srv.accept()
@@ -503,7 +505,7 @@ def test_client_that_stops_reading_is_reset_not_buffered(topo: Topology,
     client that never reads its download is the attacker's way to fill the appliance."""
     max_queued, flood = 8 * MiB, 2048 * MiB
     eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash",
-                       max_queued=max_queued)
+                       budgets=Budgets(ProxyLimits(max_queued=max_queued)))
     backend = start(children, topo.be, flooding_backend, flood, 30.0)
     assert backend.recv() == "listening"
     client = start(children, topo.cli, stalled_client)
@@ -526,6 +528,35 @@ def test_client_that_stops_reading_is_reset_not_buffered(topo: Topology,
     assert state["maps"] == {"sp_peers": 0, "sp_socks": 0, "sp_splice": 0}, state["maps"]
 
 
+def test_clients_that_stop_reading_are_reset_past_the_total_limit(topo: Topology,
+                                                                  children: list) -> None:
+    """Each connection under its own limit, together over the total: the connections
+    holding more than their share are reset (the per-connection limit alone would let an
+    attacker hold 64 MiB per connection with as many connections as it likes)."""
+    n, flood = 3, 2048 * MiB
+    ports = [BE_PORT + i for i in range(n)]
+    eng = start_engine(children, topo.app, [(BE_IP, p) for p in ports], mode="sockhash",
+                       budgets=Budgets(ProxyLimits(max_queued=1024 * MiB,
+                                                   max_queued_total=16 * MiB)))
+    backends = [start(children, topo.be, flooding_backend, flood, 30.0, p) for p in ports]
+    for b in backends:
+        assert b.recv() == "listening"
+    clients = [start(children, topo.cli, stalled_client) for _ in range(n)]
+    for c in clients:
+        assert c.recv() == "connected"
+    sent = [b.result(60) for b in backends]
+    outcomes = [c.result(60) for c in clients]
+    state = eng.wait_idle(accepted=n)
+    assert all(s["ended"] in ("ConnectionResetError", "BrokenPipeError") for s in sent), (
+        f"backends {sent}: not all reset; proxy state {state}")
+    assert all(o.startswith("closed") for o in outcomes), outcomes
+    assert state["counters"].connections.queue_resets == n, state["counters"].connections
+    # Each reset for the total, none for its own limit of 1 GiB (reached after ~13 s).
+    total_resets = [line for line in state["log"] if "proxy_max_queued_total_mib" in line]
+    assert len(total_resets) == n, f"resets not all for the total limit: {state['log']}"
+    assert sum(s["sent"] for s in sent) < flood // 2, f"backends sent {sent}"
+
+
 def test_bulk_upload_is_held_back_not_reset_by_a_small_queue_limit(topo: Topology,
                                                                    children: list) -> None:
     """A peer that reads as fast as it can is never reset, even under a small limit. (Python
@@ -533,7 +564,7 @@ def test_bulk_upload_is_held_back_not_reset_by_a_small_queue_limit(topo: Topolog
     sent/received before the window clamp, 1.01x with it, and resets without it.)"""
     nbytes = 256 * MiB
     eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash",
-                       max_queued=8 * MiB)
+                       budgets=Budgets(ProxyLimits(max_queued=8 * MiB)))
     cli, be = run_bulk(children, topo, nbytes)
     state = eng.wait_idle(accepted=1)
     assert_bulk_intact(cli, be, nbytes, state)
@@ -712,10 +743,8 @@ def test_200_concurrent_connections(topo: Topology, children: list) -> None:
 
 def test_connection_budget_stops_accepting_until_one_closes(topo: Topology,
                                                             children: list) -> None:
-    from xdpfw.proxy.engine import ConnectionBudget
-
     eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash",
-                       budget=ConnectionBudget(3))
+                       budgets=Budgets(ProxyLimits(max_connections=3)))
     backend = start(children, topo.be, echo_backend, 5)
     assert backend.recv() == "listening"
     clients = [start(children, topo.cli, idle_client) for _ in range(5)]

@@ -179,6 +179,9 @@ class LbConfig(_Strict):
     # A spliced connection whose receiving peer falls this far behind its sender is reset: the
     # kernel would otherwise queue its bytes without limit (xdpfw/proxy/engine.py).
     proxy_max_queued_mib: int = Field(64, ge=1, le=65_536)
+    # Over all spliced connections: past it the window clamp comes sooner, and a second later
+    # connections holding more than their share of it are reset.
+    proxy_max_queued_total_mib: int = Field(1024, ge=1, le=1 << 20)
     # Proxied connections at once over all proxy services (two descriptors each). None: as
     # many as the open-file limit leaves after the API's share, at most 32768.
     proxy_max_connections: int | None = Field(None, ge=1, le=32_768)

@@ -35,7 +35,7 @@ from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.metrics import RuleSeries
-from xdpfw.proxy.engine import DEFAULT_MAX_CONNECTIONS, ProxyLimits
+from xdpfw.proxy.limits import DEFAULT_MAX_CONNECTIONS, MiB, ProxyLimits
 from xdpfw.service import Firewall
 
 log = logging.getLogger("xdpfw")
@@ -139,7 +139,8 @@ def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:
         log.warning("lb.proxy_max_connections %d is more than the open-file limit (%d) "
                     "allows: using %d", want, fd_limit, room)
     cap = min(want or DEFAULT_MAX_CONNECTIONS, room)
-    return ProxyLimits(max_queued=cfg.lb.proxy_max_queued_mib * 1024 * 1024,
+    return ProxyLimits(max_queued=cfg.lb.proxy_max_queued_mib * MiB,
+                       max_queued_total=cfg.lb.proxy_max_queued_total_mib * MiB,
                        max_connections=cap)
 
 

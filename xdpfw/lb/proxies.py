@@ -17,15 +17,9 @@ from dataclasses import dataclass
 from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.errors import XdpfwError
 from xdpfw.lb.model import ServiceState
-from xdpfw.proxy.engine import (
-    ConnectionBudget,
-    Mode,
-    PickBackend,
-    ProxyEngine,
-    ProxyLimits,
-    ServiceCounters,
-)
+from xdpfw.proxy.engine import Mode, PickBackend, ProxyEngine, ServiceCounters
 from xdpfw.proxy.fallback import RequestedMode
+from xdpfw.proxy.limits import Budgets, ProxyLimits
 from xdpfw.proxy.loader import SockProxyDataplane
 
 log = logging.getLogger(__name__)
@@ -67,8 +61,7 @@ class ProxyServices:
         self.dp = dp
         self.netns = netns
         self.mode = mode
-        self.max_queued = limits.max_queued
-        self.budget = ConnectionBudget(limits.max_connections)  # one for all engines
+        self.budgets = Budgets(limits)  # one for all engines
         self.engines: dict[int, ProxyEngine] = {}  # by service id
         self.errors: dict[int, str] = {}  # why a restored service's engine does not run
         self.fallback: str | None = None  # why proxy services relay in user space
@@ -87,7 +80,7 @@ class ProxyServices:
             engine = ProxyEngine(svc.rec.vip, svc.rec.port, picker(svc), sid,
                                  mode="userspace" if sockproxy is None else "sockhash",
                                  dataplane=sockproxy, netns=self.netns,
-                                 max_queued=self.max_queued, budget=self.budget)
+                                 budgets=self.budgets)
             engine.start()
         except XdpfwError as e:
             if strict:

@@ -33,8 +33,8 @@ from xdpfw.lb.neigh import Neighbour, NeighbourUnresolved, resolve
 from xdpfw.lb.proxies import ProxyServices
 from xdpfw.lb.publish import MaglevPublisher
 from xdpfw.lb.store import BackendRecord, LbStore, ServiceRecord
-from xdpfw.proxy.engine import ProxyLimits
 from xdpfw.proxy.fallback import RequestedMode
+from xdpfw.proxy.limits import ProxyLimits
 from xdpfw.slots import SlotAllocator
 
 log = logging.getLogger(__name__)

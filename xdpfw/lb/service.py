@@ -18,8 +18,8 @@ from xdpfw.lb.model import BackendSpec, BackendState, ServiceSpec, ServiceState
 from xdpfw.lb.proxies import ProxyStatus
 from xdpfw.lb.registry import FleetIds, ServiceRegistry
 from xdpfw.lb.watcher import BackendWatcher
-from xdpfw.proxy.engine import ProxyLimits
 from xdpfw.proxy.fallback import RequestedMode
+from xdpfw.proxy.limits import ProxyLimits
 from xdpfw.statedir import store_path
 
 

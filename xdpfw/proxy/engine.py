@@ -11,12 +11,8 @@ the bytes; fallback.py decides which mode runs. The engine runs its own asyncio 
 thread; its public API is synchronous. The listener, the backend sockets and the loop thread
 live in network namespace `netns` (None: the caller's).
 
-The kernel has no backpressure for a splice: bytes read from one socket queue on the other's
-psock without limit when its peer reads more slowly (docs/perf.md, Socket proxy). So the
-engine measures what each spliced connection holds, clamps the sending side's TCP window
-while a direction holds a quarter of `max_queued` (backpressure), and resets a connection
-that still holds more than `max_queued` a second later: one connection lost rather than the
-appliance's memory (_Direction).
+What an engine may hold, connections and bytes queued in the kernel for a peer that does
+not read, is limits.py's: one Budgets shared by every engine of a daemon.
 """
 
 from __future__ import annotations
@@ -24,13 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import logging
 import select
 import socket
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -39,8 +32,10 @@ from typing import Literal
 
 from xdpfw.errors import ConflictError, ServiceValidationError, XdpfwError
 from xdpfw.netns import thread_in_netns
+from xdpfw.proxy import tcpinfo
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
+from xdpfw.proxy.limits import QUEUE_CHECK_MAX_S, QUEUE_CHECK_MIN_S, Budgets, Direction
 from xdpfw.proxy.loader import (
     SPLICE_SNDBUF,
     ConnCounters,
@@ -56,62 +51,9 @@ log = logging.getLogger("xdpfw.proxy")
 Mode = Literal["sockhash", "userspace"]
 PickBackend = Callable[[tuple[str, int]], tuple[str, int]]
 
-TCP_CLOSE = 7  # tcp_info.tcpi_state
-TCPI_BYTES_ACKED = 120  # offsets in struct tcp_info (stable uapi)
-TCPI_BYTES_RECEIVED = 128
 # How long a client refused by every backend gets to read our FIN and close first.
 REFUSED_CLIENT_LINGER = 2.0
-MiB = 1024 * 1024
-# Per spliced connection and direction: bytes the kernel read from one socket and has not yet
-# put in the other's send queue. A quarter of it clamps the sender's window; over it for
-# QUEUE_GRACE_S resets the connection ([lb] proxy_max_queued_mib).
-DEFAULT_MAX_QUEUED = 64 * MiB
-QUEUE_GRACE_S = 1.0
-# How often a spliced connection's queue is measured (6 syscalls): every QUEUE_CHECK_MIN_S
-# while it holds more than 1/16 of max_queued or is clamped, else at an interval that doubles
-# up to QUEUE_CHECK_MAX_S: an idle connection costs a check a second, and a peer that stops
-# reading is seen within a second of its send buffer filling.
-QUEUE_CHECK_MIN_S = 0.02
-QUEUE_CHECK_MAX_S = 1.0
-# Proxied connections at once, over every engine sharing a ConnectionBudget: each holds two of
-# the process's descriptors, and the daemon's API needs some too (daemon.proxy_limits sizes it
-# from the open-file limit). At the limit engines stop accepting; the listen backlog, then
-# the client's SYN retries, hold the rest.
-DEFAULT_MAX_CONNECTIONS = SP_MAX_SOCKETS // 2
-ACCEPT_RETRY_S = 0.05
-
-
-@dataclass(frozen=True)
-class ProxyLimits:
-    """What the daemon's proxy services may hold: [lb] proxy_max_queued_mib and
-    proxy_max_connections, in bytes and connections."""
-
-    max_queued: int = DEFAULT_MAX_QUEUED
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-
-
-class ConnectionBudget:
-    """Connections in use against a limit, shared by engines on different threads."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._used = 0
-        self._lock = threading.Lock()
-
-    @property
-    def used(self) -> int:
-        return self._used
-
-    def take(self) -> bool:
-        with self._lock:
-            if self._used >= self.limit:
-                return False
-            self._used += 1
-            return True
-
-    def give(self) -> None:
-        with self._lock:
-            self._used -= 1
+ACCEPT_RETRY_S = 0.05  # while the connection budget is spent
 
 
 class EngineError(XdpfwError):
@@ -171,44 +113,6 @@ class _LocalConns:
             return ConnCounters(**self.values)
 
 
-def _inq(sock: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-
-
-def _outq(sock: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-
-
-def _tcp_info(sock: socket.socket) -> bytes:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-
-
-def _bytes_received(sock: socket.socket) -> int:
-    return struct.unpack_from("Q", _tcp_info(sock), TCPI_BYTES_RECEIVED)[0]
-
-
-def _bytes_written(sock: socket.socket) -> int:
-    """Sequence space queued for sending so far: acked + still in the send queue.
-
-    Acked is read first, so an ACK landing in between makes this undercount (safe: we wait
-    a little longer), never overcount. Includes the SYN on an active open; callers subtract
-    a baseline taken before the splice.
-    """
-    acked = struct.unpack_from("Q", _tcp_info(sock), TCPI_BYTES_ACKED)[0]
-    return acked + _outq(sock)
-
-
-def _queued(src: socket.socket, dst: socket.socket, dst_base: int) -> int:
-    """Bytes the kernel read from src (handed to the verdict) and not yet in dst's send queue:
-    what waits on dst's psock. src is read first, so progress in between undercounts."""
-    taken = _bytes_received(src) - _inq(src)
-    return taken - (_bytes_written(dst) - dst_base)
-
-
-def _is_closed(sock: socket.socket) -> bool:
-    return _tcp_info(sock)[0] == TCP_CLOSE
-
-
 class ProxyEngine:
     """Listen on (listen_host, listen_port) and proxy each connection to pick_backend(addr).
 
@@ -232,8 +136,7 @@ class ProxyEngine:
         backlog: int = 1024,
         max_sockets: int = SP_MAX_SOCKETS,
         splice_sndbuf: int | None = SPLICE_SNDBUF,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        budget: ConnectionBudget | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -245,8 +148,7 @@ class ProxyEngine:
         self.backlog = backlog
         self.max_sockets = max_sockets
         self.splice_sndbuf = splice_sndbuf
-        self.max_queued = max_queued
-        self.budget = budget or ConnectionBudget(DEFAULT_MAX_CONNECTIONS)
+        self.budgets = budgets or Budgets()
         self._dataplane = dataplane
         self._owns_dataplane = False
         self._mode: Mode | None = None
@@ -407,29 +309,29 @@ class ProxyEngine:
             try:
                 conn, addr = await loop.sock_accept(lsock)
             except OSError as e:  # e.g. EMFILE: keep serving the connections we have
-                self.budget.give()
+                self.budgets.connections.give()
                 log.warning("service %d: accept failed: %s", self.service_id, e)
                 await asyncio.sleep(0.1)
                 continue
             except BaseException:
-                self.budget.give()
+                self.budgets.connections.give()
                 raise
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn, (addr[0], addr[1])))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # In a callback, not in _serve: a task cancelled before it ran still gives back.
-            task.add_done_callback(lambda _t: self.budget.give())
+            task.add_done_callback(lambda _t: self.budgets.connections.give())
 
     async def _take_slot(self) -> None:
         """A connection from the shared budget; while there is none, do not accept."""
-        if self.budget.take():
+        if self.budgets.connections.take():
             return
         log.warning("service %d: %d proxied connections open, the limit ([lb] "
                     "proxy_max_connections): not accepting until one closes",
-                    self.service_id, self.budget.limit)
+                    self.service_id, self.budgets.connections.limit)
         self._count(limit_waits=1)
-        while not self.budget.take():
+        while not self.budgets.connections.take():
             await asyncio.sleep(ACCEPT_RETRY_S)
         log.info("service %d: accepting again", self.service_id)
 
@@ -495,7 +397,7 @@ class ProxyEngine:
         if dp is not None:
             # Baselines before the splice: nothing has been written by us yet, but an active
             # open counts its SYN in bytes_acked.
-            bases = (_bytes_written(backend), _bytes_written(client))
+            bases = (tcpinfo.bytes_written(backend), tcpinfo.bytes_written(client))
             try:
                 pair = dp.splice(self.service_id, client, backend)
             except SpliceError as e:
@@ -540,12 +442,12 @@ class ProxyEngine:
         # wait until the other socket has taken all of them into its send queue, or a FIN
         # would overtake them. The bare FIN itself is dropped by sp_verdict.
         # tcpi_bytes_received counts the FIN's sequence number too, hence the - 1.
-        payload = _bytes_received(src) - 1
+        payload = tcpinfo.bytes_received(src) - 1
         delay = 0.0005
         while True:
-            if _is_closed(dst) or (_is_closed(src) and _inq(src) > 0):
+            if tcpinfo.is_closed(dst) or (tcpinfo.is_closed(src) and tcpinfo.inq(src) > 0):
                 raise ConnectionAborted("peer closed before the stream was flushed")
-            if _inq(src) == 0 and _bytes_written(dst) - dst_base >= payload:
+            if tcpinfo.inq(src) == 0 and tcpinfo.bytes_written(dst) - dst_base >= payload:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
@@ -566,64 +468,30 @@ class ProxyEngine:
 
     async def _cap_queued(self, client: socket.socket, backend: socket.socket,
                           bases: tuple[int, int], eof_tasks: list[asyncio.Future]) -> None:
-        """Until both directions have ended, watch what each direction holds in the kernel
-        (see _Direction.check); raise ConnectionAborted (both sides get a RST) for a peer
-        that does not read."""
-        dirs = [_Direction("backend", client, backend, bases[0], self.max_queued),
-                _Direction("client", backend, client, bases[1], self.max_queued)]
+        """Until both directions have ended, hold what each holds in the kernel to the limits
+        (limits.Direction); raise ConnectionAborted (both sides get a RST) for a peer that
+        does not read."""
+        limits, budget = self.budgets.limits, self.budgets.queued
+        dirs = [Direction("backend", client, backend, bases[0], limits, budget),
+                Direction("client", backend, client, bases[1], limits, budget)]
         pending, delay = set(eof_tasks), QUEUE_CHECK_MIN_S
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=delay)
-            if any(t.done() and (t.cancelled() or t.exception()) for t in eof_tasks):
-                return  # finish_pair resets the connection already
-            now = time.monotonic()
-            try:
-                for d in dirs:
-                    if d.check(now):
-                        self._count(queue_resets=1)
-                        log.warning("service %d: reset a spliced connection: %d bytes queued "
-                                    "for a %s that has not read them (over the limit of %d, "
-                                    "[lb] proxy_max_queued_mib, for %.1f s)", self.service_id,
-                                    d.queued, d.to, self.max_queued, now - d.over_since)
-                        raise ConnectionAborted(f"{d.queued} bytes queued for the {d.to}")
-            except OSError:
-                return  # a socket went; the EOF tasks say how
-            busy = any(d.clamp is not None or d.queued > self.max_queued // 16 for d in dirs)
-            delay = QUEUE_CHECK_MIN_S if busy else min(delay * 2, QUEUE_CHECK_MAX_S)
-
-
-@dataclass
-class _Direction:
-    """One direction of a spliced connection: bytes read from src and queued in the kernel
-    for dst (_queued). Above max_queued/4 the source's TCP window is clamped to its minimum
-    (the sender may send only about 1 KB per round trip), below max_queued/16 it is
-    released: backpressure, which the splice itself lacks (a bulk upload to a backend that
-    reads as fast as it can stays well under the limit, docs/perf.md). A queue that stays
-    above max_queued for QUEUE_GRACE_S despite the clamp is a peer that does not read (or
-    reads more slowly than a minimal window brings): check() says reset."""
-
-    to: str  # "backend" or "client": who the bytes are for
-    src: socket.socket
-    dst: socket.socket
-    dst_base: int
-    max_queued: int
-    queued: int = 0
-    clamp: int | None = None  # the source's TCP_WINDOW_CLAMP before we clamped it
-    over_since: float = 0.0  # when queued went above max_queued (0: it is not)
-
-    def check(self, now: float) -> bool:
-        self.queued = _queued(self.src, self.dst, self.dst_base)
-        if self.queued > self.max_queued // 4:
-            if self.clamp is None:
-                self.clamp = self.src.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
-            # 1: the kernel raises it to its minimum, half of SOCK_MIN_RCVBUF. Set at every
-            # check: receive-buffer autotuning may have raised it since.
-            self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, 1)
-        elif self.clamp is not None and self.queued < self.max_queued // 16:
-            self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, self.clamp)
-            self.clamp = None
-        if self.queued <= self.max_queued:
-            self.over_since = 0.0
-        elif not self.over_since:
-            self.over_since = now
-        return bool(self.over_since) and now - self.over_since >= QUEUE_GRACE_S
+        try:
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=delay)
+                if any(t.done() and (t.cancelled() or t.exception()) for t in eof_tasks):
+                    return  # finish_pair resets the connection already
+                now = time.monotonic()
+                try:
+                    reasons = [r for d in dirs if (r := d.check(now))]
+                except OSError:
+                    return  # a socket went; the EOF tasks say how
+                if reasons:
+                    self._count(queue_resets=1)
+                    log.warning("service %d: reset a spliced connection: %s", self.service_id,
+                                reasons[0])
+                    raise ConnectionAborted(reasons[0])
+                busy = any(d.busy() for d in dirs)
+                delay = QUEUE_CHECK_MIN_S if busy else min(delay * 2, QUEUE_CHECK_MAX_S)
+        finally:
+            for d in dirs:
+                d.release()
