@@ -336,6 +336,20 @@ def stalled_client(chan: Connection) -> str:
     return "still open"
 
 
+def chatty_client(chan: Connection, rounds: int, gap: float) -> str:
+    """A byte and its echo every `gap` seconds, `rounds` times, then a clean close."""
+    sock = socket.create_connection((APP_CLI_IP, SVC_PORT), timeout=SOCK_TIMEOUT)
+    for _ in range(rounds):
+        sock.sendall(b"x")
+        if sock.recv(1) != b"x":
+            return "echo lost"
+        time.sleep(gap)
+    sock.shutdown(socket.SHUT_WR)
+    rest = recv_to_eof(sock)
+    sock.close()
+    return f"ok, {len(rest)} bytes after EOF"
+
+
 def echo_backend(chan: Connection, n_conns: int) -> dict[str, Any]:
     """Echo each connection until its EOF; report peak concurrency once n_conns are done."""
 
@@ -555,6 +569,25 @@ def test_clients_that_stop_reading_are_reset_past_the_total_limit(topo: Topology
     total_resets = [line for line in state["log"] if "proxy_max_queued_total_mib" in line]
     assert len(total_resets) == n, f"resets not all for the total limit: {state['log']}"
     assert sum(s["sent"] for s in sent) < flood // 2, f"backends sent {sent}"
+
+
+@pytest.mark.parametrize("proxy", sorted(PROXIES))
+def test_an_idle_connection_is_reset_and_a_talking_one_is_not(topo: Topology, children: list,
+                                                             proxy: str) -> None:
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], **PROXIES[proxy],
+                       budgets=Budgets(ProxyLimits(idle_timeout=1.0)))
+    backend = start(children, topo.be, echo_backend, 2)
+    assert backend.recv() == "listening"
+    idle = start(children, topo.cli, stalled_client)  # never sends, never reads
+    assert idle.recv() == "connected"
+    talking = start(children, topo.cli, chatty_client, 8, 0.4)  # 3.2 s, never 1 s quiet
+    assert idle.result(30) == "closed (Connection reset by peer)"
+    assert talking.result(30) == "ok, 0 bytes after EOF"
+    state = eng.wait_idle(accepted=2)
+    c = state["counters"].connections
+    assert (c.idle_resets, c.queue_resets, c.closed) == (1, 0, 2), c
+    assert any("proxy_idle_timeout_s" in line for line in state["log"]), state["log"]
+    assert backend.result(30)["finished"] == 2
 
 
 def test_bulk_upload_is_held_back_not_reset_by_a_small_queue_limit(topo: Topology,

@@ -52,9 +52,14 @@ def test_daemon_sizes_proxy_connections_from_the_open_file_limit(tmp_path, caplo
     assert limits.max_connections == room, limits
     assert "proxy_max_connections 5000" in caplog.text, caplog.text
     assert (limits.max_queued, limits.max_queued_total) == (64 * MiB, 256 * MiB), limits
+    assert limits.idle_timeout == 300, limits
     assert proxy_limits(cfg, 1 << 20, big).max_connections == 5000
 
-    f.write_text("[lb]\nproxy_max_connections = 100000\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(f)
-    assert "lb.proxy_max_connections" in str(e.value), str(e.value)
+    f.write_text("[lb]\nproxy_idle_timeout_s = 0\n")
+    assert proxy_limits(load_config(f), 1024, small).idle_timeout == 0  # never
+    for bad, key in (("proxy_max_connections = 100000", "lb.proxy_max_connections"),
+                     ("proxy_idle_timeout_s = -1", "lb.proxy_idle_timeout_s")):
+        f.write_text(f"[lb]\n{bad}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert key in str(e.value), str(e.value)

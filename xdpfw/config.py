@@ -185,6 +185,8 @@ class LbConfig(_Strict):
     # Proxied connections at once over all proxy services (two descriptors each). None: as
     # many as the open-file limit leaves after the API's share, at most 32768.
     proxy_max_connections: int | None = Field(None, ge=1, le=32_768)
+    # A proxied connection with no byte either way for this long is reset (0: never).
+    proxy_idle_timeout_s: int = Field(300, ge=0, le=7 * 86_400)
 
     @field_validator("table_size")
     @classmethod

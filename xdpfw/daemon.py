@@ -141,7 +141,7 @@ def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:
     cap = min(want or DEFAULT_MAX_CONNECTIONS, room)
     return ProxyLimits(max_queued=cfg.lb.proxy_max_queued_mib * MiB,
                        max_queued_total=cfg.lb.proxy_max_queued_total_mib * MiB,
-                       max_connections=cap)
+                       max_connections=cap, idle_timeout=cfg.lb.proxy_idle_timeout_s)
 
 
 def pid_file(cfg: AppConfig) -> Path:

@@ -146,6 +146,8 @@ class ProxyConnections(BaseModel):
                               "that did not read them")
     limit_waits: int = Field(description="times this service stopped accepting because the "
                              "daemon's proxied connections reached [lb] proxy_max_connections")
+    idle_resets: int = Field(description="connections reset after [lb] proxy_idle_timeout_s "
+                             "without a byte either way")
 
 
 class ProxyStats(BaseModel):

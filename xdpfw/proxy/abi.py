@@ -49,6 +49,7 @@ class SpConns(ct.Structure):
         ("relayed_in_userspace", ct.c_uint64),
         ("queue_resets", ct.c_uint64),
         ("limit_waits", ct.c_uint64),
+        ("idle_resets", ct.c_uint64),
     )
 
 

@@ -35,7 +35,13 @@ from xdpfw.netns import thread_in_netns
 from xdpfw.proxy import tcpinfo
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 from xdpfw.proxy.fallback import RequestedMode, load_or_fall_back
-from xdpfw.proxy.limits import QUEUE_CHECK_MAX_S, QUEUE_CHECK_MIN_S, Budgets, Direction
+from xdpfw.proxy.limits import (
+    QUEUE_CHECK_MAX_S,
+    QUEUE_CHECK_MIN_S,
+    Budgets,
+    Direction,
+    PairWatch,
+)
 from xdpfw.proxy.loader import (
     SPLICE_SNDBUF,
     ConnCounters,
@@ -44,7 +50,14 @@ from xdpfw.proxy.loader import (
     SpliceError,
     TrafficCounters,
 )
-from xdpfw.proxy.relay import RelayCounters, abort, finish_pair, relay_pair
+from xdpfw.proxy.relay import (
+    ConnectionAborted,
+    RelayCounters,
+    abort,
+    finish_pair,
+    relay_pair,
+    watch_pair,
+)
 
 log = logging.getLogger("xdpfw.proxy")
 
@@ -67,10 +80,6 @@ class ListenError(EngineError, ServiceValidationError):
 class AddressInUseError(ConflictError, ListenError):
     """Something else listens on the engine's address already (ConflictError first: its
     HTTP status is ConflictError's)."""
-
-
-class ConnectionAborted(Exception):
-    """A spliced connection was reset or its peer vanished; both sides get a RST."""
 
 
 @dataclass(frozen=True)
@@ -407,7 +416,8 @@ class ProxyEngine:
             else:
                 await self._watch_spliced(client, backend, pair, bases)
                 return
-        await relay_pair(client, backend, self._relay_counters)
+        await relay_pair(client, backend, self._relay_counters,
+                         watch=lambda tasks: self._watch(client, backend, tasks, []))
 
     # --- spliced connections ---------------------------------------------------------------
 
@@ -460,38 +470,31 @@ class ProxyEngine:
             asyncio.ensure_future(self._propagate_eof(client, backend, bases[0])),
             asyncio.ensure_future(self._propagate_eof(backend, client, bases[1])),
         ]
-        tasks.append(asyncio.ensure_future(self._cap_queued(client, backend, bases, tasks[:])))
+        limits, budget = self.budgets.limits, self.budgets.queued
+        dirs = [Direction("backend", client, backend, bases[0], limits, budget),
+                Direction("client", backend, client, bases[1], limits, budget)]
+        tasks.append(asyncio.ensure_future(self._watch(client, backend, tasks[:], dirs)))
         try:
             await finish_pair(tasks, client, backend)
         finally:
             self._dataplane.unsplice(pair)
 
-    async def _cap_queued(self, client: socket.socket, backend: socket.socket,
-                          bases: tuple[int, int], eof_tasks: list[asyncio.Future]) -> None:
-        """Until both directions have ended, hold what each holds in the kernel to the limits
-        (limits.Direction); raise ConnectionAborted (both sides get a RST) for a peer that
-        does not read."""
-        limits, budget = self.budgets.limits, self.budgets.queued
-        dirs = [Direction("backend", client, backend, bases[0], limits, budget),
-                Direction("client", backend, client, bases[1], limits, budget)]
-        pending, delay = set(eof_tasks), QUEUE_CHECK_MIN_S
+    async def _watch(self, client: socket.socket, backend: socket.socket,
+                     tasks: list[asyncio.Future], dirs: list[Direction]) -> None:
+        """Beside a connection's two directions: hold it to the limits (limits.PairWatch);
+        raise ConnectionAborted (both sides get a RST) to end it."""
+        watch = PairWatch(client, backend, self.budgets.limits, dirs, time.monotonic())
+
+        def check(now: float) -> bool:
+            reset, busy = watch.check(now)
+            if reset is not None:
+                self._count(**{reset.counter: 1})
+                log.warning("service %d: reset a proxied connection: %s", self.service_id,
+                            reset.why)
+                raise ConnectionAborted(reset.why)
+            return busy
+
         try:
-            while pending:
-                _, pending = await asyncio.wait(pending, timeout=delay)
-                if any(t.done() and (t.cancelled() or t.exception()) for t in eof_tasks):
-                    return  # finish_pair resets the connection already
-                now = time.monotonic()
-                try:
-                    reasons = [r for d in dirs if (r := d.check(now))]
-                except OSError:
-                    return  # a socket went; the EOF tasks say how
-                if reasons:
-                    self._count(queue_resets=1)
-                    log.warning("service %d: reset a spliced connection: %s", self.service_id,
-                                reasons[0])
-                    raise ConnectionAborted(reasons[0])
-                busy = any(d.busy() for d in dirs)
-                delay = QUEUE_CHECK_MIN_S if busy else min(delay * 2, QUEUE_CHECK_MAX_S)
+            await watch_pair(tasks, check, fast=QUEUE_CHECK_MIN_S, slow=QUEUE_CHECK_MAX_S)
         finally:
-            for d in dirs:
-                d.release()
+            watch.release()

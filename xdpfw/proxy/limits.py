@@ -1,5 +1,5 @@
 """What proxied connections may hold, shared by every engine of a daemon (Budgets), and the
-watch that holds each spliced connection to it (Direction).
+watch that holds each connection to it (PairWatch, with a Direction per spliced direction).
 
 Connections: each holds two of the daemon's descriptors, and the API needs some too; at
 ProxyLimits.max_connections engines stop accepting (the listen backlog, then the client's SYN
@@ -9,7 +9,8 @@ one socket queue on the other's psock without limit when its peer reads more slo
 max_queued the sender's TCP window is clamped (backpressure), and a connection still over
 max_queued a second later is reset. Over all connections, past max_queued_total the clamp
 comes sooner, and a second later connections holding more than their share are reset: one
-connection lost rather than the appliance's memory.
+connection lost rather than the appliance's memory. Time: a connection with no byte either
+way for idle_timeout is reset (a client that vanished without a FIN, or one holding a slot).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MiB = 1024 * 1024
 DEFAULT_MAX_QUEUED = 64 * MiB  # per connection and direction: [lb] proxy_max_queued_mib
 DEFAULT_MAX_QUEUED_TOTAL = 1024 * MiB  # over all of them: proxy_max_queued_total_mib
 DEFAULT_MAX_CONNECTIONS = SP_MAX_SOCKETS // 2  # proxy_max_connections (daemon.proxy_limits)
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # proxy_idle_timeout_s
 QUEUE_GRACE_S = 1.0  # over a limit this long: reset
 # How often a spliced connection's queue is measured (6 syscalls): every QUEUE_CHECK_MIN_S
 # while it holds more than 1/16 of max_queued or is clamped, else at an interval that doubles
@@ -37,12 +39,13 @@ QUEUE_CHECK_MAX_S = 1.0
 
 @dataclass(frozen=True)
 class ProxyLimits:
-    """[lb] proxy_max_queued_mib, proxy_max_queued_total_mib and proxy_max_connections, in
-    bytes and connections."""
+    """[lb] proxy_max_queued_mib, proxy_max_queued_total_mib, proxy_max_connections and
+    proxy_idle_timeout_s, in bytes, connections and seconds (0: no idle timeout)."""
 
     max_queued: int = DEFAULT_MAX_QUEUED
     max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
 
 
 class ConnectionBudget:
@@ -163,3 +166,44 @@ class Direction:
         """The connection is over: its queue no longer counts."""
         self.budget.report(self.queued, 0, time.monotonic())
         self.queued = 0
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Why a watch ends a connection, and the sp_conns counter that counts it."""
+
+    counter: str  # "queue_resets" or "idle_resets"
+    why: str
+
+
+class PairWatch:
+    """One proxied connection's limits: each spliced direction's queue (none when relayed)
+    and idleness, read from both sockets' tcpinfo.bytes_received."""
+
+    def __init__(self, client: socket.socket, backend: socket.socket, limits: ProxyLimits,
+                 dirs: list[Direction], now: float) -> None:
+        self.socks = (client, backend)
+        self.idle_timeout = limits.idle_timeout
+        self.dirs = dirs
+        self.seen = self._received()
+        self.last_active = now
+
+    def _received(self) -> tuple[int, ...]:
+        return tuple(tcpinfo.bytes_received(s) for s in self.socks)
+
+    def check(self, now: float) -> tuple[Reset | None, bool]:
+        """Why to reset the connection (or None), and whether to look again soon."""
+        for d in self.dirs:
+            if why := d.check(now):
+                return Reset("queue_resets", why), True
+        seen = self._received()
+        if seen != self.seen:
+            self.seen, self.last_active = seen, now
+        elif self.idle_timeout and now - self.last_active >= self.idle_timeout:
+            return Reset("idle_resets", f"no byte either way for {now - self.last_active:.0f} "
+                         "s ([lb] proxy_idle_timeout_s)"), False
+        return None, any(d.busy() for d in self.dirs)
+
+    def release(self) -> None:
+        for d in self.dirs:
+            d.release()

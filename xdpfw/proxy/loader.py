@@ -130,6 +130,7 @@ class ConnCounters:
     relayed_in_userspace: int = 0
     queue_resets: int = 0
     limit_waits: int = 0
+    idle_resets: int = 0
 
 
 class SockProxyDataplane:

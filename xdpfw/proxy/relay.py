@@ -9,9 +9,19 @@ import contextlib
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 RELAY_BUFSIZE = 256 * 1024
+
+# A watch task beside a pair's directions (watch_pair): run by finish_pair with them.
+Watch = Callable[[list[asyncio.Future]], Coroutine[None, None, None]]
+
+
+class ConnectionAborted(Exception):
+    """A proxied connection was reset, its peer vanished, or a limit ended it; both sides get
+    a RST."""
 
 
 @dataclass
@@ -58,17 +68,41 @@ async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket
 
 
 async def relay_pair(client: socket.socket, backend: socket.socket, counters: RelayCounters,
-                     bufsize: int = RELAY_BUFSIZE) -> None:
+                     bufsize: int = RELAY_BUFSIZE, watch: Watch | None = None) -> None:
     """Copy both directions until both have ended, then close both sockets.
 
     A reset or error on either side aborts both (RST), so neither peer mistakes a broken
-    stream for a complete one. Cancellation aborts both too. Sockets must be non-blocking.
+    stream for a complete one. Cancellation aborts both too, and so does `watch` (given the
+    two directions' tasks) raising. Sockets must be non-blocking.
     """
     loop = asyncio.get_running_loop()
-    await finish_pair([
+    tasks = [
         asyncio.ensure_future(_pump(loop, client, backend, counters, True, bufsize)),
         asyncio.ensure_future(_pump(loop, backend, client, counters, False, bufsize)),
-    ], client, backend)
+    ]
+    if watch is not None:
+        tasks.append(asyncio.ensure_future(watch(tasks[:])))
+    await finish_pair(tasks, client, backend)
+
+
+async def watch_pair(tasks: list[asyncio.Future], check: Callable[[float], bool], *,
+                     fast: float, slow: float) -> None:
+    """Until `tasks` (a pair's two directions) have ended, call check(time.monotonic()) every
+    `fast` seconds while it answers busy, else at an interval that doubles up to `slow`.
+    check raises (ConnectionAborted) to end the pair; an OSError from it means a socket went,
+    which the tasks report themselves."""
+    pending, delay = set(tasks), fast
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=delay)
+        if any(t.done() and (t.cancelled() or t.exception()) for t in tasks):
+            return  # finish_pair resets the pair already
+        if not pending:
+            return
+        try:
+            busy = check(time.monotonic())
+        except OSError:
+            return
+        delay = fast if busy else min(delay * 2, slow)
 
 
 async def finish_pair(
