@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require_kernel
 from netns_tests.conftest import Daemon
@@ -279,6 +280,20 @@ def test_proxy_spreads_splices_and_counts(env):
     assert px["bytes_to_backend"] == px["kernel_bytes_to_backend"], env.evidence(sid)
     # XDP passed the VIP's packets: the service never entered the XDP maps.
     assert view["forwarded"]["packets"] == 0, env.evidence(sid)
+    # The same counters in Prometheus.
+    samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
+               for fam in text_string_to_metric_families(env.api().get("/metrics").text)
+               for m in fam.samples}
+    svc_labels = (("service", str(sid)), ("service_name", "px"))
+
+    def metric(name: str, **extra: str) -> float:
+        return samples[(name, tuple(sorted(svc_labels + tuple(extra.items()))))]
+
+    assert metric("xdpfw_proxy_connections_total", event="accepted") == len(sizes)
+    assert metric("xdpfw_proxy_connections_total", event="queue_resets") == 0
+    assert metric("xdpfw_proxy_connections_active") == 0
+    assert metric("xdpfw_proxy_bytes_total", direction="to_backend", path="kernel") == sum(sizes)
+    assert metric("xdpfw_proxy_bytes_total", direction="to_backend", path="userspace") == 0
 
     # A deleted backend takes no new connections.
     be1 = next(b for b in svc["backends"] if b["address"] == BACKENDS[0])

@@ -7,17 +7,26 @@ Series are labelled by ids (stable across restarts and renames) plus the readabl
         outcome: forwarded | no_backend (dropped: no usable backend)
     xdpfw_backend_packets_total{service, backend, address}
     xdpfw_backend_healthy / xdpfw_backend_in_table / xdpfw_backend_table_share
+Services in forward mode `proxy` also have, from their engine's counters:
+    xdpfw_proxy_connections_total{service, service_name, event}
+        event: accepted | closed | backend_failures | relayed_in_userspace | queue_resets |
+               idle_resets | limit_waits
+    xdpfw_proxy_connections_active{service, service_name}
+    xdpfw_proxy_bytes_total{service, service_name, direction, path}
+        direction: to_backend | to_client; path: kernel (spliced) | userspace (relayed)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 SERVICE_LABELS = ["service", "service_name", "vip", "port", "proto", "outcome"]
 BACKEND_LABELS = ["service", "backend", "address"]
+PROXY_LABELS = ["service", "service_name"]
 
 
 class LbCollector(Collector):
@@ -53,6 +62,17 @@ class LbCollector(Collector):
             "owns (its expected share of new flows)", labels=BACKEND_LABELS,
         )
         services = GaugeMetricFamily("xdpfw_services", "Load-balanced services configured")
+        px_conns = CounterMetricFamily(
+            "xdpfw_proxy_connections", "Proxied connections by event",
+            labels=[*PROXY_LABELS, "event"],
+        )
+        px_active = GaugeMetricFamily(
+            "xdpfw_proxy_connections_active", "Proxied connections open", labels=PROXY_LABELS
+        )
+        px_bytes = CounterMetricFamily(
+            "xdpfw_proxy_bytes", "Bytes proxied, by direction and by the path they took",
+            labels=[*PROXY_LABELS, "direction", "path"],
+        )
         lb = self.lb
         with lb.lock:
             all_services = lb.list_services()
@@ -73,4 +93,20 @@ class LbCollector(Collector):
                     fraction = lb.share(svc, be)
                     in_table.add_metric(labels, int(fraction > 0))
                     share.add_metric(labels, fraction)
-        yield from (services, svc_pk, svc_by, be_pk, be_by, healthy, in_table, share)
+                counters = lb.proxy_status(svc).counters if r.forward == "proxy" else None
+                if counters is not None:
+                    labels = [sid, r.name]
+                    for event, n in asdict(counters.connections).items():
+                        if event == "active":
+                            px_active.add_metric(labels, n)
+                        else:
+                            px_conns.add_metric([*labels, event], n)
+                    k, u = counters.kernel, counters
+                    for direction, path, n in (
+                            ("to_backend", "kernel", k.bytes_to_backend),
+                            ("to_client", "kernel", k.bytes_to_client),
+                            ("to_backend", "userspace", u.userspace_bytes_to_backend),
+                            ("to_client", "userspace", u.userspace_bytes_to_client)):
+                        px_bytes.add_metric([*labels, direction, path], n)
+        yield from (services, svc_pk, svc_by, be_pk, be_by, healthy, in_table, share,
+                    px_conns, px_active, px_bytes)
