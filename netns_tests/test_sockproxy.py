@@ -575,12 +575,12 @@ def test_clients_that_stop_reading_are_reset_past_the_total_limit(topo: Topology
 def test_an_idle_connection_is_reset_and_a_talking_one_is_not(topo: Topology, children: list,
                                                              proxy: str) -> None:
     eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], **PROXIES[proxy],
-                       budgets=Budgets(ProxyLimits(idle_timeout=1.0)))
+                       budgets=Budgets(ProxyLimits(idle_timeout=2.0)))
     backend = start(children, topo.be, echo_backend, 2)
     assert backend.recv() == "listening"
     idle = start(children, topo.cli, stalled_client)  # never sends, never reads
     assert idle.recv() == "connected"
-    talking = start(children, topo.cli, chatty_client, 8, 0.4)  # 3.2 s, never 1 s quiet
+    talking = start(children, topo.cli, chatty_client, 14, 0.3)  # 4.2 s, never 2 s quiet
     assert idle.result(30) == "closed (Connection reset by peer)"
     assert talking.result(30) == "ok, 0 bytes after EOF"
     state = eng.wait_idle(accepted=2)

@@ -35,6 +35,7 @@ QUEUE_GRACE_S = 1.0  # over a limit this long: reset
 # reading is seen within a second of its send buffer filling.
 QUEUE_CHECK_MIN_S = 0.02
 QUEUE_CHECK_MAX_S = 1.0
+UNCLAMPED = 65535 << 14  # the kernel's largest window (TCP_MAX_WSCALE)
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,9 @@ class Direction:
         max_queued = self.limits.max_queued
         base = min(max_queued, self.budget.limit)  # what the clamp thresholds are parts of
         if new > base // (16 if pressure else 4):
-            if self.clamp is None:
-                self.clamp = self.src.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+            if self.clamp is None:  # (0 cannot be set back on a connected socket)
+                self.clamp = (self.src.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+                              or UNCLAMPED)
             # 1: the kernel raises it to its minimum, half of SOCK_MIN_RCVBUF. Set at every
             # check: receive-buffer autotuning may have raised it since.
             self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, 1)
