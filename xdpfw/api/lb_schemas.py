@@ -156,7 +156,9 @@ class ProxyStats(BaseModel):
     connections: ProxyConnections
     bytes_to_backend: int
     bytes_to_client: int
-    kernel_bytes_to_backend: int = Field(description="moved by the sockhash verdict program")
+    kernel_bytes_to_backend: int = Field(description=(
+        "moved by the sockhash verdict program; the kernel now and then runs it twice on one "
+        "skb (up to 64 KiB, the bytes sent once), which this then counts twice (docs/perf.md)"))
     kernel_bytes_to_client: int
 
     @classmethod
