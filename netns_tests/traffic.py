@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from xdpfw.netns import run_in
+from xdpfw.proxy.loader import VERDICT_RECOUNT
 
 PY = sys.executable
 
@@ -147,13 +148,8 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.1):
         time.sleep(interval)
 
 
-# sp_traffic counts what sp_verdict redirects. This kernel now and then runs the verdict twice
-# on one skb of up to 64 KiB (seen: 65,160 bytes over, 1 of ~100 100 MiB streams, under CI
-# load) while the stream arrives intact, so the count may exceed the bytes delivered by one
-# such skb (docs/perf.md, Socket proxy). Never less: that would be bytes not spliced.
-VERDICT_RECOUNT = 64 * 1024
-
-
 def assert_spliced_count(counted: int, delivered: int, what: str) -> None:
+    """sp_traffic's count against the bytes delivered (loader.VERDICT_RECOUNT says why it may
+    exceed them)."""
     assert delivered <= counted <= delivered + VERDICT_RECOUNT, (
         f"{what}: sp_traffic counted {counted} bytes for {delivered} delivered")

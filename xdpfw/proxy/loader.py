@@ -48,6 +48,11 @@ SPLICE_PROGRAMS: tuple[tuple[str, int], ...] = (
 # memory is only used while the receiving end is slower than the sending one.
 SPLICE_SNDBUF = 8 * 1024 * 1024
 
+# sp_traffic counts what sp_verdict redirects, and this kernel now and then runs the verdict
+# twice on one skb (up to 64 KiB, GSO) while sending its bytes once: a count may exceed the
+# bytes delivered by that much (docs/perf.md, Socket proxy), never fall short of them.
+VERDICT_RECOUNT = 64 * 1024
+
 # The self-test (SockProxyDataplane.self_test): one connection spliced over loopback in a
 # private network namespace, a bulk chunk one way and a request/response exchange.
 SELF_TEST_SERVICE = 0xFFFFFFFE  # sp_traffic key of the test connection (never a service id)
@@ -333,8 +338,9 @@ class SockProxyDataplane:
             want = (SELF_TEST_BULK + SELF_TEST_ROUNDS * SELF_TEST_MESSAGE,
                     SELF_TEST_ROUNDS * SELF_TEST_MESSAGE)
             t = self.traffic(SELF_TEST_SERVICE)
-            if (t.bytes_to_backend, t.bytes_to_client) != want or t.no_peer or \
-                    t.redirect_failed:
+            counted = (t.bytes_to_backend, t.bytes_to_client)
+            if not all(w <= c <= w + VERDICT_RECOUNT for c, w in zip(counted, want, strict=True)) \
+                    or t.no_peer or t.redirect_failed:
                 return SelfTestError(f"self-test: bytes arrived, but sp_traffic counted {t}, "
                                      f"expected {want} bytes to backend and to client")
             return None
