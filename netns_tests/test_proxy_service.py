@@ -344,7 +344,8 @@ def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_pat
     """A daemon with 1024 open files: without a limit, 600 connections held at a proxy VIP
     (two descriptors each) would take every descriptor, and the API could not accept. The
     daemon sizes [lb] proxy_max_connections from the limit; past it the engine does not
-    accept, the API answers, and the held connections get their turn when others close."""
+    accept, the API answers, another proxy service still has the reserve, and the held
+    connections get their turn when others close."""
     from xdpfw.config import load_config
     from xdpfw.daemon import proxy_limits, tcp_limits
 
@@ -358,8 +359,9 @@ def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_pat
     d = Daemon(tmp_path / "d", f"/sys/fs/bpf/xdpfw-test-pxfl{uuid.uuid4().hex[:4]}",
                extra_args=["--config", str(config)], nofile_hard=nofile)
     d.workdir.mkdir()
-    servers = [start_server(ns, f"be{i + 1}", lo, FLOOD_PORT)
-               for i, (ns, lo) in enumerate(zip(env.backends, BACKENDS, strict=True))]
+    servers = [start_server(ns, f"be{i + 1}", lo, port)
+               for i, (ns, lo) in enumerate(zip(env.backends, BACKENDS, strict=True))
+               for port in (FLOOD_PORT, FLOOD_PORT + 1)]
     holder = None
     try:
         d.start()
@@ -368,6 +370,13 @@ def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_pat
             "backends": [{"address": a} for a in BACKENDS]})
         assert r.status_code == 201, f"{r.text}\n{d.log()}"
         sid = r.json()["id"]
+        r = d.client().post("/api/v1/services", json={
+            "name": "other", "vip": VIP, "port": FLOOD_PORT + 1, "forward": "proxy",
+            "backends": [{"address": a} for a in BACKENDS]})
+        assert r.status_code == 201, f"{r.text}\n{d.log()}"
+        # Two proxy services: the flooded one may take all but the reserve (a quarter), less
+        # the slot the other's engine holds for its next accept.
+        flooded_cap = budget - budget // 4 - 1
         holder = subprocess.Popen(["ip", "netns", "exec", env.client, PY, "-c", HOLD, VIP,
                                    str(FLOOD_PORT), str(flood)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -376,10 +385,10 @@ def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_pat
         def conns() -> dict:
             return d.client().get(f"/api/v1/services/{sid}").json()["proxy"]["connections"]
 
-        assert nsutil.wait_until(lambda: conns()["accepted"] >= budget, 20, 0.2), conns()
+        assert nsutil.wait_until(lambda: conns()["accepted"] >= flooded_cap, 20, 0.2), conns()
         time.sleep(0.5)  # give the engine time to take more if it would
         c = conns()
-        assert (c["accepted"], c["active"]) == (budget, budget), c
+        assert (c["accepted"], c["active"]) == (flooded_cap, flooded_cap), c
         assert c["limit_waits"] >= 1, c
         with d.client() as api:  # the API still accepts and works
             api.timeout = httpx.Timeout(2.0)
@@ -387,6 +396,8 @@ def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_pat
             r = api.post("/api/v1/rules", json={"prefix": "10.220.250.0/24", "action": "drop"})
             assert r.status_code == 201, r.text
         assert "proxy_max_connections" in d.log(), d.log()[-2000:]
+        other = env.run_client(FLOOD_PORT + 1, [SMALL] * 5)  # the other service still serves
+        assert other["failed"] == 0 and not other["mismatches"], other
         holder.stdin.close()  # the held connections close; the waiting ones get accepted
         assert nsutil.wait_until(
             lambda: (lambda c: c["accepted"] == flood and c["active"] == 0)(conns()), 30, 0.2), (

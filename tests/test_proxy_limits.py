@@ -19,9 +19,33 @@ from xdpfw.proxy.limits import (
 
 def test_connection_budget_refuses_at_its_limit_and_takes_again_after_a_give():
     b = ConnectionBudget(2)
-    assert [b.take(), b.take(), b.take()] == [True, True, False]
-    b.give()
-    assert [b.take(), b.take()] == [True, False]
+    b.register(1)
+    assert [b.take(1), b.take(1), b.take(1)] == [True, True, False]
+    b.give(1)
+    assert [b.take(1), b.take(1)] == [True, False]
+
+
+def test_a_flood_at_one_service_leaves_the_others_the_reserve():
+    b = ConnectionBudget(100)  # reserve 25; with 2 services the fair share is 50
+    for sid in (1, 2):
+        b.register(sid)
+    taken = 0
+    while b.take(1):
+        taken += 1
+    assert taken == 75, "the flooded service takes all but the reserve"
+    assert sum(b.take(2) for _ in range(40)) == 25, "the other gets the reserve"
+    b.give(1)
+    assert not b.take(1), "over its share, the flooded service waits for the other's"
+    assert b.take(2)
+    b.unregister(2)  # alone again: its share is the whole budget
+    b.give(1)
+    assert b.take(1)
+
+
+def test_a_service_alone_may_use_every_slot():
+    b = ConnectionBudget(8)
+    b.register(7)
+    assert sum(b.take(7) for _ in range(10)) == 8
 
 
 def test_queue_budget_says_since_when_the_total_is_over_and_each_holders_share():

@@ -205,6 +205,7 @@ class ProxyEngine:
                                             name=f"xdpfw-proxy-{self.service_id}", daemon=True)
             self._thread.start()
         ready.wait()
+        self.budgets.connections.register(self.service_id)
         log.info("service %d: proxy listening on %s:%d in %s mode", self.service_id,
                  *self.address, self._mode)
 
@@ -219,6 +220,7 @@ class ProxyEngine:
         self._thread = None
         if self._listener is not None:
             self._listener.close()
+        self.budgets.connections.unregister(self.service_id)
         self._release_dataplane()
 
     def counters(self) -> ServiceCounters:
@@ -318,29 +320,30 @@ class ProxyEngine:
             try:
                 conn, addr = await loop.sock_accept(lsock)
             except OSError as e:  # e.g. EMFILE: keep serving the connections we have
-                self.budgets.connections.give()
+                self.budgets.connections.give(self.service_id)
                 log.warning("service %d: accept failed: %s", self.service_id, e)
                 await asyncio.sleep(0.1)
                 continue
             except BaseException:
-                self.budgets.connections.give()
+                self.budgets.connections.give(self.service_id)
                 raise
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn, (addr[0], addr[1])))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # In a callback, not in _serve: a task cancelled before it ran still gives back.
-            task.add_done_callback(lambda _t: self.budgets.connections.give())
+            task.add_done_callback(lambda _t: self.budgets.connections.give(self.service_id))
 
     async def _take_slot(self) -> None:
         """A connection from the shared budget; while there is none, do not accept."""
-        if self.budgets.connections.take():
+        if self.budgets.connections.take(self.service_id):
             return
-        log.warning("service %d: %d proxied connections open, the limit ([lb] "
-                    "proxy_max_connections): not accepting until one closes",
+        log.warning("service %d: no proxied connection free for it ([lb] "
+                    "proxy_max_connections: %d over all proxy services, the last quarter kept "
+                    "for services under their share): not accepting until one closes",
                     self.service_id, self.budgets.connections.limit)
         self._count(limit_waits=1)
-        while not self.budgets.connections.take():
+        while not self.budgets.connections.take(self.service_id):
             await asyncio.sleep(ACCEPT_RETRY_S)
         log.info("service %d: accepting again", self.service_id)
 

@@ -50,23 +50,45 @@ class ProxyLimits:
 
 
 class ConnectionBudget:
-    """Connections in use against a limit, shared by engines on different threads."""
+    """Connections in use against a limit, shared by the engines of every proxy service (on
+    different threads). The last quarter of it is kept for services under their fair share
+    (the limit over the services registered), so that a flood at one VIP leaves the others a
+    quarter of the slots; a service alone may use them all."""
+
+    RESERVE_DIVISOR = 4
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._used = 0
+        self._held: dict[int, int] = {}  # by registered service id
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    def register(self, service_id: int) -> None:
         with self._lock:
-            if self._used >= self.limit:
+            self._held.setdefault(service_id, 0)
+
+    def unregister(self, service_id: int) -> None:
+        """Once the service's engine has stopped (its connections given back)."""
+        with self._lock:
+            self._held.pop(service_id, None)
+
+    def take(self, service_id: int) -> bool:
+        with self._lock:
+            held = self._held.get(service_id, 0)
+            fair = max(self.limit // max(len(self._held), 1), 1)
+            reserve = self.limit // self.RESERVE_DIVISOR
+            if self._used >= self.limit or (self._used >= self.limit - reserve
+                                             and held >= fair):
                 return False
+            self._held[service_id] = held + 1
             self._used += 1
             return True
 
-    def give(self) -> None:
+    def give(self, service_id: int) -> None:
         with self._lock:
             self._used -= 1
+            if service_id in self._held:
+                self._held[service_id] -= 1
 
 
 @dataclass(frozen=True)
