@@ -83,7 +83,7 @@ def test_a_rule_added_through_one_node_drops_at_every_node(lab):
     assert cli.returncode == 0, cli.stdout + cli.stderr
     for n in lab.nodes:
         row = next(line.split() for line in cli.stdout.splitlines() if line.startswith(n.name))
-        assert row[1:5] == [str(revision), "0", "1", "ok"], cli.stdout
+        assert row[1:6] == [str(revision), "0", "1", "0", "ok"], cli.stdout
     _delete_everywhere(lab, rule["id"])  # through another node
     _all_pass(lab)
     assert lab.wait_converged() > revision
@@ -168,6 +168,9 @@ def test_a_service_written_through_any_node_is_the_same_on_every_node(lab):
     want = {sid: ("10.96.0.10", 80, [(b1, "10.96.1.1", "active"),
                                      (b2, "10.96.1.2", "active")])}
     _same_services_everywhere(lab, want)
+    for n in lab.nodes:  # and each node's status in the fleet view counts it
+        assert wait_until(lambda n=n: lab.own_status(n)["services"] == 1, CONVERGE_S), \
+            lab.own_status(n)
     r = n2.client().patch(f"/api/v1/services/{sid}/backends/{b1}", json={"state": "draining"})
     assert r.status_code == 200 and r.json()["state"] == "draining", r.text
     want[sid][2][0] = (b1, "10.96.1.1", "draining")
@@ -201,7 +204,8 @@ def test_a_service_written_through_any_node_is_the_same_on_every_node(lab):
     assert r.status_code == 200 and r.json()["id"] == sid, r.text
     _same_services_everywhere(lab, {})
     for n in lab.nodes:
-        assert wait_until(lambda n=n: lab.own_status(n)["health"] == "ok", CONVERGE_S), \
+        assert wait_until(lambda n=n: lab.own_status(n)["health"] == "ok"
+                          and lab.own_status(n)["services"] == 0, CONVERGE_S), \
             lab.own_status(n)
     lab.wait_converged()
 

@@ -20,8 +20,8 @@ def fleet() -> None:
 @socket_option
 @json_option
 def fleet_status(socket, as_json) -> int:
-    """Every node: applied revision, lag behind the fleet's last change, rules, health,
-    last error. While etcd is away: this node alone, and why. Exit status 1 unless every
+    """Every node: applied revision, lag behind the fleet's last change, rules, services,
+    health, last error. While etcd is away: this node alone, and why. Exit status 1 unless every
     node is healthy and caught up."""
     with Client(socket) as c:
         view = c.get("/api/v1/fleet")
@@ -34,10 +34,11 @@ def fleet_status(socket, as_json) -> int:
               + (f", fleet revision {view['revision']}" if view["revision"] else ""))
         now = time.time()
         table([[n.get("node"), n.get("applied_revision"), n.get("lag"), n.get("rules"),
-                n.get("health"), _age(now, n.get("updated")), n.get("last_error") or ""]
+                "-" if n.get("services") is None else n["services"], n.get("health"),
+                _age(now, n.get("updated")), n.get("last_error") or ""]
                for n in view["nodes"]],
-              ["NODE", "APPLIED", "LAG", "RULES", "HEALTH", "SEEN", "LAST ERROR"],
-              right=["APPLIED", "LAG", "RULES", "SEEN"])
+              ["NODE", "APPLIED", "LAG", "RULES", "SERVICES", "HEALTH", "SEEN", "LAST ERROR"],
+              right=["APPLIED", "LAG", "RULES", "SERVICES", "SEEN"])
     healthy = view["etcd"]["reachable"] and all(
         n.get("health") == "ok" and n.get("lag") == 0 for n in view["nodes"])
     return 0 if healthy else 1

@@ -51,8 +51,9 @@ class Fleet:
         self.writer = FleetWriter(self.etcd, self.keys)
         self.service_writer = ServiceWriter(self.etcd, self.keys, self.writer)
         self.set_writer = SetWriter(self.etcd, self.keys, self.writer, fw)
-        self.publisher = StatusPublisher(self.etcd, self.keys, cfg.node, self.engine,
-                                         lambda: fw.counts().rules, cfg.status_ttl_s)
+        self.publisher = StatusPublisher(
+            self.etcd, self.keys, cfg.node, self.engine, lambda: fw.counts().rules,
+            lambda: len(lb.list_services()) if lb is not None else None, cfg.status_ttl_s)
 
     def start(self) -> None:
         self.engine.start()

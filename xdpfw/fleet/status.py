@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 PUBLISH_S = 2.0  # and at once after each apply
 
 
-def node_status(node: str, state: NodeState, rules: int) -> dict:
+def node_status(node: str, state: NodeState, rules: int, services: int | None) -> dict:
+    """services: None on a node without a load balancer."""
     return {"node": node, "applied_revision": state.applied, "rules": rules,
+            "services": services,
             "health": state.health, "last_error": state.last_error,
             "last_error_at": state.last_error_at, "refused_keys": state.refused_count,
             "refused": state.refused, "resyncs": state.resyncs, "updated": time.time()}
@@ -28,9 +30,10 @@ def node_status(node: str, state: NodeState, rules: int) -> dict:
 
 class StatusPublisher:
     def __init__(self, etcd: Etcd, keys: Keys, node: str, engine: SyncEngine,
-                 rule_count: Callable[[], int], ttl_s: int) -> None:
+                 rule_count: Callable[[], int], service_count: Callable[[], int | None],
+                 ttl_s: int) -> None:
         self.etcd, self.keys, self.node, self.engine = etcd, keys, node, engine
-        self.rule_count, self.ttl_s = rule_count, ttl_s
+        self.rule_count, self.service_count, self.ttl_s = rule_count, service_count, ttl_s
         self.lease = 0
         self.reachable: bool | None = None
         self.error: str | None = None
@@ -51,7 +54,8 @@ class StatusPublisher:
                 self.etcd.revoke(self.lease)
 
     def status(self) -> dict:
-        return node_status(self.node, self.engine.state, self.rule_count())
+        return node_status(self.node, self.engine.state, self.rule_count(),
+                           self.service_count())
 
     def _run(self) -> None:
         while not self._stop.is_set():
