@@ -13,6 +13,7 @@ Everything is created here, bounded in count and time, and removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -111,18 +112,21 @@ except ConnectionResetError as e:
 """
 
 
-# Open argv[3] connections and hold them until stdin closes; print how many connected.
+# Open argv[3] connections and hold them until stdin closes; print how many the VIP answered
+# (connected, or reset by the proxy as connect() returned).
 HOLD = """
 import socket, sys
 vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-held = []
+held, reset = [], 0
 for _ in range(n):
     try:
         held.append(socket.create_connection((vip, port), timeout=5))
+    except ConnectionResetError:  # accepted and reset before connect() returned: answered
+        reset += 1
     except OSError as e:
         print('connect failed:', e, file=sys.stderr)
         break
-print(len(held), flush=True)
+print(len(held) + reset, flush=True)
 sys.stdin.read()
 """
 
@@ -340,78 +344,133 @@ def test_restart_restores_proxy_service(env):
         env.delete(sid)
 
 
-def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_path):
-    """A daemon with 1024 open files: without a limit, 600 connections held at a proxy VIP
-    (two descriptors each) would take every descriptor, and the API could not accept. The
-    daemon sizes [lb] proxy_max_connections from the limit; past it the engine does not
-    accept, the API answers, another proxy service still has the reserve, and the held
-    connections get their turn when others close."""
+@contextlib.contextmanager
+def flood_daemon(env, tmp_path, lb_lines: str) -> Iterator[tuple[Daemon, int]]:
+    """A daemon with 1024 open files and [lb] lb_lines, backends on FLOOD_PORT and the port
+    after it; yields it with its proxied-connection budget. Stops it all on the way out."""
     from xdpfw.config import load_config
     from xdpfw.daemon import proxy_limits, tcp_limits
 
-    nofile, flood = 1024, 600
+    nofile = 1024
     config = tmp_path / "xdpfw.toml"
     config.write_text(f'[lb]\nnetns = "{env.appliance}"\ntable_size = 251\n'
-                      "max_services = 8\nmax_backends = 64\nconntrack_size = 1024\n")
+                      f"max_services = 8\nmax_backends = 64\nconntrack_size = 1024\n{lb_lines}")
     cfg = load_config(config)
     budget = proxy_limits(cfg, nofile, tcp_limits(cfg, nofile)).max_connections
-    assert budget < flood // 2, f"budget {budget}: the flood would not reach it"
     d = Daemon(tmp_path / "d", f"/sys/fs/bpf/xdpfw-test-pxfl{uuid.uuid4().hex[:4]}",
                extra_args=["--config", str(config)], nofile_hard=nofile)
     d.workdir.mkdir()
     servers = [start_server(ns, f"be{i + 1}", lo, port)
                for i, (ns, lo) in enumerate(zip(env.backends, BACKENDS, strict=True))
                for port in (FLOOD_PORT, FLOOD_PORT + 1)]
-    holder = None
     try:
         d.start()
-        r = d.client().post("/api/v1/services", json={
-            "name": "flood", "vip": VIP, "port": FLOOD_PORT, "forward": "proxy",
-            "backends": [{"address": a} for a in BACKENDS]})
-        assert r.status_code == 201, f"{r.text}\n{d.log()}"
-        sid = r.json()["id"]
-        r = d.client().post("/api/v1/services", json={
-            "name": "other", "vip": VIP, "port": FLOOD_PORT + 1, "forward": "proxy",
-            "backends": [{"address": a} for a in BACKENDS]})
-        assert r.status_code == 201, f"{r.text}\n{d.log()}"
-        # Two proxy services: the flooded one may take all but the reserve (a quarter), less
-        # the slot the other's engine holds for its next accept.
-        flooded_cap = budget - budget // 4 - 1
-        holder = subprocess.Popen(["ip", "netns", "exec", env.client, PY, "-c", HOLD, VIP,
-                                   str(FLOOD_PORT), str(flood)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert holder.stdout.readline().strip() == str(flood), holder.stderr.read()
-
-        def conns() -> dict:
-            return d.client().get(f"/api/v1/services/{sid}").json()["proxy"]["connections"]
-
-        assert nsutil.wait_until(lambda: conns()["accepted"] >= flooded_cap, 20, 0.2), conns()
-        time.sleep(0.5)  # give the engine time to take more if it would
-        c = conns()
-        assert (c["accepted"], c["active"]) == (flooded_cap, flooded_cap), c
-        assert c["limit_waits"] >= 1, c
-        with d.client() as api:  # the API still accepts and works
-            api.timeout = httpx.Timeout(2.0)
-            assert api.get("/healthz").status_code == 200
-            r = api.post("/api/v1/rules", json={"prefix": "10.220.250.0/24", "action": "drop"})
-            assert r.status_code == 201, r.text
-        assert "proxy_max_connections" in d.log(), d.log()[-2000:]
-        other = env.run_client(FLOOD_PORT + 1, [SMALL] * 5)  # the other service still serves
-        assert other["failed"] == 0 and not other["mismatches"], other
-        holder.stdin.close()  # the held connections close; the waiting ones get accepted
-        assert nsutil.wait_until(
-            lambda: (lambda c: c["accepted"] == flood and c["active"] == 0)(conns()), 30, 0.2), (
-            f"{conns()}\n{d.log()[-2000:]}")
-        assert conns()["backend_failures"] == 0, conns()
+        yield d, budget
     finally:
-        if holder is not None:
-            holder.kill()
-            holder.wait()
         for proc in servers:
             proc.kill()
             proc.wait()
         d.stop()
         shutil.rmtree(d.pin_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def held_connections(env, port: int, n: int) -> Iterator[subprocess.Popen]:
+    """n connections from the client to VIP:port, held until the block ends (or stdin
+    closes)."""
+    holder = subprocess.Popen(["ip", "netns", "exec", env.client, PY, "-c", HOLD, VIP,
+                               str(port), str(n)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        got = holder.stdout.readline().strip()
+        if got != str(n):
+            holder.kill()
+            raise AssertionError(f"{got} of {n} connections held: {holder.stderr.read()}")
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def create_proxy_service(d: Daemon, name: str, port: int) -> int:
+    r = d.client().post("/api/v1/services", json={
+        "name": name, "vip": VIP, "port": port, "forward": "proxy",
+        "backends": [{"address": a} for a in BACKENDS]})
+    assert r.status_code == 201, f"{r.text}\n{d.log()}"
+    return r.json()["id"]
+
+
+def test_a_connection_flood_at_a_vip_leaves_the_api_its_descriptors(env, tmp_path):
+    """A daemon with 1024 open files: without a limit, 600 connections held at a proxy VIP
+    (two descriptors each) would take every descriptor, and the API could not accept. The
+    daemon sizes [lb] proxy_max_connections from the limit; past it the engine does not
+    accept, the API answers, another proxy service still has the reserve, and the held
+    connections get their turn when others close. The flood comes from one address here, as
+    it would from many: the per-client cap (its own test below) is off."""
+    flood = 600
+    with flood_daemon(env, tmp_path, "proxy_max_connections_per_client = 0\n") as (d, budget):
+        assert budget < flood // 2, f"budget {budget}: the flood would not reach it"
+        sid = create_proxy_service(d, "flood", FLOOD_PORT)
+        create_proxy_service(d, "other", FLOOD_PORT + 1)
+        # Two proxy services: the flooded one may take all but the reserve (a quarter), less
+        # the slot the other's engine holds for its next accept.
+        flooded_cap = budget - budget // 4 - 1
+
+        def conns() -> dict:
+            return d.client().get(f"/api/v1/services/{sid}").json()["proxy"]["connections"]
+
+        with held_connections(env, FLOOD_PORT, flood) as holder:
+            assert nsutil.wait_until(lambda: conns()["accepted"] >= flooded_cap, 20, 0.2), (
+                conns())
+            time.sleep(0.5)  # give the engine time to take more if it would
+            c = conns()
+            assert (c["accepted"], c["active"]) == (flooded_cap, flooded_cap), c
+            assert c["limit_waits"] >= 1 and c["client_refusals"] == 0, c
+            with d.client() as api:  # the API still accepts and works
+                api.timeout = httpx.Timeout(2.0)
+                assert api.get("/healthz").status_code == 200
+                r = api.post("/api/v1/rules", json={"prefix": "10.220.250.0/24",
+                                                    "action": "drop"})
+                assert r.status_code == 201, r.text
+            assert "proxy_max_connections" in d.log(), d.log()[-2000:]
+            other = env.run_client(FLOOD_PORT + 1, [SMALL] * 5)  # the other still serves
+            assert other["failed"] == 0 and not other["mismatches"], other
+            holder.stdin.close()  # the held connections close; the waiting ones get accepted
+            assert nsutil.wait_until(
+                lambda: (lambda c: c["accepted"] == flood and c["active"] == 0)(conns()),
+                30, 0.2), f"{conns()}\n{d.log()[-2000:]}"
+        assert conns()["backend_failures"] == 0, conns()
+
+
+def test_one_client_address_holds_at_most_a_quarter_of_the_budget_by_default(env, tmp_path):
+    """As shipped ([lb] proxy_max_connections_per_client unset): one address flooding a VIP
+    gets a quarter of the proxied-connection budget; its connections past that are reset as
+    they are accepted and counted, the budget is not spent (no limit_waits), and the log
+    says so once, not per connection. Once it lets go, it is served again."""
+    flood = 200
+    with flood_daemon(env, tmp_path, "") as (d, budget):
+        cap = budget // 4
+        assert cap < flood, f"cap {cap}: the flood would not reach it"
+        sid = create_proxy_service(d, "flood", FLOOD_PORT)
+
+        def conns() -> dict:
+            return d.client().get(f"/api/v1/services/{sid}").json()["proxy"]["connections"]
+
+        with held_connections(env, FLOOD_PORT, flood):
+            assert nsutil.wait_until(
+                lambda: conns()["client_refusals"] == flood - cap, 20, 0.2), conns()
+            c = conns()
+            assert (c["accepted"], c["active"], c["limit_waits"]) == (cap, cap, 0), c
+            assert d.log().count("proxy_max_connections_per_client") == 1, d.log()[-3000:]
+            refusals = [m.value for fam in text_string_to_metric_families(
+                            d.client().get("/metrics").text) for m in fam.samples
+                        if m.name == "xdpfw_proxy_connections_total"
+                        and m.labels == {"service": str(sid), "service_name": "flood",
+                                         "event": "client_refusals"}]
+            assert refusals == [flood - cap], refusals
+        assert nsutil.wait_until(lambda: conns()["active"] == 0, 30, 0.2), conns()
+        result = env.run_client(FLOOD_PORT, [SMALL] * 5)
+        assert result["failed"] == 0 and not result["mismatches"], result
 
 
 def test_kernel_refusal_falls_back_to_userspace(env, tmp_path, monkeypatch, caplog):

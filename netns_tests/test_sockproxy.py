@@ -282,17 +282,16 @@ def idle_client(chan: Connection) -> str:
 
 
 def refused_client(chan: Connection) -> str:
-    """Connect to a service whose backend refuses: expect a clean FIN, not a RST."""
-    sock = socket.create_connection((APP_CLI_IP, SVC_PORT), timeout=10)
+    """Connect, send, read to the end: "eof after N bytes", "reset" (also when the reset
+    came as connect() returned) or "timeout"."""
     try:
-        sock.sendall(b"hello?")
-        data = recv_to_eof(sock)
+        with socket.create_connection((APP_CLI_IP, SVC_PORT), timeout=10) as sock:
+            sock.sendall(b"hello?")
+            data = recv_to_eof(sock)
     except ConnectionResetError:
         return "reset"
     except TimeoutError:
         return "timeout"
-    finally:
-        sock.close()
     return f"eof after {len(data)} bytes"
 
 
@@ -803,6 +802,40 @@ def test_connection_budget_stops_accepting_until_one_closes(topo: Topology,
         assert cl.result(10) == "closed"
     eng.wait_idle(accepted=5)
     assert backend.result(30)["finished"] == 5
+
+
+def test_a_client_at_its_cap_is_reset_and_others_still_served(topo: Topology,
+                                                             children: list) -> None:
+    """proxy_max_connections_per_client: the client's connections past its cap are reset as
+    they are accepted, give their budget slot back, and are counted; closing one lets the
+    client connect again."""
+    eng = start_engine(children, topo.app, [(BE_IP, BE_PORT)], mode="sockhash",
+                       budgets=Budgets(ProxyLimits(max_connections=10, max_per_client=2)))
+    backend = start(children, topo.be, echo_backend, 3)
+    assert backend.recv() == "listening"
+    held = [start(children, topo.cli, idle_client) for _ in range(2)]
+    for c in held:
+        assert c.recv() == "connected"
+    assert nsutil.wait_until(
+        lambda: eng.state()["counters"].connections.active == 2, 10, 0.05), eng.state()
+    assert start(children, topo.cli, refused_client).result(30) == "reset"
+    state = eng.state()
+    c = state["counters"].connections
+    assert (c.accepted, c.active, c.client_refusals, c.limit_waits) == (2, 2, 1, 0), c
+    assert any("proxy_max_connections_per_client" in line and CLI_IP in line
+               for line in state["log"]), state["log"]
+    held[0].chan.send("close")
+    assert held[0].result(10) == "closed"
+    again = start(children, topo.cli, idle_client)
+    assert again.recv() == "connected"
+    assert nsutil.wait_until(
+        lambda: eng.state()["counters"].connections.accepted == 3, 10, 0.05), eng.state()
+    for cl in (held[1], again):
+        cl.chan.send("close")
+        assert cl.result(10) == "closed"
+    c = eng.wait_idle(accepted=3)["counters"].connections
+    assert c.client_refusals == 1, c
+    assert backend.result(30)["finished"] == 3
 
 
 def test_backend_refused_closes_client_cleanly(topo: Topology, children: list) -> None:

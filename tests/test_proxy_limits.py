@@ -10,10 +10,12 @@ from xdpfw.config import ConfigError, load_config
 from xdpfw.daemon import FD_RESERVE, proxy_limits, tcp_limits
 from xdpfw.proxy.limits import (
     DEFAULT_MAX_CONNECTIONS,
+    ClientCounts,
     ConnectionBudget,
     MiB,
     Pressure,
     QueueBudget,
+    client_key,
 )
 
 
@@ -48,6 +50,33 @@ def test_a_service_alone_may_use_every_slot():
     assert sum(b.take(7) for _ in range(10)) == 8
 
 
+@pytest.mark.parametrize(("host", "key"), [
+    ("10.1.2.3", "10.1.2.3"),
+    ("::ffff:10.1.2.3", "10.1.2.3"),  # a dual-stack listener's IPv4 client
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # same /64: same client
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_client_key_counts_an_ipv4_address_or_an_ipv6_slash_64(host, key):
+    assert client_key(host) == key
+
+
+def test_client_counts_cap_each_client_and_forget_those_without_connections():
+    c = ClientCounts(2)
+    a, b = client_key("10.0.0.1"), client_key("2001:db8::1")
+    assert [c.take(a), c.take(a), c.take(a)] == [True, True, False]
+    assert c.take(b) and c.take(client_key("2001:db8::2")) and not c.take(b)  # one /64
+    c.give(a)
+    assert c.take(a) and not c.take(a)
+    for _ in range(2):
+        c.give(a)
+        c.give(b)
+    assert c.held(a) == c.held(b) == 0 and not c._held, c._held
+    unlimited = ClientCounts(0)
+    assert all(unlimited.take(a) for _ in range(1000))
+
+
 def test_queue_budget_says_since_when_the_total_is_over_and_each_holders_share():
     q = QueueBudget(100)
     assert q.report(0, 60, now=1.0) is None  # 60: under
@@ -67,6 +96,9 @@ def test_daemon_sizes_proxy_connections_from_the_open_file_limit(tmp_path, caplo
     room = (1024 - FD_RESERVE - small.max_connections) // 2
     assert proxy_limits(cfg, 1024, small).max_connections == room
     assert proxy_limits(cfg, 1 << 20, big).max_connections == DEFAULT_MAX_CONNECTIONS
+    # one client address: a quarter of the budget, whatever sized it
+    assert proxy_limits(cfg, 1024, small).max_per_client == room // 4
+    assert proxy_limits(cfg, 1 << 20, big).max_per_client == DEFAULT_MAX_CONNECTIONS // 4
 
     f = tmp_path / "x.toml"
     f.write_text("[lb]\nproxy_max_connections = 5000\nproxy_max_queued_total_mib = 256\n")
@@ -81,8 +113,13 @@ def test_daemon_sizes_proxy_connections_from_the_open_file_limit(tmp_path, caplo
 
     f.write_text("[lb]\nproxy_idle_timeout_s = 0\n")
     assert proxy_limits(load_config(f), 1024, small).idle_timeout == 0  # never
+    for value in (0, 7):  # 0: no cap
+        f.write_text(f"[lb]\nproxy_max_connections_per_client = {value}\n")
+        assert proxy_limits(load_config(f), 1024, small).max_per_client == value
     for bad, key in (("proxy_max_connections = 100000", "lb.proxy_max_connections"),
-                     ("proxy_idle_timeout_s = -1", "lb.proxy_idle_timeout_s")):
+                     ("proxy_idle_timeout_s = -1", "lb.proxy_idle_timeout_s"),
+                     ("proxy_max_connections_per_client = -1",
+                      "lb.proxy_max_connections_per_client")):
         f.write_text(f"[lb]\n{bad}\n")
         with pytest.raises(ConfigError) as e:
             load_config(f)

@@ -185,6 +185,9 @@ class LbConfig(_Strict):
     # Proxied connections at once over all proxy services (two descriptors each). None: as
     # many as the open-file limit leaves after the API's share, at most 32768.
     proxy_max_connections: int | None = Field(None, ge=1, le=32_768)
+    # Of those, what one client address (an IPv6 /64) may hold; its connections past it are
+    # reset as they are accepted. None: a quarter of proxy_max_connections; 0: no cap.
+    proxy_max_connections_per_client: int | None = Field(None, ge=0, le=32_768)
     # A proxied connection with no byte either way for this long is reset (0: never).
     proxy_idle_timeout_s: int = Field(300, ge=0, le=7 * 86_400)
 

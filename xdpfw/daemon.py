@@ -35,7 +35,7 @@ from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.metrics import RuleSeries
-from xdpfw.proxy.limits import DEFAULT_MAX_CONNECTIONS, MiB, ProxyLimits
+from xdpfw.proxy.limits import DEFAULT_MAX_CONNECTIONS, PER_CLIENT_DIVISOR, MiB, ProxyLimits
 from xdpfw.service import Firewall
 
 log = logging.getLogger("xdpfw")
@@ -139,9 +139,13 @@ def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:
         log.warning("lb.proxy_max_connections %d is more than the open-file limit (%d) "
                     "allows: using %d", want, fd_limit, room)
     cap = min(want or DEFAULT_MAX_CONNECTIONS, room)
+    per_client = cfg.lb.proxy_max_connections_per_client
+    if per_client is None:
+        per_client = max(cap // PER_CLIENT_DIVISOR, 1)
     return ProxyLimits(max_queued=cfg.lb.proxy_max_queued_mib * MiB,
                        max_queued_total=cfg.lb.proxy_max_queued_total_mib * MiB,
-                       max_connections=cap, idle_timeout=cfg.lb.proxy_idle_timeout_s)
+                       max_connections=cap, idle_timeout=cfg.lb.proxy_idle_timeout_s,
+                       max_per_client=per_client)
 
 
 def pid_file(cfg: AppConfig) -> Path:

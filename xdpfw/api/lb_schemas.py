@@ -148,6 +148,9 @@ class ProxyConnections(BaseModel):
                              "daemon's proxied connections reached [lb] proxy_max_connections")
     idle_resets: int = Field(description="connections reset after [lb] proxy_idle_timeout_s "
                              "without a byte either way")
+    client_refusals: int = Field(description="connections reset as they were accepted because "
+                                 "their client address (an IPv6 /64) already held [lb] "
+                                 "proxy_max_connections_per_client proxied connections")
 
 
 class ProxyStats(BaseModel):

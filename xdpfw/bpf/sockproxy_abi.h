@@ -47,6 +47,7 @@ struct sp_conns {
 	__u64 queue_resets; /* spliced connections reset for holding over max_queued bytes */
 	__u64 limit_waits; /* times accepting stopped at proxy_max_connections */
 	__u64 idle_resets; /* connections reset after proxy_idle_timeout_s without a byte */
+	__u64 client_refusals; /* reset at accept: client at proxy_max_connections_per_client */
 };
 
 #endif /* XDPFW_SOCKPROXY_ABI_H */

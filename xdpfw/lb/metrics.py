@@ -10,7 +10,7 @@ Series are labelled by ids (stable across restarts and renames) plus the readabl
 Services in forward mode `proxy` also have, from their engine's counters:
     xdpfw_proxy_connections_total{service, service_name, event}
         event: accepted | closed | backend_failures | relayed_in_userspace | queue_resets |
-               idle_resets | limit_waits
+               idle_resets | limit_waits | client_refusals
     xdpfw_proxy_connections_active{service, service_name}
     xdpfw_proxy_bytes_total{service, service_name, direction, path}
         direction: to_backend | to_client; path: kernel (spliced) | userspace (relayed)

@@ -50,6 +50,7 @@ class SpConns(ct.Structure):
         ("queue_resets", ct.c_uint64),
         ("limit_waits", ct.c_uint64),
         ("idle_resets", ct.c_uint64),
+        ("client_refusals", ct.c_uint64),
     )
 
 

@@ -41,6 +41,7 @@ from xdpfw.proxy.limits import (
     Budgets,
     Direction,
     PairWatch,
+    client_key,
 )
 from xdpfw.proxy.loader import (
     SPLICE_SNDBUF,
@@ -67,6 +68,7 @@ PickBackend = Callable[[tuple[str, int]], tuple[str, int]]
 # How long a client refused by every backend gets to read our FIN and close first.
 REFUSED_CLIENT_LINGER = 2.0
 ACCEPT_RETRY_S = 0.05  # while the connection budget is spent
+CLIENT_REFUSAL_LOG_S = 10.0  # at most one log line this often for clients over their cap
 
 
 class EngineError(XdpfwError):
@@ -164,6 +166,8 @@ class ProxyEngine:
         self.fallback_reason: str | None = None
         self._relay_counters = RelayCounters()
         self._local_conns = _LocalConns()
+        self._refusal_logged_at = -CLIENT_REFUSAL_LOG_S
+        self._refusals_unlogged = 0
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -327,12 +331,35 @@ class ProxyEngine:
             except BaseException:
                 self.budgets.connections.give(self.service_id)
                 raise
+            key = client_key(addr[0])
+            if not self.budgets.clients.take(key):
+                abort(conn)
+                self.budgets.connections.give(self.service_id)
+                self._refused_client(key)
+                continue
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn, (addr[0], addr[1])))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # In a callback, not in _serve: a task cancelled before it ran still gives back.
-            task.add_done_callback(lambda _t: self.budgets.connections.give(self.service_id))
+            task.add_done_callback(lambda _t, key=key: self._give_back(key))
+
+    def _give_back(self, key: str) -> None:
+        self.budgets.clients.give(key)
+        self.budgets.connections.give(self.service_id)
+
+    def _refused_client(self, key: str) -> None:
+        """Count a connection reset at accept for its client's cap; say so in the log at
+        most every CLIENT_REFUSAL_LOG_S, so a flood cannot flood the log."""
+        self._count(client_refusals=1)
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= CLIENT_REFUSAL_LOG_S:
+            log.warning("service %d: reset %d connection(s) at accept: client %s already "
+                        "holds [lb] proxy_max_connections_per_client (%d) proxied connections",
+                        self.service_id, self._refusals_unlogged, key,
+                        self.budgets.clients.cap)
+            self._refusal_logged_at, self._refusals_unlogged = now, 0
 
     async def _take_slot(self) -> None:
         """A connection from the shared budget; while there is none, do not accept."""

@@ -3,7 +3,9 @@ watch that holds each connection to it (PairWatch, with a Direction per spliced 
 
 Connections: each holds two of the daemon's descriptors, and the API needs some too; at
 ProxyLimits.max_connections engines stop accepting (the listen backlog, then the client's SYN
-retries, hold the rest). Bytes: the kernel has no backpressure for a splice: bytes read from
+retries, hold the rest); one client address (an IPv6 /64) holds at most
+max_per_client of them, and its connections past that are reset as they are accepted
+(ClientCounts). Bytes: the kernel has no backpressure for a splice: bytes read from
 one socket queue on the other's psock without limit when its peer reads more slowly
 (docs/perf.md, Socket proxy). So each direction's queue is measured; past a quarter of
 max_queued the sender's TCP window is clamped (backpressure), and a connection still over
@@ -15,6 +17,7 @@ way for idle_timeout is reset (a client that vanished without a FIN, or one hold
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -28,6 +31,9 @@ DEFAULT_MAX_QUEUED = 64 * MiB  # per connection and direction: [lb] proxy_max_qu
 DEFAULT_MAX_QUEUED_TOTAL = 1024 * MiB  # over all of them: proxy_max_queued_total_mib
 DEFAULT_MAX_CONNECTIONS = SP_MAX_SOCKETS // 2  # proxy_max_connections (daemon.proxy_limits)
 DEFAULT_IDLE_TIMEOUT_S = 300.0  # proxy_idle_timeout_s
+# proxy_max_connections_per_client by default: this fraction of max_connections, so that it
+# takes four client addresses, not one, to fill the budget; 0 in ProxyLimits: no cap.
+PER_CLIENT_DIVISOR = 4
 QUEUE_GRACE_S = 1.0  # over a limit this long: reset
 # How often a spliced connection's queue is measured (6 syscalls): every QUEUE_CHECK_MIN_S
 # while it holds more than 1/16 of max_queued or is clamped, else at an interval that doubles
@@ -40,13 +46,56 @@ UNCLAMPED = 65535 << 14  # the kernel's largest window (TCP_MAX_WSCALE)
 
 @dataclass(frozen=True)
 class ProxyLimits:
-    """[lb] proxy_max_queued_mib, proxy_max_queued_total_mib, proxy_max_connections and
-    proxy_idle_timeout_s, in bytes, connections and seconds (0: no idle timeout)."""
+    """[lb] proxy_max_queued_mib, proxy_max_queued_total_mib, proxy_max_connections,
+    proxy_max_connections_per_client and proxy_idle_timeout_s, in bytes, connections and
+    seconds (0: no idle timeout; max_per_client 0: no cap)."""
 
     max_queued: int = DEFAULT_MAX_QUEUED
     max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS // PER_CLIENT_DIVISOR
+
+
+def client_key(host: str) -> str:
+    """The address a per-client cap counts: an IPv4 address (also when written IPv4-mapped),
+    or an IPv6 /64, which one host can hold whole (SLAAC, privacy addresses)."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class ClientCounts:
+    """Proxied connections held by each client key (client_key) over every proxy service,
+    against a cap (0: none); shared by the engines' threads."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        with self._lock:
+            held = self._held.get(key, 0)
+            if self.cap and held >= self.cap:
+                return False
+            self._held[key] = held + 1
+            return True
+
+    def give(self, key: str) -> None:
+        with self._lock:
+            held = self._held.get(key, 0) - 1
+            if held > 0:
+                self._held[key] = held
+            else:  # the table holds only addresses with connections
+                self._held.pop(key, None)
+
+    def held(self, key: str) -> int:
+        with self._lock:
+            return self._held.get(key, 0)
 
 
 class ConnectionBudget:
@@ -127,6 +176,7 @@ class Budgets:
     def __init__(self, limits: ProxyLimits | None = None) -> None:
         self.limits = limits or ProxyLimits()
         self.connections = ConnectionBudget(self.limits.max_connections)
+        self.clients = ClientCounts(self.limits.max_per_client)
         self.queued = QueueBudget(self.limits.max_queued_total)
 
 

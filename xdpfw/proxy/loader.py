@@ -136,6 +136,7 @@ class ConnCounters:
     queue_resets: int = 0
     limit_waits: int = 0
     idle_resets: int = 0
+    client_refusals: int = 0
 
 
 class SockProxyDataplane:
