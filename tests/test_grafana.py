@@ -1,5 +1,6 @@
 """docs/grafana/xdpfw.json: every expression of the dashboard names metrics the daemon exports
-(scraped from the real collectors, with traffic, so no family is empty)."""
+(scraped from the real collectors, the load balancer's among them, with traffic and a
+service)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,20 @@ def exported(text: str) -> set[str]:
     return names
 
 
-def test_every_dashboard_expression_names_an_exported_metric(fw, run):
+def test_every_dashboard_expression_names_an_exported_metric(fw, run, unresolving_lb):
     add(fw, "198.51.100.0/24", "drop")
     run(P.udp4("198.51.100.7", 9))
     capture = CaptureHub(fw.dp)
-    app = create_app(fw, events=EventHub(fw.dp, fw), capture=capture)
-    names = exported(TestClient(app).get("/metrics").text)
+    app = create_app(fw, events=EventHub(fw.dp, fw), capture=capture, lb=unresolving_lb)
+    client = TestClient(app)
+    r = client.post("/api/v1/services", json={  # the LB's families have series too
+        "name": "web", "vip": "10.97.0.1", "port": 80})  # no backend: none resolves here
+    assert r.status_code == 201, r.text
+    text = client.get("/metrics").text
+    names = exported(text)
+    # The backend and proxy families are there without samples (their names are checked).
+    assert {"xdpfw_service_packets_total", "xdpfw_backend_in_table",
+            "xdpfw_proxy_connections_total", "xdpfw_proxy_bytes_total"} <= names, text[-2000:]
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = expressions(dashboard)
     assert len(exprs) >= 10, f"only {len(exprs)} expressions found in {DASHBOARD}"
