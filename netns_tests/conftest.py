@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,22 +136,37 @@ class TcpDaemon:
     api_url: str  # the API's TCP listener (token required)
     ui_url: str  # the [ui] listener (the same app, the same token)
     metrics_url: str  # the [metrics] listener (/metrics only, no token)
+    lb_netns: str  # its [lb] netns: where proxy services listen and backends are reached
     token: str = TOKEN
+
+
+def off_loop(fn, *args):
+    """Run fn in a thread of its own: Playwright's sync API keeps an asyncio loop running on
+    this thread, and pyroute2's sync API refuses to run under one."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 @pytest.fixture(scope="module")
 def tcp_daemon(tmp_path_factory):
-    """A daemon listening on TCP for the API, the dashboard and the metrics (127.0.0.1)."""
+    """A daemon listening on TCP for the API, the dashboard and the metrics (127.0.0.1), its
+    load balancer in a namespace of its own (empty until a test joins one to it)."""
     require_kernel()
     work = tmp_path_factory.mktemp("xdpfw-tcp")
     api, ui, metrics = free_port(), free_port(), free_port()
-    extra = f'[ui]\nlisten = ["127.0.0.1:{ui}"]\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+    lb_netns = f"xdpfw-tlb-{uuid.uuid4().hex[:6]}"
+    off_loop(nsutil.create_netns, lb_netns)
+    extra = (f'[ui]\nlisten = ["127.0.0.1:{ui}"]\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+             f'[lb]\nnetns = "{lb_netns}"\n')
     d = Daemon(work, new_pin_dir(), extra_args=tcp_config(work, api, TOKEN, extra))
-    d.start()
-    yield TcpDaemon(d, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{ui}",
-                    f"http://127.0.0.1:{metrics}")
-    d.stop()
-    shutil.rmtree(d.pin_dir, ignore_errors=True)
+    try:
+        d.start()
+        yield TcpDaemon(d, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{ui}",
+                        f"http://127.0.0.1:{metrics}", lb_netns)
+    finally:
+        d.stop()
+        shutil.rmtree(d.pin_dir, ignore_errors=True)
+        off_loop(nsutil.remove_netns, lb_netns)
 
 
 @dataclass(frozen=True)

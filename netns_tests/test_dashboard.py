@@ -7,18 +7,21 @@ installs it), with the flags that keep it off the network.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from conftest import IN_CI, unique
-from netns_tests.conftest import Pair
+from netns_tests.conftest import Pair, off_loop
 from netns_tests.traffic import PY, ping, wait_for
 from xdpfw import netns as nsutil
 
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
@@ -100,13 +103,6 @@ def page(browser, tcp_daemon):
     yield make
     for p in pages:
         p.close()
-
-
-def off_loop(fn, *args):
-    """Run fn in a thread of its own: Playwright's sync API keeps an asyncio loop running on
-    this thread, and pyroute2's sync API refuses to run under one."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result()
 
 
 @pytest.fixture
@@ -225,6 +221,85 @@ def test_a_set_replaced_from_the_page_guards_its_prefixes(page, tcp_daemon, lab)
     assert wait_for(lambda: ping(lab.client, lab.server4, count=1).ok, 5), "still dropped"
     assert api.get("/api/v1/sets/ui-feed").json()["rules"] == 1
     assert p.errors == [], p.errors
+
+
+PX_VIP, PX_PEER, PX_PORT = "10.202.0.1", "10.202.0.2", 8080
+
+# A backend that accepts and holds each connection until its client closes.
+HOLDING_BACKEND = """
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+print('ready', flush=True)
+def hold(c):
+    with c:
+        c.settimeout(60)
+        while c.recv(65536):
+            pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=hold, args=(c,), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def proxy_peer(tcp_daemon):
+    """A namespace joined to the daemon's [lb] namespace by a veth: a proxy VIP on the LB
+    side, a backend that holds connections on this side (where the test's clients connect
+    from too); all undone at teardown."""
+    peer = unique("xdpfw-up-")
+    off_loop(nsutil.create_netns, peer)
+    backend = None
+    try:
+        off_loop(nsutil.veth_pair, tcp_daemon.lb_netns, "px0", peer, "px1",
+                 (nsutil.Addr(PX_VIP, 24),), (nsutil.Addr(PX_PEER, 24),))
+        backend = subprocess.Popen(["ip", "netns", "exec", peer, PY, "-c", HOLDING_BACKEND,
+                                    PX_PEER, str(PX_PORT)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert backend.stdout.readline().strip() == "ready", backend.stderr.read()
+        yield peer
+    finally:
+        if backend is not None:
+            backend.kill()
+            backend.wait()
+        off_loop(nsutil.remove_netns, peer)  # takes the veth's other end with it
+
+
+def test_a_proxy_service_shows_its_connections(page, tcp_daemon, proxy_peer):
+    """A proxy service's heading counts connections (its packets pass XDP): two held, then
+    none once the client lets go."""
+    api = tcp_daemon.daemon.client()
+    r = api.post("/api/v1/services", json={"name": "px-ui", "vip": PX_VIP, "port": PX_PORT,
+                                            "forward": "proxy",
+                                            "backends": [{"address": PX_PEER}]})
+    assert r.status_code == 201, f"{r.text}\n{tcp_daemon.daemon.log()}"
+    sid = r.json()["id"]
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", proxy_peer, PY, "-m", "netns_tests.holdconns", PX_VIP,
+         str(PX_PORT), PX_PEER, "2"], cwd=ROOT, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        report = json.loads(holder.stdout.readline() or "{}")
+        assert report.get("handshakes") == 2, f"{report} {holder.stderr.read()}"
+        p = page()
+        p.sign_in(tcp_daemon.token)
+        p.live()
+        heading = p.page.locator("#services h3", has_text="px-ui")
+        held = re.compile(r"\(proxy, (sockhash|userspace)\), 2 open, 2 accepted, "
+                          r"0 reset by limits, 0 backend failures, ")
+        try:  # the page reads services every 5 s
+            p.page.locator("#services h3", has_text=held).wait_for(timeout=15_000)
+        except Exception as e:
+            raise AssertionError(f"{heading.all_inner_texts()}: "
+                                 f"{api.get(f'/api/v1/services/{sid}').json()}") from e
+        holder.stdin.close()  # the client lets go
+        p.page.locator("#services h3", has_text=re.compile(r", 0 open, 2 accepted, ")).wait_for(
+            timeout=15_000)
+        assert p.errors == [], p.errors
+    finally:
+        holder.kill()
+        holder.wait()
+        assert api.delete(f"/api/v1/services/{sid}").status_code == 200
 
 
 def api_detail(tcp_daemon, body: dict) -> str:

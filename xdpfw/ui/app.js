@@ -277,6 +277,23 @@ async function refreshInterfaces() {
   });
 }
 
+// XDP services count packets; proxy services count connections (XDP passes their packets).
+function serviceSummary(s) {
+  if (s.forward !== "proxy") {
+    return `(${s.forward}), ${s.forwarded.packets} forwarded, ` +
+           `${s.no_backend.packets} without a backend`;
+  }
+  const how = (s.mode_in_use || "not running") +
+              (s.fallback_reason ? `: ${s.fallback_reason}` : "");
+  if (!s.proxy) return `(proxy, ${how})`;
+  const c = s.proxy.connections;
+  return `(proxy, ${how}), ${c.active} open, ${c.accepted} accepted, ` +
+         `${c.queue_resets + c.idle_resets + c.client_refusals} reset by limits, ` +
+         `${c.backend_failures} backend failures, ` +
+         `${si(s.proxy.bytes_to_backend, "B")} to backends, ` +
+         `${si(s.proxy.bytes_to_client, "B")} to clients`;
+}
+
 async function refreshServices() {
   let list;
   try {
@@ -299,8 +316,7 @@ async function refreshServices() {
     div.className = "service";
     const h = document.createElement("h3");
     h.textContent = `${s.name || "service " + s.id}: ${s.proto} ${s.vip}:${s.port} ` +
-                    `(${s.forward}), ${s.forwarded.packets} forwarded, ` +
-                    `${s.no_backend.packets} without a backend`;
+                    serviceSummary(s);
     div.appendChild(h);
     const table = document.createElement("table");
     table.innerHTML = "<thead><tr><th>backend</th><th>state</th><th>health</th><th>share</th>" +
