@@ -158,6 +158,28 @@ def test_a_pre_auth_flood_leaves_the_unix_socket_answering(hard):
         c.delete(f"/api/v1/rules/{rule['id']}")
 
 
+def test_one_address_cannot_take_every_tcp_slot(hard):
+    """As shipped ([api] max_connections_per_client unset: a quarter of max_connections):
+    300 connections held without a token from one address get 64 slots, the rest are closed
+    unread, and a token holder from another address is served while they are held (before,
+    they took all 256 until the header deadline)."""
+    d, port = hard
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "netns_tests.holdconns", "127.0.0.1", str(port), "127.0.0.5",
+         "300"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        report = json.loads(helper.stdout.readline() or "{}")
+        assert report.get("handshakes") == 300, f"{report} {helper.stderr.read()}"
+        with tcp(port) as c:  # from 127.0.0.1, within the held ones' header deadline (5 s)
+            c.timeout = httpx.Timeout(2.0)
+            assert c.get("/api/v1/rules").status_code == 200
+        assert "max_connections_per_client (64)" in d.log(), d.log()[-2000:]
+    finally:
+        helper.kill()
+        helper.wait()
+
+
 # -- request bodies ---------------------------------------------------------------------------
 
 

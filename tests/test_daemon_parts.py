@@ -88,7 +88,11 @@ def test_api_limits_have_defaults_and_respect_the_fd_limit():
     cfg = AppConfig()
     assert (cfg.api.max_body_bytes, cfg.api.max_bulk_body_bytes) == (1 << 20, 64 << 20)
     limits = tcp_limits(cfg, 20_000)
-    assert (limits.max_connections, limits.header_timeout_s, limits.idle_timeout_s) == (
-        256, 10.0, 30.0)
+    assert (limits.max_connections, limits.header_timeout_s, limits.idle_timeout_s,
+            limits.max_per_client) == (256, 10.0, 30.0, 64)
     cfg.api.max_connections = 50_000
     assert tcp_limits(cfg, 20_000).max_connections == 20_000 - FD_RESERVE
+    assert tcp_limits(cfg, 20_000).max_per_client == (20_000 - FD_RESERVE) // 4
+    for value in (0, 5):  # 0: no cap
+        cfg.api.max_connections_per_client = value
+        assert tcp_limits(cfg, 20_000).max_per_client == value

@@ -129,6 +129,28 @@ def test_connections_over_the_cap_are_closed_at_once(serve):
         h.close()
 
 
+def test_a_client_address_over_its_cap_is_closed_and_others_still_connect(serve):
+    s = serve(max_connections=10, max_per_client=3, header_timeout_s=30, idle_timeout_s=30)
+    held = [s.tcp() for _ in range(3)]
+    time.sleep(0.2)  # the server has accepted them
+    extra = s.tcp()
+    assert closed_within(extra, 2) < 1, "a 4th connection from one address was kept"
+    guard = s.servers.guard
+    assert (guard.refused_client, guard.refused, guard.open) == (1, 0, 3)
+    # Another address (loopback answers any 127/8 source) is served meanwhile.
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5,
+                                  source_address=("127.0.0.2", 0)) as other:
+        assert request(other) == {"size": 0, "peer": None}
+    held[0].close()
+    time.sleep(0.2)
+    with s.tcp() as again:  # the first address once it holds fewer
+        assert request(again) == {"size": 0, "peer": None}
+    for h in held[1:]:
+        h.close()
+    time.sleep(0.2)
+    assert guard.open == 0 and not guard.clients._held, guard.clients._held
+
+
 def test_headers_must_arrive_in_time_however_slowly_they_trickle(serve):
     s = serve(header_timeout_s=0.5, idle_timeout_s=30)
     sock = s.tcp()

@@ -6,6 +6,7 @@
     token = "..."                    # or the XDPFW_API_TOKEN environment variable
     tokens = { ci = "...", fleet = "..." }  # more, by name: the audit trail names the client
     max_connections = 256            # TCP connections at once; more are closed unread
+    max_connections_per_client = 64  # of those, one address (IPv6: a /64); 0: no cap
     header_timeout_s = 10            # a TCP request's headers must be in within this
     idle_timeout_s = 30              # a TCP client silent this long mid-request is cut off
     max_body_bytes = 1048576         # request bodies: 413 above this (1 MiB) ...
@@ -113,6 +114,8 @@ class ApiConfig(_Strict):
     tokens: dict[str, str] = Field(default_factory=dict)  # more tokens, by name (audit)
     # TCP only, and before authentication: what one client without a token can hold.
     max_connections: int = Field(256, ge=1, le=65_536)
+    # Of those, what one client address (an IPv6 /64) may hold. None: a quarter; 0: no cap.
+    max_connections_per_client: int | None = Field(None, ge=0, le=65_536)
     header_timeout_s: float = Field(10.0, gt=0, le=3600)
     idle_timeout_s: float = Field(30.0, gt=0, le=86_400)
     # Both sockets. A 2M-prefix blocklist is ~33 MB of text: bulk endpoints take 64 MiB.

@@ -127,7 +127,10 @@ def tcp_limits(cfg: AppConfig, fd_limit: int) -> TcpLimits:
         cap = max(fd_limit - FD_RESERVE, 1)
         log.warning("api.max_connections %d is more than the open-file limit (%d) allows: "
                     "using %d", cfg.api.max_connections, fd_limit, cap)
-    return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s)
+    per_client = cfg.api.max_connections_per_client
+    if per_client is None:
+        per_client = max(cap // PER_CLIENT_DIVISOR, 1)
+    return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s, per_client)
 
 
 def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:

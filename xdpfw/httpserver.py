@@ -4,7 +4,9 @@
   the peer's credentials (SO_PEERCRED) into each request's scope (xdpfw.api.peer).
 - TCP runs on an event loop of its own, in a thread, so a flood of TCP connections never
   delays the local socket's loop. Its protocol enforces, before any authentication:
-  - a cap on open connections: one over it is closed at once, unread;
+  - a cap on open connections, and a lower one on those of one client address (an IPv6
+    /64, xdpfw.clients): a connection over either is closed at once, unread, so it takes
+    several addresses, not one, to keep token holders from connecting;
   - a header deadline: a request's headers (the first, and each one after a response) must
     be complete within `header_timeout_s`, however slowly they trickle in;
   - an idle timeout: while the server waits for the client (headers or body), a client that
@@ -23,6 +25,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +33,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from xdpfw.api.peer import STATE_KEY, Peer
+from xdpfw.clients import ClientCounts, client_key
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ class TcpLimits:
     max_connections: int = 256
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 30.0
+    max_per_client: int = 64  # 0: no cap
+
+
+CLIENT_REFUSAL_LOG_S = 10.0  # at most one log line this often for clients over their cap
 
 
 @dataclass
@@ -66,23 +74,48 @@ class ConnectionGuard:
     limits: TcpLimits
     open: int = 0
     refused: int = 0  # closed unread because the cap was reached
+    refused_client: int = 0  # closed unread because the client's cap was reached
     timed_out: int = 0  # closed by the header deadline or the idle timeout
     _full: bool = field(default=False, repr=False)
+    clients: ClientCounts = field(init=False, repr=False)
+    _client_logged_at: float = field(default=-CLIENT_REFUSAL_LOG_S, repr=False)
+    _client_unlogged: int = field(default=0, repr=False)
 
-    def admit(self) -> bool:
-        if self.open < self.limits.max_connections:
-            self.open += 1
-            if self._full and self.open < self.limits.max_connections:
-                self._full = False
-                log.warning("TCP API below its connection limit again (%d refused so far)",
-                            self.refused)
-            return True
-        self.refused += 1
-        if not self._full:
-            self._full = True
-            log.warning("TCP API at its connection limit (%d): new connections are closed "
-                        "unread", self.limits.max_connections)
-        return False
+    def __post_init__(self) -> None:
+        self.clients = ClientCounts(self.limits.max_per_client)
+
+    def admit(self, client: str) -> bool:
+        """client: its client_key. On True, release(client) when the connection ends."""
+        if self.open >= self.limits.max_connections:
+            self.refused += 1
+            if not self._full:
+                self._full = True
+                log.warning("TCP API at its connection limit (%d): new connections are "
+                            "closed unread", self.limits.max_connections)
+            return False
+        if not self.clients.take(client):
+            self._refused_client(client)
+            return False
+        self.open += 1
+        if self._full and self.open < self.limits.max_connections:
+            self._full = False
+            log.warning("TCP API below its connection limit again (%d refused so far)",
+                        self.refused)
+        return True
+
+    def release(self, client: str) -> None:
+        self.open -= 1
+        self.clients.give(client)
+
+    def _refused_client(self, client: str) -> None:
+        self.refused_client += 1
+        self._client_unlogged += 1
+        now = time.monotonic()
+        if now - self._client_logged_at >= CLIENT_REFUSAL_LOG_S:
+            log.warning("TCP API: closed %d connection(s) unread: client %s already holds "
+                        "[api] max_connections_per_client (%d)", self._client_unlogged,
+                        client, self.limits.max_per_client)
+            self._client_logged_at, self._client_unlogged = now, 0
 
 
 class GuardedProtocol(H11Protocol):
@@ -97,9 +130,11 @@ class GuardedProtocol(H11Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._awaited = None  # the cycle current when the header deadline was armed
+        self._client = ""  # its client_key, once connected
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if not self.guard.admit():
+        self._client = peer_key(transport)
+        if not self.guard.admit(self._client):
             transport.abort()  # frees the descriptor now; nothing was read
             return
         self._admitted = True
@@ -112,7 +147,7 @@ class GuardedProtocol(H11Protocol):
         if not self._admitted:
             return
         self._admitted = False
-        self.guard.open -= 1
+        self.guard.release(self._client)
         for timer in (self._deadline, self._idle):
             if timer is not None:
                 timer.cancel()
@@ -161,6 +196,15 @@ class GuardedProtocol(H11Protocol):
         if self._admitted and not self.transport.is_closing():
             self.guard.timed_out += 1
             self.transport.abort()
+
+
+def peer_key(transport: asyncio.BaseTransport) -> str:
+    """The client_key of a TCP connection's peer ("" if the kernel gives none)."""
+    peer = transport.get_extra_info("peername")
+    try:
+        return client_key(peer[0])
+    except (TypeError, IndexError, ValueError):
+        return ""
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedProtocol]:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from xdpfw.clients import client_key
 from xdpfw.errors import ConflictError, ServiceValidationError, XdpfwError
 from xdpfw.netns import thread_in_netns
 from xdpfw.proxy import tcpinfo
@@ -41,7 +42,6 @@ from xdpfw.proxy.limits import (
     Budgets,
     Direction,
     PairWatch,
-    client_key,
 )
 from xdpfw.proxy.loader import (
     SPLICE_SNDBUF,

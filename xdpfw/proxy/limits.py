@@ -17,12 +17,12 @@ way for idle_timeout is reset (a client that vanished without a FIN, or one hold
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
 from dataclasses import dataclass
 
+from xdpfw.clients import ClientCounts
 from xdpfw.proxy import tcpinfo
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 
@@ -55,47 +55,6 @@ class ProxyLimits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
     max_per_client: int = DEFAULT_MAX_CONNECTIONS // PER_CLIENT_DIVISOR
-
-
-def client_key(host: str) -> str:
-    """The address a per-client cap counts: an IPv4 address (also when written IPv4-mapped),
-    or an IPv6 /64, which one host can hold whole (SLAAC, privacy addresses)."""
-    ip = ipaddress.ip_address(host.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-class ClientCounts:
-    """Proxied connections held by each client key (client_key) over every proxy service,
-    against a cap (0: none); shared by the engines' threads."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> bool:
-        with self._lock:
-            held = self._held.get(key, 0)
-            if self.cap and held >= self.cap:
-                return False
-            self._held[key] = held + 1
-            return True
-
-    def give(self, key: str) -> None:
-        with self._lock:
-            held = self._held.get(key, 0) - 1
-            if held > 0:
-                self._held[key] = held
-            else:  # the table holds only addresses with connections
-                self._held.pop(key, None)
-
-    def held(self, key: str) -> int:
-        with self._lock:
-            return self._held.get(key, 0)
 
 
 class ConnectionBudget:
