@@ -175,6 +175,12 @@ def test_one_address_cannot_take_every_tcp_slot(hard):
             c.timeout = httpx.Timeout(2.0)
             assert c.get("/api/v1/rules").status_code == 200
         assert "max_connections_per_client (64)" in d.log(), d.log()[-2000:]
+        with d.client() as c:  # and Prometheus counts them
+            metrics = c.get("/metrics").text
+        refused = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith('xdpfw_tcp_connections_refused_total{listener="api",'
+                                          'reason="client_limit"}'))
+        assert refused >= 300 - 64, metrics[-2000:]
     finally:
         helper.kill()
         helper.wait()

@@ -17,6 +17,7 @@ from tests.test_program import add
 from xdpfw.api.app import create_app
 from xdpfw.capture import CaptureHub
 from xdpfw.events import EventHub
+from xdpfw.httpserver import ConnectionGuard, GuardCollector, TcpLimits
 
 pytestmark = pytest.mark.bpf
 
@@ -56,6 +57,8 @@ def test_every_dashboard_expression_names_an_exported_metric(fw, run, unresolvin
     run(P.udp4("198.51.100.7", 9))
     capture = CaptureHub(fw.dp)
     app = create_app(fw, events=EventHub(fw.dp, fw), capture=capture, lb=unresolving_lb)
+    # as the daemon does once its TCP listeners exist
+    app.state.metrics.register(GuardCollector({"api": ConnectionGuard(TcpLimits())}))
     client = TestClient(app)
     r = client.post("/api/v1/services", json={  # the LB's families have series too
         "name": "web", "vip": "10.97.0.1", "port": 80})  # no backend: none resolves here
@@ -64,7 +67,8 @@ def test_every_dashboard_expression_names_an_exported_metric(fw, run, unresolvin
     names = exported(text)
     # The backend and proxy families are there without samples (their names are checked).
     assert {"xdpfw_service_packets_total", "xdpfw_backend_in_table",
-            "xdpfw_proxy_connections_total", "xdpfw_proxy_bytes_total"} <= names, text[-2000:]
+            "xdpfw_proxy_connections_total", "xdpfw_proxy_bytes_total",
+            "xdpfw_tcp_connections_refused_total"} <= names, text[-2000:]
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = expressions(dashboard)
     assert len(exprs) >= 10, f"only {len(exprs)} expressions found in {DASHBOARD}"

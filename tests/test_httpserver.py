@@ -12,9 +12,10 @@ import threading
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from xdpfw.api.peer import peer_of
-from xdpfw.httpserver import ApiServers, TcpLimits
+from xdpfw.httpserver import ApiServers, GuardCollector, TcpLimits
 
 
 async def app(scope, receive, send):
@@ -145,6 +146,17 @@ def test_a_client_address_over_its_cap_is_closed_and_others_still_connect(serve)
     time.sleep(0.2)
     with s.tcp() as again:  # the first address once it holds fewer
         assert request(again) == {"size": 0, "peer": None}
+    registry = CollectorRegistry()
+    registry.register(GuardCollector(s.servers.guards))
+    value = registry.get_sample_value
+    assert value("xdpfw_tcp_connections_refused_total",
+                 {"listener": "api", "reason": "client_limit"}) == 1
+    assert value("xdpfw_tcp_connections_refused_total",
+                 {"listener": "api", "reason": "limit"}) == 0
+    deadline = time.monotonic() + 2  # the server sees `again` close
+    while value("xdpfw_tcp_connections_open", {"listener": "api"}) != 2:
+        assert time.monotonic() < deadline, guard
+        time.sleep(0.02)
     for h in held[1:]:
         h.close()
     time.sleep(0.2)

@@ -32,7 +32,7 @@ from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.dataplane.loader import ProgramConfig
 from xdpfw.declared import declared_rules
 from xdpfw.events import EventHub
-from xdpfw.httpserver import ApiServers, TcpLimits
+from xdpfw.httpserver import ApiServers, GuardCollector, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.metrics import RuleSeries
 from xdpfw.proxy.limits import DEFAULT_MAX_CONNECTIONS, PER_CLIENT_DIVISOR, MiB, ProxyLimits
@@ -280,6 +280,7 @@ def _serve(opts: ServeOptions, state: Path) -> None:
                          fleet=fleet)
         servers = ApiServers(app, unix, tcp, api_limits, opts.log_level,
                              create_metrics_app(app.state.metrics), metrics_sockets)
+        app.state.metrics.register(GuardCollector(servers.guards))
         servers.before_shutdown.append(events.end_streams)
         servers.before_shutdown.append(capture.end_streams)
 

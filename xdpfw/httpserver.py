@@ -26,10 +26,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import uvicorn
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from xdpfw.api.peer import STATE_KEY, Peer
@@ -211,6 +213,31 @@ def guarded_protocol(guard: ConnectionGuard) -> type[GuardedProtocol]:
     return type("GuardedProtocol", (GuardedProtocol,), {"guard": guard})
 
 
+class GuardCollector(Collector):
+    """The TCP listeners' pre-auth limits at work, for Prometheus (read at scrape time; each
+    guard's counters are written by its own loop's thread, ints read whole)."""
+
+    def __init__(self, guards: dict[str, ConnectionGuard]) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily("xdpfw_tcp_connections_open",
+                                  "TCP connections open, by listener", labels=["listener"])
+        refused = CounterMetricFamily(
+            "xdpfw_tcp_connections_refused", "TCP connections closed unread at accept, by "
+            "listener and the cap reached (limit: max_connections; client_limit: "
+            "max_connections_per_client)", labels=["listener", "reason"])
+        timed_out = CounterMetricFamily(
+            "xdpfw_tcp_connections_timed_out", "TCP connections cut by the header deadline or "
+            "the idle timeout, by listener", labels=["listener"])
+        for name, g in self.guards.items():
+            open_.add_metric([name], g.open)
+            refused.add_metric([name, "limit"], g.refused)
+            refused.add_metric([name, "client_limit"], g.refused_client)
+            timed_out.add_metric([name], g.timed_out)
+        yield from (open_, refused, timed_out)
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, calling `before_shutdown` first when it stops (however it was told
     to: a signal, or should_exit), so that endless responses (event streams) can end."""
@@ -254,6 +281,7 @@ class ApiServers:
         """metrics_app: served on metrics_sockets (the read-only [metrics] listener), on an
         event loop of its own, with the same pre-auth limits as the API's TCP side."""
         self.guard = ConnectionGuard(limits)
+        self.guards: dict[str, ConnectionGuard] = {}  # by listener, those serving (metrics)
         self.before_shutdown: list[Callable[[], None]] = []
         self.unix = Server(_config(app, UnixProtocol, log_level), self.before_shutdown)
         # (name, server, sockets) served in threads of their own
@@ -263,8 +291,10 @@ class ApiServers:
             self.tcp = Server(_config(app, guarded_protocol(self.guard), log_level),
                               self.before_shutdown)
             self._threaded.append(("TCP API", self.tcp, tcp_sockets))
+            self.guards["api"] = self.guard
         if metrics_app is not None and metrics_sockets:
-            protocol = guarded_protocol(ConnectionGuard(limits))
+            self.guards["metrics"] = ConnectionGuard(limits)
+            protocol = guarded_protocol(self.guards["metrics"])
             server = Server(_config(metrics_app, protocol, log_level), [])
             self._threaded.append(("metrics listener", server, metrics_sockets))
         self._unix_socket = unix_socket
