@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xdpfw.clients import ClientCounts, client_key
+from xdpfw.clients import REFUSAL_LOG_S, ClientCounts, RefusalLog, client_key, per_client_cap
 
 
 @pytest.mark.parametrize(("host", "key"), [
@@ -32,3 +32,19 @@ def test_client_counts_cap_each_client_and_forget_those_without_connections():
     assert c.held(a) == c.held(b) == 0 and not c._held, c._held
     unlimited = ClientCounts(0)
     assert all(unlimited.take(a) for _ in range(1000))
+
+
+def test_per_client_cap_is_a_quarter_of_the_total_unless_configured():
+    assert [per_client_cap(None, n) for n in (256, 1000, 3, 0)] == [64, 250, 1, 1]
+    assert per_client_cap(0, 256) == 0 and per_client_cap(7, 256) == 7  # 0: no cap
+
+
+def test_refusal_log_says_the_first_then_the_count_at_most_every_period(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("xdpfw.clients.time.monotonic", lambda: now[0])
+    log = RefusalLog()
+    assert [log.refused() for _ in range(4)] == [1, 0, 0, 0]
+    now[0] += REFUSAL_LOG_S
+    assert log.refused() == 4  # the three held back, and this one
+    now[0] += REFUSAL_LOG_S / 2
+    assert log.refused() == 0

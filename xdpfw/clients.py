@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
+
+# A per-client cap left unset is this fraction of the total it divides, so that it takes
+# four client addresses, not one, to fill a budget.
+PER_CLIENT_DIVISOR = 4
+REFUSAL_LOG_S = 10.0  # at most one log line this often for clients over their cap
+
+
+def per_client_cap(configured: int | None, total: int) -> int:
+    """A configured per-client cap (0: none), or by default a quarter of `total`."""
+    return max(total // PER_CLIENT_DIVISOR, 1) if configured is None else configured
 
 
 def client_key(host: str) -> str:
@@ -49,3 +60,22 @@ class ClientCounts:
     def held(self, key: str) -> int:
         with self._lock:
             return self._held.get(key, 0)
+
+
+class RefusalLog:
+    """Refusals of clients over their cap, for a log that says them at most every
+    REFUSAL_LOG_S, each line with how many there were since the last: a flood of refused
+    connections cannot flood the log. Not shared between threads."""
+
+    def __init__(self) -> None:
+        self._logged_at = -REFUSAL_LOG_S
+        self._unlogged = 0
+
+    def refused(self) -> int:
+        """Count one refusal; how many to log now (0: not yet)."""
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_S:
+            return 0
+        n, self._unlogged, self._logged_at = self._unlogged, 0, now
+        return n

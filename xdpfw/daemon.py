@@ -27,6 +27,7 @@ from xdpfw.api.app import create_app
 from xdpfw.api.metrics_app import create_metrics_app
 from xdpfw.api.middleware import BodyLimits
 from xdpfw.capture import CaptureHub, RateLimit
+from xdpfw.clients import per_client_cap
 from xdpfw.config import AppConfig, ConfigError, RuleConfig
 from xdpfw.dataplane.dataplane import Dataplane
 from xdpfw.dataplane.loader import ProgramConfig
@@ -35,7 +36,7 @@ from xdpfw.events import EventHub
 from xdpfw.httpserver import ApiServers, GuardCollector, TcpLimits
 from xdpfw.lb.service import LoadBalancer
 from xdpfw.metrics import RuleSeries
-from xdpfw.proxy.limits import DEFAULT_MAX_CONNECTIONS, PER_CLIENT_DIVISOR, MiB, ProxyLimits
+from xdpfw.proxy.limits import DEFAULT_MAX_CONNECTIONS, MiB, ProxyLimits
 from xdpfw.service import Firewall
 
 log = logging.getLogger("xdpfw")
@@ -127,10 +128,8 @@ def tcp_limits(cfg: AppConfig, fd_limit: int) -> TcpLimits:
         cap = max(fd_limit - FD_RESERVE, 1)
         log.warning("api.max_connections %d is more than the open-file limit (%d) allows: "
                     "using %d", cfg.api.max_connections, fd_limit, cap)
-    per_client = cfg.api.max_connections_per_client
-    if per_client is None:
-        per_client = max(cap // PER_CLIENT_DIVISOR, 1)
-    return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s, per_client)
+    return TcpLimits(cap, cfg.api.header_timeout_s, cfg.api.idle_timeout_s,
+                     per_client_cap(cfg.api.max_connections_per_client, cap))
 
 
 def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:
@@ -142,13 +141,11 @@ def proxy_limits(cfg: AppConfig, fd_limit: int, api: TcpLimits) -> ProxyLimits:
         log.warning("lb.proxy_max_connections %d is more than the open-file limit (%d) "
                     "allows: using %d", want, fd_limit, room)
     cap = min(want or DEFAULT_MAX_CONNECTIONS, room)
-    per_client = cfg.lb.proxy_max_connections_per_client
-    if per_client is None:
-        per_client = max(cap // PER_CLIENT_DIVISOR, 1)
     return ProxyLimits(max_queued=cfg.lb.proxy_max_queued_mib * MiB,
                        max_queued_total=cfg.lb.proxy_max_queued_total_mib * MiB,
                        max_connections=cap, idle_timeout=cfg.lb.proxy_idle_timeout_s,
-                       max_per_client=per_client)
+                       max_per_client=per_client_cap(
+                           cfg.lb.proxy_max_connections_per_client, cap))
 
 
 def pid_file(cfg: AppConfig) -> Path:

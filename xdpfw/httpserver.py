@@ -25,7 +25,6 @@ import logging
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -35,7 +34,7 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from xdpfw.api.peer import STATE_KEY, Peer
-from xdpfw.clients import ClientCounts, client_key
+from xdpfw.clients import ClientCounts, RefusalLog, client_key
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +65,6 @@ class TcpLimits:
     max_per_client: int = 64  # 0: no cap
 
 
-CLIENT_REFUSAL_LOG_S = 10.0  # at most one log line this often for clients over their cap
-
-
 @dataclass
 class ConnectionGuard:
     """Shared by the protocols of one TCP server (one event loop: no lock needed)."""
@@ -80,8 +76,7 @@ class ConnectionGuard:
     timed_out: int = 0  # closed by the header deadline or the idle timeout
     _full: bool = field(default=False, repr=False)
     clients: ClientCounts = field(init=False, repr=False)
-    _client_logged_at: float = field(default=-CLIENT_REFUSAL_LOG_S, repr=False)
-    _client_unlogged: int = field(default=0, repr=False)
+    _refusals: RefusalLog = field(default_factory=RefusalLog, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.clients = ClientCounts(self.limits.max_per_client)
@@ -96,7 +91,11 @@ class ConnectionGuard:
                             "closed unread", self.limits.max_connections)
             return False
         if not self.clients.take(client):
-            self._refused_client(client)
+            self.refused_client += 1
+            if n := self._refusals.refused():
+                log.warning("TCP API: closed %d connection(s) unread: client %s already "
+                            "holds [api] max_connections_per_client (%d)", n, client,
+                            self.limits.max_per_client)
             return False
         self.open += 1
         if self._full and self.open < self.limits.max_connections:
@@ -108,16 +107,6 @@ class ConnectionGuard:
     def release(self, client: str) -> None:
         self.open -= 1
         self.clients.give(client)
-
-    def _refused_client(self, client: str) -> None:
-        self.refused_client += 1
-        self._client_unlogged += 1
-        now = time.monotonic()
-        if now - self._client_logged_at >= CLIENT_REFUSAL_LOG_S:
-            log.warning("TCP API: closed %d connection(s) unread: client %s already holds "
-                        "[api] max_connections_per_client (%d)", self._client_unlogged,
-                        client, self.limits.max_per_client)
-            self._client_logged_at, self._client_unlogged = now, 0
 
 
 class GuardedProtocol(H11Protocol):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from xdpfw.clients import client_key
+from xdpfw.clients import RefusalLog, client_key
 from xdpfw.errors import ConflictError, ServiceValidationError, XdpfwError
 from xdpfw.netns import thread_in_netns
 from xdpfw.proxy import tcpinfo
@@ -68,7 +68,6 @@ PickBackend = Callable[[tuple[str, int]], tuple[str, int]]
 # How long a client refused by every backend gets to read our FIN and close first.
 REFUSED_CLIENT_LINGER = 2.0
 ACCEPT_RETRY_S = 0.05  # while the connection budget is spent
-CLIENT_REFUSAL_LOG_S = 10.0  # at most one log line this often for clients over their cap
 
 
 class EngineError(XdpfwError):
@@ -166,8 +165,7 @@ class ProxyEngine:
         self.fallback_reason: str | None = None
         self._relay_counters = RelayCounters()
         self._local_conns = _LocalConns()
-        self._refusal_logged_at = -CLIENT_REFUSAL_LOG_S
-        self._refusals_unlogged = 0
+        self._refusals = RefusalLog()
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -349,17 +347,12 @@ class ProxyEngine:
         self.budgets.connections.give(self.service_id)
 
     def _refused_client(self, key: str) -> None:
-        """Count a connection reset at accept for its client's cap; say so in the log at
-        most every CLIENT_REFUSAL_LOG_S, so a flood cannot flood the log."""
+        """Count a connection reset at accept for its client's cap (and log, RefusalLog)."""
         self._count(client_refusals=1)
-        self._refusals_unlogged += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_at >= CLIENT_REFUSAL_LOG_S:
+        if n := self._refusals.refused():
             log.warning("service %d: reset %d connection(s) at accept: client %s already "
                         "holds [lb] proxy_max_connections_per_client (%d) proxied connections",
-                        self.service_id, self._refusals_unlogged, key,
-                        self.budgets.clients.cap)
-            self._refusal_logged_at, self._refusals_unlogged = now, 0
+                        self.service_id, n, key, self.budgets.clients.cap)
 
     async def _take_slot(self) -> None:
         """A connection from the shared budget; while there is none, do not accept."""

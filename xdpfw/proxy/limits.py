@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from xdpfw.clients import ClientCounts
+from xdpfw.clients import ClientCounts, per_client_cap
 from xdpfw.proxy import tcpinfo
 from xdpfw.proxy.abi import SP_MAX_SOCKETS
 
@@ -31,9 +31,6 @@ DEFAULT_MAX_QUEUED = 64 * MiB  # per connection and direction: [lb] proxy_max_qu
 DEFAULT_MAX_QUEUED_TOTAL = 1024 * MiB  # over all of them: proxy_max_queued_total_mib
 DEFAULT_MAX_CONNECTIONS = SP_MAX_SOCKETS // 2  # proxy_max_connections (daemon.proxy_limits)
 DEFAULT_IDLE_TIMEOUT_S = 300.0  # proxy_idle_timeout_s
-# proxy_max_connections_per_client by default: this fraction of max_connections, so that it
-# takes four client addresses, not one, to fill the budget; 0 in ProxyLimits: no cap.
-PER_CLIENT_DIVISOR = 4
 QUEUE_GRACE_S = 1.0  # over a limit this long: reset
 # How often a spliced connection's queue is measured (6 syscalls): every QUEUE_CHECK_MIN_S
 # while it holds more than 1/16 of max_queued or is clamped, else at an interval that doubles
@@ -54,7 +51,7 @@ class ProxyLimits:
     max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
-    max_per_client: int = DEFAULT_MAX_CONNECTIONS // PER_CLIENT_DIVISOR
+    max_per_client: int = per_client_cap(None, DEFAULT_MAX_CONNECTIONS)
 
 
 class ConnectionBudget:
