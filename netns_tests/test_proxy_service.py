@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -40,6 +41,7 @@ from xdpfw.proxy.loader import SockProxyError
 from xdpfw.service import Firewall
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
 CLIENT, APP_CLI = "10.220.1.2", "10.220.1.1"
 VIP = "10.220.100.1"
 LINKS = [("10.220.2.1", "10.220.2.2"), ("10.220.3.1", "10.220.3.2")]  # appliance, backend
@@ -109,25 +111,6 @@ try:
     print('eof' if c.recv(100) == b'' else 'data')
 except ConnectionResetError as e:
     print('reset', e)
-"""
-
-
-# Open argv[3] connections and hold them until stdin closes; print how many the VIP answered
-# (connected, or reset by the proxy as connect() returned).
-HOLD = """
-import socket, sys
-vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-held, reset = [], 0
-for _ in range(n):
-    try:
-        held.append(socket.create_connection((vip, port), timeout=5))
-    except ConnectionResetError:  # accepted and reset before connect() returned: answered
-        reset += 1
-    except OSError as e:
-        print('connect failed:', e, file=sys.stderr)
-        break
-print(len(held) + reset, flush=True)
-sys.stdin.read()
 """
 
 
@@ -376,16 +359,18 @@ def flood_daemon(env, tmp_path, lb_lines: str) -> Iterator[tuple[Daemon, int]]:
 
 @contextlib.contextmanager
 def held_connections(env, port: int, n: int) -> Iterator[subprocess.Popen]:
-    """n connections from the client to VIP:port, held until the block ends (or stdin
-    closes)."""
-    holder = subprocess.Popen(["ip", "netns", "exec", env.client, PY, "-c", HOLD, VIP,
-                               str(port), str(n)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """n connections from the client to VIP:port (netns_tests/holdconns.py), held until the
+    block ends (or stdin closes); each answered: connected, or reset by the proxy as
+    connect() returned."""
+    holder = subprocess.Popen(["ip", "netns", "exec", env.client, PY, "-m",
+                               "netns_tests.holdconns", VIP, str(port), CLIENT, str(n)],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
-        got = holder.stdout.readline().strip()
-        if got != str(n):
+        report = json.loads(holder.stdout.readline() or "{}")
+        if report.get("handshakes") != n:
             holder.kill()
-            raise AssertionError(f"{got} of {n} connections held: {holder.stderr.read()}")
+            raise AssertionError(f"{report} of {n} connections held: {holder.stderr.read()}")
         yield holder
     finally:
         holder.kill()
